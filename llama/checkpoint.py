@@ -1,0 +1,327 @@
+"""Load official weights (Meta, HF, GGUF) into the Transformer at any model-parallel size; save them.
+
+    load_model(path)   detect the format -> ModelArgs -> build on the `meta` device (no memory)
+                       -> this rank's slice of every tensor, read from memory-mapped files
+                       -> load_state_dict(assign=True) -> model.to(device)
+
+Memory: a tensor that needs no change (right dtype, one source shard) is a view into the mapped
+file, so loading costs about the weights once. A tensor that must be copied (merged from several
+shards, permuted, cast, dequantized) is built, then the pages it was read from are dropped from
+this process (madvise), so the file and its copy are never both resident.
+
+Resharding N -> M: each source tensor is split along the dimension `parallel.SHARD_DIM` names; this
+rank's piece of the logical tensor is cut from whichever source shards overlap it. K/V heads are
+handled per head: Meta's 405B MP16 release (and our own checkpoints at mp > n_kv_heads) store each
+K/V head once per rank that uses it; we read the first copy and duplicate again as the target needs.
+"""
+
+import ctypes
+import json
+import os
+import re
+import sys
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from llama import parallel
+from llama.model import ModelArgs, Transformer
+
+
+class CheckpointError(ValueError):
+    """Bad checkpoint input; the message names the file, the problem and the fix."""
+
+
+META_KEYS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+             "norm_eps", "rope_theta", "use_scaled_rope"]
+_IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE table; llama.cpp's 3.1 factors
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def detect_format(path) -> str:
+    """'meta' (params.json + consolidated.*.pth), 'hf' (config.json + *.safetensors) or 'gguf'."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory: pass a Meta/HF checkpoint dir or a .gguf file")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise CheckpointError(f"{path}: not a GGUF file; for Meta or HF weights pass the directory")
+    if (path / "params.json").exists() or list(path.glob("consolidated.*.pth")):
+        return "meta"
+    if (path / "config.json").exists() or list(path.glob("*.safetensors")):
+        return "hf"
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    raise CheckpointError(
+        f"{path}: no weights found (expected params.json + consolidated.NN.pth, config.json + "
+        f"*.safetensors, or one .gguf file)"
+    )
+
+
+def _open(path):
+    """The format's reader: an object with args(**overrides), n_shards, mmapped, pieces(key), split_dim(...)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "meta":
+        from llama.meta_io import MetaSource
+
+        return MetaSource(path)
+    if fmt == "hf":
+        from llama.hf_io import HFSource
+
+        return HFSource(path)
+    from llama.gguf_io import GGUFFormatError, GGUFSource
+
+    file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+    try:
+        return GGUFSource(file)
+    except GGUFFormatError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def read_model_args(path, **overrides) -> ModelArgs:
+    """ModelArgs from params.json / config.json / GGUF metadata, with `overrides` applied."""
+    return _open(path).args(**overrides)
+
+
+def default_tokenizer_path(path) -> Optional[Path]:
+    """Where this checkpoint's tokenizer lives: Meta -> tokenizer.model (here or one dir up, as Meta's
+    downloads place it), HF -> tokenizer.json (else tokenizer.model), GGUF -> the .gguf file itself."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+    names = ["tokenizer.model"] if fmt == "meta" else ["tokenizer.json", "tokenizer.model"]
+    dirs = [path, path.parent] if fmt == "meta" else [path]
+    for d in dirs:
+        for name in names:
+            if (d / name).exists():
+                return d / name
+    return None
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=None, dtype=None) -> Transformer:
+    """The Transformer with this rank's shard of the weights at `path` (Meta dir, HF dir or .gguf).
+
+    dtype None keeps the checkpoint's dtype (GGUF: float32 for quantized files). The model stays in
+    train mode, on the CPU unless `device` is given.
+    """
+    source = _open(path)
+    args = source.args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    mp = parallel.model_parallel_size()
+    try:
+        with torch.device("meta"):
+            model = Transformer(args)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot split this model over {mp} model-parallel ranks: {e}") from None
+    dtype = dtype or source.default_dtype()
+    state = {}
+    for name, param in model.state_dict().items():
+        if name == "output.weight" and args.tie_word_embeddings:
+            continue
+        state[name] = _local_tensor(source, name, param.shape, args, dtype)
+    if args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    _check_unused(source, model.state_dict().keys())
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_word_embeddings:  # assign=True made two Parameters of one tensor; make them one again
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device) if device is not None else model
+
+
+def _check_unused(source, wanted) -> None:
+    extra = [k for k in source.keys() if k not in wanted and k not in _IGNORED_KEYS]
+    if extra:
+        raise CheckpointError(
+            f"{source.path}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}: the weights "
+            f"do not match the model described by {source.args_file}"
+        )
+
+
+def _local_tensor(source, name: str, local_shape, args: ModelArgs, dtype) -> torch.Tensor:
+    """This rank's piece of `name`: cut from the source shards, transformed, cast, contiguous."""
+    pieces = source.pieces(name)
+    mp, rank = parallel.model_parallel_size(), parallel.model_parallel_rank()
+    if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+        out = _kv_rows(source, name, pieces, args, rank, mp)
+    else:
+        full = list(parallel.full_shape(name, local_shape))
+        src_dim = source.split_dim(name, pieces, full)
+        _check_full_shape(source, name, pieces, src_dim, full)
+        dim = parallel.shard_dim(name) if mp > 1 else None
+        if dim is None:
+            out = _cut(pieces, src_dim, None, 0, 0)
+        else:
+            n = full[dim] // mp
+            out = _cut(pieces, src_dim, dim, rank * n, n)
+    out = source.transform(name, out, args)
+    if out.dtype != dtype:
+        out = out.to(dtype)
+    out = out.contiguous()
+    if source.mmapped and not any(_shares_memory(out, p) for p in pieces):
+        for p in pieces:  # copied: the mapped source pages are no longer needed in this process
+            release_pages(p)
+    if tuple(out.shape) != tuple(local_shape):  # a bug here, not bad input: the checks above came first
+        raise AssertionError(f"{name}: built {tuple(out.shape)}, model expects {tuple(local_shape)}")
+    return out
+
+
+def _check_full_shape(source, name, pieces, src_dim, full) -> None:
+    found = list(pieces[0].shape)
+    if src_dim is not None and len(found) == len(full):
+        found[src_dim] = sum(p.shape[src_dim] for p in pieces)
+    if found != full or any(p.shape != pieces[0].shape for p in pieces):
+        raise CheckpointError(
+            f"{source.path}: tensor {name} has shape {tuple(found)}, the model expects {tuple(full)}: "
+            f"the weights do not match {source.args_file}"
+        )
+
+
+def _cut(pieces: List[torch.Tensor], src_dim, dim, start: int, length: int) -> torch.Tensor:
+    """[start, start+length) along `dim` (None: everything) of the concatenation of `pieces` along
+    `src_dim` (None: the pieces are copies). A view when a single piece covers it."""
+    if src_dim is None or len(pieces) == 1:
+        return pieces[0] if dim is None else pieces[0].narrow(dim, start, length)
+    if dim is None:
+        return torch.cat(pieces, src_dim)
+    if dim != src_dim:  # e.g. Llama 2's embedding (split along dim 1) into vocab-parallel rows
+        return torch.cat([p.narrow(dim, start, length) for p in pieces], src_dim)
+    return _rows(pieces, dim, [(start, length)])
+
+
+def _rows(pieces: List[torch.Tensor], dim: int, ranges) -> torch.Tensor:
+    """Concatenate `ranges` [(start, length), ...] of the concatenation of `pieces` along `dim`."""
+    parts, offset = [], 0
+    bounds = []
+    for p in pieces:
+        bounds.append((offset, offset + p.shape[dim], p))
+        offset += p.shape[dim]
+    for start, length in ranges:
+        end = start + length
+        for lo, hi, p in bounds:
+            if lo < end and start < hi:
+                a, b = max(start, lo), min(end, hi)
+                parts.append(p.narrow(dim, a - lo, b - a))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch.Tensor:
+    """Rows of wk/wv for this rank, one head (head_dim rows) at a time.
+
+    Source: its shards store `stored` heads, n_kv_heads of them or, when saved at mp > n_kv_heads,
+    each head repeated. Target: max(n_kv_heads, mp) heads, rank r holds heads [r*k, (r+1)*k)."""
+    hd, n_kv = args.head_dim, args.n_kv_heads
+    rows = sum(p.shape[0] for p in pieces)
+    found = (rows, pieces[0].shape[1])
+    stored = rows // hd
+    if rows % hd or stored % n_kv or found[1] != args.dim or any(p.shape[1] != args.dim for p in pieces):
+        raise CheckpointError(
+            f"{source.path}: tensor {name} has shape {found}, the model expects {(n_kv * hd, args.dim)}: "
+            f"the weights do not match {source.args_file}"
+        )
+    src_copies = stored // n_kv  # consecutive copies of each head in the source
+    target = max(n_kv, mp)
+    per_rank, tgt_copies = target // mp, target // n_kv
+    heads = [(j // tgt_copies) * src_copies for j in range(rank * per_rank, (rank + 1) * per_rank)]
+    ranges = []  # merge consecutive heads into one range, so a plain split stays a view
+    for h in heads:
+        if ranges and ranges[-1][0] + ranges[-1][1] == h * hd:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + hd)
+        else:
+            ranges.append((h * hd, hd))
+    return _rows(pieces, 0, ranges)
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the (memory-mapped, read-only-used) pages under `t` from this process: the file keeps
+    the data, and a later read faults it back in. Only whole pages inside `t` are released."""
+    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = (start + _PAGE - 1) // _PAGE * _PAGE, end // _PAGE * _PAGE
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+# ---------------------------------------------------------------------------- params
+
+
+def model_args_from_dict(params: dict, file: Path, **overrides) -> ModelArgs:
+    """ModelArgs from a params.json-style dict; unknown keys are dropped with a warning."""
+    known = {f.name for f in fields(ModelArgs)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        warnings.warn(f"{file}: ignoring keys ModelArgs does not know: {unknown}")
+    kwargs = {k: v for k, v in params.items() if k in known}
+    kwargs.update(overrides)
+    try:
+        return ModelArgs(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def params_dict(args: ModelArgs) -> dict:
+    """params.json content: Meta's keys, plus our extra keys only where they change the model."""
+    out = {k: getattr(args, k) for k in META_KEYS}
+    plain = ModelArgs(**{k: getattr(args, k) for k in META_KEYS})
+    if args.hidden_dim is not None and args.hidden_dim != plain.ffn_hidden_dim:
+        out["hidden_dim"] = args.hidden_dim
+    if args.head_dim != plain.head_dim:
+        out["head_dim"] = args.head_dim
+    if args.tie_word_embeddings:
+        out["tie_word_embeddings"] = True
+    if args.use_scaled_rope:
+        defaults = ModelArgs()
+        for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
+            if getattr(args, k) != getattr(defaults, k):
+                out[k] = getattr(args, k)
+    return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def save_meta(state_dict: Dict[str, torch.Tensor], params: ModelArgs, out_dir, num_shards: int = 1, dtype=None):
+    """Write params.json + consolidated.NN.pth (NN = 00 .. num_shards-1) from a full Meta-key dict."""
+    from llama.meta_io import save_meta as _save
+
+    _save(state_dict, params, out_dir, num_shards, dtype)
+
+
+def save_hf(state_dict: Dict[str, torch.Tensor], params: ModelArgs, out_dir, dtype=None,
+            max_shard_bytes: int = 5 * 2**30):
+    """Write config.json + model.safetensors (or model-0000N-of-0000M.safetensors + index)."""
+    from llama.hf_io import save_hf as _save
+
+    _save(state_dict, params, out_dir, dtype, max_shard_bytes)

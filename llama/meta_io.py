@@ -1,0 +1,158 @@
+"""Meta's checkpoint layout: params.json + consolidated.NN.pth, one file per model-parallel rank.
+
+Each .pth is a zip-format torch pickle of {Meta key: this rank's shard}. We open every shard with
+`torch.load(mmap=True, weights_only=True)`: the pickle may only rebuild tensors and plain
+containers (a file crafted to run code on load is refused), and the tensor bytes stay in the file
+until something reads them.
+"""
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from llama import parallel
+from llama.checkpoint import CheckpointError, atomic_write, model_args_from_dict, params_dict
+from llama.model import ModelArgs
+
+_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def load_pth(file: Path) -> dict:
+    """A state dict from a .pth, memory-mapped, refusing anything but tensors."""
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) or zipfile.is_zipfile(file):
+                raise
+            sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy (pre-1.6) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{file}: refused to load: the pickle asks for more than tensors ({first[:160]}); such a file "
+            f"can run code when unpickled. Get the weights from a source you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{file}: corrupt or truncated checkpoint ({str(e).strip().splitlines()[0][:160]}): download it again"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors (a training-state file?): pass a consolidated.NN.pth dir")
+    return sd
+
+
+def shard_files(path: Path):
+    files = sorted((int(m.group(1)), f) for f in path.iterdir() if (m := _SHARD.fullmatch(f.name)))
+    if not files:
+        raise CheckpointError(f"{path}: no consolidated.NN.pth weight files: is this the checkpoint directory?")
+    numbers = [n for n, _ in files]
+    if numbers != list(range(len(files))):
+        raise CheckpointError(f"{path}: shard files are numbered {numbers}, expected 0..{len(files) - 1}: a shard is missing")
+    return [f for _, f in files]
+
+
+class MetaSource:
+    """The loader's view of a Meta checkpoint dir: N shards, each split along SHARD_DIM."""
+
+    mmapped = True
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.args_file = path / "params.json"
+        if not self.args_file.exists():
+            raise CheckpointError(f"{path}: params.json is missing: Meta checkpoints need it next to consolidated.NN.pth")
+        self.files = shard_files(path)
+        self.n_shards = len(self.files)
+        self.shards = [load_pth(f) for f in self.files]
+
+    def args(self, **overrides) -> ModelArgs:
+        try:
+            params = json.loads(self.args_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.args_file}: not valid JSON ({e})") from None
+        params.setdefault("rope_theta", 10000.0)  # Llama 2 omits it; Meta's Llama 2 code used 10000
+        first = self.shards[0]
+        emb = first.get("tok_embeddings.weight")
+        if params.get("vocab_size", -1) <= 0 and emb is not None:  # Llama 2: -1, the tokenizer decides
+            split1 = self.n_shards > 1 and emb.shape[1] != params.get("dim")
+            params["vocab_size"] = emb.shape[0] * (1 if split1 else self.n_shards)
+        if "output.weight" not in first and "tie_word_embeddings" not in params:
+            params["tie_word_embeddings"] = True
+        return model_args_from_dict(params, self.args_file, **overrides)
+
+    def keys(self):
+        return list(self.shards[0].keys())
+
+    def pieces(self, name: str):
+        missing = [f.name for f, sd in zip(self.files, self.shards) if name not in sd]
+        if missing:
+            raise CheckpointError(f"{self.path}: tensor {name} is missing from {', '.join(missing)}")
+        return [sd[name] for sd in self.shards]
+
+    def split_dim(self, name, pieces, full_shape):
+        if self.n_shards == 1:
+            return None
+        if name == "tok_embeddings.weight":  # Llama 3 splits the vocabulary (dim 0), Llama 2 the width
+            return 0 if pieces[0].shape[1] == full_shape[1] else 1
+        return parallel.shard_dim(name)
+
+    def transform(self, name, tensor, args):
+        return tensor
+
+    def default_dtype(self):
+        return self.shards[0]["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in self.shards[0] else torch.float32
+
+
+def kv_shard(full: torch.Tensor, n_kv_heads: int, rank: int, n_shards: int) -> torch.Tensor:
+    """Rank `rank`'s rows of wk/wv (n_kv_heads*head_dim, dim). With more ranks than heads each head is
+    stored once per rank that uses it, as Meta's 405B MP16 release does."""
+    if n_shards <= n_kv_heads:
+        return full.chunk(n_shards, 0)[rank]
+    heads = full.view(n_kv_heads, -1, full.shape[1])  # (K, Dh, D)
+    return heads[rank // (n_shards // n_kv_heads)]
+
+
+def save_meta(state_dict, params: ModelArgs, out_dir, num_shards: int = 1, dtype=None) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_shardable(state_dict, params, num_shards, out_dir)
+    for rank in range(num_shards):
+        shard = {}
+        for name, full in state_dict.items():
+            if name == "output.weight" and params.tie_word_embeddings:
+                continue
+            if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+                piece = kv_shard(full, params.n_kv_heads, rank, num_shards)
+            else:
+                piece = parallel.shard(name, full, rank, num_shards)
+            # an own, compact storage: torch.save writes a view's whole underlying storage
+            shard[name] = piece.to(dtype or piece.dtype).clone(memory_format=torch.contiguous_format)
+        if params.tie_word_embeddings:  # stored once, under both keys, so Meta's strict load works
+            shard["output.weight"] = shard["tok_embeddings.weight"]
+        atomic_write(out_dir / f"consolidated.{rank:02d}.pth", lambda tmp: torch.save(shard, tmp))
+        del shard
+    text = json.dumps(params_dict(params), indent=2) + "\n"
+    atomic_write(out_dir / "params.json", lambda tmp: tmp.write_text(text))
+    for f in out_dir.glob("consolidated.*.pth"):  # a previous save with more shards would be mixed in
+        if (m := _SHARD.fullmatch(f.name)) and int(m.group(1)) >= num_shards:
+            f.unlink()
+
+
+def _check_shardable(state_dict, params: ModelArgs, n: int, out_dir: Path) -> None:
+    if n < 1:
+        raise CheckpointError(f"{out_dir}: --shards must be at least 1, got {n}")
+    if n > params.n_kv_heads and n % params.n_kv_heads:
+        raise CheckpointError(f"{out_dir}: {n} shards: n_kv_heads={params.n_kv_heads} must divide it when larger")
+    for name, t in state_dict.items():
+        dim = parallel.shard_dim(name)
+        size = t.shape[0] // params.head_dim if name.endswith(("wk.weight", "wv.weight")) else None
+        if name.endswith(("wk.weight", "wv.weight")) and n <= params.n_kv_heads and size % n:
+            raise CheckpointError(f"{out_dir}: n_kv_heads={size} is not divisible by {n} shards: pick a divisor")
+        if dim is not None and size is None and t.shape[dim] % n:
+            raise CheckpointError(
+                f"{out_dir}: {name} dim {dim} ({t.shape[dim]}) is not divisible by {n} shards: pick a divisor"
+            )
