@@ -1,0 +1,305 @@
+"""A back-of-the-envelope planner: does this model fit, and how fast can it go?
+
+    python -m llama.plan --model configs/models/llama3.1-8b.json --mp 8 --dp 16 --seq 131072 --batch 1
+    python -m llama.plan --model configs/models/llama3.1-405b.json --mp 16 --seq 131072 --train --gpu h200
+
+Parameters are counted from a `Transformer` built on the `meta` device (no memory, no hand-typed
+counts); each rank's share follows `llama.parallel.SHARD_DIM`, the table the model itself uses.
+The assumptions, each a constant below:
+
+- weights are bf16 (2 bytes); the KV cache is bf16;
+- training is mixed-precision AdamW: bf16 gradients (2 bytes/param) and fp32 master weights plus
+  fp32 first and second moments (4 + 4 + 4 = 12 bytes/param), i.e. 16 bytes/param in all.
+  Plain DDP keeps all of it on every data-parallel rank; `--zero 1/2/3` shards optimizer states /
+  + gradients / + weights across the dp ranks (ZeRO, Rajbhandari et al., 2020);
+- `--cp N` (context parallelism, as in Llama 3's 128K training) splits each sequence's tokens over
+  N GPUs: activations, the loss head, the KV cache and the FLOPs divide by N, weights do not;
+- activations saved for backward by one block of llama/model.py, per token, with the model cast
+  to bf16, SDPA/flash attention (no T x T score matrix; the kernel keeps an fp32
+  log-sum-exp per head), no sequence parallelism. tests/test_plan.py measures this with autograd's
+  saved-tensor hooks:
+      replicated on every mp rank: 2 x (8*D + 4) per RMSNorm: its fp32 input copy (4*D), fp32
+                                   1/rms (4), bf16 normalised x (2*D), bf16 output (2*D)
+      split across mp ranks:       2*(H*Dh + 2*K*Dh)  q (after RoPE), k, v
+                                   + 2*H*Dh           attention output (input of wo)
+                                   + 4*H              log-sum-exp
+                                   + 8*F              w1 out, w3 out, silu(w1 out), product (input of w2)
+  With activation checkpointing each block keeps only its bf16 input (2*D per token) and one
+  block's activations are rebuilt at a time during backward;
+- the loss head keeps fp32 logits (held by the training loop) and their log-softmax (saved by the
+  cross-entropy): 8 bytes * vocab per token, on every mp rank (the output layer gathers the
+  vocabulary before the loss); the final RMSNorm adds 8*D + 4 like the others;
+- decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
+  tokens/s <= batch * bandwidth / bytes; prefill and training are compute-bound at an assumed MFU;
+- FLOPs: 6*N per token for training (2N forward, 4N backward; Kaplan et al., 2020) where N counts
+  the matmul weights (the embedding lookup is free; a tied table counts once, as the output layer),
+  plus causal attention 6*L*H*Dh*T^2 per sequence (QK^T and AV, 2 FLOPs per multiply-add, half the
+  square under the causal mask, x3 for backward). Recomputation under checkpointing is not "model"
+  FLOPs: the MFU figure absorbs it.
+"""
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llama import parallel
+from llama.model import ModelArgs, Transformer
+
+GiB = 1024**3
+PARAM_BYTES = 2  # bf16 weights
+GRAD_BYTES = 2  # bf16 gradients
+OPTIM_BYTES = 12  # fp32 master copy + AdamW's fp32 m and v
+KV_BYTES = 2  # bf16 KV cache
+HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentation and temporaries
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float  # the datasheet figure; nvidia-smi reports about this many GiB
+    bf16_tflops: float  # dense (no 2:4 sparsity)
+    bandwidth_tbs: float  # memory bandwidth, 1e12 bytes/s
+
+
+# Published datasheet figures (SXM parts unless named otherwise).
+GPUS = {
+    g.name: g
+    for g in [
+        GPU("h100", 80, 989, 3.35),
+        GPU("h100-pcie", 80, 756, 2.0),
+        GPU("h200", 141, 989, 4.8),
+        GPU("a100", 80, 312, 2.039),
+        GPU("a100-40gb", 40, 312, 1.555),
+        GPU("l40s", 48, 362, 0.864),
+        GPU("rtx4090", 24, 165, 1.008),
+        GPU("mi300x", 192, 1307, 5.3),
+    ]
+}
+
+
+class PlanError(ValueError):
+    """Bad input to the planner: the message names the value and the fix."""
+
+
+def load_model_args(path) -> ModelArgs:
+    """ModelArgs from a params.json-style file, with errors that name the file."""
+    path = Path(path)
+    try:
+        fields = json.loads(path.read_text())
+        args = ModelArgs(**fields)
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such file (see configs/models/ for the official shapes)") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: not valid JSON ({e})") from None
+    except TypeError as e:
+        raise PlanError(f"{path}: not a params.json-style model file ({e})") from None
+    except ValueError as e:
+        raise PlanError(f"{path}: {e}") from None
+    if args.vocab_size <= 0:
+        raise PlanError(f"{path}: vocab_size is {args.vocab_size}; set it to the tokenizer's vocabulary size")
+    return args
+
+
+def parameter_counts(args: ModelArgs, mp: int = 1) -> dict:
+    """Parameter counts from a meta-device Transformer: 'total' (logical model), 'matmul' (what a
+    forward pass multiplies by: all but the embedding lookup) and the same two per mp rank."""
+    check_model_parallel(args, mp)
+    kv_copies = max(args.n_kv_heads, mp) // args.n_kv_heads  # K/V heads duplicated when mp > K
+    counts = dict(total=0, matmul=0, total_per_rank=0, matmul_per_rank=0)
+    for name, n in _parameter_sizes(json.dumps(asdict(args), sort_keys=True)):
+        local = n if parallel.shard_dim(name) is None else n // mp
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            local *= kv_copies
+        is_lookup = name == "tok_embeddings.weight" and not args.tie_word_embeddings
+        counts["total"] += n
+        counts["total_per_rank"] += local
+        counts["matmul"] += 0 if is_lookup else n
+        counts["matmul_per_rank"] += 0 if is_lookup else local
+    return counts
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_sizes(args_json: str):
+    """(name, numel) of every parameter; a tied table appears once, under tok_embeddings."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = Transformer(ModelArgs(**json.loads(args_json)))
+    return tuple((name, p.numel()) for name, p in model.named_parameters())
+
+
+def check_model_parallel(args: ModelArgs, mp: int) -> None:
+    """The divisibility rules llama/model.py and llama/parallel.py enforce, as planner errors."""
+    if mp < 1:
+        raise PlanError(f"--mp {mp}: the model-parallel size must be at least 1")
+    kv = max(args.n_kv_heads, mp)
+    rules = [("n_heads", args.n_heads), ("n_kv_heads (after duplication)", kv),
+             ("the FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)]
+    for what, value in rules:
+        if value % mp != 0:
+            raise PlanError(f"--mp {mp} does not divide {what}={value}: pick a model-parallel size that divides it")
+    if kv % args.n_kv_heads != 0:
+        raise PlanError(f"--mp {mp} is not a multiple of n_kv_heads={args.n_kv_heads}: pick a multiple or a divisor")
+
+
+def kv_cache_bytes(args: ModelArgs, batch: int, seq: int, mp: int = 1) -> int:
+    """Bytes of K and V for every layer on one mp rank: 2 * L * B * S * (K'/mp) * Dh * 2 bytes,
+    where K' = max(K, mp): past K ranks each keeps a copy of its query heads' K/V head."""
+    kv_local = max(args.n_kv_heads, mp) // mp
+    return 2 * args.n_layers * batch * seq * kv_local * args.head_dim * KV_BYTES
+
+
+def activation_bytes_per_token(args: ModelArgs, mp: int = 1) -> int:
+    """bf16 activations one block saves for backward, per token, on one mp rank (see the top)."""
+    D, H, Dh, F = args.dim, args.n_heads, args.head_dim, args.ffn_hidden_dim
+    K = max(args.n_kv_heads, mp)
+    replicated = 2 * (8 * D + 4)
+    split = 2 * (H * Dh + 2 * K * Dh) + 2 * H * Dh + 4 * H + 8 * F
+    return replicated + split // mp
+
+
+def training_flops(args: ModelArgs, matmul_params: int, batch: int, seq: int) -> float:
+    """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens."""
+    dense = 6 * matmul_params * batch * seq
+    attention = 6 * args.n_layers * args.n_heads * args.head_dim * seq**2 * batch
+    return float(dense + attention)
+
+
+@dataclass
+class Plan:
+    args: ModelArgs
+    gpu: GPU
+    mp: int
+    dp: int
+    seq: int
+    batch: int
+    train: bool
+    zero: int
+    cp: int
+    mfu: float
+    params: dict
+    memory: dict  # name -> bytes per GPU, in the order printed
+    total_bytes: int  # the configuration that counts for "fits" (checkpointed when training)
+    fits: bool
+    speed: dict  # name -> (value, unit)
+
+
+def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="h100", zero=0, mfu=0.4,
+              cp=1) -> Plan:
+    """Everything the CLI prints, as numbers (bytes, seconds) a notebook can plot."""
+    if gpu not in GPUS:
+        raise PlanError(f"--gpu {gpu!r} is not known: choose one of {', '.join(GPUS)}")
+    for flag, value in (("--dp", dp), ("--cp", cp), ("--seq", seq), ("--batch", batch)):
+        if value < 1:
+            raise PlanError(f"{flag} {value}: must be at least 1")
+    if zero not in (0, 1, 2, 3):
+        raise PlanError(f"--zero {zero}: choose 0 (plain DDP), 1, 2 or 3")
+    if seq % cp != 0:
+        raise PlanError(f"--cp {cp} does not divide --seq {seq}: each context-parallel rank takes an equal slice")
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu {mfu}: a fraction in (0, 1], e.g. 0.4")
+    g = GPUS[gpu]
+    counts = parameter_counts(args, mp)
+    n_local = counts["total_per_rank"]
+    memory, speed = {}, {}
+    if train:
+        shard = lambda stage: dp if zero >= stage else 1  # noqa: E731
+        per_token = activation_bytes_per_token(args, mp)
+        tokens = batch * seq // cp  # this GPU's slice of the sequences
+        memory["weights"] = n_local * PARAM_BYTES // shard(3)
+        memory["gradients"] = n_local * GRAD_BYTES // shard(2)
+        memory["optimizer"] = n_local * OPTIM_BYTES // shard(1)
+        memory["activations"] = args.n_layers * per_token * tokens
+        memory["activations (checkpointed)"] = (args.n_layers * 2 * args.dim + per_token) * tokens
+        memory["loss head"] = (8 * args.vocab_size + 8 * args.dim + 4) * tokens
+        states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["loss head"]
+        memory["total"] = states + memory["activations"]
+        memory["total (checkpointed)"] = states + memory["activations (checkpointed)"]
+        total = memory["total (checkpointed)"]
+        flops = training_flops(args, counts["matmul"], batch, seq) / (mp * cp)  # per GPU
+        step = flops / (g.bf16_tflops * 1e12 * mfu)
+        speed["step time"] = (step, "s")
+        speed["training tokens/s (all GPUs)"] = (batch * seq * dp / step, "tok/s")
+    else:
+        memory["weights"] = n_local * PARAM_BYTES
+        memory["KV cache"] = kv_cache_bytes(args, batch, seq, mp) // cp
+        memory["total"] = total = memory["weights"] + memory["KV cache"]
+        # prefill: the forward third of the training FLOPs
+        prefill = training_flops(args, counts["matmul"], batch, seq) / 3 / (mp * cp)
+        speed["prefill time"] = (prefill / (g.bf16_tflops * 1e12 * mfu), "s")
+        read = counts["matmul_per_rank"] * PARAM_BYTES + memory["KV cache"]
+        speed["decode tokens/s (per replica, full cache)"] = (batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
+        speed["decode tokens/s (all replicas)"] = (dp * batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
+    fits = total <= HEADROOM * g.memory_gib * GiB
+    return Plan(args, g, mp, dp, seq, batch, train, zero, cp, mfu, counts, memory, total, fits, speed)
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_plan(p: Plan, name: str = "model") -> str:
+    a = p.args
+    lines = [
+        f"{name}: {p.params['total']:,} parameters ({p.params['total_per_rank']:,} per GPU), "
+        f"{a.n_layers} layers, dim {a.dim}, {a.n_heads} heads, {a.n_kv_heads} KV heads, FFN {a.ffn_hidden_dim}",
+        f"{p.mp * p.cp * p.dp} x {p.gpu.name} ({p.gpu.memory_gib:g} GiB, {p.gpu.bf16_tflops:g} TFLOPs bf16, "
+        f"{p.gpu.bandwidth_tbs:g} TB/s): mp {p.mp} x cp {p.cp} x dp {p.dp}; {p.batch} x {p.seq:,} tokens per "
+        + ("data-parallel rank, training" + (f", ZeRO-{p.zero}" if p.zero else ", plain DDP") if p.train
+           else "replica, inference"),
+        "",
+        "memory per GPU",
+    ]
+    for key, value in p.memory.items():
+        lines.append(f"  {key:<28}{human_bytes(value):>14}")
+    budget = HEADROOM * p.gpu.memory_gib
+    which = "with checkpointing " if p.train else ""
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines += ["", f"{verdict}: {human_bytes(p.total_bytes)} {which}vs {budget:.1f} GiB usable "
+              f"({HEADROOM:.0%} of {p.gpu.memory_gib:g})"]
+    if p.train:
+        without = p.memory["total"] <= HEADROOM * p.gpu.memory_gib * GiB
+        lines.append(f"without checkpointing: {human_bytes(p.memory['total'])} ({'fits' if without else 'does NOT fit'})")
+    lines.append("")
+    for key, (value, unit) in p.speed.items():
+        lines.append(f"  {key:<42}{value:>14,.0f} {unit}" if value >= 100 else f"  {key:<42}{value:>14.3g} {unit}")
+    bound = "" if p.train else "; decode bound by memory bandwidth"
+    lines.append(f"  (compute at {p.mfu:.0%} MFU{bound}; communication ignored)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="params.json-style file, e.g. configs/models/llama3.1-8b.json")
+    ap.add_argument("--mp", type=int, default=1, help="model-parallel (tensor-parallel) GPUs per replica")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel GPUs sharing each sequence")
+    ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per replica")
+    ap.add_argument("--train", action="store_true", help="plan a training step instead of inference")
+    ap.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)}")
+    ap.add_argument("--zero", type=int, default=0, help="ZeRO stage across dp ranks (0: plain DDP)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    opts = ap.parse_args(argv)
+    try:
+        args = load_model_args(opts.model)
+        p = make_plan(args, opts.mp, opts.dp, opts.seq, opts.batch, opts.train, opts.gpu, opts.zero, opts.mfu,
+                      opts.cp)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        print(format_plan(p, Path(opts.model).stem))
+    except BrokenPipeError:  # `| head`: the reader has seen enough
+        sys.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
