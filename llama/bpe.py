@@ -55,6 +55,10 @@ def bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+# str.translate table: mapped char -> chr(its byte), so .encode("latin-1") yields the bytes; unmapped
+# Latin-1 chars go to U+FFFF so that encode fails and the slow path handles them.
+_TO_LATIN1 = {ord(c): b for c, b in CHAR_TO_BYTE.items()} | {
+    b: 0xFFFF for b in range(256) if chr(b) not in CHAR_TO_BYTE}
 
 
 def split_isolated(pattern: regex.Pattern, text: str) -> list[str]:
@@ -110,7 +114,10 @@ class ByteLevelBPETokenizer:
 
     @staticmethod
     def _token_bytes(token: str) -> bytes:
-        return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8") for c in token)
+        try:  # fast path: every char is a mapped byte
+            return token.translate(_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:  # chars outside the map stand for their own UTF-8 (as in HF)
+            return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode() for c in token)
 
     @property
     def chat_format(self):

@@ -278,3 +278,37 @@ def __getattr__(name):
 
         return train_bpe
     raise AttributeError(f"module 'llama.tokenizer' has no attribute {name!r}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama.tokenizer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a BPE tokenizer.model (tiktoken format) on your text")
+    train.add_argument("--input", nargs="+", required=True, metavar="FILES", help="files or directories")
+    train.add_argument("--vocab-size", type=int, required=True, help="total, including 256 special tokens")
+    train.add_argument("--out", required=True, metavar="PATH")
+    encode = sub.add_parser("encode", help="print the ids and pieces of some text")
+    encode.add_argument("--tokenizer", required=True, metavar="PATH")
+    encode.add_argument("text")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from llama.bpe_train import train_bpe
+
+            for item in args.input:
+                if not Path(item).exists():
+                    raise TokenizerError(f"{item}: no such training file or directory")
+            out = train_bpe([Path(p) for p in args.input], args.vocab_size, args.out, verbose=True)
+            print(f"wrote {out}: {load_tokenizer(out).n_words} tokens including 256 special tokens")
+        else:
+            tok = load_tokenizer(args.tokenizer)
+            ids = tok.encode(args.text, bos=tok.add_bos, eos=False)
+            print(json.dumps({"ids": ids, "pieces": [tok.decode([i]) for i in ids]}, ensure_ascii=False))
+    except (TokenizerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
