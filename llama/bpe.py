@@ -200,7 +200,7 @@ class ByteLevelBPETokenizer:
             raise ValueError(f"merged symbol {e.args[0]!r} is not in the vocab (inconsistent merges)") from None
 
     # ---- decoding ----------------------------------------------------------------------------
-    def decode_bytes(self, ids) -> bytes:
+    def decode_bytes(self, ids, at_start: bool = True) -> bytes:
         try:
             return b"".join(self.id_to_bytes[i] for i in ids)
         except IndexError:
