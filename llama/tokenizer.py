@@ -311,4 +311,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: llama.bpe_train raises
+    # llama.tokenizer.TokenizerError, which a __main__.TokenizerError handler would not catch.
+    from llama.tokenizer import main as _main
+
+    sys.exit(_main())
