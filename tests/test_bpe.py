@@ -157,3 +157,28 @@ def test_stream_decoder_smollm2(smol, text, noise):
     if "\ufffd" not in text and smol.decode(ids) == text:  # (SmolLM2 lacks bytes 0xF1-0xF3: U+40000+)
         assert not any("\ufffd" in p for p in pieces)  # an emoji shows whole or not at all
     assert "".join(stream(noise + ids)) == smol.decode(noise + ids)  # any ids, even broken UTF-8
+
+
+@pytest.mark.slow
+def test_llama3_hf_tokenizer_json_matches_tiktoken(tmp_path, llama3_tokenizer_path):
+    """A Llama 3 HF checkpoint ships tokenizer.json (Split with Meta's pattern + ByteLevel, ignore_merges)
+    instead of tokenizer.model; transformers' own converter writes one from the official file."""
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    from llama.tokenizer import Tokenizer
+
+    llama3 = Tokenizer(llama3_tokenizer_path)
+    converter = convert.TikTokenConverter(vocab_file=str(llama3_tokenizer_path), pattern=Tokenizer.pat_str)
+    data = json.loads(converter.converted().to_str())
+    data["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for t, i in llama3.special_tokens.items()]
+    data["post_processor"] = {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    tok = load_tokenizer(tmp_path)
+    for text in CORPUS:
+        assert tok.encode(text, bos=False, eos=False) == llama3.encode(text, bos=False, eos=False), text
+    assert (tok.n_words, tok.bos_id, tok.eos_id, tok.add_bos) == (128256, 128000, 128009, True)
+    assert tok.stop_tokens == llama3.stop_tokens
+    assert tok.chat_format.encode_dialog_prompt(DIALOGS[2]) == llama3.chat_format.encode_dialog_prompt(DIALOGS[2])
