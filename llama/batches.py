@@ -1,0 +1,118 @@
+"""Batches from a prepared data directory (llama/data.py), read through memmap.
+
+Sequences are numbered globally. Pretraining: sequence i of the training split is the window of
+seq_len + 1 tokens starting at i * seq_len (inputs are the first seq_len, targets the last seq_len),
+so windows share one token and cover the stream; documents inside a window are separated by their
+BOS/EOS tokens. SFT: sequence i is dialog i, cut to seq_len + 1 tokens.
+
+Each epoch visits the training sequences in a fresh order drawn from (seed, epoch). Step s's global
+batch is the next `batch_size` sequences of that order; data-parallel rank r takes rows
+[r * B/dp, (r+1) * B/dp) of it. The batch is therefore the same whatever the layout, which is what
+makes MP x DP runs match a single process, and "how many sequences were consumed" is the whole
+data position a resumed run needs.
+"""
+
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import torch
+
+from llama.data import DataError, read_meta
+
+IGNORE = -100  # target id that cross_entropy skips: masked (non-assistant) and padded positions
+
+
+class TokenStream:
+    """One logical array over several shard files (memory-mapped: nothing is read until used)."""
+
+    def __init__(self, root: Path, shards: List[dict], dtype):
+        self.maps = []
+        for s in shards:
+            path = root / s["file"]
+            if not path.is_file() or path.stat().st_size != s["tokens"] * np.dtype(dtype).itemsize:
+                raise DataError(f"{path} is missing or truncated: prepare the data again")
+            self.maps.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.starts = np.cumsum([0] + [s["tokens"] for s in shards])
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            local = start - self.starts[shard]
+            take = min(end, self.starts[shard + 1]) - start
+            pieces.append(np.asarray(self.maps[shard][local : local + take]))
+            start += take
+            shard += 1
+        return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+
+
+class Batches:
+    def __init__(self, root, seq_len: int, seed: int):
+        self.root, self.seq_len, self.seed = Path(root), seq_len, seed
+        self.meta = read_meta(root)
+        self.sft = self.meta["kind"] == "sft"
+        self.tokens = TokenStream(self.root, self.meta["shards"], np.uint32)
+        if self.sft:
+            self.masks = TokenStream(self.root, self.meta["mask_shards"], np.uint8)
+            self.offsets = np.load(self.root / "offsets.npy")
+            split = self.meta["val_document_start"]
+            self.counts = {"train": split, "val": self.meta["n_documents"] - split}
+        else:
+            split = self.meta["val_start"]
+            self.counts = {"train": max(0, (split - 1) // seq_len),
+                           "val": max(0, (self.meta["n_tokens"] - split - 1) // seq_len)}
+        if self.counts["train"] == 0:
+            what = "dialogs" if self.sft else f"tokens, fewer than seq_len + 1 = {seq_len + 1}"
+            raise DataError(f"data {root} has no training sequences ({split} training {what}): "
+                            f"add data or lower seq_len / val_fraction")
+        self._order = (None, None)  # (epoch, permutation) of the training sequences
+
+    def __len__(self) -> int:
+        return self.counts["train"]
+
+    def _sequence(self, index: int, split: str) -> Tuple[np.ndarray, np.ndarray]:
+        """Tokens (L,) and their 0/1 train mask (L,) of one sequence, L <= seq_len + 1."""
+        if self.sft:
+            doc = index if split == "train" else self.meta["val_document_start"] + index
+            start = int(self.offsets[doc])
+            end = min(int(self.offsets[doc + 1]), start + self.seq_len + 1)
+            return self.tokens.read(start, end), self.masks.read(start, end)
+        start = index * self.seq_len + (0 if split == "train" else self.meta["val_start"])
+        tokens = self.tokens.read(start, start + self.seq_len + 1)
+        return tokens, np.ones_like(tokens, dtype=np.uint8)
+
+    def _train_index(self, g: int) -> int:
+        """The g-th training sequence in visiting order (a new permutation each epoch)."""
+        epoch, position = divmod(g, len(self))
+        if self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = (epoch, rng.permutation(len(self)))
+        return int(self._order[1][position])
+
+    def collate(self, sequences: List[Tuple[np.ndarray, np.ndarray]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (b, T) and targets (b, T), padded to the longest; untrained targets are IGNORE."""
+        T = max(len(t) for t, _ in sequences) - 1
+        inputs = torch.zeros(len(sequences), T, dtype=torch.long)
+        targets = torch.full((len(sequences), T), IGNORE, dtype=torch.long)
+        for row, (tokens, mask) in enumerate(sequences):
+            t = torch.from_numpy(tokens.astype(np.int64))
+            n = len(t) - 1
+            inputs[row, :n] = t[:-1]
+            targets[row, :n] = t[1:].masked_fill(torch.from_numpy(mask[1:] == 0), IGNORE)
+        return inputs, targets
+
+    def train_micro_batches(self, consumed: int, batch_size: int, micro: int, dp_rank: int, dp: int):
+        """This rank's micro-batches of the global batch that starts after `consumed` sequences."""
+        per_rank = batch_size // dp
+        first = consumed + dp_rank * per_rank
+        rows = [self._sequence(self._train_index(first + i), "train") for i in range(per_rank)]
+        return [self.collate(rows[i : i + micro]) for i in range(0, per_rank, micro)]
+
+    def val_micro_batches(self, n_batches: int, batch_size: int, micro: int, dp_rank: int, dp: int):
+        """The first n_batches global batches of the held-out split, in order (the same every time);
+        this rank's micro-batches of them. Empty if there is no validation data."""
+        total = min(self.counts["val"], n_batches * batch_size)
+        mine = list(range(dp_rank, total, dp))  # round-robin so every rank gets a share
+        rows = [self._sequence(i, "val") for i in mine]
+        return [self.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)]

@@ -1,0 +1,132 @@
+"""What the training loop reports: FLOPs per token, MFU, memory, and where the numbers go
+(a tqdm bar and log lines on rank 0, out_dir/metrics.jsonl, TensorBoard when it is installed)."""
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama.model import ModelArgs
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. Matched
+# against torch.cuda.get_device_name() in order, so the more specific names come first.
+GPU_BF16_PEAK_TFLOPS = [
+    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0),
+    ("H200", 989.0), ("GH200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0), ("MI300X", 1307.0), ("MI250X", 383.0),
+]
+
+
+def matmul_params(args: ModelArgs) -> int:
+    """Weights that take part in a matrix multiply, counted from the shape (full model, all ranks).
+    The embedding lookup costs nothing; the output layer is a matmul even when tied to it."""
+    q = args.n_heads * args.head_dim
+    kv = args.n_kv_heads * args.head_dim
+    attention = args.dim * (2 * q + 2 * kv)  # wq, wo (D x H*Dh) and wk, wv (D x K*Dh)
+    ffn = 3 * args.dim * args.ffn_hidden_dim  # w1, w2, w3
+    return args.n_layers * (attention + ffn) + args.dim * args.vocab_size
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights (2N forward, 4N backward) plus 12*L*H*Dh*T for
+    attention scores and their use (PaLM, Chowdhery et al. 2022, appendix B; the convention
+    torchtitan and nanoGPT report MFU with, which does not halve for the causal mask)."""
+    return 6 * matmul_params(args) + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> Optional[float]:
+    """The device's bf16 peak, or None where unknown (CPUs: report achieved TFLOP/s instead)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_BF16_PEAK_TFLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory: allocated by torch on a GPU; the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+class MetricsLog:
+    """Rank 0's record of the run. Other ranks get one with enabled=False that does nothing."""
+
+    def __init__(self, out_dir, enabled: bool, total_steps: int, first_step: int):
+        self.enabled = enabled
+        self.bar = self.tb = self.file = None
+        if not enabled:
+            return
+        path = Path(out_dir) / "metrics.jsonl"
+        self._truncate_after(path, first_step)
+        self.file = open(path, "a")
+        try:  # TensorBoard only where it is installed: it is no dependency of ours
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=first_step + 1)
+        except ImportError:
+            pass
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        disable=not sys.stderr.isatty())
+
+    @staticmethod
+    def _truncate_after(path: Path, step: int) -> None:
+        """A resumed run rewrites history from its checkpoint on: drop the lines past `step`."""
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+        self.print(format_record(record))
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        for thing in (self.bar, self.tb, self.file):
+            if thing is not None:
+                thing.close()
+
+
+def format_record(r: dict) -> str:
+    if "loss" not in r:  # an evaluation-only record
+        return f"step {r['step']:>6} | val loss {r['val_loss']:.4f}"
+    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
+    if "val_loss" in r:
+        parts.append(f"val {r['val_loss']:.4f}")
+    parts += [f"lr {r['lr']:.2e}", f"grad norm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s"]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"{r['tflops']:.2f} TFLOP/s")
+    parts.append(f"mem {r['memory_gb']:.2f} GB")
+    return " | ".join(parts)

@@ -1,0 +1,229 @@
+"""Setting up a training run: checks first, then processes, data, model, optimizer, resume.
+
+Everything that can be checked without work is checked before any (config keys, paths, the
+model-parallel size against the world size and the model's shape), so a bad run fails in a second
+with one line, not after tokenizing a corpus or loading 16 GB of weights.
+"""
+
+import dataclasses
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from llama import parallel
+from llama.batches import Batches
+from llama.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
+from llama.model import ModelArgs, Transformer
+from llama.train_config import ConfigError, TrainConfig, check_layout
+from llama.train_metrics import MetricsLog, peak_tflops
+from llama.train_state import latest_checkpoint, load_checkpoint, set_rng_state
+from llama.training import enable_activation_checkpointing, loop, make_optimizer
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    model: torch.nn.Module  # the Transformer itself (this rank's shard): names, saving, eval
+    forward: object  # what the training step calls: model, DDP(model), or their compiled form
+    ddp: Optional[object]  # the DDP wrapper when data-parallel (for no_sync), else None
+    optimizer: torch.optim.Optimizer
+    batches: Batches
+    val_batches: Optional[list]
+    device: torch.device
+    autocast: object  # () -> context manager
+    data_dir: Path
+    tokenizer_path: Optional[str]
+    log: MetricsLog
+    peak: Optional[float]
+    step: int = 0
+    consumed: int = 0  # training sequences consumed so far: the data position
+    first_step: int = 0
+    saved_any: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def model_args(cfg: TrainConfig) -> ModelArgs:
+    """The shape, known before any work: from the checkpoint to fine-tune, the config, or (for the
+    vocabulary of a scratch run) the tokenizer or prepared data it will use."""
+    if cfg.init_from:
+        from llama.checkpoint import read_model_args
+
+        args = read_model_args(cfg.init_from)
+        args.max_seq_len, args.max_batch_size = cfg.seq_len, cfg.micro_batch_size
+        return args
+    vocab = None
+    if cfg.tokenizer:
+        from llama.tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(cfg.tokenizer).n_words
+    elif (Path(cfg.data) / "meta.json").is_file():
+        vocab = read_meta(cfg.data)["tokenizer"]["n_words"]
+    return cfg.model_args(vocab)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Missing or empty data is an error now, not after the processes and the model are up."""
+    if cfg.data == "stdlib":
+        return
+    if (Path(cfg.data) / "meta.json").is_file():
+        meta = read_meta(cfg.data)  # raises on an empty or foreign directory
+        if cfg.sft and meta["kind"] != "sft":
+            raise DataError(f"sft=true but {cfg.data} was prepared for pretraining: prepare it with --sft")
+        return
+    files = collect_files([cfg.data])
+    if sum(f.stat().st_size for f in files) == 0:
+        raise DataError(f"data {cfg.data} is empty: nothing to train on")
+
+
+def tokenizer_for(cfg: TrainConfig) -> Optional[str]:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.init_from:
+        from llama.checkpoint import default_tokenizer_path
+
+        path = default_tokenizer_path(cfg.init_from)
+        return str(path) if path else None
+    return None
+
+
+def resolve_data(cfg: TrainConfig, vocab_size: int):
+    """(prepared data dir, tokenizer path): tokenizes raw data (and trains a BPE when no tokenizer is
+    given) into cfg.data_cache the first time; later runs, and the other ranks, find it there."""
+    tok = tokenizer_for(cfg)
+    if (Path(cfg.data) / "meta.json").is_file():
+        meta = read_meta(cfg.data)
+        if tok is None:
+            tok = meta["tokenizer"]["path"]
+        return Path(cfg.data), tok
+    inputs = [cfg.data]
+    if tok is None:
+        if cfg.sft:
+            raise DataError("sft=true needs the chat model's tokenizer: set init_from or tokenizer")
+        return bpe_dataset(inputs, cfg.data_cache, vocab_size, cfg.val_fraction)
+    return cached_prepare(inputs, cfg.data_cache, tok, sft=cfg.sft, val_fraction=cfg.val_fraction), tok
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if cfg.device.startswith("cuda:"):
+        return torch.device(cfg.device)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype == "float32":
+        return nullcontext
+    return partial(torch.autocast, device.type, dtype=getattr(torch, dtype))
+
+
+def build_model(cfg: TrainConfig, args: ModelArgs, device: torch.device) -> Transformer:
+    """fp32 master weights: from the checkpoint to fine-tune (this rank's shard), or initialised."""
+    if cfg.init_from:
+        from llama.checkpoint import load_model
+
+        return load_model(cfg.init_from, max_seq_len=cfg.seq_len, max_batch_size=cfg.micro_batch_size,
+                          device=device, dtype=torch.float32)
+    model = Transformer(args)
+    model.init_weights(cfg.seed)
+    return model.to(device)
+
+
+def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool):
+    """Global rank 0 tokenizes (once, cached); the others wait, then find the cache."""
+    if is_first:
+        data_dir, tok = resolve_data(cfg, args.vocab_size)
+    if dist.is_initialized():
+        dist.barrier()
+    if not is_first:
+        data_dir, tok = resolve_data(cfg, args.vocab_size)
+    meta = read_meta(data_dir)
+    n_words = meta["tokenizer"]["n_words"]
+    if n_words > args.vocab_size:
+        raise DataError(f"{data_dir} was tokenized with {n_words} tokens but the model has vocab_size="
+                        f"{args.vocab_size}: use the model's tokenizer")
+    return data_dir, tok
+
+
+def setup(cfg: TrainConfig) -> Run:
+    args = model_args(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _, micro = check_layout(cfg, args, world)
+    cfg = dataclasses.replace(cfg, micro_batch_size=micro)
+    check_data(cfg)
+    parallel.init_distributed(cfg.model_parallel_size)
+    device = pick_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    is_first = not dist.is_initialized() or dist.get_rank() == 0
+    if is_first:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    data_dir, tok = _prepare_data(cfg, args, is_first)
+    batches = Batches(data_dir, cfg.seq_len, cfg.seed)
+    model = build_model(cfg, args, device)
+    model.train()
+    optimizer = make_optimizer(model, cfg, device)
+    step, consumed = _maybe_resume(cfg, model, optimizer, device, is_first)
+    return _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed, is_first)
+
+
+def _maybe_resume(cfg, model, optimizer, device, is_first):
+    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if checkpoint is None:
+        if cfg.resume and is_first:
+            print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
+        return 0, 0
+    state = load_checkpoint(checkpoint, model, device)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    if is_first:
+        print(f"resumed from {checkpoint} (step {state['step']})", file=sys.stderr)
+    return state["step"], state["consumed"]
+
+
+def _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed, is_first) -> Run:
+    """Activation checkpointing, DDP over the data-parallel group, compile; the validation set."""
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    ddp = None
+    forward = model
+    if parallel.data_parallel_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=parallel.data_parallel_group())
+    if cfg.compile:
+        forward = torch.compile(forward)
+    val = batches.val_micro_batches(cfg.eval_batches, cfg.batch_size, cfg.micro_batch_size,
+                                    parallel.data_parallel_rank(), parallel.data_parallel_size())
+    log = MetricsLog(cfg.out_dir, is_first, cfg.max_steps, step)
+    return Run(cfg=cfg, model=model, forward=forward, ddp=ddp, optimizer=optimizer, batches=batches,
+               val_batches=val if cfg.eval_every and batches.counts["val"] else None, device=device,
+               autocast=autocast_for(cfg, device), data_dir=data_dir, tokenizer_path=tok, log=log,
+               peak=peak_tflops(device, cfg.peak_tflops), step=step, consumed=consumed, first_step=step)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or continue) the training described by cfg; returns the loss curves and the last
+    checkpoint. Collective: every process of a torchrun job calls it."""
+    run = setup(cfg)
+    mp, dp = parallel.model_parallel_size(), parallel.data_parallel_size()
+    n_params = sum(p.numel() for p in run.model.parameters())
+    run.log.print(f"model {n_params * mp / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
+                  f"{run.device} | data {run.data_dir} ({len(run.batches)} sequences of {cfg.seq_len})")
+    try:
+        result = loop(run)
+    finally:
+        run.log.close()
+    return result

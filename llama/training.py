@@ -1,0 +1,197 @@
+"""The training loop: model parallel (Fairscale) x data parallel (DDP), AdamW, exact resume.
+
+One optimizer step:
+  1. this data-parallel rank's micro-batches of the global batch (llama/batches.py);
+  2. forward + backward for each, under bf16 autocast on CUDA; DDP all-reduces the gradients over
+     the data-parallel group on the last micro-batch only (no_sync before it);
+  3. the loss is a sum over trained target tokens divided by their count over the whole global
+     batch, so accumulation, data parallelism and SFT masks all give the single-process mean;
+  4. clip by the global gradient norm, set the scheduled learning rate, step AdamW.
+Setup (config -> processes -> data -> model -> optimizer -> resume) lives in llama/train_setup.py.
+"""
+
+import functools
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llama import parallel
+from llama.batches import IGNORE
+from llama.train_config import TrainConfig
+from llama.train_metrics import flops_per_token, memory_gb
+from llama.train_state import latest_checkpoint, rng_state, save_checkpoint
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged loss, ...): the message says why and what was kept."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr at decay_steps (default: max_steps);
+    step is 0-based."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    horizon = cfg.decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices (embeddings, projections) and none on the RMSNorm
+    gains: decaying a gain towards 0 would shrink activations, not regularise."""
+    matrices, vectors = [], []
+    for p in model.parameters():  # a tied output/embedding weight is listed once
+        if p.requires_grad:
+            (matrices if p.ndim >= 2 else vectors).append(p)
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def global_grad_norm(model) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient, identical on every rank. A sharded tensor's
+    squares are summed over the model-parallel group; a replicated one (the RMSNorm gains, whose
+    gradient is the same on every model-parallel rank) is counted once. DDP already averaged over
+    the data-parallel group."""
+    sharded, replicated = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (sharded if parallel.shard_dim(name) is not None else replicated).append(p.grad.detach().float().norm())
+    zero = torch.zeros((), device=next(model.parameters()).device)
+    sharded_sq = torch.stack(sharded).square().sum() if sharded else zero
+    replicated_sq = torch.stack(replicated).square().sum() if replicated else zero
+    if parallel.model_parallel_size() > 1:
+        dist.all_reduce(sharded_sq, group=parallel.model_parallel_group())
+    return (sharded_sq + replicated_sq).sqrt()
+
+
+def clip_gradients(model, norm: torch.Tensor, max_norm: float) -> None:
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Keep only each block's input in forward and recompute the block in backward. Patching the
+    instance's forward keeps the state-dict keys (and so the checkpoint layout) unchanged."""
+    for layer in model.layers:
+        layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+
+
+def dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if parallel.data_parallel_size() > 1:
+        dist.all_reduce(t, group=parallel.data_parallel_group())
+    return t
+
+
+def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the trained targets (IGNORE marks the rest). (B, T) -> ()."""
+    logits = forward(inputs)  # (B, T, V) float32
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def train_step(run, micro_batches: List, step: int):
+    """One optimizer step over this rank's micro-batches; returns (loss, grad norm, lr) as floats."""
+    device, dp = run.device, parallel.data_parallel_size()
+    count = dp_all_reduce(sum((y != IGNORE).sum() for _, y in micro_batches).to(device, torch.float32))
+    # DDP averages gradients over dp ranks; scaling by dp/count makes the result sum/count.
+    scale = dp / count.clamp(min=1.0)
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        with (run.ddp.no_sync() if run.ddp is not None and not sync else nullcontext()), run.autocast():
+            summed = loss_sum(run.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        (summed * scale).backward()
+        total += summed.detach()
+    loss = (dp_all_reduce(total) / count.clamp(min=1.0)).item()
+    norm = global_grad_norm(run.model)
+    if not (math.isfinite(loss) and torch.isfinite(norm).item()):
+        kept = latest_checkpoint(run.cfg.out_dir) if run.saved_any else None
+        raise TrainingError(
+            f"loss is {loss} (grad norm {norm.item()}) at step {step + 1}: stopping without saving; "
+            f"the last good checkpoint is {kept or 'none (no checkpoint was saved in this run)'}; "
+            f"lower lr or check the data")
+    clip_gradients(run.model, norm, run.cfg.grad_clip)
+    lr = lr_at(step, run.cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, norm.item(), lr
+
+
+@torch.no_grad()
+def evaluate(run) -> Optional[float]:
+    """Mean loss over the fixed held-out batches (every rank gets the same number), or None."""
+    if run.val_batches is None:
+        return None
+    run.model.eval()
+    sums = torch.zeros(2, device=run.device)  # (summed loss, trained tokens)
+    for x, y in run.val_batches:
+        with run.autocast():
+            sums[0] += loss_sum(run.model, x.to(run.device), y.to(run.device))
+        sums[1] += (y != IGNORE).sum()
+    run.model.train()
+    dp_all_reduce(sums)
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else None
+
+
+def save(run, step: int) -> None:
+    state = {"step": step, "consumed": run.consumed, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+             "model_parallel_size": parallel.model_parallel_size(),
+             "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
+             "data": str(run.data_dir), "tokenizer": str(run.tokenizer_path)}
+    path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last)
+    run.saved_any = True
+    run.log.print(f"saved {path}")
+
+
+def _record(run, step: int, loss: float, norm: float, lr: float, window: dict) -> dict:
+    """The logged numbers for `step`; window holds the tokens and training seconds since the last
+    log (the step's .item() calls synchronise with the GPU, so the seconds are real)."""
+    tokens_per_s = window["tokens"] / max(window["seconds"], 1e-9)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tflops = flops_per_token(run.model.params, run.cfg.seq_len) * tokens_per_s / world / 1e12  # per device
+    window.update(seconds=0.0, tokens=0)
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s,
+            "tflops": tflops, "mfu": tflops / run.peak if run.peak else None, "memory_gb": memory_gb(run.device)}
+
+
+def loop(run) -> dict:
+    """Steps run.step .. max_steps; logs, evaluates and saves on schedule. Returns the curves."""
+    cfg = run.cfg
+    losses, val_losses = [], {}
+    window = {"seconds": 0.0, "tokens": 0}
+    for step in range(run.step, cfg.max_steps):
+        start = time.perf_counter()
+        micro = run.batches.train_micro_batches(run.consumed, cfg.batch_size, cfg.micro_batch_size,
+                                                parallel.data_parallel_rank(), parallel.data_parallel_size())
+        loss, norm, lr = train_step(run, micro, step)
+        window["seconds"] += time.perf_counter() - start
+        window["tokens"] += sum(x.numel() for x, _ in micro) * parallel.data_parallel_size()
+        run.consumed += cfg.batch_size
+        done = step + 1
+        losses.append(loss)
+        run.log.advance()
+        record = None
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            record = _record(run, done, loss, norm, lr, window)
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            val = evaluate(run)
+            if val is not None:
+                val_losses[done] = val
+                record = dict(record or {"step": done}, val_loss=val)
+        if record is not None:
+            run.log.log(record)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+            save(run, done)
+    return {"losses": losses, "val_losses": val_losses, "first_step": run.first_step,
+            "checkpoint": str(latest_checkpoint(cfg.out_dir)) if run.saved_any else None}

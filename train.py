@@ -1,0 +1,65 @@
+"""Train or fine-tune a Llama: one process, or torchrun with model parallel x data parallel.
+
+    python train.py                                        # configs/train/default.toml: a small model
+                                                           # on this Python's stdlib source, CPU, minutes
+    python train.py configs/train/default.toml max_steps=50 out_dir=out/try
+    python train.py configs/train/sft.toml                 # chat fine-tuning (assistant tokens only)
+    torchrun --nproc_per_node 8 train.py configs/train/llama3.2-1b.toml model_parallel_size=2
+    python train.py out_dir=out/try resume=true            # continue exactly where it stopped
+
+Then: python generate.py --ckpt-dir out/default/step_000200
+"""
+
+import sys
+
+from llama.train_config import load_config
+
+
+def parse_args(argv):
+    """[CONFIG.toml] [key=value ...] -> (config path or None, overrides)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("Keys: see llama/train_config.py (TrainConfig); [model] keys are ModelArgs fields.")
+        sys.exit(0)
+    path = None
+    if argv and "=" not in argv[0]:
+        path, argv = argv[0], argv[1:]
+    return path, argv
+
+
+def is_user_error(e: Exception) -> bool:
+    """Bad config, data, paths or a diverged run: one line for the user, no traceback."""
+    from llama.training import TrainingError
+
+    kinds = (ValueError, OSError, TrainingError)
+    try:
+        from llama.checkpoint import CheckpointError
+
+        kinds += (CheckpointError,)
+    except ImportError:
+        pass
+    return isinstance(e, kinds)
+
+
+def main(argv=None) -> int:
+    path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(path, overrides)
+        from llama.train_setup import train  # after the config checks: importing torch takes a while
+
+        result = train(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is kept (resume=true continues from it)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a bug: keep the traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result["checkpoint"]:
+        print(f"done: {result['checkpoint']}  (sample: python generate.py --ckpt-dir {result['checkpoint']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
