@@ -134,6 +134,10 @@ class ByteLevelBPETokenizer:
                disallowed_special=()) -> list[int]:
         """Text -> ids. Special-token text is plain text unless listed in `allowed_special` (a set of
         names, or "all"), like Meta's Llama 3 `encode`; names in `disallowed_special` raise instead."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects a str, got {type(s).__name__}")
+        if (bos and self.bos_id is None) or (eos and self.eos_id is None):
+            raise ValueError(f"this tokenizer has no {'BOS' if bos and self.bos_id is None else 'EOS'} token")
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         disallowed = set(self.special_tokens) if disallowed_special == "all" else set(disallowed_special)
         for name in disallowed - allowed:

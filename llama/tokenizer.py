@@ -135,10 +135,16 @@ def split_long_runs(s: str, max_run: int):
     yield s[start:]
 
 
+# sentencepiece turns each byte of broken UTF-8 into its own U+FFFD; Python's "replace" gives one per
+# maximal invalid sequence (as tiktoken and HF do). StreamDecoder uses the tokenizer's own rule.
+codecs.register_error("replace_each_byte", lambda e: ("\ufffd" * (e.end - e.start), e.end))
+
+
 class SentencePieceTokenizer:
     """Llama 2 tokenizer: a sentencepiece model (Meta's Llama 2 `Tokenizer` API)."""
 
     add_bos = True
+    utf8_errors = "replace_each_byte"
 
     def __init__(self, model_path):
         import sentencepiece
@@ -175,7 +181,7 @@ class SentencePieceTokenizer:
                 out += " \u2047 ".encode()
             else:
                 out += (piece[1:] if at_start and piece.startswith("▁") else piece).replace("▁", " ").encode()
-            at_start = False
+            at_start = False  # after the first non-control piece, even one that decoded to nothing
         return bytes(out)
 
 
@@ -190,12 +196,18 @@ class StreamDecoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._at_start = True
+        errors = getattr(tokenizer, "utf8_errors", "replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=errors)
+        self._specials = set(tokenizer.special_tokens.values())
+        self._at_start = True  # no text token yet (sentencepiece drops the first piece's "▁")
 
     def push(self, token_id: int) -> str:
         data = self.tokenizer.decode_bytes([token_id], at_start=self._at_start)
-        self._at_start = self._at_start and not data
+        self._at_start = self._at_start and token_id in self._specials
+        if token_id in self._specials:
+            # A special token ends any half-finished character (sentencepiece's controls decode to
+            # nothing, yet still cut a run of byte pieces; for the others this changes nothing).
+            return self._utf8.decode(data, final=True)
         return self._utf8.decode(data)
 
     def flush(self) -> str:

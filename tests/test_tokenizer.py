@@ -4,7 +4,7 @@ import random
 
 import pytest
 import tiktoken.load
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llama.tokenizer import (
@@ -249,13 +249,22 @@ def test_stream_decoder_llama3_any_ids(llama3, ids):
     assert "".join(stream(llama3, ids)) == llama3.decode(ids)
 
 
+@pytest.fixture(scope="module")
+def llama2(llama2_model):
+    return load_tokenizer(llama2_model)
+
+
 @settings(max_examples=100, deadline=None)
 @given(text=TEXT, extra=st.lists(st.integers(0, 399), max_size=8))
-def test_stream_decoder_sentencepiece(llama2_model, text, extra):
-    tok = load_tokenizer(llama2_model)
+@example(text=" ", extra=[]).via("a lone space is two '▁' pieces; only the first loses its space")
+@example(text="  a\n", extra=[1, 2, 0])
+@example(text="", extra=[3 + 0xE7, 3 + 0xBB]).via("broken UTF-8: sentencepiece gives one U+FFFD per byte")
+@example(text="", extra=[3 + 0xC2, 2, 3 + 0x85]).via("a control token cuts a run of byte pieces")
+def test_stream_decoder_sentencepiece(llama2, text, extra):
+    tok = llama2
     ids = tok.encode(text, bos=True, eos=False)
     pieces = stream(tok, ids)
     assert "".join(pieces) == tok.decode(ids)
     assert "\ufffd" in text or not any("\ufffd" in p for p in pieces)
-    mixed = extra + ids  # any ids, including stray byte tokens and a leading space piece
+    mixed = extra + ids  # any ids, including stray byte tokens, unk and control tokens
     assert "".join(stream(tok, mixed)) == tok.decode(mixed)
