@@ -119,16 +119,17 @@ def _common_prefix(a: List[int], b: List[int]) -> int:
 
 def dialog_frame(chat_format) -> Tuple[List[int], List[int]]:
     """(start, header): what the format puts before the first message (BOS, a default system
-    message) and the open assistant turn it ends a prompt with. Found from two prompts,
-    [] -> start + header and [user] -> start + message + header, so any format that builds
-    prompts from encode_message (Llama 3, ChatML) works without knowing its tokens."""
+    message) and the open assistant turn it ends a prompt with. Found by comparing two prompts,
+    [] -> start + header and [user] -> start + encode_message(user) + header, so any format that
+    builds prompts from encode_message (Llama 3, ChatML) works without knowing its tokens."""
+    user = {"role": "user", "content": "Hi"}
     empty = chat_format.encode_dialog_prompt([])
-    probe = chat_format.encode_dialog_prompt([{"role": "user", "content": "Hi"}])
-    for k in range(len(empty) + 1):  # the shortest start for which both ends line up
-        tail = empty[k:]
-        if probe[:k] == empty[:k] and probe[len(probe) - len(tail):] == tail:
-            return empty[:k], tail
-    raise DataError(f"cannot find the dialog frame of {type(chat_format).__name__}")
+    probe = chat_format.encode_dialog_prompt([user])
+    message = chat_format.encode_message(user)
+    for k in range(len(empty), -1, -1):
+        if probe[:k] == empty[:k] and probe[k : k + len(message)] == message:
+            return empty[:k], empty[k:]
+    raise DataError(f"cannot find where messages go in {type(chat_format).__name__}'s prompts")
 
 
 def encode_dialog(tokenizer, messages: List[dict]) -> Tuple[List[int], List[int]]:

@@ -1,0 +1,164 @@
+"""llama/data.py and llama/batches.py: prepare, shards, splits, per-rank batches, SFT masks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llama import data
+from llama.batches import IGNORE, Batches
+from llama.data import DataError, encode_dialog, prepare, read_meta
+from llama.tokenizer import load_tokenizer
+from tests.train_helpers import tiny_corpus
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def bpe(corpus):
+    return corpus[1]
+
+
+def test_prepare_text_dir_and_jsonl(bpe, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/a.txt").write_text("first document\nwith two lines")
+    (tmp_path / "docs/.hidden.txt").write_text("never read")
+    (tmp_path / "b.md").write_text("second document")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth é"}) + "\n")
+    out = prepare([str(tmp_path / "docs"), str(tmp_path / "b.md"), str(tmp_path / "c.jsonl")], tmp_path / "out",
+                  bpe, val_fraction=0.25)
+    meta = read_meta(out)
+    tok = load_tokenizer(bpe)
+    stream = np.fromfile(out / "tokens_000.bin", dtype=np.uint32)
+    assert meta["n_tokens"] == len(stream) and meta["n_documents"] == 4 and meta["kind"] == "pretrain"
+    assert meta["tokenizer"]["n_words"] == tok.n_words == 640
+    # Every document is BOS text EOS; decoding the pieces gives the texts back (files in a fixed shuffle).
+    bos = np.flatnonzero(stream == tok.bos_id)
+    docs = [tok.decode(stream[s + 1 : e - 1].tolist()) for s, e in zip(bos, list(bos[1:]) + [len(stream)])]
+    assert all(stream[e - 1] == tok.eos_id for e in list(bos[1:]) + [len(stream)])
+    assert sorted(docs) == sorted(["first document\nwith two lines", "second document",
+                                                       "third", "fourth é"])
+    assert meta["val_start"] == len(stream) - int(np.ceil(len(stream) * 0.25))
+
+
+def test_bad_data_errors(bpe, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare([str(tmp_path / "missing")], tmp_path / "o", bpe)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match="holds no text"):
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", bpe)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "oops"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2 has no 'text' field"):
+        prepare([str(tmp_path / "bad.jsonl")], tmp_path / "o", bpe)
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="no assistant message"):
+        prepare([str(tmp_path / "chat.jsonl")], tmp_path / "o", bpe, sft=True)
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        read_meta(tmp_path)
+
+
+def test_shards_read_as_one_stream(bpe, corpus, tmp_path, monkeypatch):
+    data_dir, _ = corpus
+    monkeypatch.setattr(data, "SHARD_TOKENS", 1000)  # many small shard files instead of one
+    sharded = prepare(read_meta(data_dir)["sources"], tmp_path / "sharded", bpe, val_fraction=0.1)
+    meta = read_meta(sharded)
+    assert len(meta["shards"]) == -(-meta["n_tokens"] // 1000) > 5
+    one, many = Batches(data_dir, 32, seed=3), Batches(sharded, 32, seed=3)
+    for consumed in (0, 8, 16 * 999):  # the last one is many epochs in
+        a = one.train_micro_batches(consumed, 8, 8, 0, 1)[0]
+        b = many.train_micro_batches(consumed, 8, 8, 0, 1)[0]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_windows_epochs_and_ranks(corpus):
+    data_dir, _ = corpus
+    meta = read_meta(data_dir)
+    b = Batches(data_dir, 32, seed=0)
+    assert len(b) == (meta["val_start"] - 1) // 32
+    stream = np.concatenate([np.fromfile(data_dir / s["file"], dtype=np.uint32) for s in meta["shards"]])
+    x, y = b.collate([b._sequence(5, "train")])
+    assert torch.equal(x[0], torch.from_numpy(stream[160:192].astype(np.int64)))  # window 5: tokens 160..192
+    assert torch.equal(y[0], torch.from_numpy(stream[161:193].astype(np.int64)))  # targets: shifted by one
+    # One epoch visits every window once; the next epoch in another order.
+    epoch = [b._train_index(g) for g in range(len(b))]
+    assert sorted(epoch) == list(range(len(b)))
+    assert [b._train_index(len(b) + g) for g in range(len(b))] != epoch
+    # Data-parallel ranks split each global batch; together they are exactly the one-rank batch.
+    whole = torch.cat([x for x, _ in b.train_micro_batches(24, 8, 2, 0, 1)])
+    parts = [torch.cat([x for x, _ in b.train_micro_batches(24, 8, 2, r, 2)]) for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)
+    # Validation windows come from the held-out tail only.
+    val = torch.cat([x for x, _ in b.val_micro_batches(1, 8, 8, 0, 1)])
+    assert torch.equal(val[0], torch.from_numpy(stream[meta["val_start"] : meta["val_start"] + 32].astype(np.int64)))
+
+
+def test_sft_mask_on_a_known_llama3_dialog(llama3_tokenizer_path):
+    """The loss covers each assistant reply's content and its <|eot_id|>, nothing else."""
+    tok = load_tokenizer(llama3_tokenizer_path)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+              {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"},
+              {"role": "assistant", "content": "Rome."}]
+    tokens, mask = encode_dialog(tok, dialog)
+    BOS, SH, EH, EOT, NN = 128000, 128006, 128007, 128009, 271  # Meta's ids; 271 is "\n\n"
+
+    def msg(role, text):
+        return [SH, *tok.encode(role, bos=False, eos=False), EH, NN], [*tok.encode(text, bos=False, eos=False), EOT]
+
+    expected, expected_mask = [BOS], [0]
+    for m in dialog:
+        head, body = msg(m["role"], m["content"])
+        expected += head + body
+        expected_mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+    assert tokens == expected and mask == expected_mask
+    trained = [t for t, m in zip(tokens, mask) if m]
+    assert tok.decode(trained) == "Paris.<|eot_id|>Rome.<|eot_id|>"
+    # The prompt a chat model sees at inference is the same token sequence up to the reply.
+    prompt = tok.chat_format.encode_dialog_prompt(dialog[:2])
+    assert tokens[: len(prompt)] == prompt
+
+
+def test_sft_mask_chatml(smollm2_gguf):
+    """SmolLM2 (ChatML, a default system prompt, no BOS): same rule, found from the format itself."""
+    tok = load_tokenizer(smollm2_gguf)
+    dialog = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"}]
+    tokens, mask = encode_dialog(tok, dialog)
+    prompt = tok.chat_format.encode_dialog_prompt(dialog[:1])
+    assert tokens[: len(prompt)] == prompt and not any(mask[: len(prompt)])  # system + user + header: untrained
+    assert tok.decode([t for t, m in zip(tokens, mask) if m]).startswith("Hello, how can I help?<|im_end|>")
+
+
+def test_sft_batches_mask_targets(bpe, tmp_path):
+    dialogs = [[{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} " * (i + 1)}]
+               for i in range(10)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    out = prepare([str(tmp_path / "chat.jsonl")], tmp_path / "sft", bpe, sft=True, val_fraction=0.2)
+    meta = read_meta(out)
+    assert meta["kind"] == "sft" and meta["val_document_start"] == 8
+    tok = load_tokenizer(bpe)
+    b = Batches(out, 64, seed=0)
+    assert b.counts == {"train": 8, "val": 2}
+    x, y = b.collate([b._sequence(3, "train"), b._sequence(0, "train")])  # padded to the longer dialog
+    for row, i in enumerate((3, 0)):
+        tokens, mask = encode_dialog(tok, dialogs[i])
+        n = len(tokens) - 1
+        assert x[row, :n].tolist() == tokens[:-1]
+        want = [t if m else IGNORE for t, m in zip(tokens[1:], mask[1:])]
+        assert y[row, :n].tolist() == want and (y[row, n:] == IGNORE).all()
+        assert tok.decode([t for t in want if t != IGNORE]) == dialogs[i][1]["content"].strip() + "<|eot_id|>"
+
+
+def test_prepare_cli_trains_a_tokenizer(tmp_path, capsys):
+    import textwrap
+
+    (tmp_path / "t.txt").write_text(Path(textwrap.__file__).read_text())
+    assert data.main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--vocab-size", "600"]) == 0
+    assert (tmp_path / "d/tokenizer.model").is_file() and read_meta(tmp_path / "d")["tokenizer"]["n_words"] == 600
+    assert data.main(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "e"), "--tokenizer",
+                      str(tmp_path / "d/tokenizer.model")]) == 1
+    assert "does not exist" in capsys.readouterr().err
