@@ -35,18 +35,27 @@ NUM_SPECIAL = Tokenizer.num_reserved_special_tokens  # appended by Tokenizer aft
 
 
 def iter_texts(files_or_texts):
-    """Paths (files, or directories: every file below, sorted) are read; other strings are the text.
-    Undecodable bytes survive as surrogates (`surrogateescape`) and become their original bytes again."""
+    """Paths (files, or directories: every file below, sorted) are read; a str naming an existing path
+    is a path, any other str containing whitespace is the text itself (one with no whitespace is taken
+    for a mistyped path). Undecodable bytes survive as surrogates (`surrogateescape`) and become their
+    original bytes again."""
     for item in files_or_texts:
-        path = Path(item) if isinstance(item, (str, os.PathLike)) else None
-        is_path = isinstance(item, os.PathLike) or (path is not None and "\n" not in item and path.exists())
-        if not is_path:
+        is_text = isinstance(item, str) and any(c.isspace() for c in item) and not _exists(item)
+        if is_text:
             yield item
             continue
+        path = Path(item)
         if not path.exists():
-            raise TokenizerError(f"{path}: no such training file")
+            raise TokenizerError(f"{path}: no such training file or directory")
         for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
             yield file.read_text(encoding="utf-8", errors="surrogateescape")
+
+
+def _exists(name: str) -> bool:
+    try:
+        return "\n" not in name and Path(name).exists()
+    except (OSError, ValueError):  # too long for a file name, NUL bytes, ...
+        return False
 
 
 def count_chunks(files_or_texts, pattern: str = Tokenizer.pat_str) -> Counter:

@@ -121,7 +121,7 @@ class ChatMLFormat:
         return [self.im_start, *text, self.im_end, *self.tokenizer.encode("\n", bos=False, eos=False)]
 
     def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
-        tokens = [self.tokenizer.bos_id] if self.tokenizer.add_bos else []
+        tokens = [self.tokenizer.bos_id] if self.tokenizer.add_bos and self.tokenizer.bos_id is not None else []
         if self.default_system is not None and (not dialog or dialog[0]["role"] != "system"):
             tokens.extend(self.encode_message({"role": "system", "content": self.default_system}))
         for message in dialog:

@@ -117,10 +117,17 @@ class Tokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return self.model.decode(list(ids))
+        return self.model.decode(self._checked(ids))
 
     def decode_bytes(self, ids, at_start: bool = True) -> bytes:
-        return self.model.decode_bytes(list(ids))
+        return self.model.decode_bytes(self._checked(ids))
+
+    def _checked(self, ids) -> list[int]:
+        ids = list(ids)
+        bad = next((i for i in ids if not 0 <= i < self.n_words), None)
+        if bad is not None:  # tiktoken would raise a bare KeyError / OverflowError
+            raise ValueError(f"token id {bad} is out of range for a vocab of {self.n_words}")
+        return ids
 
 
 def split_long_runs(s: str, max_run: int):
@@ -230,7 +237,7 @@ def _detect(path: Path) -> str:
         return "gguf"
     if path.suffix == ".json" or head.lstrip().startswith(b"{"):
         return "hf"
-    if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head):
+    if re.match(rb"[A-Za-z0-9+/]+=* \d+(\r?\n|$)", head):
         return "tiktoken"
     return "sentencepiece"
 

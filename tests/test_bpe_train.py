@@ -85,6 +85,8 @@ def test_trained_round_trips_any_text(trained_tok, text):
 
 
 def test_train_edge_cases(tmp_path, capsys):
+    with pytest.raises(TokenizerError, match="no such training file"):
+        train_bpe([str(tmp_path / "typo.txt")], 1000, tmp_path / "x.model")
     with pytest.raises(TokenizerError, match="at least 512"):
         train_bpe(["some text"], 300, tmp_path / "x.model")
     out = train_bpe(["tiny corpus"], 1000, tmp_path / "tiny.model")  # runs out of pairs

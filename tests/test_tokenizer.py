@@ -219,6 +219,8 @@ def test_errors_name_the_file(tmp_path, llama3_tokenizer_path, smollm2_gguf):
 
 
 def test_check_vocab(llama3):
+    with pytest.raises(ValueError, match="token id 128256 is out of range"):
+        llama3.decode([128256])
     check_vocab(llama3, 128256)
     with pytest.raises(TokenizerError, match=r"128256 tokens.*vocab_size is 32000"):
         check_vocab(llama3, 32000)
