@@ -242,7 +242,12 @@ class GGUFSource:
         self._names = {meta_key(n) or n: n for n in self.file.tensors}
 
     def args(self, **overrides) -> ModelArgs:
-        return model_args(self.file, **overrides)
+        from llama.checkpoint import CheckpointError
+
+        try:
+            return model_args(self.file, **overrides)
+        except GGUFFormatError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
 
     def keys(self):
         return list(self._names)

@@ -31,11 +31,14 @@ def load_pth(file: Path) -> dict:
                 raise
             sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy (pre-1.6) format
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{file}: refused to load: the pickle asks for more than tensors ({first[:160]}); such a file "
-            f"can run code when unpickled. Get the weights from a source you trust"
-        ) from None
+        # weights_only's unpickler names the global it refused; anything else is a damaged file
+        refused = re.search(r"Unsupported global[^\n]*", str(e))
+        if refused:
+            raise CheckpointError(
+                f"{file}: refused to load: the pickle asks for more than tensors ({refused.group(0)[:160]}); "
+                f"such a file can run code when unpickled. Get the weights from a source you trust"
+            ) from None
+        raise CheckpointError(f"{file}: corrupt or truncated checkpoint (not a torch pickle): download it again") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{file}: corrupt or truncated checkpoint ({str(e).strip().splitlines()[0][:160]}): download it again"
@@ -146,7 +149,10 @@ def _check_shardable(state_dict, params: ModelArgs, n: int, out_dir: Path) -> No
     if n < 1:
         raise CheckpointError(f"{out_dir}: --shards must be at least 1, got {n}")
     if n > params.n_kv_heads and n % params.n_kv_heads:
-        raise CheckpointError(f"{out_dir}: {n} shards: n_kv_heads={params.n_kv_heads} must divide it when larger")
+        raise CheckpointError(
+            f"{out_dir}: cannot split n_kv_heads={params.n_kv_heads} over {n} shards (more shards than K/V heads "
+            f"must be a multiple of them): pick another shard count"
+        )
     for name, t in state_dict.items():
         dim = parallel.shard_dim(name)
         size = t.shape[0] // params.head_dim if name.endswith(("wk.weight", "wv.weight")) else None

@@ -1,0 +1,121 @@
+"""Bad input gets one CheckpointError naming the file, the problem and the fix; a pickle that would
+run code is refused."""
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from llama import checkpoint
+from llama.checkpoint import CheckpointError, load_model
+from tests.ckpt_util import tiny_model, write_gguf
+
+
+def _pwned(marker):  # what the malicious pickle would call
+    open(marker, "w").write("ran")
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_pwned, (self.marker,))
+
+
+@pytest.fixture
+def meta_dir(tmp_path):
+    model, args = tiny_model()
+    checkpoint.save_meta(model.state_dict(), args, tmp_path / "meta")
+    return tmp_path / "meta"
+
+
+def test_malicious_pickle_is_refused(meta_dir, tmp_path):
+    marker = tmp_path / "marker"
+    sd = torch.load(meta_dir / "consolidated.00.pth", weights_only=True)
+    sd["norm.weight"] = Exploit(str(marker))
+    torch.save(sd, meta_dir / "consolidated.00.pth")
+    torch.load(meta_dir / "consolidated.00.pth", weights_only=False)  # the file really runs code...
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: refused to load.*run code"):
+        load_model(meta_dir)  # ...but not here
+    assert not marker.exists()
+
+
+def test_missing_params_json(meta_dir):
+    (meta_dir / "params.json").unlink()
+    with pytest.raises(CheckpointError, match="params.json is missing"):
+        load_model(meta_dir)
+
+
+def test_missing_config_json(meta_dir, tmp_path):
+    model, args = tiny_model()
+    checkpoint.save_hf(model.state_dict(), args, tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(tmp_path / "hf")
+
+
+def test_no_weight_files(meta_dir, tmp_path):
+    (meta_dir / "consolidated.00.pth").unlink()
+    with pytest.raises(CheckpointError, match="no consolidated.NN.pth weight files"):
+        load_model(meta_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty: no weights found"):
+        load_model(tmp_path / "empty")
+
+
+def test_shape_mismatch_names_tensor_and_shapes(meta_dir):
+    params = json.loads((meta_dir / "params.json").read_text())
+    params["hidden_dim"] = 128  # the file holds 96-wide FFN weights
+    (meta_dir / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match=r"tensor layers\.0\.feed_forward\.w1\.weight has shape \(96, 64\), "
+                                              r"the model expects \(128, 64\)"):
+        load_model(meta_dir)
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_truncated_and_corrupt_files(fmt, tmp_path):
+    model, args = tiny_model()
+    save = checkpoint.save_meta if fmt == "meta" else checkpoint.save_hf
+    save(model.state_dict(), args, tmp_path / fmt)
+    file = tmp_path / fmt / ("consolidated.00.pth" if fmt == "meta" else "model.safetensors")
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{file.name}: corrupt or truncated"):
+        load_model(tmp_path / fmt)
+    file.write_bytes(os.urandom(len(data)))
+    with pytest.raises(CheckpointError, match=f"{file.name}: corrupt or truncated"):
+        load_model(tmp_path / fmt)
+
+
+def test_unknown_gguf_architecture_and_quantization(tmp_path):
+    model, args = tiny_model()
+    with pytest.raises(CheckpointError, match=r"gpt2.gguf: architecture 'gpt2' is not supported"):
+        load_model(write_gguf(tmp_path / "gpt2.gguf", model.state_dict(), args, arch="gpt2"))
+    path = write_gguf(tmp_path / "q.gguf", model.state_dict(), args)
+    data = bytearray(path.read_bytes())
+    # the first tensor info: name, n_dims, dims, then its type id (F32 = 0): make it 99 / IQ2_XXS (16)
+    name = b"token_embd.weight"
+    pos = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    type_pos = pos + 4 + 8 * struct.unpack_from("<I", data, pos)[0]
+    for type_id, message in [(99, "unknown quantization type id 99"), (16, "IQ2_XXS, which is not supported")]:
+        struct.pack_into("<I", data, type_pos, type_id)
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=rf"q.gguf: tensor token_embd.weight .*{message}"):
+            load_model(path)
+    struct.pack_into("<I", data, type_pos, 0)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="q.gguf: .*truncated"):
+        load_model(path)
+
+
+def test_unshardable_save(meta_dir, tmp_path):
+    model, args = tiny_model()
+    with pytest.raises(CheckpointError, match="cannot split n_kv_heads=2 over 3 shards"):
+        checkpoint.save_meta(model.state_dict(), args, tmp_path / "x", num_shards=3)
+    with pytest.raises(CheckpointError, match=r"feed_forward.w1.weight dim 0 \(96\) is not divisible by 64 shards"):
+        checkpoint.save_meta(model.state_dict(), args, tmp_path / "x", num_shards=64)
