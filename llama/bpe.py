@@ -23,6 +23,8 @@ from pathlib import Path
 
 import regex
 
+from llama.chat import ChatFormat, ChatMLFormat
+
 # GPT-2's pre-tokenizer (HF ByteLevel with use_regex=True, llama.cpp "gpt2").
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Llama 3's pattern (Meta's tokenizer.py `pat_str`).
@@ -30,6 +32,7 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+PREFIX_SPACE = None  # a pre_patterns entry: prepend " " to each piece (HF ByteLevel add_prefix_space)
 # llama.cpp's `tokenizer.ggml.pre` names -> the regexes applied in order (same table as llama-vocab.cpp).
 GGUF_PRE_TOKENIZERS = {
     **{name: [GPT2_PATTERN] for name in ("default", "gpt2", "gpt-2", "mpt", "olmo", "jais")},
@@ -79,24 +82,24 @@ def split_isolated(pattern: regex.Pattern, text: str) -> list[str]:
 class ByteLevelBPETokenizer:
     """Byte-level BPE from a vocab (token string -> id), ranked merges and special tokens.
 
-    `pre_patterns`: regexes applied in order (each isolates its matches). `special_tokens`: name -> id
+    `pre_patterns`: regexes applied in order (each isolates its matches; PREFIX_SPACE instead prepends a
+    space to every piece that lacks one, HF ByteLevel's add_prefix_space). `special_tokens`: name -> id
     of control tokens, matched in text only when `encode(allowed_special=...)` allows them.
     `added_tokens`: non-special added tokens, always matched (HF `special: false`, GGUF user-defined).
     """
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pre_patterns: list[str],
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pre_patterns: list,
                  special_tokens: dict[str, int], added_tokens: dict[str, int] | None = None,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
-                 add_bos: bool = False, ignore_merges: bool = False, add_prefix_space: bool = False,
-                 default_system: str | None = None):
+                 add_bos: bool = False, ignore_merges: bool = False, default_system: str | None = None):
         self.vocab = vocab
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
-        self.pre_patterns = [regex.compile(p) for p in pre_patterns]
+        self.pre_patterns = [p if p is PREFIX_SPACE else regex.compile(p) for p in pre_patterns]
         self.special_tokens = dict(special_tokens)
         self.added_tokens = dict(added_tokens or {})
         self.n_words = max([*vocab.values(), *self.special_tokens.values(), *self.added_tokens.values()]) + 1
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
-        self.ignore_merges, self.add_prefix_space = ignore_merges, add_prefix_space
+        self.ignore_merges = ignore_merges
         if sum(c in vocab for c in BYTE_TO_CHAR.values()) < 128:
             raise ValueError("the vocab lacks most single-byte tokens: not a byte-level BPE vocab")
         literal = {**self.special_tokens, **self.added_tokens}
@@ -110,7 +113,7 @@ class ByteLevelBPETokenizer:
         ends = {"<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"}
         self.stop_tokens = {i for t, i in self.special_tokens.items() if t in ends} | (
             {eos_id} if eos_id is not None else set())
-        self.default_system = default_system
+        self.chat_format = self._chat_format(default_system)
 
     @staticmethod
     def _token_bytes(token: str) -> bytes:
@@ -119,12 +122,9 @@ class ByteLevelBPETokenizer:
         except UnicodeEncodeError:  # chars outside the map stand for their own UTF-8 (as in HF)
             return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode() for c in token)
 
-    @property
-    def chat_format(self):
-        from llama.chat import ChatFormat, ChatMLFormat
-
+    def _chat_format(self, default_system):
         if "<|im_start|>" in self.special_tokens and "<|im_end|>" in self.special_tokens:
-            return ChatMLFormat(self, self.default_system)
+            return ChatMLFormat(self, default_system)
         if "<|start_header_id|>" in self.special_tokens and "<|begin_of_text|>" in self.special_tokens:
             return ChatFormat(self)
         return None  # a base tokenizer with no chat markers
@@ -159,9 +159,10 @@ class ByteLevelBPETokenizer:
     def _encode_ordinary(self, text: str) -> list[int]:
         pieces = [text] if text else []
         for pattern in self.pre_patterns:
-            pieces = [p for piece in pieces for p in split_isolated(pattern, piece)]
-        if self.add_prefix_space and pieces and not pieces[0].startswith(" "):
-            pieces[0] = " " + pieces[0]
+            if pattern is PREFIX_SPACE:
+                pieces = [p if p.startswith(" ") else " " + p for p in pieces]
+            else:
+                pieces = [p for piece in pieces for p in split_isolated(pattern, piece)]
         ids = []
         for piece in pieces:
             cached = self._cache.get(piece)
@@ -243,7 +244,7 @@ class ByteLevelBPETokenizer:
             raise ValueError(f"{path}: only byte-level BPE tokenizer.json files are supported (this one has "
                              f"model {model.get('type')!r}, decoder {(tok_json.get('decoder') or {}).get('type')!r});"
                              " for a sentencepiece (Llama 2) model pass its tokenizer.model")
-        patterns, prefix_space = hf_pre_patterns(tok_json.get("pre_tokenizer"), path)
+        patterns = hf_pre_patterns(tok_json.get("pre_tokenizer"), path)
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         added = tok_json.get("added_tokens") or []
         special = {a["content"]: a["id"] for a in added if a.get("special")}
@@ -262,17 +263,18 @@ class ByteLevelBPETokenizer:
         return cls(model["vocab"], merges, pre_patterns=patterns, special_tokens=special, added_tokens=plain,
                    bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
                    add_bos=bool(add_bos), ignore_merges=bool(model.get("ignore_merges")),
-                   add_prefix_space=prefix_space, default_system=default_system_prompt(template))
+                   default_system=default_system_prompt(template))
 
 
-def hf_pre_patterns(pre: dict | None, path: Path) -> tuple[list[str], bool]:
-    """HF pre_tokenizer JSON -> (regexes applied in order, add_prefix_space)."""
+def hf_pre_patterns(pre: dict | None, path: Path) -> list:
+    """HF pre_tokenizer JSON -> the steps for `pre_patterns` (regexes, PREFIX_SPACE)."""
     steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
-    patterns, prefix_space = [], False
+    patterns = []
     for step in steps:
         kind = (step or {}).get("type")
         if kind == "ByteLevel":
-            prefix_space = bool(step.get("add_prefix_space"))
+            if step.get("add_prefix_space"):
+                patterns.append(PREFIX_SPACE)
             if step.get("use_regex", True):
                 patterns.append(GPT2_PATTERN)
         elif kind == "Digits":
@@ -283,7 +285,7 @@ def hf_pre_patterns(pre: dict | None, path: Path) -> tuple[list[str], bool]:
         else:
             raise ValueError(f"{path}: pre-tokenizer step {step} is not supported "
                              "(supported: ByteLevel, Digits, Split with behavior Isolated)")
-    return patterns, prefix_space
+    return patterns
 
 
 def default_system_prompt(template: str) -> str | None:

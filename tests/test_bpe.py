@@ -136,6 +136,23 @@ def test_original_style_tokenizer_json_and_add_bos(tmp_path, hf_smollm2_tokenize
     assert tok.chat_format.encode_dialog_prompt(DIALOGS[0])[0] == tok.bos_id
 
 
+@pytest.mark.parametrize("pre_tokenizer", [
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+    {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False},
+        {"type": "Split", "pattern": {"String": "\n"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+])
+def test_tokenizer_json_pre_tokenizers_follow_hf(tmp_path, hf_smollm2_tokenizer, pre_tokenizer):
+    tokenizers = pytest.importorskip("tokenizers")
+    hf_smollm2_tokenizer.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**data, "pre_tokenizer": pre_tokenizer}))
+    ours, ref = load_tokenizer(tmp_path), tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in CORPUS:
+        assert ours.encode(text, bos=False, eos=False, allowed_special="all") == ref.encode(text).ids, text
+
+
 def test_unsupported_tokenizer_json_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(
         {"model": {"type": "Unigram", "vocab": []}, "decoder": {"type": "Metaspace"}}))
