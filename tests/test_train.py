@@ -15,7 +15,7 @@ from llama.model import ModelArgs, Transformer
 from llama.train_config import DEFAULT_MODEL, ConfigError, TrainConfig, check_layout, load_config
 from llama.train_metrics import flops_per_token, matmul_params
 from llama.training import TrainingError, global_grad_norm, lr_at, make_optimizer
-from tests.train_helpers import ROOT, cli, read_metrics, tiny_config, tiny_corpus
+from tests.train_helpers import ROOT, TINY, cli, read_metrics, tiny_config, tiny_corpus
 
 
 @pytest.fixture(scope="session")
@@ -146,15 +146,15 @@ def test_flops_from_the_shape():
 def test_loss_decreases_and_checkpoint_loads(corpus, tmp_path):
     data_dir, tok = corpus
     out = tmp_path / "run"
-    result = train(data_dir, out, "max_steps=40", "eval_every=20", "eval_batches=2", "save_every=20")
+    result = train(data_dir, out, "max_steps=30", "eval_every=15", "eval_batches=2", "save_every=15")
     losses = result["losses"]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 41))
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 31))
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(val) == 2 and val[1] < val[0]
     ckpt = Path(result["checkpoint"])
-    assert ckpt == out / "step_000040" and (out / "latest").read_text() == "step_000040"
+    assert ckpt == out / "step_000030" and (out / "latest").read_text() == "step_000030"
     assert sorted(p.name for p in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model",
                                                       "train_state.00.pth"]
     params = json.loads((ckpt / "params.json").read_text())
@@ -165,12 +165,37 @@ def test_loss_decreases_and_checkpoint_loads(corpus, tmp_path):
     x, y = next(iter(_val_batches(data_dir)))
     loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
     assert loss.item() < losses[0] - 1.0
+    # What generate.py does with it: Llama.build finds the weights and the tokenizer in the step dir.
+    from llama.generation import Llama
+
+    llama = Llama.build(str(ckpt), max_seq_len=32, max_batch_size=1)
+    out = llama.text_completion(["def "], max_gen_len=12, temperature=0.0)
+    assert isinstance(out[0]["generation"], str) and out[0]["generation"]
 
 
 def _val_batches(data_dir):
     from llama.batches import Batches
 
     return Batches(data_dir, 32, 0).val_micro_batches(1, 8, 8, 0, 1)
+
+
+def test_sft_from_a_checkpoint(corpus, tmp_path):
+    """init_from one of our checkpoints (tokenizer found next to it), chat jsonl, assistant-only loss."""
+    from llama.train_setup import train as run
+
+    data_dir, _ = corpus
+    base = train(data_dir, tmp_path / "base", "max_steps=1")["checkpoint"]
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Count to {n}."},
+                          {"role": "assistant", "content": " ".join(str(i) for i in range(1, n + 1))}]}
+            for n in range(1, 13)]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keep = [o for o in TINY if not o.startswith("model.")]
+    cfg = load_config(None, keep + [f"init_from={base}", f"data={chats}", "sft=true", "max_steps=12",
+                                    f"out_dir={tmp_path / 'sft'}", f"data_cache={tmp_path / 'cache'}", "lr=1e-2"])
+    result = run(cfg)
+    assert sum(result["losses"][-3:]) / 3 < result["losses"][0] - 0.5, result["losses"]
+    assert (tmp_path / "sft/step_000012/tokenizer.model").is_file()
 
 
 def test_resume_is_exact(corpus, tmp_path):
@@ -208,3 +233,128 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     assert f"at step {step + 1}" in str(e.value)
     weights = torch.load(out / latest / "consolidated.00.pth", weights_only=True)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# ---------------------------------------------------------------------------- processes (slow)
+
+
+def _torchrun(nproc: int, *args, timeout=300):
+    import shutil as sh
+    import subprocess
+    import sys
+
+    launcher = [sh.which("torchrun")] if sh.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = launcher + ["--nproc_per_node", str(nproc), "--master_port", str(_free_port()), str(ROOT / "train.py"), *args]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _free_port():
+    from tests.dist import free_port
+
+    return free_port()
+
+
+@pytest.mark.slow
+def test_parallel_layouts_match_one_process(corpus, tmp_path):
+    """Global batch fixed (8 sequences, micro-batches of 2: accumulation everywhere): MP=2 x DP=1
+    (through the real torchrun entry point), MP=1 x DP=2 and MP=2 x DP=2 reproduce one process's
+    losses and gradient norms (clipping is active: grad_clip=0.5) within 1e-4."""
+    from tests.dist import run_distributed
+    from tests.train_helpers import TINY, train_worker
+
+    data_dir, _ = corpus
+    common = ["max_steps=4", "micro_batch_size=2", "save_every=4"]
+    single = train(data_dir, tmp_path / "single", *common)
+    reference = read_metrics(tmp_path / "single")
+    out = tmp_path / "mp2dp1"
+    done = _torchrun(2, *TINY, f"data={data_dir}", f"out_dir={out}", *common, "model_parallel_size=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    curves = {"mp2dp1": read_metrics(out)}
+    for world, mp in [(2, 1), (4, 2)]:
+        name = f"mp{mp}dp{world // mp}"
+        results = run_distributed(train_worker, world, data_dir, tmp_path / name, common + [f"model_parallel_size={mp}"])
+        assert all(r["losses"] == results[0]["losses"] for r in results)  # every rank saw the same loss
+        curves[name] = read_metrics(tmp_path / name)
+    for name, curve in curves.items():
+        assert len(curve) == 4
+        for got, want in zip(curve, reference):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-4), name
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], abs=1e-4), name
+    assert [m["loss"] for m in reference] == single["losses"]
+    # The MP=2 checkpoint: two Meta shards that load at MP=1 and give the one-process model's logits.
+    ckpt = out / "step_000004"
+    assert (ckpt / "consolidated.00.pth").is_file() and (ckpt / "consolidated.01.pth").is_file()
+    from llama.checkpoint import load_model
+
+    merged = load_model(ckpt, max_seq_len=32)
+    alone = load_model(tmp_path / "single/step_000004", max_seq_len=32)
+    tokens = torch.randint(0, 640, (2, 32))
+    torch.testing.assert_close(merged(tokens), alone(tokens), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.train_helpers import TINY
+
+    data_dir, _ = corpus
+    out = tmp_path / "killed"
+    base = TINY + [f"data={data_dir}", "decay_steps=40", "save_every=4"]  # schedule independent of max_steps
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, f"out_dir={out}", "max_steps=100000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "latest").is_file() and (out / "latest").read_text() >= "step_000008"):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = int((out / "latest").read_text().split("_")[1])
+    assert saved >= 8
+    resumed = train(data_dir, out, "decay_steps=40", "save_every=4", f"max_steps={saved + 3}", "resume=true")
+    reference = train(data_dir, tmp_path / "reference", "decay_steps=40", f"max_steps={saved + 3}")
+    assert resumed["first_step"] == saved
+    assert resumed["losses"] == reference["losses"][saved:]
+
+
+KILL_DURING_SAVE = """
+import os, runpy, signal, sys, torch
+real_save, calls = torch.save, []
+def save_then_die(obj, f, *args, **kwargs):
+    calls.append(1)
+    real_save(obj, f, *args, **kwargs)
+    if len(calls) == 3:  # the second checkpoint's first file (its weights) is written: die now
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_leaves_the_previous_checkpoint(corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_helpers import TINY
+
+    data_dir, _ = corpus
+    out = tmp_path / "run"
+    args = TINY + [f"data={data_dir}", f"out_dir={out}", "max_steps=6", "save_every=3"]
+    done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(ROOT / "train.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert (out / "latest").read_text() == "step_000003"
+    assert (out / ".step_000006.tmp").is_dir() and not (out / "step_000006").exists()
+    from llama.checkpoint import load_model
+
+    load_model(out / "step_000003", max_seq_len=32)  # the previous checkpoint is complete
+    resumed = train(data_dir, out, "max_steps=6", "save_every=3", "resume=true")
+    assert resumed["first_step"] == 3 and len(resumed["losses"]) == 3
+    assert (out / "latest").read_text() == "step_000006" and not (out / ".step_000006.tmp").exists()
