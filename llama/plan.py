@@ -50,6 +50,7 @@ import torch
 from llama import parallel
 from llama.model import ModelArgs, Transformer
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # the official shapes (in a checkout)
 GiB = 1024**3
 PARAM_BYTES = 2  # bf16 weights
 GRAD_BYTES = 2  # bf16 gradients
@@ -87,13 +88,17 @@ class PlanError(ValueError):
 
 
 def load_model_args(path) -> ModelArgs:
-    """ModelArgs from a params.json-style file, with errors that name the file."""
+    """ModelArgs from a params.json-style file, or the name of one in configs/models/ ("llama3.1-8b"),
+    with errors that name the file."""
     path = Path(path)
+    if not path.exists() and (CONFIGS / f"{path}.json").is_file():
+        path = CONFIGS / f"{path}.json"
     try:
         fields = json.loads(path.read_text())
         args = ModelArgs(**fields)
     except FileNotFoundError:
-        raise PlanError(f"{path}: no such file (see configs/models/ for the official shapes)") from None
+        names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
+        raise PlanError(f"{path}: no such file; give a params.json or one of: {names}") from None
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: not valid JSON ({e})") from None
     except TypeError as e:
@@ -276,7 +281,8 @@ def format_plan(p: Plan, name: str = "model") -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="params.json-style file, e.g. configs/models/llama3.1-8b.json")
+    ap.add_argument("--model", required=True,
+                    help="params.json-style file, or a name from configs/models/ such as llama3.1-8b")
     ap.add_argument("--mp", type=int, default=1, help="model-parallel (tensor-parallel) GPUs per replica")
     ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel GPUs sharing each sequence")

@@ -199,6 +199,14 @@ def test_bad_input_is_one_line_and_nonzero(argv, message, capsys):
     assert message in err and "\n" not in err and err.startswith("error:")
 
 
+def test_model_by_name(capsys):
+    assert plan.load_model_args("llama3.1-70b") == plan.load_model_args(CONFIGS / "llama3.1-70b.json")
+    assert plan.main(["--model", "llama3.1-8b", "--seq", "131072"]) == 0
+    assert "16.00 GiB" in capsys.readouterr().out
+    assert plan.main(["--model", "llama9"]) == 2
+    assert "llama3.1-405b" in capsys.readouterr().err  # the message lists the names
+
+
 def test_bad_model_files(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "llama2.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": -1}))
