@@ -78,7 +78,7 @@ def _shapes(shape: dict, n_layers: int) -> dict:
         return {k: v.shape for k, v in Transformer(ModelArgs(**shape, n_layers=n_layers)).state_dict().items()}
 
 
-def make_checkpoints(root: Path, size_gb: float, shape: dict) -> dict:
+def make_checkpoints(root: Path, size_gb: float, shape: dict, copies_only: bool = False) -> dict:
     numel = lambda n: sum(s.numel() for s in _shapes(shape, n).values())  # noqa: E731
     per_layer, fixed = numel(2) - numel(1), 2 * numel(1) - numel(2)
     n_layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))  # bf16: 2 bytes a parameter
@@ -87,7 +87,7 @@ def make_checkpoints(root: Path, size_gb: float, shape: dict) -> dict:
     state = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
              for k, s in _shapes(shape, n_layers).items()}
     dirs = {"meta": root / "meta", "meta-2-shards": root / "meta2", "hf": root / "hf"}
-    save_meta(state, args, dirs["meta"])
+    save_meta(state, args, dirs["meta"]) if not copies_only else None
     save_meta(state, args, dirs["meta-2-shards"], num_shards=2)
     save_hf(state, args, dirs["hf"])
     return dirs
@@ -105,13 +105,17 @@ def main(argv=None) -> int:
     parser.add_argument("--size-gb", type=float, default=1.2, help="size of the bf16 weights")
     parser.add_argument("--small", action="store_true", help="narrower shapes, for a fast test")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for the test)")
+    parser.add_argument("--copies-only", action="store_true",
+                        help="only the loads that copy (merge, cast): where memory could double")
     parser.add_argument("--no-peers", action="store_true", help="skip the Meta-reference and transformers runs")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        dirs = make_checkpoints(Path(tmp), args.size_gb, SMALL if args.small else SHAPE)
+        dirs = make_checkpoints(Path(tmp), args.size_gb, SMALL if args.small else SHAPE, args.copies_only)
         runs = [("ours", "meta", "bfloat16"), ("ours", "meta-2-shards", "bfloat16"), ("ours", "hf", "bfloat16"),
                 ("ours", "meta", "float32"), ("ours", "hf", "float32")]
+        if args.copies_only:
+            runs = [("ours", "meta-2-shards", "bfloat16"), ("ours", "hf", "float32")]
         if not args.no_peers:
             runs += [("meta-reference", "meta", "bfloat16"), ("hf-transformers", "hf", "bfloat16")]
         results = {f"{kind} {fmt} -> {dtype}": measure(kind, dirs[fmt], dtype) for kind, fmt, dtype in runs}
