@@ -1,0 +1,206 @@
+"""The command line behind generate.py: arguments, streaming output, --show-probs, the chat REPL.
+
+    python generate.py                                  # SmolLM2-135M-Instruct, two demo prompts
+    python generate.py --ckpt-dir Meta-Llama-3.1-8B/ --prompt "..." --prompt "..."
+    python generate.py --chat --system "Answer briefly."
+    torchrun --nproc_per_node 2 generate.py --ckpt-dir ...   # model parallel; rank 0 prints
+
+Bad input ends the program with one line on stderr ("error: ...") and exit status 1.
+"""
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+from llama.sampling import check_sampling_args
+
+DEMO_PROMPTS = ["I believe the meaning of life is", "Simply put, the theory of relativity states that"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a Llama checkpoint.")
+    p.add_argument("--ckpt-dir", help="Meta dir, HF dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer-path", help="default: the tokenizer found beside the weights")
+    p.add_argument("--prompt", action="append", help="a prompt to complete (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="interactive chat in the model's chat format")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--max-gen-len", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-batch-size", type=int, help="default: the number of prompts")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's (fp32 for GGUF)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="N",
+                   help="print each token with its N likeliest alternatives (default N: 5)")
+    p.add_argument("--truncate", action="store_true", help="keep the end of prompts longer than the context")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (single process)")
+    return p
+
+
+def check_args(args) -> None:
+    """Fail fast, before loading any weights."""
+    check_sampling_args(args.temperature, args.top_p, args.top_k)
+    if args.max_gen_len < 1:
+        raise ValueError(f"--max-gen-len {args.max_gen_len}: generate at least 1 token")
+    if args.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len {args.max_seq_len}: need room for a prompt and a new token")
+    for i, prompt in enumerate(args.prompt or []):
+        if not prompt.strip():
+            raise ValueError(f"--prompt number {i + 1} is empty: give some text to complete")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size {args.max_batch_size}: must be at least 1")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+class Printer:
+    """Writes only on rank 0 (under torchrun every rank runs the same loop)."""
+
+    def __init__(self, out=None, err=None):
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+
+    def __call__(self, text: str = "", end: str = "\n", err: bool = False) -> None:
+        if is_main_process():
+            stream = self.err if err else self.out
+            stream.write(text + end)
+            stream.flush()
+
+
+def format_probs(tokenizer, token, top) -> str:
+    """One --show-probs line: the chosen token, its probability, and the alternatives."""
+    prob = dict(top).get(token.id)
+    chosen = f"{tokenizer.decode([token.id])!r:>16} {prob:6.3f}" if prob is not None else \
+        f"{tokenizer.decode([token.id])!r:>16}  <top>"
+    alts = "  ".join(f"{tokenizer.decode([i])!r} {p:.3f}" for i, p in top if i != token.id)
+    return f"{chosen}  | {alts}"
+
+
+def stream_batch(llama, prompt_tokens: List[List[int]], headers: List[str], args, say: Printer) -> List[str]:
+    """Generate a batch; print sequence 0 live, then each next sequence (buffered meanwhile) as
+    soon as the one before it is done, each after its header. Returns the generated texts."""
+    texts = [""] * len(prompt_tokens)
+    buffered = [[headers[b]] for b in range(len(prompt_tokens))]
+    finished = [False] * len(prompt_tokens)
+    current = 0
+    for seq, text, tok in llama.stream(prompt_tokens, args.max_gen_len, args.temperature, args.top_p,
+                                       args.top_k, top_n=args.show_probs):
+        texts[seq] += text
+        buffered[seq].append(format_probs(llama.tokenizer, tok, tok.top) + "\n" if args.show_probs else text)
+        finished[seq] = tok.done
+        while current < len(prompt_tokens):  # flush what can be shown, in prompt order
+            say("".join(buffered[current]), end="")
+            buffered[current] = []
+            if not finished[current]:
+                break
+            say()
+            current += 1
+    return texts
+
+
+def run_prompts(llama, prompts: List[str], args, say: Printer) -> list:
+    prompt_tokens = [llama._encode(p) for p in prompts]
+    if args.truncate:
+        prompt_tokens = llama._truncate(prompt_tokens, args.max_gen_len)
+    llama.check_request(prompt_tokens, args.max_gen_len)
+    newline = "\n" if args.show_probs else ""
+    headers = [("" if i == 0 else "\n") + (f"[{i + 1}] " if len(prompts) > 1 else "") + p + newline
+               for i, p in enumerate(prompts)]
+    stream_batch(llama, prompt_tokens, headers, args, say)
+    return [llama.stats]
+
+
+def read_line(prompt: str, say: Printer) -> Optional[str]:
+    """Rank 0 reads a line from stdin and shares it with every rank; None at end of input."""
+    line = None
+    if is_main_process():
+        say(prompt, end="")
+        line = sys.stdin.readline()
+        line = line.rstrip("\n") if line else None
+    if torch.distributed.is_initialized():
+        box = [line]
+        torch.distributed.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
+def chat(llama, args, say: Printer) -> list:
+    """A REPL: each turn appends to the dialog, so the model sees the whole conversation.
+    '/reset' starts over; end of input (Ctrl-D) quits. Oldest turns are dropped when the dialog
+    no longer fits in max_seq_len."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    dialog, stats = list(system), []
+    say("chat: type a message; /reset clears the history; Ctrl-D quits", err=True)
+    while (line := read_line("> ", say)) is not None:
+        if line.strip() == "/reset":
+            dialog = list(system)
+            continue
+        if not line.strip():
+            continue
+        dialog.append({"role": "user", "content": line})
+        tokens = llama.encode_dialog(dialog)
+        while len(tokens) >= args.max_seq_len and len(dialog) > len(system) + 1:
+            dialog = system + dialog[len(system) + 2:]  # forget the oldest exchange
+            tokens = llama.encode_dialog(dialog)
+        try:
+            llama.check_request([tokens], args.max_gen_len)
+        except ValueError as e:  # this message alone is too long: say so and keep the session
+            say(f"error: {e}", err=True)
+            dialog.pop()
+            continue
+        reply = stream_batch(llama, [tokens], [""], args, say)[0]
+        stats.append(llama.stats)
+        dialog.append({"role": "assistant", "content": reply})
+    say()
+    return stats
+
+
+def report(stats: list, say: Printer) -> None:
+    prompt = sum(s.prompt_tokens for s in stats)
+    generated = sum(s.generated_tokens for s in stats)
+    steps, decode_s = sum(s.decode_steps for s in stats), sum(s.decode_s for s in stats)
+    ttft = sum(s.time_to_first_token_s for s in stats) / max(len(stats), 1)
+    speed = f"{steps / decode_s:.1f} tokens/s per sequence" if decode_s > 0 else "n/a"
+    say(f"[{prompt} prompt tokens, {generated} generated; time to first token {ttft * 1000:.0f} ms; "
+        f"decode {speed}]", err=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    say = Printer()
+    try:
+        check_args(args)
+        from llama.generation import Llama
+
+        if args.ckpt_dir is None:
+            from llama.assets import smollm2_gguf
+
+            args.ckpt_dir = smollm2_gguf()
+        prompts = DEMO_PROMPTS if args.prompt is None and not args.chat else (args.prompt or [])
+        llama = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
+                            max_batch_size=args.max_batch_size or max(len(prompts), 1), seed=args.seed,
+                            device=args.device, dtype=DTYPES.get(args.dtype), compile=args.compile,
+                            quantize=args.quantize)
+        stats = chat(llama, args, say) if args.chat else run_prompts(llama, prompts, args, say)
+        report(stats, say)
+        return 0
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError, TokenizerError are ValueErrors
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        say(f"error: {message}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        say("\ninterrupted", err=True)
+        return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

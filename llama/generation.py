@@ -1,0 +1,285 @@
+"""Text generation with Meta's API: Llama.build, generate, text_completion, chat_completion.
+
+How a request runs (prompt lengths n_b, batch B):
+1. The KV cache is sized to the request, B x (longest prompt + max_gen_len), never to
+   max_batch_size x max_seq_len: at 128K context that difference is the whole memory budget.
+2. Prefill: each prompt runs through the model alone, into its own cache slot, in chunks of
+   `prefill_chunk` tokens, so activation memory is bounded by the chunk and not the prompt. Only
+   the last position's logits are computed (a 128K prompt x 128K vocabulary in fp32 would be
+   67 GB) unless echo + logprobs asks for every prompt position.
+3. Decode: all sequences advance together, one token per step, each at its own position (the
+   model takes a tensor start_pos). A ragged batch therefore computes exactly what each sequence
+   would compute alone: no padding ever enters attention. Each sequence stops on its own, at a
+   stop token of the tokenizer or at max_gen_len.
+"""
+
+import contextlib
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama import parallel
+from llama.sampling import alternatives, check_sampling_args, sample
+
+
+@dataclass
+class Token:
+    """One generated token of one sequence, as streamed by Llama.generate_tokens."""
+
+    seq: int  # index of the sequence in the batch
+    id: int
+    logprob: Optional[float] = None  # log p(token | prefix) from the raw logits (logprobs=True)
+    top: List[Tuple[int, float]] = field(default_factory=list)  # likeliest ids and their probabilities
+    done: bool = False  # the sequence's last token: a stop token or its length limit
+
+
+@dataclass
+class Stats:
+    """Timing of the last request: time to first token covers the prefill; tokens/s the decode."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class Llama:
+    @staticmethod
+    def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
+              model_parallel_size: Optional[int] = None, seed: int = 1, device=None, dtype=None,
+              compile: bool = False, quantize: Optional[str] = None) -> "Llama":
+        """Load a Meta dir, an HF dir or a .gguf file (and its tokenizer) onto `device`. Under torchrun
+        the model is split over `model_parallel_size` ranks (default: all of them)."""
+        from llama.checkpoint import CheckpointError, default_tokenizer_path, detect_format, load_model
+        from llama.tokenizer import check_vocab, load_tokenizer
+
+        detect_format(ckpt_dir)  # a missing path fails here, before any process group is set up
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces its group sizes on stdout
+            parallel.init_distributed(model_parallel_size)
+        torch.manual_seed(seed)  # the same seed on every rank: see _sample
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tokenizer_path = tokenizer_path or default_tokenizer_path(ckpt_dir)
+        if tokenizer_path is None:
+            raise CheckpointError(f"{ckpt_dir}: no tokenizer found beside the weights: pass tokenizer_path")
+        tokenizer = load_tokenizer(tokenizer_path)
+        start = time.perf_counter()
+        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype)
+        check_vocab(tokenizer, model.params.vocab_size)
+        if quantize is not None:
+            from llama.quantize import quantize_model
+
+            quantize_model(model, quantize)
+        llama = Llama(model, tokenizer, seed=seed, compile=compile)
+        llama.load_s = time.perf_counter() - start
+        return llama
+
+    def __init__(self, model, tokenizer, seed: int = 1, compile: bool = False, prefill_chunk: int = 512):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
+        self.device = model.tok_embeddings.weight.device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.stats = Stats()
+        self.load_s = 0.0
+        # Decoding with per-sequence positions has fixed shapes (B, 1) and a full-length cache, so
+        # torch.compile traces it once per batch size and cache length.
+        self._decode = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
+
+    # ------------------------------------------------------------------ the engine
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        return self.model(tokens, positions, cache)[:, -1]  # (B, V)
+
+    @torch.inference_mode()
+    def _prefill(self, tokens: List[int], cache_slot, prompt_logprobs: Optional[list]) -> torch.Tensor:
+        """Run one prompt through the model in chunks; return the last position's logits (V,).
+        With prompt_logprobs (a list), append log p(token_t | tokens before t) for t = 1 .. n-1."""
+        x = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, n)
+        n = x.shape[1]
+        for start in range(0, n, self.prefill_chunk):
+            chunk = x[:, start : start + self.prefill_chunk]  # (1, C)
+            logits = self.model(chunk, start, cache_slot, last_only=prompt_logprobs is None)
+            if prompt_logprobs is not None:  # chunk position t predicts token t + 1
+                targets = x[0, start + 1 : start + chunk.shape[1] + 1]  # (C,) or (C-1,) at the end
+                logp = torch.log_softmax(logits[0, : targets.shape[0]], dim=-1)
+                prompt_logprobs.extend(logp.gather(-1, targets[:, None])[:, 0].tolist())
+        return logits[0, -1]
+
+    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+        next_ids = sample(logits, temperature, top_p, top_k, self.generator)  # (B,)
+        if parallel.model_parallel_size() > 1:
+            # Every rank sampled with the same seed from the same gathered logits; rank 0's choice is
+            # still sent to all so that a last-bit difference in the logits can never split them.
+            group = parallel.model_parallel_group()
+            torch.distributed.broadcast(next_ids, torch.distributed.get_global_rank(group, 0), group=group)
+        return next_ids
+
+    def check_request(self, prompt_tokens: List[List[int]], max_gen_len: int) -> None:
+        """Refuse a request that cannot run, saying how to fix it (ValueError)."""
+        params = self.model.params
+        if not prompt_tokens:
+            raise ValueError("no prompts given: pass at least one prompt")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}: "
+                             "raise max_batch_size (--max-batch-size) or pass fewer prompts")
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len={max_gen_len}: generate at least 1 token")
+        for i, prompt in enumerate(prompt_tokens):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty: give it at least one token")
+            if len(prompt) >= params.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens, leaving no room to generate within "
+                                 f"max_seq_len={params.max_seq_len}: raise max_seq_len (--max-seq-len), "
+                                 "shorten the prompt, or ask for truncation (--truncate)")
+            if min(prompt) < 0 or max(prompt) >= params.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {params.vocab_size}): "
+                                 "encode it with the checkpoint's own tokenizer")
+
+    def generate_tokens(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+                        top_p: float = 0.9, top_k: int = 0, logprobs: bool = False, top_n: int = 0,
+                        prompt_logprobs: Optional[List[list]] = None) -> Iterator[Token]:
+        """Yield each generated Token as soon as it is chosen, in step order (all live sequences
+        at step 1, then step 2, ...). top_n > 0 attaches the n likeliest alternatives. A list of
+        B lists passed as prompt_logprobs receives each prompt's token log-probabilities."""
+        check_sampling_args(temperature, top_p, top_k)
+        self.check_request(prompt_tokens, max_gen_len)
+        with torch.inference_mode():
+            yield from self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n,
+                                      prompt_logprobs)
+
+    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n, prompt_logprobs):
+        B, lengths = len(prompt_tokens), [len(p) for p in prompt_tokens]
+        total_len = min(self.model.params.max_seq_len, max(lengths) + max_gen_len)
+        budget = [min(max_gen_len, total_len - n) for n in lengths]  # new tokens each may have
+        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        self.stats = stats = Stats(prompt_tokens=sum(lengths))
+        start = time.perf_counter()
+        cache = self.model.make_cache(B, total_len)
+        logits = torch.stack([  # (B, V)
+            self._prefill(p, [layer.slot(b) for layer in cache], None if prompt_logprobs is None else prompt_logprobs[b])
+            for b, p in enumerate(prompt_tokens)])
+        positions = torch.tensor(lengths, device=self.device)  # where each sequence's next token goes
+        generated, done = [0] * B, [False] * B
+        while True:
+            next_ids = self._sample(logits, temperature, top_p, top_k)  # (B,)
+            ids = next_ids.tolist()  # waits for the step to finish: timings below are honest
+            if stats.generated_tokens == 0:
+                stats.time_to_first_token_s = time.perf_counter() - start
+                decode_start = time.perf_counter()
+            chosen = torch.log_softmax(logits, -1).gather(-1, next_ids[:, None])[:, 0].tolist() if logprobs else None
+            top = [list(zip(i.tolist(), p.tolist())) for p, i in zip(*alternatives(logits, temperature, top_n))] \
+                if top_n > 0 else None
+            for b in range(B):
+                if done[b]:
+                    continue
+                generated[b] += 1
+                stats.generated_tokens += 1
+                done[b] = ids[b] in stop or generated[b] >= budget[b]
+                yield Token(b, ids[b], chosen[b] if chosen else None, top[b] if top else [], done[b])
+            if all(done):
+                break
+            # Finished sequences keep riding along (fixed shapes); their position is clamped so they
+            # only ever overwrite their own last slot.
+            logits = self._decode(next_ids.view(B, 1), positions, cache)
+            positions = (positions + 1).clamp_max(total_len - 1)
+            stats.decode_steps += 1
+        stats.decode_s = time.perf_counter() - decode_start if stats.decode_steps else 0.0
+
+    # ------------------------------------------------------------------ Meta's API
+
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: int = 0,
+                 ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Meta's generate: (tokens, logprobs) per sequence, new tokens only (prompt too with echo),
+        cut before the first stop token. With echo, the first prompt token's logprob is 0, as in Meta's."""
+        B = len(prompt_tokens)
+        prompt_lp = [[0.0] for _ in range(B)] if (logprobs and echo) else None
+        out = [list(p) if echo else [] for p in prompt_tokens]
+        out_lp = [[] for _ in range(B)]
+        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        ended = [False] * B
+        for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs,
+                                        prompt_logprobs=prompt_lp):
+            if tok.id in stop or ended[tok.seq]:
+                ended[tok.seq] = True
+                continue
+            out[tok.seq].append(tok.id)
+            out_lp[tok.seq].append(tok.logprob)
+        if not logprobs:
+            return out, None
+        return out, [(prompt_lp[b] if echo else []) + out_lp[b] for b in range(B)]
+
+    def _encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, bos=getattr(self.tokenizer, "add_bos", True), eos=False)
+
+    def _truncate(self, prompts: List[List[int]], max_gen_len: int) -> List[List[int]]:
+        """Keep the end of each over-long prompt (and its BOS), leaving room for max_gen_len tokens
+        (at most half the context)."""
+        keep = self.model.params.max_seq_len - min(max_gen_len, self.model.params.max_seq_len // 2)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        out = []
+        for p in prompts:
+            head = [bos] if len(p) > keep and p[0] == bos else []
+            out.append(p if len(p) <= keep else head + p[len(p) - keep + len(head):])
+        return out
+
+    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
+                        top_k: int = 0, truncate: bool = False) -> List[dict]:
+        """[{"generation": str}] per prompt; with logprobs also "tokens" (one string each) and "logprobs"."""
+        max_gen_len = max_gen_len or self.model.params.max_seq_len - 1
+        prompt_tokens = [self._encode(x) for x in prompts]
+        if truncate:
+            prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k)
+        if logprobs:
+            return [{"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t],
+                     "logprobs": lp} for t, lp in zip(tokens, lps)]
+        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+
+    def chat_completion(self, dialogs: List[List[dict]], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, top_k: int = 0,
+                        truncate: bool = False) -> List[dict]:
+        """[{"generation": {"role": "assistant", "content": str}}] per dialog, in the model's chat format."""
+        max_gen_len = max_gen_len or self.model.params.max_seq_len - 1
+        prompt_tokens = [self.encode_dialog(d) for d in dialogs]
+        if truncate:
+            prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k)
+        results = []
+        for i, t in enumerate(tokens):
+            result = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
+            if logprobs:
+                result.update(tokens=[self.tokenizer.decode([x]) for x in t], logprobs=lps[i])
+            results.append(result)
+        return results
+
+    def encode_dialog(self, dialog: List[dict]) -> List[int]:
+        encoded = self.tokenizer.chat_format.encode_dialog_prompt(dialog)
+        return list(getattr(encoded, "tokens", encoded))  # llama-models returns an object with .tokens
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+               top_p: float = 0.9, top_k: int = 0, top_n: int = 0) -> Iterator[Tuple[int, str, Token]]:
+        """Yield (seq, text, token) per generated token: `text` is the new, final text of sequence
+        `seq` ("" while a multi-byte character is incomplete; stop tokens give no text). The texts
+        of one sequence join to exactly what generate() + decode returns."""
+        from llama.tokenizer import StreamDecoder
+
+        decoders = [StreamDecoder(self.tokenizer) for _ in prompt_tokens]
+        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, top_n=top_n):
+            text = "" if tok.id in stop else decoders[tok.seq].push(tok.id)
+            if tok.done:
+                text += decoders[tok.seq].flush()
+            yield tok.seq, text, tok

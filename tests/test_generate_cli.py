@@ -1,0 +1,130 @@
+"""generate.py: bad input ends in one line and a non-zero exit, the chat REPL keeps its history,
+and under torchrun only rank 0 prints."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama.generate_cli import build_parser, chat, main
+from tests.test_generation import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, llama3_tokenizer_path):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_cli"), llama3_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def mismatched_dir(tmp_path_factory, llama3_tokenizer_path):
+    """Weights with a 1000-token vocabulary next to the 128256-token Llama 3 tokenizer."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("mismatch"), llama3_tokenizer_path, vocab_size=1000)
+
+
+def run_cli(*args, stdin=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_one_line_error(code, err, *words):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--temperature", "-1"], ["temperature", "0 for greedy"]),
+    (["--top-p", "0"], ["top_p", "(0, 1]"]),
+    (["--top-p", "1.5"], ["top_p"]),
+    (["--top-k", "-3"], ["top_k"]),
+    (["--max-gen-len", "0"], ["--max-gen-len"]),
+    (["--prompt", ""], ["--prompt number 2 is empty"]),
+    (["--ckpt-dir", "/no/such/checkpoint"], ["/no/such/checkpoint", "no such file"]),
+])
+def test_bad_flags_fail_before_loading(flags, words, capsys):
+    code = main(["--prompt", "Hi", *flags])
+    assert_one_line_error(code, capsys.readouterr().err, *words)
+
+
+def test_bad_inputs_that_need_the_checkpoint(tiny_dir, mismatched_dir, capsys):
+    cases = [
+        (["--ckpt-dir", tiny_dir, "--prompt", "word " * 50, "--max-seq-len", "32"],
+         ["max_seq_len=32", "--truncate"]),
+        (["--ckpt-dir", tiny_dir, "--prompt", "a", "--prompt", "b", "--max-batch-size", "1"],
+         ["max_batch_size=1"]),
+        (["--ckpt-dir", mismatched_dir, "--prompt", "Hi"], ["128256", "vocab_size is 1000"]),
+        (["--ckpt-dir", tiny_dir, "--tokenizer-path", tiny_dir / "missing.model", "--prompt", "Hi"],
+         ["missing.model"]),
+    ]
+    for flags, words in cases:
+        code = main([str(f) for f in flags])
+        assert_one_line_error(code, capsys.readouterr().err, *words)
+    code = main(["--ckpt-dir", str(tiny_dir), "--prompt", "word " * 50, "--max-seq-len", "32", "--truncate",
+                 "--max-gen-len", "3", "--temperature", "0"])
+    assert code == 0
+
+
+def test_real_process_exit_status_and_no_traceback(tiny_dir):
+    out = run_cli("--ckpt-dir", tiny_dir / "nope")
+    assert_one_line_error(out.returncode, out.stderr, "nope")
+    assert out.stdout == ""
+    out = run_cli("--ckpt-dir", tiny_dir, "--prompt", "Hello", "--max-gen-len", "6", "--temperature", "0",
+                  "--show-probs", "3")
+    assert out.returncode == 0, out.stderr
+    token_lines = out.stdout.strip().splitlines()[1:]
+    assert len(token_lines) == 6 and all("|" in line for line in token_lines), out.stdout
+    assert "time to first token" in out.stderr and "tokens/s" in out.stderr
+
+
+def test_chat_repl_two_turns_through_stdin(smollm2_llama_cli, monkeypatch, capsys):
+    llama = smollm2_llama_cli
+    args = build_parser().parse_args(["--chat", "--temperature", "0", "--max-gen-len", "24",
+                                      "--system", "You are terse."])
+    turns = ["What is the capital of France?", "And of Germany?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
+    stats = chat(llama, args, lambda text="", end="\n", err=False: print(text, end=end, file=sys.stderr if err else sys.stdout))
+    shown = capsys.readouterr().out
+    assert len(stats) == 2
+    # what the REPL printed is what chat_completion gives for the same dialog, history included
+    dialog = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": turns[0]}]
+    first = llama.chat_completion([dialog], temperature=0, max_gen_len=24)[0]["generation"]
+    dialog += [first, {"role": "user", "content": turns[1]}]
+    second = llama.chat_completion([dialog], temperature=0, max_gen_len=24)[0]["generation"]
+    assert shown == f"> {first['content']}\n> {second['content']}\n> \n"
+    assert first["content"] != second["content"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_llama_cli(smollm2_gguf):
+    from llama.generation import Llama
+
+    return Llama.build(smollm2_gguf, max_seq_len=1024, max_batch_size=1, device="cpu")
+
+
+def test_chat_process_reads_stdin(tiny_dir):
+    out = run_cli("--ckpt-dir", tiny_dir, "--chat", "--max-gen-len", "4", "--temperature", "0",
+                  stdin="hello\n/reset\nagain\n")
+    assert out.returncode == 0, out.stderr
+    # prompts for: hello (answered), /reset (no reply), again (answered), end of input
+    assert out.stdout.count("> ") == 4 and len(out.stdout.strip().splitlines()) == 3, out.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_model_parallel_prints_once(tiny_dir):
+    single = run_cli("--ckpt-dir", tiny_dir, "--prompt", "Hello", "--max-gen-len", "8", "--temperature", "0")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "generate.py"), "--ckpt-dir", str(tiny_dir), "--prompt", "Hello", "--max-gen-len", "8",
+           "--temperature", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == single.stdout and out.stdout.count("Hello") == 1
