@@ -10,7 +10,8 @@ How it turns text into ids:
 Decoding concatenates each token's bytes and decodes UTF-8 once at the end.
 
 The same class loads HF tokenizer.json files whose pre-tokenizer is a byte-level one (Llama 3's HF
-tokenizer.json is too). File parsing lives in `from_gguf` / `from_hf_json`; errors there name the file.
+tokenizer.json is too). `from_gguf` / `from_hf_json` turn the files' fields into constructor
+arguments; the GGUF header itself is read by llama/gguf_io.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import heapq
 import json
 import re
-import struct
 from pathlib import Path
 
 import regex
@@ -218,13 +218,14 @@ class ByteLevelBPETokenizer:
     # ---- loading -----------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, meta: dict, path: Path) -> "ByteLevelBPETokenizer":
-        """From GGUF metadata (`read_gguf_metadata`): tokens, merges, token types, special ids."""
+        """From GGUF metadata (llama.gguf_io's reader): tokens, merges, token types, special ids."""
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported "
                              f"(known: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})")
         tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", [])
         vocab = {t: i for i, t in enumerate(tokens)}
+        types = list(types)  # GGUF token types: 1 normal, 3 control (special), 4 user-defined (added)
         control = {t: i for i, t in enumerate(tokens) if i < len(types) and types[i] == 3}
         user = {t: i for i, t in enumerate(tokens) if i < len(types) and types[i] == 4}
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
@@ -292,49 +293,6 @@ def default_system_prompt(template: str) -> str | None:
     """The system message a ChatML template inserts when a dialog has none (SmolLM2 has one)."""
     m = re.search(r"<\|im_start\|>system\n([^'\"{}<]+)<\|im_end\|>", template or "")
     return m.group(1) if m and "!= 'system'" in template else None
-
-
-# ---- GGUF metadata (the key-value header only; tensors are checkpoint.py's business) -----------
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf_metadata(path: Path) -> dict:
-    """The key-value metadata of a GGUF file (v2/v3) as plain Python values. Reads only the header,
-    so it is fast even for a large model (gguf.GGUFReader maps and indexes every tensor too)."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (bad magic)")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old (need 2 or 3)")
-
-        def read(fmt):
-            data = f.read(struct.calcsize(fmt))
-            if len(data) < struct.calcsize(fmt):
-                raise ValueError(f"{path}: truncated GGUF header")
-            return struct.unpack(fmt, data)[0]
-
-        def read_str():
-            return f.read(read("<Q")).decode("utf-8", errors="replace")
-
-        def read_value(kind):
-            if kind == 8:
-                return read_str()
-            if kind == 9:
-                elem, n = read("<I"), read("<Q")
-                if elem in _GGUF_SCALARS:  # one bulk read for numeric arrays
-                    fmt = _GGUF_SCALARS[elem]
-                    return list(struct.unpack(f"<{n}{fmt[1]}", f.read(n * struct.calcsize(fmt))))
-                return [read_value(elem) for _ in range(n)]
-            if kind not in _GGUF_SCALARS:
-                raise ValueError(f"{path}: unknown GGUF value type {kind}")
-            return read(_GGUF_SCALARS[kind])
-
-        meta = {}
-        for _ in range(n_kv):
-            key = read_str()
-            meta[key] = read_value(read("<I"))
-        return meta
 
 
 def load_hf_json(path: Path) -> tuple[dict, dict, str]:

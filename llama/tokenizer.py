@@ -245,7 +245,8 @@ def _detect(path: Path) -> str:
 def load_tokenizer(path):
     """The right tokenizer for `path`: a tiktoken tokenizer.model (Llama 3), a sentencepiece .model
     (Llama 2), an HF tokenizer.json or a directory holding one, or a .gguf file."""
-    from llama.bpe import ByteLevelBPETokenizer, load_hf_json, read_gguf_metadata
+    from llama.bpe import ByteLevelBPETokenizer, load_hf_json
+    from llama.gguf_io import GGUFFile
 
     path = Path(path)
     if not path.exists():
@@ -264,7 +265,7 @@ def load_tokenizer(path):
         if kind == "hf":
             return ByteLevelBPETokenizer.from_hf_json(*load_hf_json(path), path)
         file = sorted(path.glob("*.gguf"))[0] if path.is_dir() else path
-        meta = read_gguf_metadata(file)
+        meta = GGUFFile(file).metadata  # the header only; tensors stay unread in the memory map
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE); "
