@@ -62,10 +62,13 @@ def global_grad_norm(model) -> torch.Tensor:
     sharded, replicated = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
-            (sharded if parallel.shard_dim(name) is not None else replicated).append(p.grad.detach().float().norm())
+            (sharded if parallel.shard_dim(name) is not None else replicated).append(p.grad.detach())
     zero = torch.zeros((), device=next(model.parameters()).device)
-    sharded_sq = torch.stack(sharded).square().sum() if sharded else zero
-    replicated_sq = torch.stack(replicated).square().sum() if replicated else zero
+
+    def sum_of_squares(grads):  # one fused kernel per dtype/device group, as clip_grad_norm_ does
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else zero
+
+    sharded_sq, replicated_sq = sum_of_squares(sharded), sum_of_squares(replicated)
     if parallel.model_parallel_size() > 1:
         dist.all_reduce(sharded_sq, group=parallel.model_parallel_group())
     return (sharded_sq + replicated_sq).sqrt()
@@ -74,9 +77,7 @@ def global_grad_norm(model) -> torch.Tensor:
 def clip_gradients(model, norm: torch.Tensor, max_norm: float) -> None:
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -1,0 +1,155 @@
+"""Training throughput: this repo's loop against HF transformers' LlamaForCausalLM, side by side.
+
+    flock /tmp/llama-bench.lock python bench/train.py                 # CPU: default config's shape
+    flock /tmp/llama-bench.lock python bench/train.py --compile       # + ours under torch.compile
+    flock /tmp/llama-bench.lock python bench/train.py --gpu           # ~1B (Llama 3.2 1B shape), bf16: tok/s + MFU
+
+Both sides train the same shape on the same batches (the default corpus through llama/batches.py)
+with the same optimizer (AdamW, same groups and hyper-parameters, foreach on CPU / fused on CUDA),
+the same global-norm clipping and learning-rate schedule, the same batch and sequence length.
+Ours is `llama.training.train_step` on the Run that train.py builds; HF is the usual
+`model(input_ids).logits` -> cross-entropy -> backward -> clip_grad_norm_ -> step. Rounds alternate
+(ours, HF, ours, HF, ...) so background load hits both alike; each side reports its median round.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama.batches import IGNORE  # noqa: E402
+from llama.train_config import load_config  # noqa: E402
+from llama.train_metrics import flops_per_token, peak_tflops  # noqa: E402
+from llama.train_setup import setup  # noqa: E402
+from llama.training import lr_at, train_step  # noqa: E402
+
+
+def hf_twin(model, device, dtype=torch.float32):
+    """LlamaForCausalLM of the same shape (its own random init: speed does not depend on values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = model.params
+    config = LlamaConfig(hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
+                         num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+                         vocab_size=a.vocab_size, max_position_embeddings=a.max_seq_len, rope_theta=a.rope_theta,
+                         rms_norm_eps=a.norm_eps, tie_word_embeddings=a.tie_word_embeddings,
+                         attn_implementation="sdpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+
+
+def hf_optimizer(model, cfg, device):
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
+                              {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
+
+
+def hf_step(model, optimizer, micro_batches, step, cfg, device, autocast):
+    count = sum((y != IGNORE).sum() for _, y in micro_batches).clamp(min=1).to(device)
+    for x, y in micro_batches:
+        with autocast():
+            logits = model(input_ids=x.to(device)).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
+                                   reduction="sum")
+        (loss / count).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss.item()  # wait for the device, as ours does
+
+
+def timed_round(step_fn, batches, start: int, n: int, cfg) -> float:
+    """tokens/s over n steps (the batches are fetched inside: data loading is part of a step)."""
+    tokens = 0
+    t0 = time.perf_counter()
+    for s in range(start, start + n):
+        micro = batches.train_micro_batches(s * cfg.batch_size, cfg.batch_size, cfg.micro_batch_size, 0, 1)
+        step_fn(micro, s)
+        tokens += sum(x.numel() for x, _ in micro)
+    return tokens / (time.perf_counter() - t0)
+
+
+def compare(overrides, rounds: int, steps: int, with_hf: bool = True, warmup: int = 2) -> dict:
+    cfg = load_config(None, ["out_dir=out/bench", "eval_every=0", "save_every=0", *overrides])
+    run = setup(cfg)
+    cfg = run.cfg
+    sides = {"ours": lambda micro, s: train_step(run, micro, s)}
+    if with_hf:
+        hf = hf_twin(run.model, run.device)
+        opt = hf_optimizer(hf, cfg, run.device)
+        sides["hf"] = lambda micro, s: hf_step(hf, opt, micro, s, cfg, run.device, run.autocast)
+    results = {name: [] for name in sides}
+    for name, fn in sides.items():  # warm-up: allocator, compile, first-step costs
+        timed_round(fn, run.batches, 0, warmup, cfg)
+    for r in range(rounds):
+        for name, fn in sides.items():
+            results[name].append(timed_round(fn, run.batches, warmup + r * steps, steps, cfg))
+    out = {name: statistics.median(v) for name, v in results.items()}
+    out["flops_per_token"] = flops_per_token(run.model.params, cfg.seq_len)
+    out["peak_tflops"] = peak_tflops(run.device, cfg.peak_tflops)
+    out["shape"] = {k: getattr(run.model.params, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
+    out["params_M"] = sum(p.numel() for p in run.model.parameters()) / 1e6
+    return out
+
+
+def report(label: str, r: dict, device: str) -> None:
+    line = f"{label}: ours {r['ours']:,.0f} tok/s"
+    if "hf" in r:
+        line += f" | HF LlamaForCausalLM {r['hf']:,.0f} tok/s | ours/HF {r['ours'] / r['hf']:.2f}x"
+    tflops = r["ours"] * r["flops_per_token"] / 1e12
+    line += f" | ours {tflops:.3g} TFLOP/s"
+    if r["peak_tflops"]:
+        line += f" | MFU {100 * tflops / r['peak_tflops']:.1f}% of {r['peak_tflops']:.0f}"
+    print(line, f"({device}, {r['params_M']:.1f}M params, {r['shape']})", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="the ~1B bf16 configuration on CUDA")
+    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    parser.add_argument("--no-hf", action="store_true", help="ours only (e.g. GPU MFU runs)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        print("error: --gpu needs CUDA; no GPU here", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    results = {}
+    if args.gpu:
+        base = ["model_config=configs/models/llama3.2-1b.json", "tokenizer=llama3", "seq_len=2048",
+                "batch_size=16", "micro_batch_size=8", "dtype=bfloat16", "device=cuda"]
+        device = torch.cuda.get_device_name()
+        results["gpu_eager"] = compare(base, args.rounds, args.steps, with_hf=not args.no_hf)
+        report("1B bf16 eager", results["gpu_eager"], device)
+        if args.compile:
+            results["gpu_compiled"] = compare(base + ["compile=true"], args.rounds, args.steps, with_hf=False, warmup=3)
+            report("1B bf16 ours compiled", results["gpu_compiled"], device)
+    else:
+        device = f"CPU, {torch.get_num_threads()} threads"
+        results["cpu_eager"] = compare(["device=cpu"], args.rounds, args.steps)
+        report("default config shape, fp32, eager vs eager", results["cpu_eager"], device)
+        if args.compile:
+            results["cpu_compiled"] = compare(["device=cpu", "compile=true"], args.rounds, args.steps, warmup=3)
+            report("default config shape, fp32, ours compiled vs HF eager", results["cpu_compiled"], device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
