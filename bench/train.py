@@ -98,6 +98,9 @@ def compare(overrides, rounds: int, steps: int, with_hf: bool = True, warmup: in
         for name, fn in sides.items():
             results[name].append(timed_round(fn, run.batches, warmup + r * steps, steps, cfg))
     out = {name: statistics.median(v) for name, v in results.items()}
+    out["rounds"] = results
+    if with_hf:  # adjacent rounds see the same background load: the per-round ratio is the robust number
+        out["ratio"] = statistics.median(o / h for o, h in zip(results["ours"], results["hf"]))
     out["flops_per_token"] = flops_per_token(run.model.params, cfg.seq_len)
     out["peak_tflops"] = peak_tflops(run.device, cfg.peak_tflops)
     out["shape"] = {k: getattr(run.model.params, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
@@ -108,7 +111,7 @@ def compare(overrides, rounds: int, steps: int, with_hf: bool = True, warmup: in
 def report(label: str, r: dict, device: str) -> None:
     line = f"{label}: ours {r['ours']:,.0f} tok/s"
     if "hf" in r:
-        line += f" | HF LlamaForCausalLM {r['hf']:,.0f} tok/s | ours/HF {r['ours'] / r['hf']:.2f}x"
+        line += f" | HF LlamaForCausalLM {r['hf']:,.0f} tok/s | ours/HF {r['ratio']:.2f}x (median of rounds)"
     tflops = r["ours"] * r["flops_per_token"] / 1e12
     line += f" | ours {tflops:.3g} TFLOP/s"
     if r["peak_tflops"]:

@@ -220,8 +220,8 @@ def train(cfg: TrainConfig) -> dict:
     checkpoint. Collective: every process of a torchrun job calls it."""
     run = setup(cfg)
     mp, dp = parallel.model_parallel_size(), parallel.data_parallel_size()
-    n_params = sum(p.numel() for p in run.model.parameters())
-    run.log.print(f"model {n_params * mp / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
+    n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in run.model.named_parameters())
+    run.log.print(f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
                   f"{run.device} | data {run.data_dir} ({len(run.batches)} sequences of {cfg.seq_len})")
     try:
         result = loop(run)

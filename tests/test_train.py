@@ -223,6 +223,16 @@ def test_same_config_same_curve(corpus, tmp_path):
     assert one["losses"] == two["losses"] and one["losses"] != other["losses"]
 
 
+def test_activation_checkpointing_and_autocast(corpus, tmp_path):
+    """Recomputing blocks in backward changes memory, not results; bf16 autocast still trains."""
+    data_dir, _ = corpus
+    plain = train(data_dir, tmp_path / "a", "max_steps=3")
+    recomputed = train(data_dir, tmp_path / "b", "max_steps=3", "activation_checkpointing=true")
+    assert recomputed["losses"] == pytest.approx(plain["losses"], abs=1e-6)
+    bf16 = train(data_dir, tmp_path / "c", "max_steps=3", "dtype=bfloat16")
+    assert bf16["losses"] == pytest.approx(plain["losses"], abs=0.05) and bf16["losses"] != plain["losses"]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     data_dir, _ = corpus
     out = tmp_path / "run"
