@@ -9,7 +9,7 @@ import dataclasses
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -46,7 +46,6 @@ class Run:
     consumed: int = 0  # training sequences consumed so far: the data position
     first_step: int = 0
     saved_any: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import math
 import shutil
 import tomllib
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import parallel
 from llama.model import ModelArgs, Transformer
 from llama.train_config import DEFAULT_MODEL, ConfigError, TrainConfig, check_layout, load_config
 from llama.train_metrics import flops_per_token, matmul_params
