@@ -179,6 +179,9 @@ def setup(cfg: TrainConfig) -> Run:
 
 def _maybe_resume(cfg, model, optimizer, device, is_first):
     checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if not cfg.resume and is_first and (Path(cfg.out_dir) / "latest").is_file():
+        print(f"warning: {cfg.out_dir} holds checkpoints of an earlier run; this run starts at step 0 and "
+              f"replaces them as it saves (resume=true would continue it)", file=sys.stderr)
     if checkpoint is None:
         if cfg.resume and is_first:
             print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
