@@ -43,9 +43,23 @@ _IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE tab
 # ---------------------------------------------------------------------------- detection
 
 
+def resolve(path) -> Path:
+    """A training run's out_dir stands for its newest complete checkpoint: train.py writes a
+    `latest` file naming it (llama/train_state.py), so `--ckpt-dir out/default` just works."""
+    path = Path(path)
+    pointer = path / "latest"
+    if path.is_dir() and pointer.is_file() and not (path / "params.json").exists():
+        target = path / pointer.read_text().strip()
+        if not (target / "params.json").is_file():
+            raise CheckpointError(f"{pointer} names {target.name}, which is missing or incomplete: "
+                                  f"pass a step_NNNNNN directory of {path} instead")
+        return target
+    return path
+
+
 def detect_format(path) -> str:
     """'meta' (params.json + consolidated.*.pth), 'hf' (config.json + *.safetensors) or 'gguf'."""
-    path = Path(path)
+    path = resolve(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory: pass a Meta/HF checkpoint dir or a .gguf file")
     if path.is_file():
@@ -68,7 +82,7 @@ def detect_format(path) -> str:
 
 def _open(path):
     """The format's reader: an object with args(**overrides), n_shards, mmapped, pieces(key), split_dim(...)."""
-    path = Path(path)
+    path = resolve(path)
     fmt = detect_format(path)
     if fmt == "meta":
         from llama.meta_io import MetaSource
@@ -95,7 +109,7 @@ def read_model_args(path, **overrides) -> ModelArgs:
 def default_tokenizer_path(path) -> Optional[Path]:
     """Where this checkpoint's tokenizer lives: Meta -> tokenizer.model (here or one dir up, as Meta's
     downloads place it), HF -> tokenizer.json (else tokenizer.model), GGUF -> the .gguf file itself."""
-    path = Path(path)
+    path = resolve(path)
     fmt = detect_format(path)
     if fmt == "gguf":
         return path if path.is_file() else sorted(path.glob("*.gguf"))[0]

@@ -179,3 +179,17 @@ def test_loading_peak_memory_is_near_the_weights_size():
     for name, r in results.items():
         assert r["weights"] > 0.1e9, name
         assert r["weights_read"] <= 1.5, (name, r)
+
+
+def test_training_run_dir_follows_its_latest_pointer(tmp_path):
+    """train.py's out_dir holds step_NNNNNN/ checkpoints and a `latest` file naming the newest."""
+    model, args = tiny_model()
+    checkpoint.save_meta(model.state_dict(), args, tmp_path / "step_000002")
+    (tmp_path / "step_000001").mkdir()  # an older, incomplete one must not be picked
+    (tmp_path / "latest").write_text("step_000002\n")
+    assert detect_format(tmp_path) == "meta"
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(tokens()), model(tokens()), atol=0, rtol=0)
+    (tmp_path / "latest").write_text("step_000001\n")
+    with pytest.raises(checkpoint.CheckpointError, match="step_000001"):
+        load_model(tmp_path)
