@@ -1,7 +1,7 @@
 """A back-of-the-envelope planner: does this model fit, and how fast can it go?
 
     python -m llama.plan --model configs/models/llama3.1-8b.json --mp 8 --dp 16 --seq 131072 --batch 1
-    python -m llama.plan --model configs/models/llama3.1-405b.json --mp 16 --seq 131072 --train --gpu h200
+    python -m llama.plan --model llama3.1-405b --mp 16 --cp 16 --dp 8 --zero 3 --seq 131072 --train --gpu h200
 
 Parameters are counted from a `Transformer` built on the `meta` device (no memory, no hand-typed
 counts); each rank's share follows `llama.parallel.SHARD_DIM`, the table the model itself uses.
@@ -9,7 +9,8 @@ The assumptions, each a constant below:
 
 - weights are bf16 (2 bytes); the KV cache is bf16;
 - training is mixed-precision AdamW: bf16 gradients (2 bytes/param) and fp32 master weights plus
-  fp32 first and second moments (4 + 4 + 4 = 12 bytes/param), i.e. 16 bytes/param in all.
+  fp32 first and second moments (4 + 4 + 4 = 12 bytes/param), i.e. 16 bytes/param in all (the
+  same total as this repository's fp32 weights + fp32 gradients + AdamW under bf16 autocast).
   Plain DDP keeps all of it on every data-parallel rank; `--zero 1/2/3` shards optimizer states /
   + gradients / + weights across the dp ranks (ZeRO, Rajbhandari et al., 2020);
 - `--cp N` (context parallelism, as in Llama 3's 128K training) splits each sequence's tokens over
@@ -18,8 +19,8 @@ The assumptions, each a constant below:
   to bf16, SDPA/flash attention (no T x T score matrix; the kernel keeps an fp32
   log-sum-exp per head), no sequence parallelism. tests/test_plan.py measures this with autograd's
   saved-tensor hooks:
-      replicated on every mp rank: 2 x (8*D + 4) per RMSNorm: its fp32 input copy (4*D), fp32
-                                   1/rms (4), bf16 normalised x (2*D), bf16 output (2*D)
+      replicated on every mp rank: 8*D + 4 for each of the two RMSNorms: its fp32 input copy
+                                   (4*D), fp32 1/rms (4), bf16 normalised x (2*D), bf16 output (2*D)
       split across mp ranks:       2*(H*Dh + 2*K*Dh)  q (after RoPE), k, v
                                    + 2*H*Dh           attention output (input of wo)
                                    + 4*H              log-sum-exp
