@@ -30,6 +30,8 @@ The assumptions, each a constant below:
 - the loss head keeps fp32 logits (held by the training loop) and their log-softmax (saved by the
   cross-entropy): 8 bytes * vocab per token, on every mp rank (the output layer gathers the
   vocabulary before the loss); the final RMSNorm adds 8*D + 4 like the others;
+- inference memory is weights + KV cache: generation.py prefills in chunks of 512 tokens and
+  keeps only the last position's logits, so its activations are small next to the cache;
 - decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
   tokens/s <= batch * bandwidth / bytes; prefill and training are compute-bound at an assumed MFU;
 - FLOPs: 6*N per token for training (2N forward, 4N backward; Kaplan et al., 2020) where N counts
