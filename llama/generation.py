@@ -26,6 +26,9 @@ from llama import parallel
 from llama.sampling import alternatives, check_sampling_args, sample
 
 
+COMPILE_BUCKET = 256  # with compile=True the cache length is a multiple of this
+
+
 @dataclass
 class Token:
     """One generated token of one sequence, as streamed by Llama.generate_tokens."""
@@ -92,6 +95,7 @@ class Llama:
         self.load_s = 0.0
         # Decoding with per-sequence positions has fixed shapes (B, 1) and a full-length cache, so
         # torch.compile traces it once per batch size and cache length.
+        self.compiled = compile
         self._decode = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
 
     # ------------------------------------------------------------------ the engine
@@ -158,8 +162,11 @@ class Llama:
 
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n, prompt_logprobs):
         B, lengths = len(prompt_tokens), [len(p) for p in prompt_tokens]
-        total_len = min(self.model.params.max_seq_len, max(lengths) + max_gen_len)
+        max_seq_len = self.model.params.max_seq_len
+        total_len = min(max_seq_len, max(lengths) + max_gen_len)
         budget = [min(max_gen_len, total_len - n) for n in lengths]  # new tokens each may have
+        if self.compiled:  # one compiled graph per cache length: round it up so that graphs are reused
+            total_len = min(max_seq_len, -(-total_len // COMPILE_BUCKET) * COMPILE_BUCKET)
         stop = set(getattr(self.tokenizer, "stop_tokens", ()))
         self.stats = stats = Stats(prompt_tokens=sum(lengths))
         start = time.perf_counter()

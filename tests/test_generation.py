@@ -210,6 +210,38 @@ def test_truncation_only_when_asked(tiny_dir):
     assert len(out) == 1
 
 
+# ---------------------------------------------------------------------------- speed options
+
+
+def test_int8_weights_keep_the_model_close(tiny_dir):
+    from llama.quantize import Int8Linear
+
+    llama = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=2)
+    prompts = [[128000, 791, 6864, 315, 9822], [128000, 40]]
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        ref = llama.model(ids)
+    expected = llama.generate(prompts, 12, temperature=0)[0]
+    quantized = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=2, quantize="int8")
+    assert isinstance(quantized.model.output, Int8Linear) and quantized.model.output.weight.dtype == torch.int8
+    with torch.no_grad():
+        got = quantized.model(ids)
+    assert (got - ref).abs().max() < 0.05 * ref.std()  # absmax int8 rows: ~0.4% weight error
+    assert quantized.generate(prompts, 12, temperature=0)[0] == expected
+    with pytest.raises(ValueError, match="int4"):
+        Llama.build(tiny_dir, max_seq_len=64, quantize="int4")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager(tiny_dir):
+    prompts = [[128000, 791, 6864], [128000, 40, 1093, 374, 264]]
+    eager = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2).generate(prompts, 10, temperature=0)[0]
+    compiled = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True)
+    assert compiled.generate(prompts, 10, temperature=0)[0] == eager
+    longer = compiled.generate(prompts, 20, temperature=0)[0]  # cache length 25 -> the same 256-slot graph
+    assert [t[:10] for t in longer] == eager
+
+
 # ---------------------------------------------------------------------------- memory
 
 
