@@ -13,8 +13,6 @@ How a request runs (prompt lengths n_b, batch B):
    stop token of the tokenizer or at max_gen_len.
 """
 
-import contextlib
-import io
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
@@ -66,8 +64,7 @@ class Llama:
         from llama.tokenizer import check_vocab, load_tokenizer
 
         detect_format(ckpt_dir)  # a missing path fails here, before any process group is set up
-        with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces its group sizes on stdout
-            parallel.init_distributed(model_parallel_size)
+        parallel.init_distributed(model_parallel_size)
         torch.manual_seed(seed)  # the same seed on every rank: see _sample
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer_path = tokenizer_path or default_tokenizer_path(ckpt_dir)

@@ -18,6 +18,8 @@ With no model-parallel group (a plain single process) the factories return ordin
 the weight initialisation and checkpoint resharding all read it.
 """
 
+import contextlib
+import io
 import os
 from typing import Optional
 
@@ -118,7 +120,8 @@ def init_distributed(model_parallel_size: Optional[int] = None, backend: Optiona
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     if not model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(mp)
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on every rank
+            fs_init.initialize_model_parallel(mp)
     elif fs_init.get_model_parallel_world_size() != mp:
         raise ValueError(
             f"model parallel is already initialised with size {fs_init.get_model_parallel_world_size()}, "
