@@ -14,17 +14,47 @@ How a request runs (prompt lengths n_b, batch B):
 """
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama import parallel
 from llama.sampling import alternatives, check_sampling_args, sample
 
 
 COMPILE_BUCKET = 256  # with compile=True the cache length is a multiple of this
+
+
+def compile_decode_step(step, device: torch.device):
+    """torch.compile for the decode step: one graph per batch size and cache length.
+
+    On a CPU a decode step is ~200 matrix-vector products that read every weight once, so its speed
+    is memory bandwidth. The default compile keeps calling MKL's GEMV, which on small matrices
+    (576 x 1536 for SmolLM2) streams at ~8 GB/s on one thread however many it is given. Two
+    inductor options fix that:
+    - max_autotune times inductor's own C++ GEMM template against ATen for each shape and keeps
+      the faster; the template splits the output columns across all threads (~19 GB/s here);
+    - freezing treats the weights as constants, so the template stores them pre-blocked in the
+      layout its micro-kernel reads (and int8 weights stay int8: see llama/quantize.py).
+    The price: the first call of every process takes minutes (each shape is timed; ~2.5 min for
+    SmolLM2 on 2 cores), and the weights must not change after compiling.
+    """
+    if device.type != "cpu":
+        return torch.compile(step, dynamic=False)
+    import torch._inductor.config as inductor_config
+
+    # RoPE's complex multiply stays an ATen call inside the graph; inductor says so once per compile.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    compiled = torch.compile(step, dynamic=False, options={"max_autotune": True})
+
+    def run(*args):
+        with inductor_config.patch(freezing=True):  # read outside `options`, so patched around each call
+            return compiled(*args)
+
+    return run
 
 
 @dataclass
@@ -93,12 +123,33 @@ class Llama:
         # Decoding with per-sequence positions has fixed shapes (B, 1) and a full-length cache, so
         # torch.compile traces it once per batch size and cache length.
         self.compiled = compile
-        self._decode = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
+        self._cache = None  # compiled decoding reuses it across requests (_cache_for)
+        self._decode = compile_decode_step(self._decode_step, self.device) if compile else self._decode_step
 
     # ------------------------------------------------------------------ the engine
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        if self.compiled and self.device.type == "cpu":
+            # One query per sequence: the plain form of attention (QK^T, softmax, xV) is a few
+            # small kernels that inductor fuses into the step; the CPU flash kernel's fixed cost
+            # per call (~0.1 ms, 30 calls a token) exceeds the work.
+            with sdpa_kernel([SDPBackend.MATH]):
+                return self.model(tokens, positions, cache)[:, -1]
         return self.model(tokens, positions, cache)[:, -1]  # (B, V)
+
+    def _cache_for(self, batch_size: int, total_len: int):
+        """The request's KV cache. Compiled decoding keeps one and reuses it for every request of
+        the same batch size that fits: torch.compile guards on the cache object, and a new one
+        would mean a recompile (minutes with max_autotune). A request that doesn't fit replaces it.
+        Entries left by an earlier request are harmless: prefill rewrites positions [0, n) and
+        decode masks every slot past each sequence's own position."""
+        if not self.compiled:
+            return self.model.make_cache(batch_size, total_len)
+        held = self._cache
+        if held is None or held[0].k.shape[0] != batch_size or held[0].k.shape[2] < total_len:
+            self._cache = None  # free the old one before allocating
+            self._cache = self.model.make_cache(batch_size, total_len)
+        return self._cache
 
     @torch.inference_mode()
     def _prefill(self, tokens: List[int], cache_slot, prompt_logprobs: Optional[list]) -> torch.Tensor:
@@ -167,7 +218,7 @@ class Llama:
         stop = set(getattr(self.tokenizer, "stop_tokens", ()))
         self.stats = stats = Stats(prompt_tokens=sum(lengths))
         start = time.perf_counter()
-        cache = self.model.make_cache(B, total_len)
+        cache = self._cache_for(B, total_len)
         logits = torch.stack([  # (B, V)
             self._prefill(p, [layer.slot(b) for layer in cache], None if prompt_logprobs is None else prompt_logprobs[b])
             for b, p in enumerate(prompt_tokens)])

@@ -234,12 +234,37 @@ def test_int8_weights_keep_the_model_close(tiny_dir):
 
 @pytest.mark.slow
 def test_compiled_decoding_equals_eager(tiny_dir):
+    from torch._dynamo.utils import counters
+
     prompts = [[128000, 791, 6864], [128000, 40, 1093, 374, 264]]
     eager = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2).generate(prompts, 10, temperature=0)[0]
     compiled = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True)
     assert compiled.generate(prompts, 10, temperature=0)[0] == eager
+    graphs = counters["stats"]["unique_graphs"]
     longer = compiled.generate(prompts, 20, temperature=0)[0]  # cache length 25 -> the same 256-slot graph
     assert [t[:10] for t in longer] == eager
+    compiled.generate([prompts[1][:2], prompts[0]], 5, temperature=0)
+    assert counters["stats"]["unique_graphs"] == graphs  # the cache is reused: no recompile per request
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_step_matches_eager_step(tiny_dir, quantize):
+    """The compiled step (max-autotune GEMM templates, frozen weights; int8 stays int8) gives the
+    eager step's logits, teacher-forced from the same cache."""
+    llama = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True, quantize=quantize)
+    prompts = [[128000, 791, 6864, 315], [128000, 40]]
+    llama.generate(prompts, 3, temperature=0)  # compiles
+    with torch.inference_mode():
+        cache = llama._cache_for(2, 260)
+        for b, p in enumerate(prompts):
+            llama._prefill(p, [layer.slot(b) for layer in cache], None)
+        tokens, positions = torch.tensor([[9822], [1093]]), torch.tensor([4, 2])
+        got = llama._decode(tokens, positions, cache)
+        want = llama._decode_step(tokens, positions, cache)  # rewrites the same slots with the same k, v
+    assert got.shape == want.shape == (2, llama.model.params.vocab_size)
+    tol = 1e-4 if quantize is None else 2e-2  # int8: bf16 activations, another summation order
+    assert (got - want).abs().max() <= tol * want.abs().max()
 
 
 # ---------------------------------------------------------------------------- memory
