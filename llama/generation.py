@@ -123,7 +123,7 @@ class Llama:
         # Decoding with per-sequence positions has fixed shapes (B, 1) and a full-length cache, so
         # torch.compile traces it once per batch size and cache length.
         self.compiled = compile
-        self._cache = None  # compiled decoding reuses it across requests (_cache_for)
+        self._caches = {}  # batch size -> KV cache, reused across requests when compiled (_cache_for)
         self._decode = compile_decode_step(self._decode_step, self.device) if compile else self._decode_step
 
     # ------------------------------------------------------------------ the engine
@@ -138,18 +138,18 @@ class Llama:
         return self.model(tokens, positions, cache)[:, -1]  # (B, V)
 
     def _cache_for(self, batch_size: int, total_len: int):
-        """The request's KV cache. Compiled decoding keeps one and reuses it for every request of
-        the same batch size that fits: torch.compile guards on the cache object, and a new one
-        would mean a recompile (minutes with max_autotune). A request that doesn't fit replaces it.
+        """The request's KV cache. Compiled decoding keeps one per batch size and reuses it for
+        every request that fits: torch.compile guards on the cache object, so a new one would mean
+        a recompile (minutes with max_autotune). A longer request replaces it with a longer one.
         Entries left by an earlier request are harmless: prefill rewrites positions [0, n) and
         decode masks every slot past each sequence's own position."""
         if not self.compiled:
             return self.model.make_cache(batch_size, total_len)
-        held = self._cache
-        if held is None or held[0].k.shape[0] != batch_size or held[0].k.shape[2] < total_len:
-            self._cache = None  # free the old one before allocating
-            self._cache = self.model.make_cache(batch_size, total_len)
-        return self._cache
+        held = self._caches.get(batch_size)
+        if held is None or held[0].k.shape[2] < total_len:
+            self._caches.pop(batch_size, None)  # free the old one before allocating
+            self._caches[batch_size] = self.model.make_cache(batch_size, total_len)
+        return self._caches[batch_size]
 
     @torch.inference_mode()
     def _prefill(self, tokens: List[int], cache_slot, prompt_logprobs: Optional[list]) -> torch.Tensor:

@@ -245,6 +245,12 @@ def test_compiled_decoding_equals_eager(tiny_dir):
     assert [t[:10] for t in longer] == eager
     compiled.generate([prompts[1][:2], prompts[0]], 5, temperature=0)
     assert counters["stats"]["unique_graphs"] == graphs  # the cache is reused: no recompile per request
+    alone = compiled.generate(prompts[:1], 10, temperature=0)[0]  # batch 1: its own cache and graph
+    assert alone == eager[:1]
+    graphs = counters["stats"]["unique_graphs"]
+    assert compiled.generate(prompts, 10, temperature=0)[0] == eager  # back to batch 2: no recompile
+    assert compiled.generate(prompts[1:], 4, temperature=0)[0] == [eager[1][:4]]
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.slow
