@@ -172,6 +172,9 @@ def report(stats: list, say: Printer) -> None:
     steps, decode_s = sum(s.decode_steps for s in stats), sum(s.decode_s for s in stats)
     ttft = sum(s.time_to_first_token_s for s in stats) / max(len(stats), 1)
     speed = f"{steps / decode_s:.1f} tokens/s per sequence" if decode_s > 0 else "n/a"
+    first = max((s.first_step_s for s in stats), default=0.0)
+    if first > 1.0:  # --compile: the first step compiled
+        speed += f" after a first step of {first:.0f} s (compiling)"
     say(f"[{prompt} prompt tokens, {generated} generated; time to first token {ttft * 1000:.0f} ms; "
         f"decode {speed}]", err=True)
 
