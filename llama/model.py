@@ -124,16 +124,17 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, T, H, Dh)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values of the positions seen so far, for one layer. The caller creates it (sized to
     the request, not to max_seq_len) and passes it into the forward pass; prefill fills positions
-    [0, T), each decode step one more."""
+    [0, T), each decode step one more. A plain object rather than an nn.Module: torch.compile then
+    takes k and v as ordinary inputs, checked by shape only, so one compiled decode step serves
+    every request's cache (a module's buffers would be frozen into the graph by identity)."""
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
-        super().__init__()
         shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, K, S, Dh): what SDPA wants
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, start_pos, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, K, T, Dh) at [start_pos, start_pos+T); return all keys/values so far.
@@ -155,9 +156,7 @@ class KVCache(nn.Module):
     def slot(self, b: int) -> "KVCache":
         """Sequence b's slot alone, sharing storage: prefill one ragged prompt at a time into it."""
         view = KVCache.__new__(KVCache)
-        nn.Module.__init__(view)
-        view.register_buffer("k", self.k[b : b + 1], persistent=False)
-        view.register_buffer("v", self.v[b : b + 1], persistent=False)
+        view.k, view.v = self.k[b : b + 1], self.v[b : b + 1]
         return view
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama.checkpoint import save_meta
-from llama.generation import Llama
+from llama.generation import Llama, mark_cache_dynamic
 from llama.model import ModelArgs, Transformer
 from llama.sampling import restrict, sample
 from tests.dist import run_distributed
@@ -241,10 +241,10 @@ def test_compiled_decoding_equals_eager(tiny_dir):
     compiled = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True)
     assert compiled.generate(prompts, 10, temperature=0)[0] == eager
     graphs = counters["stats"]["unique_graphs"]
-    longer = compiled.generate(prompts, 20, temperature=0)[0]  # cache length 25 -> the same 256-slot graph
+    longer = compiled.generate(prompts, 20, temperature=0)[0]  # a 25-slot cache instead of 15: same graph
     assert [t[:10] for t in longer] == eager
     compiled.generate([prompts[1][:2], prompts[0]], 5, temperature=0)
-    assert counters["stats"]["unique_graphs"] == graphs  # the cache is reused: no recompile per request
+    assert counters["stats"]["unique_graphs"] == graphs  # the cache length is dynamic: no recompile per request
     alone = compiled.generate(prompts[:1], 10, temperature=0)[0]  # batch 1: its own cache and graph
     assert alone == eager[:1]
     graphs = counters["stats"]["unique_graphs"]
@@ -260,15 +260,20 @@ def test_compiled_decode_step_matches_eager_step(tiny_dir, quantize):
     eager step's logits, teacher-forced from the same cache."""
     llama = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True, quantize=quantize)
     prompts = [[128000, 791, 6864, 315], [128000, 40]]
+    from torch._dynamo.utils import counters
+
     llama.generate(prompts, 3, temperature=0)  # compiles
+    graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        cache = llama._cache_for(2, 256)  # the cache (and graph) the request above used
+        cache = llama.model.make_cache(2, 40)  # another length than the request above: the same graph
+        mark_cache_dynamic(cache)
         for b, p in enumerate(prompts):
             llama._prefill(p, [layer.slot(b) for layer in cache], None)
         tokens, positions = torch.tensor([[9822], [1093]]), torch.tensor([4, 2])
         got = llama._decode(tokens, positions, cache)
         want = llama._decode_step(tokens, positions, cache)  # rewrites the same slots with the same k, v
     assert got.shape == want.shape == (2, llama.model.params.vocab_size)
+    assert counters["stats"]["unique_graphs"] == graphs
     tol = 1e-4 if quantize is None else 2e-2  # int8: bf16 activations, another summation order
     assert (got - want).abs().max() <= tol * want.abs().max()
 
