@@ -265,8 +265,8 @@ def main(argv=None) -> int:
     built = {}
     for key, make in engines.items():
         built[key] = engine = make()
-        # Warm-up (compile, thread pools). The long prompt first: a compiled engine then keeps the
-        # cache that fits both requests and compiles its decode step once.
+        # Warm-up (compile, thread pools): a compiled engine compiles its decode step once, for
+        # every cache length.
         engine.prefill(prompt_512), engine.decode(prompt_short, 8)
     # Interleaved repeats, best of each: load from other users hits every engine alike.
     best = {key: [0.0, 0.0] for key in built}

@@ -254,6 +254,19 @@ def test_compiled_decoding_equals_eager(tiny_dir):
 
 
 @pytest.mark.slow
+def test_two_compiled_models_keep_their_own_weights(tmp_path, llama3_tokenizer_path):
+    """Compiled steps freeze the weights into the graph: a second Llama in the same process (same
+    code, same shapes) must run its own weights, not the first one's graph."""
+    prompts = [[128000, 791, 6864]]
+    dirs = [tiny_checkpoint(tmp_path / f"m{seed}", llama3_tokenizer_path, seed=seed) for seed in (0, 1)]
+    eager = [Llama.build(d, max_seq_len=64, max_batch_size=1).generate(prompts, 8, temperature=0)[0] for d in dirs]
+    assert eager[0] != eager[1]
+    compiled = [Llama.build(d, max_seq_len=64, max_batch_size=1, compile=True) for d in dirs]
+    assert [c.generate(prompts, 8, temperature=0)[0] for c in compiled] == eager
+    assert [c.generate(prompts, 8, temperature=0)[0] for c in reversed(compiled)] == eager[::-1]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_compiled_decode_step_matches_eager_step(tiny_dir, quantize):
     """The compiled step (max-autotune GEMM templates, frozen weights; int8 stays int8) gives the
