@@ -26,14 +26,13 @@ from llama import parallel
 from llama.sampling import alternatives, check_sampling_args, sample
 
 
-
 def compile_decode_step(step, device: torch.device):
     """torch.compile for the decode step: one graph per batch size, for every cache length (the
     caller marks the cache's length dimension dynamic: see mark_cache_dynamic).
 
-    On a CPU a decode step is ~200 matrix-vector products that read every weight once, so its speed
+    On a CPU a decode step is ~210 matrix-vector products that read every weight once, so its speed
     is memory bandwidth. The default compile keeps calling MKL's GEMV, which on small matrices
-    (576 x 1536 for SmolLM2) streams at ~8 GB/s on one thread however many it is given. Two
+    (576 x 1536 for SmolLM2) streams at ~8 GB/s on one thread however many it is given. Three
     inductor options fix that:
     - max_autotune times inductor's own C++ GEMM template against ATen for each shape and keeps
       the faster; the template splits the output columns across all threads (~19 GB/s here);

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from llama.checkpoint import save_meta
 from llama.generation import Llama, mark_cache_dynamic
@@ -234,8 +235,6 @@ def test_int8_weights_keep_the_model_close(tiny_dir):
 
 @pytest.mark.slow
 def test_compiled_decoding_equals_eager(tiny_dir):
-    from torch._dynamo.utils import counters
-
     prompts = [[128000, 791, 6864], [128000, 40, 1093, 374, 264]]
     eager = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2).generate(prompts, 10, temperature=0)[0]
     compiled = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True)
@@ -273,8 +272,6 @@ def test_compiled_decode_step_matches_eager_step(tiny_dir, quantize):
     eager step's logits, teacher-forced from the same cache."""
     llama = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True, quantize=quantize)
     prompts = [[128000, 791, 6864, 315], [128000, 40]]
-    from torch._dynamo.utils import counters
-
     llama.generate(prompts, 3, temperature=0)  # compiles
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
