@@ -1,6 +1,10 @@
 """Fairscale model parallelism with real gloo processes: logits and every parameter's gradient,
 gathered to full shape, equal the single-process model with the same weights."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +139,31 @@ def test_shard_and_full_shape_are_inverse():
     assert all(p.shape == (8, 2) for p in pieces)
     assert parallel.full_shape("layers.0.attention.wo.weight", pieces[0].shape, size=3) == full.shape
     torch.testing.assert_close(torch.cat(pieces, 1), full)
+
+
+EXIT_WORKER = """
+import atexit, sys
+import torch.distributed as dist
+from llama import parallel
+
+# atexit runs handlers last-registered-first: this one runs after init_distributed's own.
+atexit.register(lambda: print(f"rank {dist.get_rank() if dist.is_initialized() else '?'}: "
+                              f"group alive at exit: {dist.is_initialized()}", flush=True))
+parallel.init_distributed()
+print(f"rank {dist.get_rank()}: joined", flush=True)
+"""
+
+
+def test_script_that_just_returns_leaves_the_process_group_cleanly(tmp_path):
+    """Leaving the gloo group to interpreter teardown aborted a rank now and then ("terminate called
+    without an active exception"); init_distributed destroys the group at exit instead."""
+    script = tmp_path / "worker.py"
+    script.write_text(EXIT_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # two processes share the pipe, so lines may interleave: count the messages instead
+    assert proc.stdout.count(": joined") == 2 and "rank 1: joined" in proc.stdout, proc.stdout
+    assert proc.stdout.count("group alive at exit: False") == 2, proc.stdout
+    assert "group alive at exit: True" not in proc.stdout
