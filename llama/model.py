@@ -119,6 +119,11 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     Multiplying by a unit complex number is a 2-D rotation; done in fp32 for accuracy.
     freqs_cis is (T, Dh/2), or (B, T, Dh/2) when each sequence is at its own position."""
     B, T, H, Dh = x.shape
+    if torch.compiler.is_compiling():  # inductor has no complex kernels: the same product in reals,
+        # (a + ib)(c + is) = (ac - bs) + i(as + bc), fuses into the kernels around it
+        a, b = x.float().reshape(B, T, H, Dh // 2, 2).unbind(-1)  # (B, T, H, Dh/2) each
+        c, s = torch.view_as_real(freqs_cis).unsqueeze(-3).unbind(-1)  # broadcast over the heads
+        return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(3).type_as(x)
     pairs = torch.view_as_complex(x.float().reshape(B, T, H, Dh // 2, 2))  # (B, T, H, Dh/2)
     rotated = pairs * freqs_cis.unsqueeze(-2)  # broadcast over the heads
     return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, T, H, Dh)

@@ -138,6 +138,18 @@ def test_rope_is_a_rotation():
     assert torch.allclose(apply_rotary_emb(q, freqs[9:10]).norm(), q.norm())
 
 
+def test_rotary_real_form_under_compile_equals_complex_form():
+    """Under torch.compile apply_rotary_emb spells the complex product out in reals (inductor has
+    no complex kernels); traced by dynamo (backend="eager"), it must give the eager complex result,
+    for shared positions (T, Dh/2) and per-sequence ones (B, T, Dh/2)."""
+    freqs = precompute_freqs_cis(tiny_args(max_seq_len=64))
+    x = torch.randn(2, 5, 3, 16)
+    traced = torch.compile(apply_rotary_emb, backend="eager", fullgraph=True)
+    for f in (freqs[7:12], freqs[torch.tensor([[3], [40]]) + torch.arange(5)]):
+        torch.testing.assert_close(traced(x, f), apply_rotary_emb(x, f), atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_incremental_decoding_matches_full_forward():
     model = build(tiny_args())
     tokens = torch.randint(0, 256, (3, 40))
