@@ -205,6 +205,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         say("\ninterrupted", err=True)
         return 130
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

@@ -142,7 +142,7 @@ def test_shard_and_full_shape_are_inverse():
 
 
 EXIT_WORKER = """
-import atexit, sys
+import atexit
 import torch.distributed as dist
 from llama import parallel
 
