@@ -48,13 +48,18 @@ def compile_decode_step(step, device: torch.device):
         return torch.compile(step, dynamic=False)
     import torch._inductor.config as inductor_config
 
-    # RoPE's complex multiply stays an ATen call inside the graph; inductor says so once per compile.
+    # Looking up the step's rows of the complex RoPE table stays an ATen call (the rotation itself
+    # is real arithmetic under compile); inductor warns about that once per compile.
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
     compiled = torch.compile(step, dynamic=False, options={"max_autotune": True})
+    settings = {
+        "freezing": True, "cpp.enable_concat_linear": True,  # read outside `options`: patched per call
+        # Autotuning prints a timing table per product to stderr, from every rank: keep the CLI clean.
+        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
+    }
 
     def run(*args):
-        # Both read outside `options`, so they are patched around each call.
-        with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": True}):
+        with inductor_config.patch(settings):
             return compiled(*args)
 
     return run

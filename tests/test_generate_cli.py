@@ -128,3 +128,19 @@ def test_torchrun_model_parallel_prints_once(tiny_dir):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == single.stdout and out.stdout.count("Hello") == 1
+
+
+@pytest.mark.slow
+def test_torchrun_compiled_model_parallel_equals_eager(tiny_dir):
+    """--compile under torchrun: each rank compiles its shard's decode step; the greedy text equals
+    a single eager process, and inductor's autotune tables don't reach stderr from any rank."""
+    args = ["--ckpt-dir", str(tiny_dir), "--prompt", "Hello", "--prompt", "Hi", "--max-gen-len", "8",
+            "--temperature", "0"]
+    single = run_cli(*args)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "generate.py"), *args, "--compile"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == single.stdout
+    assert "(compiling)" in out.stderr and "AUTOTUNE" not in out.stderr.upper(), out.stderr
