@@ -7,7 +7,7 @@ llama.cpp's Q8_0, which uses one scale per block of 32 instead of per row).
 The matmul is torch's own int8 kernel, `torch._weight_int8pack_mm` (y = x @ (W_int8 * scale)^T);
 it dequantizes on the fly, so activations keep their precision. Under compile=True (generation.py)
 inductor lowers the same op to its C++ GEMM template, which reads the int8 weights directly and
-uses both threads: ~2.8-3x the eager int8 decode speed on the 2-core machine of the README.
+uses both threads: ~2.6-2.8x the eager int8 decode speed on the 2-core machine of the README.
 A prefill chunk is different: with hundreds of rows the product is compute-bound, so there the
 weight is dequantized and multiplied by the fp32 GEMM (512-token prefill: 525 vs 310 tok/s).
 """
