@@ -29,9 +29,10 @@ import torch
 
 from llama import parallel
 from llama.model import ModelArgs, Transformer
+from llama.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """Bad checkpoint input; the message names the file, the problem and the fix."""
 
 

@@ -26,13 +26,15 @@ from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
 
+from llama.errors import UserError
+
 META = "meta.json"
 FORMAT = "llama-ref tokens v1"
 SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard file
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".c", ".h", ".js", ".json", ""}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing data: the message names the file and the fix."""
 
 

@@ -30,6 +30,7 @@ import torch
 import gguf
 
 from llama.model import ModelArgs
+from llama.errors import UserError
 
 # Metadata value types: type id -> struct format (STRING=8 and ARRAY=9 are handled separately).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -52,7 +53,7 @@ _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight"
 IGNORED = {"rope_freqs.weight"}  # Llama 3.1's precomputed RoPE scaling, checked in model_args()
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(UserError):
     pass
 
 

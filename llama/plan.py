@@ -52,6 +52,7 @@ import torch
 
 from llama import parallel
 from llama.model import ModelArgs, Transformer
+from llama.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # the official shapes (in a checkout)
 GiB = 1024**3
@@ -86,7 +87,7 @@ GPUS = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """Bad input to the planner: the message names the value and the fix."""
 
 

@@ -29,13 +29,14 @@ from pathlib import Path
 import tiktoken
 
 from llama.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
+from llama.errors import UserError
 
 __all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
            "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",
            "train_bpe"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file is missing, corrupt or does not fit the model it is paired with."""
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from llama.model import ModelArgs
+from llama.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration: the message names the key or file, the value and the fix."""
 
 

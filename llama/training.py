@@ -26,9 +26,10 @@ from llama.batches import IGNORE
 from llama.train_config import TrainConfig
 from llama.train_metrics import flops_per_token, memory_gb
 from llama.train_state import latest_checkpoint, rng_state, save_checkpoint
+from llama.errors import UserError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (diverged loss, ...): the message says why and what was kept."""
 
 
