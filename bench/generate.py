@@ -1,6 +1,6 @@
 """Generation speed, side by side in one run: llama-ref vs HF transformers vs llama.cpp.
 
-    flock /tmp/llama-bench.lock python bench/generate.py            # the README table (~10 min on 2 cores)
+    flock /tmp/llama-bench.lock python bench/generate.py            # the docs/performance.md table (~10 min on 2 cores)
     python bench/generate.py --new-tokens 32 --skip hf               # quicker
     python bench/generate.py --device cuda                           # GPU: llama-ref and HF only
 
