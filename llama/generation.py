@@ -211,7 +211,7 @@ class Llama:
             raise ArgumentError("no prompts given: pass at least one prompt")
         if len(prompt_tokens) > params.max_batch_size:
             raise ArgumentError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}: "
-                             "raise max_batch_size (--max-batch-size) or pass fewer prompts")
+                                "raise max_batch_size (--max-batch-size) or pass fewer prompts")
         if max_gen_len < 1:
             raise ArgumentError(f"max_gen_len={max_gen_len}: generate at least 1 token")
         for i, prompt in enumerate(prompt_tokens):
@@ -219,11 +219,11 @@ class Llama:
                 raise ArgumentError(f"prompt {i} is empty: give it at least one token")
             if len(prompt) >= params.max_seq_len:
                 raise ArgumentError(f"prompt {i} has {len(prompt)} tokens, leaving no room to generate within "
-                                 f"max_seq_len={params.max_seq_len}: raise max_seq_len (--max-seq-len), "
-                                 "shorten the prompt, or ask for truncation (--truncate)")
+                                    f"max_seq_len={params.max_seq_len}: raise max_seq_len (--max-seq-len), "
+                                    "shorten the prompt, or ask for truncation (--truncate)")
             if min(prompt) < 0 or max(prompt) >= params.vocab_size:
                 raise ArgumentError(f"prompt {i} has token ids outside [0, {params.vocab_size}): "
-                                 "encode it with the checkpoint's own tokenizer")
+                                    "encode it with the checkpoint's own tokenizer")
 
     def generate_tokens(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                         top_p: float = 0.9, top_k: int = 0, logprobs: bool = False, top_n: int = 0,
