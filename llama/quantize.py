@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.errors import ArgumentError
+
 QUANTIZE_CHOICES = ("int8",)
 
 
@@ -54,11 +56,11 @@ def quantize_model(model: nn.Module, method: str = "int8", compute_dtype=None) -
     """Replace every nn.Linear (attention, FFN and the output projection) by an Int8Linear, in place.
     The embedding table stays as it is: a lookup reads one row per token, not the whole table."""
     if method not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize={method!r} is not supported: choose one of {', '.join(QUANTIZE_CHOICES)}")
+        raise ArgumentError(f"quantize={method!r} is not supported: choose one of {', '.join(QUANTIZE_CHOICES)}")
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     if not targets:
-        raise ValueError("no nn.Linear layers to quantize: int8 works on a single-process model "
+        raise ArgumentError("no nn.Linear layers to quantize: int8 works on a single-process model "
                          "(model-parallel layers are not supported)")
     for parent, name, child in targets:
         setattr(parent, name, Int8Linear(child.weight, compute_dtype))

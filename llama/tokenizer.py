@@ -29,7 +29,7 @@ from pathlib import Path
 import tiktoken
 
 from llama.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
-from llama.errors import UserError
+from llama.errors import USER_ERRORS, UserError, report
 
 __all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
            "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",
@@ -323,11 +323,13 @@ def main(argv=None) -> int:
             print(f"wrote {out}: {load_tokenizer(out).n_words} tokens including 256 special tokens")
         else:
             tok = load_tokenizer(args.tokenizer)
-            ids = tok.encode(args.text, bos=tok.add_bos, eos=False)
+            try:
+                ids = tok.encode(args.text, bos=tok.add_bos, eos=False)
+            except ValueError as e:  # e.g. special-token text a byte-level BPE refuses
+                raise TokenizerError(f"{args.tokenizer}: cannot encode this text: {e}") from None
             print(json.dumps({"ids": ids, "pieces": [tok.decode([i]) for i in ids]}, ensure_ascii=False))
-    except (TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:  # TokenizerError or a missing path: one line; anything else is a bug
+        return report(e)
     return 0
 
 

@@ -21,7 +21,7 @@ from llama import parallel
 from llama.batches import Batches
 from llama.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
-from llama.train_config import TrainConfig, asset_path, check_layout
+from llama.train_config import TrainConfig, asset_path, check_device, check_layout
 from llama.train_metrics import MetricsLog, peak_tflops
 from llama.train_state import latest_checkpoint, load_checkpoint, set_rng_state
 from llama.training import enable_activation_checkpointing, loop, make_optimizer
@@ -154,6 +154,7 @@ def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool):
 
 def setup(cfg: TrainConfig) -> Run:
     cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=asset_path(cfg.tokenizer))
+    check_device(cfg)  # device=cuda without a GPU: one line now, not an AttributeError after the data work
     args = model_args(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _, micro = check_layout(cfg, args, world)

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from llama.errors import UserError
 from llama import parallel
 
 LATEST = "latest"
@@ -151,7 +152,7 @@ def load_checkpoint(path: Path, model, device) -> dict:
     train_state = torch.load(state_file, map_location=device, weights_only=True)
     saved_mp = train_state["model_parallel_size"]
     if saved_mp != mp:
-        raise ValueError(f"{path} was saved at model_parallel_size={saved_mp}; resume with the same size "
+        raise UserError(f"{path} was saved at model_parallel_size={saved_mp}; resume with the same size "
                          f"(or start a new run with init_from={path})")
     weights = torch.load(path / f"consolidated.{mp_rank:02d}.pth", map_location=device, weights_only=True)
     model.load_state_dict(weights, strict=True)

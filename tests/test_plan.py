@@ -194,7 +194,7 @@ def test_cli_prints_the_plan(capsys):
     (["--zero", "4"], "--zero 4"),
 ])
 def test_bad_input_is_one_line_and_nonzero(argv, message, capsys):
-    assert plan.main(["--model", f"{CONFIGS}/llama3.1-8b.json", "--seq", "8192", *argv]) == 2
+    assert plan.main(["--model", f"{CONFIGS}/llama3.1-8b.json", "--seq", "8192", *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("error:")
 
@@ -203,7 +203,7 @@ def test_model_by_name(capsys):
     assert plan.load_model_args("llama3.1-70b") == plan.load_model_args(CONFIGS / "llama3.1-70b.json")
     assert plan.main(["--model", "llama3.1-8b", "--seq", "131072"]) == 0
     assert "16.00 GiB" in capsys.readouterr().out
-    assert plan.main(["--model", "llama9"]) == 2
+    assert plan.main(["--model", "llama9"]) == 1
     assert "llama3.1-405b" in capsys.readouterr().err  # the message lists the names
 
 
@@ -213,7 +213,7 @@ def test_bad_model_files(tmp_path, capsys):
     (tmp_path / "odd.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "wings": 2}))
     for name, message in [("missing.json", "no such file"), ("broken.json", "not valid JSON"),
                           ("llama2.json", "vocab_size is -1"), ("odd.json", "wings")]:
-        assert plan.main(["--model", str(tmp_path / name)]) == 2
+        assert plan.main(["--model", str(tmp_path / name)]) == 1
         err = capsys.readouterr().err
         assert name in err and message in err and err.count("\n") == 1
 
@@ -222,4 +222,4 @@ def test_bad_model_files(tmp_path, capsys):
 def test_cli_process_exits_nonzero_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "llama.plan", "--model", f"{CONFIGS}/llama3.1-8b.json",
                            "--gpu", "tpu"], capture_output=True, text=True, cwd=CONFIGS)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "choose one of h100" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "choose one of h100" in proc.stderr

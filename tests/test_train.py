@@ -66,7 +66,9 @@ def test_overrides_and_unknown_keys(tmp_path):
 
 def test_layout_checks():
     args = ModelArgs(**DEFAULT_MODEL)
-    cfg = load_config(None, ["model_parallel_size=3"])
+    with pytest.raises(ConfigError, match="does not divide n_heads=4"):  # refused as the config is read
+        load_config(None, ["model_parallel_size=3"])
+    cfg = TrainConfig(model_parallel_size=3)
     with pytest.raises(ConfigError, match="does not divide the 4 processes"):
         check_layout(cfg, args, 4)
     with pytest.raises(ConfigError, match="does not divide n_heads=4"):
