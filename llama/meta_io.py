@@ -10,19 +10,48 @@ import json
 import pickle
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 
 from llama import parallel
-from llama.checkpoint import CheckpointError, atomic_write, model_args_from_dict, params_dict
+from llama.checkpoint import CheckpointError, model_args_from_dict, params_json
+from llama.files import atomic_write, write_text
 from llama.model import ModelArgs
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 
 
+_VERIFIED = set()  # (path, size, mtime, inode) of files whose checksums passed in this process
+
+
+def check_crc(file: Path) -> None:
+    """Refuse a zip-format .pth whose bytes do not match the CRC-32 its archive stores per member.
+
+    torch.load(mmap=True) never reads most tensor bytes, so flipped bytes would load silently and
+    generate garbage. Each member is streamed once through zlib's CRC (about 1 GB/s: ~0.1 s per
+    100 MB, measured in docs/reliability-files.md); a file that passed is not read again by this
+    process unless it changes."""
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _VERIFIED or not zipfile.is_zipfile(file):
+        return  # legacy (pre-1.6) torch files have no checksums
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:  # ZipExtFile compares the CRC at the member's end
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise CheckpointError(f"{file}: corrupt checkpoint, its bytes do not match the archive's checksums "
+                              f"({str(e)[:120]}): download or copy it again") from None
+    _VERIFIED.add(key)
+
+
 def load_pth(file: Path) -> dict:
-    """A state dict from a .pth, memory-mapped, refusing anything but tensors."""
+    """A state dict from a .pth, checksummed, memory-mapped, refusing anything but tensors."""
+    check_crc(file)
     try:
         try:
             sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
@@ -136,10 +165,9 @@ def save_meta(state_dict, params: ModelArgs, out_dir, num_shards: int = 1, dtype
             shard[name] = piece.to(dtype or piece.dtype).clone(memory_format=torch.contiguous_format)
         if params.tie_word_embeddings:  # stored once, under both keys, so Meta's strict load works
             shard["output.weight"] = shard["tok_embeddings.weight"]
-        atomic_write(out_dir / f"consolidated.{rank:02d}.pth", lambda tmp: torch.save(shard, tmp))
+        atomic_write(out_dir / f"consolidated.{rank:02d}.pth", lambda f: torch.save(shard, f))
         del shard
-    text = json.dumps(params_dict(params), indent=2) + "\n"
-    atomic_write(out_dir / "params.json", lambda tmp: tmp.write_text(text))
+    write_text(out_dir / "params.json", params_json(params))
     for f in out_dir.glob("consolidated.*.pth"):  # a previous save with more shards would be mixed in
         if (m := _SHARD.fullmatch(f.name)) and int(m.group(1)) >= num_shards:
             f.unlink()
