@@ -108,10 +108,15 @@ def make_temp_dir(final, name: Optional[str] = None) -> Path:
 
 
 def remove_temp_dir(tmp) -> None:
-    """Remove a temporary directory made by make_temp_dir; anything else is left alone."""
+    """Remove a temporary directory made by make_temp_dir (or one it had just created, still empty,
+    when interrupted); anything else is left alone."""
     tmp = Path(tmp)
-    if tmp.is_dir() and not tmp.is_symlink() and (tmp / MARKER).is_file():
+    if not tmp.is_dir() or tmp.is_symlink():
+        return
+    if (tmp / MARKER).is_file():
         shutil.rmtree(tmp, ignore_errors=True)
+    elif not any(tmp.iterdir()):
+        tmp.rmdir()
 
 
 def remove_stale_temps(parent, pattern: str = ".*.tmp*") -> None:
@@ -123,7 +128,6 @@ def replace_dir(tmp, final) -> Path:
     """Rename the finished temporary `tmp` to `final`. An existing `final` is moved aside first and
     removed only once the new one is in place; if the swap fails, it is moved back."""
     tmp, final = Path(tmp), Path(final)
-    (tmp / MARKER).unlink(missing_ok=True)
     fsync_dir(tmp)
     if final.exists() and (final.is_symlink() or not final.is_dir() or any(final.iterdir())):
         old = final.with_name(f".{final.name}.old{os.getpid()}")
@@ -140,6 +144,7 @@ def replace_dir(tmp, final) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)  # also over an empty directory
+    (final / MARKER).unlink(missing_ok=True)  # only now: until the rename, `tmp` must stay removable
     fsync_dir(final.parent)
     return final
 
@@ -149,8 +154,9 @@ def atomic_dir(final, overwrite: bool = False, inputs: Iterable = (), flag: str 
     """Yield a temporary sibling of `final` to fill; on success it replaces `final` (checked first by
     check_output_dir); on any exception, Ctrl-C included, it is removed and `final` is untouched."""
     check_output_dir(final, overwrite, inputs, flag)
-    tmp = make_temp_dir(final)
+    tmp = Path(final).with_name(f".{Path(final).name}.tmp{os.getpid()}")
     try:
+        make_temp_dir(final, tmp.name)  # inside the try: Ctrl-C may land while it is being made
         yield tmp
         replace_dir(tmp, final)
     except BaseException:
