@@ -274,7 +274,7 @@ def gguf_to_hf_json(meta: dict) -> tuple[dict, dict]:
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
         raise ValueError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})")
-    tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta.get("tokenizer.ggml.token_type", []))
+    tokens, types = list(meta["tokenizer.ggml.tokens"]), [int(t) for t in meta.get("tokenizer.ggml.token_type", [])]
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
               "special": types[i] == 3} for i, t in enumerate(tokens) if i < len(types) and types[i] in (3, 4)]
     steps = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
