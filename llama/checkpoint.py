@@ -117,7 +117,7 @@ def default_tokenizer_path(path) -> Optional[Path]:
     if fmt == "gguf":
         return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
     try:
-        return tokenizer_file(path, flag="tokenizer_path")
+        return tokenizer_file(path, flag="--tokenizer-path (generate.py) or tokenizer_path (Llama.build)")
     except TokenizerError:
         if any(p.is_symlink() for p in (path / "tokenizer.model", path / "tokenizer.json")):
             raise  # a dangling link: say so, rather than "no tokenizer"

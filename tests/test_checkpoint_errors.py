@@ -151,3 +151,13 @@ def test_checksums_are_read_once_per_file(meta_dir, monkeypatch):
     first = len(checked)
     load_model(meta_dir)
     assert first > 0 and len(checked) == first
+
+
+def test_dangling_tokenizer_link_names_the_flag(meta_dir, tmp_path):
+    """Older checkpoints linked big tokenizers into a cache; a link whose target is gone says so, and
+    names the command line's flag as well as the API's argument."""
+    from llama.tokenizer import TokenizerError
+
+    (meta_dir / "tokenizer.model").symlink_to(tmp_path / "gone.model")
+    with pytest.raises(TokenizerError, match=r"link to .*gone\.model, which no longer exists.*--tokenizer-path"):
+        checkpoint.default_tokenizer_path(meta_dir)
