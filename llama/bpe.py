@@ -267,6 +267,41 @@ class ByteLevelBPETokenizer:
                    default_system=default_system_prompt(template))
 
 
+def gguf_to_hf_json(meta: dict) -> tuple[dict, dict]:
+    """(tokenizer.json, tokenizer_config.json) for a GGUF's byte-level BPE tokenizer: small files that
+    `from_hf_json` reads back into the same tokenizer (ids, specials, BOS/EOS, chat template), so a
+    checkpoint fine-tuned from a GGUF carries its tokenizer without the GGUF's weights."""
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})")
+    tokens, types = list(meta["tokenizer.ggml.tokens"]), [int(t) for t in meta.get("tokenizer.ggml.token_type", [])]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": types[i] == 3} for i, t in enumerate(tokens) if i < len(types) and types[i] in (3, 4)]
+    steps = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
+             for p in GGUF_PRE_TOKENIZERS[pre]]
+    steps.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False})
+    tok_json = {
+        "version": "1.0", "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
+        "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                            "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": GGUF_PRE_TOKENIZERS[pre] == [LLAMA3_PATTERN],
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(meta["tokenizer.ggml.merges"])},
+    }
+    config = {"add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    for key, gguf_key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("pad_token", "padding_token_id")):
+        i = meta.get(f"tokenizer.ggml.{gguf_key}")
+        if i is not None and 0 <= i < len(tokens):
+            config[key] = tokens[i]
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return tok_json, config
+
+
 def hf_pre_patterns(pre: dict | None, path: Path) -> list:
     """HF pre_tokenizer JSON -> the steps for `pre_patterns` (regexes, PREFIX_SPACE)."""
     steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]

@@ -33,6 +33,7 @@ from llama.dtypes import parse_dtype
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
 from llama.model_args_check import ModelArgsError
+from llama.tokenizer import TokenizerError, tokenizer_file
 
 
 class CheckpointError(UserError):
@@ -111,19 +112,19 @@ def read_model_args(path, **overrides) -> ModelArgs:
 
 
 def default_tokenizer_path(path) -> Optional[Path]:
-    """Where this checkpoint's tokenizer lives: Meta -> tokenizer.model (here or one dir up, as Meta's
-    downloads place it), HF -> tokenizer.json (else tokenizer.model), GGUF -> the .gguf file itself."""
+    """Where this checkpoint's tokenizer lives: tokenizer.model or tokenizer.json beside the weights
+    (Meta's downloads: tokenizer.model one dir up), GGUF -> the .gguf file itself; None if none.
+    The lookup is llama.tokenizer.tokenizer_file's, shared with train.py and data prepare."""
     path = resolve(path)
     fmt = detect_format(path)
     if fmt == "gguf":
         return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
-    names = ["tokenizer.model"] if fmt == "meta" else ["tokenizer.json", "tokenizer.model"]
-    dirs = [path, path.parent] if fmt == "meta" else [path]
-    for d in dirs:
-        for name in names:
-            if (d / name).exists():
-                return d / name
-    return None
+    try:
+        return tokenizer_file(path, flag="--tokenizer-path (generate.py) or tokenizer_path (Llama.build)")
+    except TokenizerError:
+        if any(p.is_symlink() for p in (path / "tokenizer.model", path / "tokenizer.json")):
+            raise  # a dangling link: say so, rather than "no tokenizer"
+        return None
 
 
 # ---------------------------------------------------------------------------- loading
@@ -306,7 +307,8 @@ def model_args_from_dict(params, file: Path, names: Optional[dict] = None, **ove
 
 
 def params_dict(args: ModelArgs) -> dict:
-    """params.json content: Meta's keys, plus our extra keys only where they change the model."""
+    """params.json content: Meta's keys, plus our extra keys only where they change the model (and
+    the trained context length, when known). The one writer: conversions and training checkpoints."""
     out = {k: getattr(args, k) for k in META_KEYS}
     plain = ModelArgs(**{k: getattr(args, k) for k in META_KEYS})
     if args.hidden_dim is not None and args.hidden_dim != plain.ffn_hidden_dim:
@@ -320,18 +322,14 @@ def params_dict(args: ModelArgs) -> dict:
         for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
             if getattr(args, k) != getattr(defaults, k):
                 out[k] = getattr(args, k)
+    if args.context_length is not None:
+        out["context_length"] = args.context_length
     return out
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def params_json(args: ModelArgs) -> str:
+    """The text of params.json for `args`."""
+    return json.dumps(params_dict(args), indent=2) + "\n"
 
 
 # ---------------------------------------------------------------------------- saving

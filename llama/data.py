@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, List, Tuple
@@ -27,6 +26,7 @@ from typing import Iterable, Iterator, List, Tuple
 import numpy as np
 
 from llama.errors import USER_ERRORS, UserError, report
+from llama.files import atomic_dir, write_text
 
 META = "meta.json"
 FORMAT = "llama-ref tokens v1"
@@ -194,54 +194,72 @@ class _ShardWriter:
             self.file = None
 
 
-def prepare(inputs: List[str], out_dir, tokenizer_path, *, sft: bool = False, val_fraction: float = 0.02) -> Path:
-    """Tokenize `inputs` with the tokenizer at `tokenizer_path` into `out_dir` (written under a
-    temporary name and renamed at the end, so an interrupted run never leaves a half directory)."""
+def prepare(inputs: List[str], out_dir, tokenizer_path=None, *, sft: bool = False, val_fraction: float = 0.02,
+            vocab_size: int = 2048, overwrite: bool = False) -> Path:
+    """Tokenize `inputs` into `out_dir` with the tokenizer at `tokenizer_path` (None: train a BPE of
+    `vocab_size` tokens on the inputs, kept as out_dir/tokenizer.model). The directory is built under
+    a temporary name and renamed at the end (llama/files.py): an error or Ctrl-C leaves no half
+    directory and the previous one as it was. An existing non-empty out_dir is refused unless
+    `overwrite` (and even then never an input, the working directory or a parent of either)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = collect_files(inputs)
+    if tokenizer_path is None and sft:
+        raise DataError("SFT data needs the chat model's tokenizer: give --tokenizer")
+    out = Path(out_dir)
+    with atomic_dir(out, overwrite, [i for i in inputs if i != "stdlib"]) as tmp:
+        if tokenizer_path is None:  # the trained BPE lives with the data it tokenized
+            tokenizer_path = train_tokenizer(inputs, vocab_size, tmp / "tokenizer.model")
+            final_tokenizer = out.resolve() / "tokenizer.model"
+        else:
+            final_tokenizer = Path(tokenizer_path)
+        meta = _tokenize_into(tmp, files, tokenizer_path, sft, val_fraction)
+        meta.update(tokenizer=tokenizer_identity(final_tokenizer, tokenizer_path, meta.pop("n_words")),
+                    sources=[str(i) for i in inputs])
+        write_text(tmp / META, json.dumps(meta, indent=1))
+    return out
+
+
+def _tokenize_into(tmp: Path, files: List[Path], tokenizer_path, sft: bool, val_fraction: float) -> dict:
+    """Write the shards into `tmp`; returns meta.json's counts and split."""
     from llama.tokenizer import load_tokenizer
 
-    files = collect_files(inputs)
     # A fixed shuffle of the files, so the held-out tail is a sample of the corpus, not its last
     # directory (the lines of a jsonl file keep their order).
+    files = list(files)
     random.Random(0).shuffle(files)
     tokenizer = load_tokenizer(str(tokenizer_path))
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tokens, masks, starts = _ShardWriter(tmp, "tokens", np.uint32), _ShardWriter(tmp, "mask", np.uint8), [0]
-    for doc in iter_documents(files, sft):
-        if sft:
-            ids, mask = encode_dialog(tokenizer, doc)
-            masks.write(mask)
-        else:
-            if not doc.strip():
-                continue
-            ids = tokenizer.encode(doc, bos=True, eos=True)
-        tokens.write(ids)
-        starts.append(starts[-1] + len(ids))
-    tokens.close(), masks.close()
+    try:
+        for doc in iter_documents(files, sft):
+            if sft:
+                ids, mask = encode_dialog(tokenizer, doc)
+                masks.write(mask)
+            else:
+                if not doc.strip():
+                    continue
+                ids = tokenizer.encode(doc, bos=True, eos=True)
+            tokens.write(ids)
+            starts.append(starts[-1] + len(ids))
+    finally:
+        tokens.close(), masks.close()
     n_docs, n_tokens = len(starts) - 1, starts[-1]
     if n_tokens == 0:
-        shutil.rmtree(tmp)
-        raise DataError(f"data {', '.join(map(str, inputs))} holds no text: nothing to train on")
+        raise DataError(f"data {', '.join(sorted({str(f) for f in files}))[:200]} holds no text: nothing to train on")
     meta = {"format": FORMAT, "kind": "sft" if sft else "pretrain", "n_tokens": n_tokens, "n_documents": n_docs,
-            "shards": tokens.shards, "tokenizer": tokenizer_identity(tokenizer_path, tokenizer),
-            "sources": [str(i) for i in inputs]}
+            "shards": tokens.shards, "n_words": tokenizer.n_words}
     if sft:
         n_val = int(np.ceil(n_docs * val_fraction)) if n_docs > 1 else 0
         np.save(tmp / "offsets.npy", np.asarray(starts, dtype=np.int64))
         meta.update(mask_shards=masks.shards, val_document_start=n_docs - n_val)
     else:
         meta.update(val_start=n_tokens - int(np.ceil(n_tokens * val_fraction)))
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return meta
 
 
-def tokenizer_identity(path, tokenizer) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "n_words": tokenizer.n_words}
+def tokenizer_identity(path, contents, n_words: int) -> dict:
+    """meta.json's record of the tokenizer: where it will be (`path`), and the hash of its `contents`."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(contents), "n_words": n_words}
 
 
 def read_meta(root) -> dict:
@@ -260,17 +278,13 @@ def read_meta(root) -> dict:
 
 
 def train_tokenizer(inputs: List[str], vocab_size: int, out_path) -> Path:
-    """A byte-level BPE trained on the inputs' text (llama.tokenizer.train_bpe)."""
+    """A byte-level BPE trained on the inputs' text (llama.tokenizer.train_bpe), written atomically."""
     from llama.tokenizer import train_bpe
 
     files = [f for f in collect_files(inputs) if f.suffix != ".jsonl"]
     if not files:
         raise DataError("training a tokenizer needs plain text files; give tokenizer= for jsonl data")
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{out_path}.tmp{os.getpid()}")
-    train_bpe([str(f) for f in files], vocab_size, str(tmp))
-    os.replace(tmp, out_path)
-    return Path(out_path)
+    return train_bpe([str(f) for f in files], vocab_size, str(out_path))
 
 
 def _inputs_hash(inputs: List[str]) -> "hashlib._Hash":
@@ -311,27 +325,30 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize text/jsonl files or directories into shards")
     p.add_argument("inputs", nargs="+", help="files, directories, or 'stdlib' (this Python's standard library)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", help="tokenizer file; omitted: train a BPE on the inputs")
+    p.add_argument("--out", required=True, help="output directory (a new or empty one, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out directory (never an input, nor the working directory)")
+    p.add_argument("--tokenizer", help="tokenizer file, checkpoint directory or 'llama3'; "
+                                       "omitted: train a BPE on the inputs")
     p.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE")
     p.add_argument("--sft", action="store_true", help="inputs are chat jsonl ({\"messages\": [...]})")
-    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="held-out share, in [0, 1)")
     args = parser.parse_args(argv)
     try:
-        tok = args.tokenizer
+        tok = None
+        if args.tokenizer is not None:
+            from llama.tokenizer import tokenizer_file
+
+            tok = tokenizer_file(args.tokenizer, flag="--tokenizer")
+        elif args.sft:
+            raise DataError("--sft needs --tokenizer (the chat model's tokenizer)")
+        out = prepare(args.inputs, args.out, tok, sft=args.sft, val_fraction=args.val_fraction,
+                      vocab_size=args.vocab_size, overwrite=args.overwrite)
         if tok is None:
-            if args.sft:
-                raise DataError("--sft needs --tokenizer (the chat model's tokenizer)")
-            tok = train_tokenizer(args.inputs, args.vocab_size, Path(f"{args.out}.tokenizer.tmp"))
-        elif not Path(tok).is_file():
-            raise DataError(f"tokenizer {tok} does not exist")
-        out = prepare(args.inputs, args.out, tok, sft=args.sft, val_fraction=args.val_fraction)
-        if args.tokenizer is None:  # the trained BPE lives with the data it tokenized
-            os.replace(tok, out / "tokenizer.model")
-            meta = json.loads((out / META).read_text())
-            meta["tokenizer"]["path"] = str((out / "tokenizer.model").resolve())
-            (out / META).write_text(json.dumps(meta, indent=1))
             print(f"trained a {args.vocab_size}-token BPE: {out / 'tokenizer.model'}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} is as it was before", file=sys.stderr)
+        return 130
     except USER_ERRORS as e:  # DataError, TokenizerError, a missing path: one line; else a bug's traceback
         return report(e)
     meta = read_meta(out)

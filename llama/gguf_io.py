@@ -216,6 +216,8 @@ def model_args(g: GGUFFile, **overrides) -> ModelArgs:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in g.tensors,
     )
+    if md.get("llama.context_length"):
+        kwargs["context_length"] = int(md["llama.context_length"])
     kwargs.update(_rope_scaling(g, kwargs))
     kwargs.update(overrides)
     return ModelArgs(**kwargs)

@@ -47,6 +47,9 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    # The context the weights were trained for (HF max_position_embeddings, GGUF context_length), kept
+    # through conversions; None: unknown. The model ignores it: max_seq_len sizes the caches.
+    context_length: Optional[int] = None
 
     def __post_init__(self):
         check_model_args(self)  # types, positive sizes, head divisibility: a ModelArgsError naming the key

@@ -30,6 +30,7 @@ import tiktoken
 
 from llama.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
 from llama.errors import USER_ERRORS, UserError, report
+from llama.files import copy_file, write_text
 
 __all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
            "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",
@@ -241,6 +242,60 @@ def _detect(path: Path) -> str:
     if re.match(rb"[A-Za-z0-9+/]+=* \d+(\r?\n|$)", head):
         return "tiktoken"
     return "sentencepiece"
+
+
+# Tokenizer names usable wherever a tokenizer path is asked for (fetched once, see llama/assets.py).
+TOKENIZER_ASSETS = {"llama3": "llama3-tokenizer", "smollm2": "smollm2"}
+HF_TOKENIZER_FILES = ["tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+
+
+def tokenizer_file(value, flag: str = "tokenizer") -> Path:
+    """The tokenizer file that `value` names: an asset name (llama3, smollm2), a tokenizer file, or a
+    directory holding one (a checkpoint or a training run's out_dir). train.py, data prepare and the
+    checkpoint loaders resolve tokenizers here. `flag` names the option in error messages."""
+    from llama import assets
+
+    if str(value) in TOKENIZER_ASSETS:
+        return assets.fetch(TOKENIZER_ASSETS[str(value)])
+    path = Path(value)
+    if path.is_dir() and (path / "latest").is_file() and not (path / "params.json").exists():
+        path = path / (path / "latest").read_text().strip()  # a training run: its newest checkpoint
+    if path.is_dir():
+        for candidate in [path / "tokenizer.model", path / "tokenizer.json", *sorted(path.glob("*.gguf"))[:1],
+                          path.parent / "tokenizer.model"]:  # Meta's downloads keep it one folder up
+            if candidate.is_symlink() or candidate.exists():
+                return tokenizer_file(candidate, flag)
+        raise TokenizerError(f"{value}: no tokenizer.model, tokenizer.json or .gguf file in this directory: "
+                             f"pass the tokenizer file with {flag}")
+    if path.is_symlink() and not path.exists():
+        raise TokenizerError(f"{path} is a link to {path.readlink()}, which no longer exists: "
+                             f"pass the tokenizer file with {flag}")
+    if not path.exists():
+        raise TokenizerError(f"{flag} {value} does not exist: give a tokenizer file, a checkpoint directory "
+                             f"or one of {', '.join(TOKENIZER_ASSETS)}")
+    return path
+
+
+def save_tokenizer(source, directory) -> Path:
+    """Write the tokenizer at `source` into `directory` under the names the loaders look for, as small
+    self-contained files (never links): tokenizer.model for tiktoken/sentencepiece, tokenizer.json plus
+    tokenizer_config.json / chat_template.jinja for HF tokenizers, and for a GGUF its tokenizer
+    extracted into those HF files. Loading the copy gives the same ids and chat format."""
+    from llama.bpe import gguf_to_hf_json
+    from llama.gguf_io import GGUFFile
+
+    source, directory = tokenizer_file(source), Path(directory)
+    kind = _detect(source)
+    if kind == "gguf":
+        tok_json, config = gguf_to_hf_json(GGUFFile(source).metadata)
+        write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        return write_text(directory / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False))
+    if kind != "hf":
+        return copy_file(source, directory / "tokenizer.model")
+    for name in HF_TOKENIZER_FILES:  # where load_hf_json finds the BOS/EOS settings and chat template
+        if (source.parent / name).is_file():
+            copy_file(source.parent / name, directory / name)
+    return copy_file(source, directory / "tokenizer.json")
 
 
 def load_tokenizer(path):

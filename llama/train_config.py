@@ -219,6 +219,10 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
         if not sep or not key:
             raise ConfigError(f"argument {item!r} is not key=value (e.g. max_steps=100)")
         _apply(values, key.strip(), parse_value(text.strip()), "the command line")
+    if values.get("resume"):  # continue with the keys the run was started with (llama/train_state.py)
+        from llama.train_state import resume_values
+
+        values = resume_values(values, {k: getattr(TrainConfig(), k) for k in FIELDS})
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg

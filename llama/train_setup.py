@@ -21,6 +21,7 @@ from llama import parallel
 from llama.batches import Batches
 from llama.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
+from llama.tokenizer import tokenizer_file
 from llama.train_config import TrainConfig, asset_path, check_device, check_layout
 from llama.train_metrics import MetricsLog, peak_tflops
 from llama.train_state import latest_checkpoint, load_checkpoint, set_rng_state
@@ -153,7 +154,9 @@ def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool):
 
 
 def setup(cfg: TrainConfig) -> Run:
-    cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=asset_path(cfg.tokenizer))
+    # tokenizer= may name an asset, a file or a checkpoint dir: resolved as data prepare --tokenizer is
+    tok = str(tokenizer_file(cfg.tokenizer, flag="tokenizer=")) if cfg.tokenizer else ""
+    cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=tok)
     check_device(cfg)  # device=cuda without a GPU: one line now, not an AttributeError after the data work
     args = model_args(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
