@@ -259,9 +259,17 @@ class Llama:
         B lists passed as prompt_logprobs receives each prompt's token log-probabilities."""
         check_sampling_args(temperature, top_p, top_k)
         self.check_request(prompt_tokens, max_gen_len)
-        with torch.inference_mode():
-            yield from self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n,
-                                      prompt_logprobs)
+        steps = self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n,
+                               prompt_logprobs)
+        # Inference mode covers our own work only: entered for each step, left before the token goes
+        # to the caller, whose loop body may build autograd graphs (`with` around `yield from`
+        # would keep the mode on in the caller's loop, and for as long as the generator lives).
+        while True:
+            with torch.inference_mode():
+                token = next(steps, None)
+            if token is None:
+                return
+            yield token
 
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n, prompt_logprobs):
         B, lengths = len(prompt_tokens), [len(p) for p in prompt_tokens]

@@ -113,6 +113,28 @@ def test_stream_pieces_join_to_the_text(smollm2):
     assert stats.generated_tokens >= 2 and stats.time_to_first_token_s > 0 and stats.decode_tokens_per_s > 0
 
 
+def test_streaming_leaves_autograd_to_the_caller(tiny_dir):
+    """Inference mode covers the library's steps only: the caller's loop body, and its code while a
+    generator is paused, can build autograd graphs."""
+    llama = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=1)
+    layer, x = torch.nn.Linear(4, 4), torch.ones(1, 4)
+
+    def caller_may_train():
+        return not torch.is_inference_mode_enabled() and torch.is_grad_enabled() and layer(x).requires_grad
+
+    prompt = [[128000, 791, 6864]]
+    for stream in (llama.stream(prompt, 3, temperature=0), llama.generate_tokens(prompt, 3, temperature=0)):
+        seen = 0
+        for _ in stream:
+            assert caller_may_train()
+            seen += 1
+        assert seen == 3
+    paused = llama.generate_tokens(prompt, 3, temperature=0)
+    next(paused)
+    assert caller_may_train()
+    paused.close()
+
+
 def test_text_and_chat_completion_shapes(smollm2):
     out = smollm2.text_completion(["Paris is"], temperature=0, max_gen_len=4, logprobs=True)
     assert set(out[0]) == {"generation", "tokens", "logprobs"} and len(out[0]["tokens"]) == 4
