@@ -196,6 +196,11 @@ class Llama:
             own_storage(model)
         self._decode = compile_decode_step(self._decode_step, self.device) if compile else self._decode_step
 
+    @property
+    def stop_tokens(self) -> frozenset:
+        """The ids that end a sequence: the tokenizer's stop tokens (none if it declares none)."""
+        return frozenset(getattr(self.tokenizer, "stop_tokens", ()))
+
     # ------------------------------------------------------------------ the engine
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -276,7 +281,7 @@ class Llama:
         max_seq_len = self.model.params.max_seq_len
         total_len = min(max_seq_len, max(lengths) + max_gen_len)
         budget = [min(max_gen_len, total_len - n) for n in lengths]  # new tokens each may have
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         self.stats = stats = Stats(prompt_tokens=sum(lengths))
         start = time.perf_counter()
         cache = self.model.make_cache(B, total_len)
@@ -329,7 +334,7 @@ class Llama:
         prompt_lp = [[0.0] for _ in range(B)] if (logprobs and echo) else None
         out = [list(p) if echo else [] for p in prompt_tokens]
         out_lp = [[] for _ in range(B)]
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         ended = [False] * B
         for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs,
                                         prompt_logprobs=prompt_lp):
@@ -401,7 +406,7 @@ class Llama:
         from llama.tokenizer import StreamDecoder
 
         decoders = [StreamDecoder(self.tokenizer) for _ in prompt_tokens]
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, top_n=top_n):
             text = "" if tok.id in stop else decoders[tok.seq].push(tok.id)
             if tok.done:

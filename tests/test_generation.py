@@ -135,6 +135,21 @@ def test_streaming_leaves_autograd_to_the_caller(tiny_dir):
     paused.close()
 
 
+def test_stop_tokens_come_from_one_place(tiny_dir):
+    """generate, generate_tokens and stream all end a sequence at Llama.stop_tokens."""
+    llama = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=1)
+    prompt = [[128000, 791, 6864]]
+    free = llama.generate(prompt, 6, temperature=0)[0][0]
+    stop_at = max(i for i, t in enumerate(free) if free.index(t) == i)  # the last id not seen before it
+    assert stop_at > 0
+    llama.tokenizer.stop_tokens = {free[stop_at]}
+    assert llama.stop_tokens == {free[stop_at]}
+    assert llama.generate(prompt, 6, temperature=0)[0][0] == free[:stop_at]
+    streamed = [tok.id for tok in llama.generate_tokens(prompt, 6, temperature=0)]
+    assert streamed == free[: stop_at + 1]  # the stop token itself is streamed, marked done
+    assert [tok.id for _, _, tok in llama.stream(prompt, 6, temperature=0)] == streamed
+
+
 def test_text_and_chat_completion_shapes(smollm2):
     out = smollm2.text_completion(["Paris is"], temperature=0, max_gen_len=4, logprobs=True)
     assert set(out[0]) == {"generation", "tokens", "logprobs"} and len(out[0]["tokens"]) == 4
