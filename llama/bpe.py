@@ -27,7 +27,7 @@ from llama.chat import ChatFormat, ChatMLFormat
 
 # GPT-2's pre-tokenizer (HF ByteLevel with use_regex=True, llama.cpp "gpt2").
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# Llama 3's pattern (Meta's tokenizer.py `pat_str`).
+# Llama 3's pattern (Meta's tokenizer.py `pat_str`), the one copy: llama.tokenizer.Tokenizer.pat_str is it.
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"

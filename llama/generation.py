@@ -14,6 +14,7 @@ How a request runs (prompt lengths n_b, batch B):
 """
 
 import contextlib
+import os
 import sys
 import time
 import warnings
@@ -30,7 +31,10 @@ from llama.errors import ArgumentError
 from llama.sampling import alternatives, check_sampling_args, sample
 
 
-def compile_decode_step(step, device: torch.device):
+GEMM_CHOICES = ("autotune", "template", "aten")
+
+
+def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
     """torch.compile for the decode step: one graph per batch size, for every cache length (the
     caller marks the cache's length dimension dynamic: see mark_cache_dynamic).
 
@@ -45,8 +49,15 @@ def compile_decode_step(step, device: torch.device):
     - with constant weights, concat-linear joins the products that read the same input (wq, wk,
       wv; w1, w3) into one, so a step runs 4 products per layer instead of 7.
     The price: the first call of every process takes minutes (each shape is timed; ~2.5 min for
-    SmolLM2 on 2 cores), and the weights must not change after compiling.
+    SmolLM2 on 2 cores), and the weights must not change after compiling (see own_storage).
+
+    `gemm` (default: $LLAMA_COMPILE_GEMM, else "autotune") picks the products: "autotune" as above;
+    "template" always takes the C++ template, untimed: the same frozen, pre-blocked weights in a
+    fraction of the compile time (what the tests use); "aten" keeps ATen's products (freezing still on).
     """
+    gemm = gemm or os.environ.get("LLAMA_COMPILE_GEMM", "autotune")
+    if gemm not in GEMM_CHOICES:
+        raise ValueError(f"gemm={gemm!r} (LLAMA_COMPILE_GEMM): choose one of {', '.join(GEMM_CHOICES)}")
     if device.type != "cpu":
         return torch.compile(step, dynamic=False)
     import torch._inductor.config as inductor_config
@@ -54,7 +65,10 @@ def compile_decode_step(step, device: torch.device):
     # Looking up the step's rows of the complex RoPE table stays an ATen call (the rotation itself
     # is real arithmetic under compile); inductor warns about that once per compile.
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
-    compiled = torch.compile(step, dynamic=False, options={"max_autotune": True})
+    options = {"aten": {}, "autotune": {"max_autotune": True},
+               # one candidate per product: inductor takes it without timing anything
+               "template": {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}}[gemm]
+    compiled = torch.compile(step, dynamic=False, options=options)
     settings = {
         "freezing": True, "cpp.enable_concat_linear": True,  # read outside `options`: patched per call
         # Autotuning prints a timing table per product to stderr, from every rank: keep the CLI clean.
@@ -66,6 +80,22 @@ def compile_decode_step(step, device: torch.device):
             return compiled(*args)
 
     return run
+
+
+@torch.no_grad()
+def own_storage(model: torch.nn.Module) -> None:
+    """Copy each weight that is a view into a larger storage into a storage of its own, in place.
+
+    Loaded weights often are such views: a mapped checkpoint file is one storage, and under model
+    parallelism rank r's shard of a matrix starts r/M of the way into it. Inductor's C++ GEMM
+    template, when it pre-blocks a frozen weight, re-views the weight's storage from the offset it
+    records for the graph's constant, which is 0: on every rank but the first it read rank 0's rows
+    (the gathered logits' upper half was a copy of the lower). A weight that owns its storage at
+    offset 0 is read correctly. Costs one copy of only the affected weights (this rank's share)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for t in tensors:
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t.data = t.detach().clone(memory_format=torch.contiguous_format)
 
 
 def keep_freed_memory() -> bool:
@@ -168,7 +198,14 @@ class Llama:
         # Decoding with per-sequence positions has fixed shapes (B, 1) and a full-length cache, so
         # torch.compile traces it once per batch size (the cache length is marked dynamic).
         self.compiled = compile
+        if compile:
+            own_storage(model)
         self._decode = compile_decode_step(self._decode_step, self.device) if compile else self._decode_step
+
+    @property
+    def stop_tokens(self) -> frozenset:
+        """The ids that end a sequence: the tokenizer's stop tokens (none if it declares none)."""
+        return frozenset(getattr(self.tokenizer, "stop_tokens", ()))
 
     # ------------------------------------------------------------------ the engine
 
@@ -233,16 +270,24 @@ class Llama:
         B lists passed as prompt_logprobs receives each prompt's token log-probabilities."""
         check_sampling_args(temperature, top_p, top_k)
         self.check_request(prompt_tokens, max_gen_len)
-        with torch.inference_mode():
-            yield from self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n,
-                                      prompt_logprobs)
+        steps = self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n,
+                               prompt_logprobs)
+        # Inference mode covers our own work only: entered for each step, left before the token goes
+        # to the caller, whose loop body may build autograd graphs (`with` around `yield from`
+        # would keep the mode on in the caller's loop, and for as long as the generator lives).
+        while True:
+            with torch.inference_mode():
+                token = next(steps, None)
+            if token is None:
+                return
+            yield token
 
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n, prompt_logprobs):
         B, lengths = len(prompt_tokens), [len(p) for p in prompt_tokens]
         max_seq_len = self.model.params.max_seq_len
         total_len = min(max_seq_len, max(lengths) + max_gen_len)
         budget = [min(max_gen_len, total_len - n) for n in lengths]  # new tokens each may have
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         self.stats = stats = Stats(prompt_tokens=sum(lengths))
         start = time.perf_counter()
         cache = self.model.make_cache(B, total_len)
@@ -295,7 +340,7 @@ class Llama:
         prompt_lp = [[0.0] for _ in range(B)] if (logprobs and echo) else None
         out = [list(p) if echo else [] for p in prompt_tokens]
         out_lp = [[] for _ in range(B)]
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         ended = [False] * B
         for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs,
                                         prompt_logprobs=prompt_lp):
@@ -371,7 +416,7 @@ class Llama:
         from llama.tokenizer import StreamDecoder
 
         decoders = [StreamDecoder(self.tokenizer) for _ in prompt_tokens]
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, top_n=top_n):
             text = "" if tok.id in stop else decoders[tok.seq].push(tok.id)
             if tok.done:

@@ -34,11 +34,10 @@ The assumptions, each a constant below:
   keeps only the last position's logits, so its activations are small next to the cache;
 - decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
   tokens/s <= batch * bandwidth / bytes; prefill and training are compute-bound at an assumed MFU;
-- FLOPs: 6*N per token for training (2N forward, 4N backward; Kaplan et al., 2020) where N counts
-  the matmul weights (the embedding lookup is free; a tied table counts once, as the output layer),
-  plus causal attention 6*L*H*Dh*T^2 per sequence (QK^T and AV, 2 FLOPs per multiply-add, half the
-  square under the causal mask, x3 for backward). Recomputation under checkpointing is not "model"
-  FLOPs: the MFU figure absorbs it.
+- FLOPs: llama/flops.py's count, the one the training loop reports MFU with: 6*N + 12*L*H*Dh*T per
+  training token (PaLM's convention: N counts the matmul weights; attention's full T x T square,
+  although the causal mask halves the work a flash kernel does), a third of it for a forward pass.
+  Recomputation under checkpointing is not "model" FLOPs: the MFU figure absorbs it.
 """
 
 import argparse
@@ -51,6 +50,7 @@ from pathlib import Path
 import torch
 
 from llama import parallel
+from llama.flops import GPU, GPUS, flops_per_token
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
 from llama.model_args_check import ModelArgsError
@@ -62,30 +62,6 @@ GRAD_BYTES = 2  # bf16 gradients
 OPTIM_BYTES = 12  # fp32 master copy + AdamW's fp32 m and v
 KV_BYTES = 2  # bf16 KV cache
 HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentation and temporaries
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory_gib: float  # the datasheet figure; nvidia-smi reports about this many GiB
-    bf16_tflops: float  # dense (no 2:4 sparsity)
-    bandwidth_tbs: float  # memory bandwidth, 1e12 bytes/s
-
-
-# Published datasheet figures (SXM parts unless named otherwise).
-GPUS = {
-    g.name: g
-    for g in [
-        GPU("h100", 80, 989, 3.35),
-        GPU("h100-pcie", 80, 756, 2.0),
-        GPU("h200", 141, 989, 4.8),
-        GPU("a100", 80, 312, 2.039),
-        GPU("a100-40gb", 40, 312, 1.555),
-        GPU("l40s", 48, 362, 0.864),
-        GPU("rtx4090", 24, 165, 1.008),
-        GPU("mi300x", 192, 1307, 5.3),
-    ]
-}
 
 
 class PlanError(UserError):
@@ -165,11 +141,9 @@ def activation_bytes_per_token(args: ModelArgs, mp: int = 1) -> int:
     return replicated + split // mp
 
 
-def training_flops(args: ModelArgs, matmul_params: int, batch: int, seq: int) -> float:
-    """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens."""
-    dense = 6 * matmul_params * batch * seq
-    attention = 6 * args.n_layers * args.n_heads * args.head_dim * seq**2 * batch
-    return float(dense + attention)
+def training_flops(args: ModelArgs, batch: int, seq: int) -> float:
+    """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens (llama/flops.py)."""
+    return flops_per_token(args, seq) * batch * seq
 
 
 @dataclass
@@ -223,7 +197,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["total"] = states + memory["activations"]
         memory["total (checkpointed)"] = states + memory["activations (checkpointed)"]
         total = memory["total (checkpointed)"]
-        flops = training_flops(args, counts["matmul"], batch, seq) / (mp * cp)  # per GPU
+        flops = training_flops(args, batch, seq) / (mp * cp)  # per GPU
         step = flops / (g.bf16_tflops * 1e12 * mfu)
         speed["step time"] = (step, "s")
         speed["training tokens/s (all GPUs)"] = (batch * seq * dp / step, "tok/s")
@@ -232,7 +206,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["KV cache"] = kv_cache_bytes(args, batch, seq, mp) // cp
         memory["total"] = total = memory["weights"] + memory["KV cache"]
         # prefill: the forward third of the training FLOPs
-        prefill = training_flops(args, counts["matmul"], batch, seq) / 3 / (mp * cp)
+        prefill = training_flops(args, batch, seq) / 3 / (mp * cp)
         speed["prefill time"] = (prefill / (g.bf16_tflops * 1e12 * mfu), "s")
         read = counts["matmul_per_rank"] * PARAM_BYTES + memory["KV cache"]
         speed["decode tokens/s (per replica, full cache)"] = (batch * g.bandwidth_tbs * 1e12 / read, "tok/s")

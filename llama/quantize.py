@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.errors import ArgumentError
+from llama import parallel
+from llama.errors import ArgumentError, UserError
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -57,6 +58,9 @@ def quantize_model(model: nn.Module, method: str = "int8", compute_dtype=None) -
     The embedding table stays as it is: a lookup reads one row per token, not the whole table."""
     if method not in QUANTIZE_CHOICES:
         raise ArgumentError(f"quantize={method!r} is not supported: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if parallel.model_parallel_size() > 1:  # the column/row-parallel layers have no int8 product
+        raise UserError(f"quantize={method!r} works in a single process, not over {parallel.model_parallel_size()} "
+                        "model-parallel ranks: run without torchrun, or drop --quantize")
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     if not targets:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import tiktoken
 
+from llama.bpe import LLAMA3_PATTERN
 from llama.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
 from llama.errors import USER_ERRORS, UserError, report
 from llama.files import copy_file, write_text
@@ -78,8 +79,7 @@ class Tokenizer:
     """Llama 3 tokenizer (Meta's name and API): tiktoken BPE + 256 special tokens after the ranks."""
 
     num_reserved_special_tokens = 256
-    pat_str = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    pat_str = LLAMA3_PATTERN  # Meta's name for the pre-tokenizer regex (defined once, in llama/bpe.py)
     add_bos = True  # Llama 3 always starts a sequence with <|begin_of_text|>
 
     def __init__(self, model_path):

@@ -171,11 +171,29 @@ def test_speed_estimates_by_hand():
     matmul_bytes = (8_030_261_248 - 128256 * 4096) * 2
     p = plan.make_plan(a8, seq=131072, batch=1, gpu="h100")
     assert p.speed["decode tokens/s (per replica, full cache)"][0] == pytest.approx(3.35e12 / (matmul_bytes + 16 * GiB))
-    n = 8_030_261_248 - 128256 * 4096
-    flops = 6 * n * 8192 + 6 * 32 * 32 * 128 * 8192**2
+    n = 8_030_261_248 - 128256 * 4096 - 4096 * (2 * 32 + 1)  # multiplied weights: no embedding, no norms
+    flops = 6 * n * 8192 + 12 * 32 * 32 * 128 * 8192**2  # PaLM's count: attention's full square
     p = plan.make_plan(a8, mp=8, dp=16, seq=8192, train=True, gpu="h100", mfu=0.5)
     assert p.speed["step time"][0] == pytest.approx(flops / 8 / (989e12 * 0.5))
     assert p.speed["training tokens/s (all GPUs)"][0] == pytest.approx(16 * 8192 / p.speed["step time"][0])
+
+
+@pytest.mark.parametrize("name", ["llama3.1-8b", "llama3.2-1b", "llama3.1-405b"])
+def test_plan_and_training_metrics_count_the_same_flops(name):
+    """One FLOPs count and one GPU table: the planner's step time is the training loop's FLOPs per
+    token (what its MFU divides by) at the table's peak, and the matmul weights agree."""
+    from llama import flops, train_metrics
+
+    args = args_of(name)
+    norms = args.dim * (2 * args.n_layers + 1)  # read by a forward pass (the planner's "matmul"), not multiplied
+    assert plan.parameter_counts(args)["matmul"] - norms == train_metrics.matmul_params(args)
+    p = plan.make_plan(args, mp=8, dp=2, seq=4096, batch=2, train=True, gpu="h200", mfu=0.5)
+    per_gpu = train_metrics.flops_per_token(args, 4096) * 2 * 4096 / 8
+    assert p.speed["step time"][0] == pytest.approx(per_gpu / (p.gpu.bf16_tflops * 1e12 * 0.5), rel=1e-12)
+    assert plan.GPUS is flops.GPUS and train_metrics.peak_tflops is flops.peak_tflops
+    for device_name, gpu in [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"),
+                             ("NVIDIA GH200 480GB", "gh200"), ("NVIDIA L40S", "l40s"), ("NVIDIA A10G", "a10g")]:
+        assert flops.gpu_by_cuda_name(device_name) is plan.GPUS[gpu]
 
 
 def test_cli_prints_the_plan(capsys):
