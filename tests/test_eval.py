@@ -75,3 +75,135 @@ def test_perplexity_matches_hf_strided_loop(smol, smol_tok, hf_smollm2, max_leng
     assert res.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert res.bits_per_byte == pytest.approx(nll / math.log(2) / len(TEXT.encode()), rel=1e-4)
     assert 1 < res.perplexity < 100  # a real model on real prose
+
+
+# ---------------------------------------------------------------------------- multiple choice
+
+ITEMS = [
+    {"context": "The capital of France is", "choices": ["Paris", "London", "a banana"], "label": 0},
+    {"context": "Water freezes at zero degrees", "choices": ["Celsius", "Fahrenheit"], "label": 0},
+    {"context": "def add(a, b):\n    return", "choices": ["a + b", "a * b", "print(a)", "None"], "label": 0},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_choice_matches_hf_log_softmax(smol, smol_tok, hf_smollm2, hf_smollm2_tokenizer, tmp_path):
+    from llama.eval.choice import read_items, score_items, write_per_item
+
+    items = read_items(write_jsonl(tmp_path / "items.jsonl", ITEMS))
+    result = score_items(smol, smol_tok, items, batch_size=4)
+    hf_tok = lambda s: hf_smollm2_tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix = prefix_token(smol_tok)
+    correct = correct_norm = 0
+    for item, rec in zip(ITEMS, result["per_item"]):
+        ctx = [prefix] + hf_tok(item["context"])
+        expected = []
+        for choice in item["choices"]:
+            whole = [prefix] + hf_tok(item["context"] + " " + choice)
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_smollm2(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+            expected.append(sum(float(logp[p - 1, whole[p]]) for p in range(len(ctx), len(whole))))
+        assert rec["logprobs"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+        per_byte = [e / len(c.encode()) for e, c in zip(expected, item["choices"])]
+        correct += max(range(len(expected)), key=expected.__getitem__) == item["label"]
+        correct_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == item["label"]
+    assert result["acc"] == correct / len(ITEMS) and result["acc_norm"] == correct_norm / len(ITEMS)
+    assert result["acc"] >= 2 / 3  # SmolLM2 knows Paris and Celsius
+    write_per_item(tmp_path / "scored.jsonl", items, result)
+    lines = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [x["logprobs"] for x in lines] == [r["logprobs"] for r in result["per_item"]]
+    assert lines[0]["context"] == ITEMS[0]["context"] and "correct" in lines[0]
+
+
+# ---------------------------------------------------------------------------- tiny checkpoints, CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory, smollm2_gguf):
+    """Two tiny random Llamas with SmolLM2's vocabulary (Meta layout) and its tokenizer: fast to run."""
+    from llama import checkpoint
+    from tests.ckpt_util import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = []
+    for seed in (1, 2):
+        model, args = tiny_model(seed, vocab_size=49152, max_seq_len=256)
+        checkpoint.save_meta(model.state_dict(), args, root / f"model{seed}")
+        dirs.append(str(root / f"model{seed}"))
+    return dirs, str(smollm2_gguf)
+
+
+def run_cli(argv, capsys):
+    from llama.eval.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compare_report_equals_single_model_commands(tiny_ckpts, tmp_path, capsys):
+    (a, b), tok = tiny_ckpts
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    items = write_jsonl(tmp_path / "items.jsonl", ITEMS)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nOnce upon a time\n")
+    common = ["--tokenizer-path", tok, "--max-length", 32, "--stride", 16]
+    single = []
+    for ckpt in (a, b):
+        code, out, _ = run_cli(["perplexity", "--ckpt-dir", ckpt, "--data", text, "--json", tmp_path / "p.json", *common],
+                               capsys)
+        assert code == 0 and "perplexity" in out
+        ppl = json.loads((tmp_path / "p.json").read_text())
+        code, out, _ = run_cli(["choice", "--ckpt-dir", ckpt, "--data", items, "--tokenizer-path", tok,
+                                "--max-seq-len", 32], capsys)
+        acc = float(next(line.split()[1] for line in out.splitlines() if line.startswith("acc ")))
+        single.append((ppl, acc))
+    code, out, _ = run_cli(["compare", a, b, "--prompts", prompts, "--data", text, "--choices", items,
+                            "--max-gen-len", 4, "--out", tmp_path / "rep", *common], capsys)
+    assert code == 0 and "report:" in out
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [line.split("|")[1:-1] for line in report.splitlines()
+            if line.startswith("| ") and not line.startswith("| model |")]
+    assert [r[0].strip() for r in rows] == ["model1", "model2"]
+    for row, (ppl, acc) in zip(rows, single):
+        assert float(row[1]) == pytest.approx(ppl["perplexity"], abs=1e-4)
+        assert float(row[2]) == pytest.approx(ppl["bits_per_byte"], abs=1e-4)
+        assert float(row[3]) == pytest.approx(acc, abs=1e-4)
+    assert report.count("### Prompt") == 2
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "no such file"), ("empty", "the file is empty"), ("no_choices", "items.jsonl:2: \"choices\""),
+    ("bad_label", "items.jsonl:3: \"label\" 5 is out of range"), ("bad_json", "items.jsonl:1: not valid JSON"),
+    ("stride_big", "--stride 64"), ("stride_zero", "--stride 0"), ("too_long", "exceeds the model's max_seq_len"),
+    ("batch", "--batch-size 0"),
+])
+def test_bad_input_is_one_line(case, message, tmp_path, capsys):
+    items = tmp_path / "items.jsonl"
+    good = json.dumps(ITEMS[0])
+    lines = {"no_choices": [good, json.dumps({"context": "x", "label": 0})],
+             "bad_label": [good, "", json.dumps({**ITEMS[1], "label": 5})], "bad_json": ["{oops"]}
+    (tmp_path / "empty.txt").write_text("  \n")
+    argv = {"missing": ["perplexity", "--data", tmp_path / "nope.txt"],
+            "empty": ["perplexity", "--data", tmp_path / "empty.txt"],
+            "stride_big": ["perplexity", "--max-length", 32, "--stride", 64],
+            "stride_zero": ["perplexity", "--max-length", 32, "--stride", 0],
+            "too_long": ["perplexity", "--max-length", 256, "--max-seq-len", 128],
+            "batch": ["choice", "--batch-size", 0]}.get(case, ["choice", "--data", items])
+    if case in lines:
+        items.write_text("\n".join(lines[case]) + "\n")
+    code, out, err = run_cli(argv, capsys)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_exits_1_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llama.eval", "choice", "--data", tmp_path / "none.jsonl"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

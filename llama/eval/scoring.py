@@ -76,11 +76,15 @@ def score_requests(model, requests: List[Request], batch_size: int = 8) -> List[
     return results
 
 
-def greedy_completions(llama, prompts: List[str], max_gen_len: int, until: Sequence[str] = ()) -> List[str]:
-    """Greedy (temperature 0) continuation of each prompt, cut before the first `until` string."""
+def greedy_completions(llama, prompts: List[str], max_gen_len: int, until: Sequence[str] = (),
+                       truncate: bool = False) -> List[str]:
+    """Greedy (temperature 0) continuation of each prompt, cut before the first `until` string;
+    with truncate, a prompt too long for the context keeps its end."""
     texts = []
     for prompt in prompts:  # one at a time: the model's max_batch_size may be 1
-        tokens, _ = llama.generate([llama._encode(prompt)], max_gen_len, temperature=0.0)
+        tokens = [llama._encode(prompt)]
+        tokens, _ = llama.generate(llama._truncate(tokens, max_gen_len) if truncate else tokens, max_gen_len,
+                                   temperature=0.0)
         text = llama.tokenizer.decode(tokens[0])
         cuts = [text.index(s) for s in until if s and s in text]
         texts.append(text[: min(cuts)] if cuts else text)
