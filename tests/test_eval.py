@@ -207,3 +207,138 @@ def test_cli_exits_1_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llama.eval", "choice", "--data", tmp_path / "none.jsonl"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- lm-evaluation-harness
+
+TASKS = {
+    "ref_choice": """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_bytes, aggregation: mean, higher_is_better: true}
+""",
+    "ref_rolling": """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
+""",
+    "ref_gen": """output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 5, do_sample: false, temperature: 0.0}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+""",
+}
+DOCS = ["A short note about the sea and the wind.", "The keeper climbed the stairs every night to light the lamp."]
+GEN_PROMPTS = ["The capital of France is", "Once upon a time"]
+
+
+def write_tasks(root: Path, gen_answers) -> Path:
+    data = {"ref_choice": ITEMS, "ref_rolling": [{"text": t} for t in DOCS],
+            "ref_gen": [{"prompt": p, "answer": a} for p, a in zip(GEN_PROMPTS, gen_answers)]}
+    for name, body in TASKS.items():
+        jsonl = write_jsonl(root / f"{name}.jsonl", data[name])
+        head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {jsonl}\ntest_split: test\n"
+        (root / f"{name}.yaml").write_text(head + body)
+    return root
+
+
+def harness_worker(ckpt: str, tok: str, root: str) -> None:
+    """Run in a subprocess with the network disabled: lm-eval's numbers and ours, as JSON on stdout."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from llama.eval.choice import score_items
+    from llama.eval.lm_eval_adapter import LlamaRefLM
+    from llama.eval.perplexity import perplexity_of_tokens
+    from llama.eval.scoring import greedy_completions
+    from llama.generation import Llama
+
+    llama = Llama.build(ckpt, tok, max_seq_len=64, max_batch_size=1)
+    greedy = greedy_completions(llama, GEN_PROMPTS, 5, ["\n"])
+    write_tasks(Path(root), [greedy[0], greedy[1] + " and more"])  # exact match: 1/2
+    ours_choice = score_items(llama.model, llama.tokenizer, ITEMS, batch_size=2)
+    nll = n_bytes = 0.0
+    for doc in DOCS:  # one window each: lm-eval's rolling window == our strided window
+        ids = [prefix_token(llama.tokenizer)] + llama.tokenizer.encode(doc, bos=False, eos=False)
+        res = perplexity_of_tokens(llama.model, ids, len(doc.encode()), 64, 64)
+        nll, n_bytes = nll + res.nll, n_bytes + res.bytes
+    out = simple_evaluate(model=LlamaRefLM(llama=llama, batch_size=2), tasks=list(TASKS),
+                          task_manager=TaskManager(include_path=root), log_samples=False)
+    theirs = {name: {k.split(",")[0]: v for k, v in r.items() if "stderr" not in k and "," in k}
+              for name, r in out["results"].items()}
+    ours = {"ref_choice": {"acc": ours_choice["acc"], "acc_bytes": ours_choice["acc_norm"]},
+            "ref_rolling": {"bits_per_byte": nll / n_bytes / math.log(2)}, "ref_gen": {"exact_match": 0.5}}
+    print("RESULT " + json.dumps({"ours": ours, "theirs": theirs}))
+
+
+def offline_env(tmp_path) -> dict:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "ds"))
+    # any connection that slips through goes to a closed local port and fails
+    env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    return env
+
+
+@pytest.mark.slow  # a subprocess importing lm-eval and datasets: ~1-2 minutes on a busy 2-core machine
+def test_lm_eval_reproduces_our_scorer_offline(tiny_ckpts, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'llama-ref[eval]'")
+    (ckpt, _), tok = tiny_ckpts
+    code = f"from tests.test_eval import harness_worker; harness_worker({ckpt!r}, {tok!r}, {str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=offline_env(tmp_path), timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    for task, metrics in result["ours"].items():
+        for name, value in metrics.items():
+            assert result["theirs"][task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
+
+
+@pytest.mark.slow  # lm_eval's CLI imports datasets, evaluate, ...: about a minute here
+def test_lm_eval_unknown_model_arg_is_one_line(tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'llama-ref[eval]'")
+    from llama.eval.lm_eval_adapter import LlamaRefLM
+
+    with pytest.raises(EvalError, match="unknown llama-ref model arg.*lora.*not supported"):
+        LlamaRefLM.create_from_arg_string("ckpt_dir=x,lora=adapter/")
+    code, out, err = run_cli(["harness", "--model", "llama-ref", "--model_args", "colour=blue", "--tasks",
+                              "ref_choice", "--include_path", write_tasks(tmp_path, ["a", "b"])], capsys)
+    # lm-eval logs its own INFO lines first; ours is the last line, with no traceback
+    assert code == 1 and err.splitlines()[-1].startswith("error: unknown llama-ref model arg(s) colour"), err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- model parallel
+
+
+def mp_worker(ckpt: str, tok: str, mp: int):
+    from llama.eval.choice import score_items
+    from llama.generation import Llama
+
+    llama = Llama.build(ckpt, tok, max_seq_len=64, max_batch_size=1, model_parallel_size=mp)
+    ppl = perplexity(llama.model, llama.tokenizer, TEXT, 32, 16, batch_size=3)
+    choice = score_items(llama.model, llama.tokenizer, ITEMS, batch_size=2)
+    return ppl.nll, ppl.tokens, [r["logprobs"] for r in choice["per_item"]]
+
+
+@pytest.mark.slow
+def test_model_parallel_equals_one_process(tiny_ckpts):
+    from tests.dist import run_distributed
+
+    (ckpt, _), tok = tiny_ckpts
+    nll, tokens, logprobs = mp_worker(ckpt, tok, 1)
+    for rank_nll, rank_tokens, rank_logprobs in run_distributed(mp_worker, 2, ckpt, tok, 2):
+        assert rank_tokens == tokens
+        assert rank_nll == pytest.approx(nll, rel=1e-5)
+        for ours, ref in zip(rank_logprobs, logprobs):
+            assert ours == pytest.approx(ref, rel=1e-5, abs=1e-5)
