@@ -342,3 +342,26 @@ def test_model_parallel_equals_one_process(tiny_ckpts):
         assert rank_nll == pytest.approx(nll, rel=1e-5)
         for ours, ref in zip(rank_logprobs, logprobs):
             assert ours == pytest.approx(ref, rel=1e-5, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- training integration
+
+
+def test_training_logs_eval_data_perplexity(tmp_path):
+    from llama.generation import Llama
+    from llama.train_config import ConfigError
+    from llama.train_setup import train
+    from tests.train_helpers import read_metrics, tiny_config, tiny_corpus
+
+    data_dir, _ = tiny_corpus(tmp_path / "corpus")
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    with pytest.raises(ConfigError, match="eval_data .* is not a file"):
+        tiny_config(data_dir, tmp_path / "run", f"eval_data={tmp_path / 'nope.txt'}")
+    result = train(tiny_config(data_dir, tmp_path / "run", "max_steps=4", "eval_every=2", "eval_batches=1",
+                               f"eval_data={text}"))
+    evals = [m for m in read_metrics(tmp_path / "run") if "eval_ppl" in m]
+    assert [m["step"] for m in evals] == [2, 4] and all("val_loss" in m for m in evals)
+    llama = Llama.build(result["checkpoint"], max_seq_len=32, max_batch_size=1)  # the step-4 weights
+    assert perplexity(llama.model, llama.tokenizer, TEXT, 32, 16).perplexity == pytest.approx(evals[-1]["eval_ppl"],
+                                                                                             rel=1e-5)
