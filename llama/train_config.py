@@ -44,6 +44,7 @@ class TrainConfig:
     log_every: int = 10  # print and record a metrics line every this many steps
     eval_every: int = 100  # validation loss every this many steps (0: never)
     eval_batches: int = 4  # global batches of the held-out split per evaluation
+    eval_data: str = ""  # a text file: its perplexity (eval_ppl, strided windows of seq_len) at each evaluation
     save_every: int = 100  # checkpoint every this many steps (always at the end)
     keep_last: int = 2  # older checkpoints are deleted (0: keep all)
     resume: bool = False  # continue from out_dir/latest
@@ -257,6 +258,8 @@ def validate(cfg: TrainConfig) -> None:
                           f"or one of {', '.join(ASSETS)}")
     if cfg.tokenizer and cfg.tokenizer not in ASSETS and not Path(cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer {cfg.tokenizer} does not exist")
+    if cfg.eval_data and not Path(cfg.eval_data).is_file():
+        raise ConfigError(f"eval_data {cfg.eval_data} is not a file: give a text file to measure perplexity on")
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")

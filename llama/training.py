@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from llama import parallel
 from llama.batches import IGNORE
+from llama.eval.perplexity import perplexity
 from llama.train_config import TrainConfig
 from llama.train_metrics import flops_per_token, memory_gb
 from llama.train_state import latest_checkpoint, rng_state, save_checkpoint
@@ -146,6 +147,25 @@ def evaluate(run) -> Optional[float]:
     return (sums[0] / sums[1]).item() if sums[1] > 0 else None
 
 
+@functools.lru_cache(maxsize=2)
+def _eval_text(path: str, tokenizer_path: str):
+    from llama.tokenizer import load_tokenizer
+
+    return open(path, encoding="utf-8").read(), load_tokenizer(tokenizer_path)
+
+
+def eval_text_perplexity(run) -> float:
+    """Perplexity of cfg.eval_data (llama.eval's strided windows: seq_len tokens, half overlap).
+    Every rank runs it (model-parallel layers communicate); data-parallel ranks get the same number."""
+    text, tokenizer = _eval_text(run.cfg.eval_data, str(run.tokenizer_path))
+    run.model.eval()
+    with run.autocast():
+        res = perplexity(run.model, tokenizer, text, run.cfg.seq_len, max(1, run.cfg.seq_len // 2),
+                         batch_size=run.cfg.micro_batch_size)
+    run.model.train()
+    return res.perplexity
+
+
 def save(run, step: int) -> None:
     state = {"step": step, "consumed": run.consumed, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
              "model_parallel_size": parallel.model_parallel_size(),
@@ -191,6 +211,8 @@ def loop(run) -> dict:
             if val is not None:
                 val_losses[done] = val
                 record = dict(record or {"step": done}, val_loss=val)
+            if cfg.eval_data:
+                record = dict(record or {"step": done}, eval_ppl=eval_text_perplexity(run))
         if record is not None:
             run.log.log(record)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
