@@ -13,13 +13,13 @@ Then: python generate.py --ckpt-dir out/default/step_000200
 import sys
 
 from llama.errors import USER_ERRORS, report
-from llama.train_config import load_config
+from llama.train.config import load_config
 
 
 def parse_args(argv):
     """[CONFIG.toml] [key=value ...] -> (config path or None, overrides)."""
     if any(a in ("-h", "--help") for a in argv):
-        from llama.train_config import config_help
+        from llama.train.config import config_help
 
         print(__doc__)
         print("Config keys (key=value on the command line, or in a TOML file), with their defaults:")
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(path, overrides)
-        from llama.train_setup import train  # after the config checks: importing torch takes a while
+        from llama.train.setup import train  # after the config checks: importing torch takes a while
 
         result = train(cfg)
     except KeyboardInterrupt:

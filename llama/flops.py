@@ -1,5 +1,5 @@
 """Model FLOPs per token and the GPU datasheet table: the one count and the one table that the
-planner (llama/plan.py) and the training metrics (llama/train_metrics.py, MFU) both use.
+planner (llama/plan.py) and the training metrics (llama/train/metrics.py, MFU) both use.
 
 The convention is PaLM's (Chowdhery et al., 2022, appendix B): a training token costs
     6 N  +  12 L H Dh T

@@ -124,8 +124,7 @@ def test_unshardable_save(meta_dir, tmp_path):
 def test_flipped_bytes_are_refused_by_the_archive_checksums(meta_dir):
     """4 KB of flipped bytes inside a tensor load fine through torch's memory map (and would generate
     garbage); the zip archive's CRC-32 of that member catches them."""
-    from llama import meta_io
-
+    from llama.checkpoint import meta as meta_io
     file = meta_dir / "consolidated.00.pth"
     data = bytearray(file.read_bytes())
     mid = len(data) // 2
@@ -141,8 +140,7 @@ def test_flipped_bytes_are_refused_by_the_archive_checksums(meta_dir):
 
 
 def test_checksums_are_read_once_per_file(meta_dir, monkeypatch):
-    from llama import meta_io
-
+    from llama.checkpoint import meta as meta_io
     checked = []
     real = meta_io._check_member
     monkeypatch.setattr(meta_io, "_check_member", lambda *a: checked.append(a[1].filename) or real(*a))

@@ -141,7 +141,7 @@ def test_training_checkpoint_params_json_equals_converts(tmp_path):
     """One params.json writer: a training checkpoint and convert write the same file for the same
     ModelArgs, and it reads back into equal ModelArgs."""
     from llama.model import ModelArgs
-    from llama.train_state import save_checkpoint
+    from llama.train.state import save_checkpoint
 
     for extra in [{}, dict(tie_word_embeddings=True, use_scaled_rope=True, rope_scaling_factor=32.0,
                            rope_original_max_seq_len=16, context_length=8192, head_dim=32)]:

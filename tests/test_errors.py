@@ -20,7 +20,7 @@ from llama.dtypes import parse_dtype
 from llama.errors import ArgumentError, UserError
 from llama.model import ModelArgs
 from llama.model_args_check import ModelArgsError
-from llama.train_config import load_config
+from llama.train.config import load_config
 from tests.test_generation import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_both_dtype_spellings_everywhere():
 
 
 def test_train_help_lists_every_key_with_its_default(capsys):
-    from llama.train_config import FIELDS
+    from llama.train.config import FIELDS
 
     with pytest.raises(SystemExit) as exit_:
         train_script.main(["--help"])

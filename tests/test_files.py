@@ -174,7 +174,7 @@ def test_prepare_overwrite_tokenizer_names_and_checkpoint_dirs(workspace, llama3
     (ws / "ckpt/tokenizer.model").write_bytes(llama3_tokenizer_path.read_bytes())
     proc = prepare_cli("corpus", "--tokenizer", "ckpt", "--out", "out2", cwd=ws)
     assert proc.returncode == 0, proc.stderr
-    from llama.data import read_meta
+    from llama.train.data import read_meta
 
     assert read_meta(ws / "out")["n_tokens"] == read_meta(ws / "out2")["n_tokens"]
     assert temporaries(ws) == []

@@ -71,7 +71,7 @@ def test_model_parallel_matches_single_process(mp, tied):
 
 def duplicated_kv_worker(full_state: dict):
     """MP=4 with 2 K/V heads: each rank holds a copy of the K/V head its queries use (as Meta's 405B
-    MP16 release does). The duplication is written here independently of llama/checkpoint.py."""
+    MP16 release does). The duplication is written here independently of llama/checkpoint/load.py."""
     parallel.init_distributed(4)
     args = ModelArgs(**{**ARGS, "n_kv_heads": 2})
     with torch.device("meta"):
@@ -201,7 +201,7 @@ def test_callers_of_the_kv_head_rule_agree(n_heads, n_kv, mp, monkeypatch):
     answer for each (n_heads, n_kv_heads, mp): the rule is llama.parallel.check_model_parallel."""
     from llama import meta_io, plan
     from llama.errors import UserError
-    from llama.train_config import TrainConfig, check_layout
+    from llama.train.config import TrainConfig, check_layout
 
     args = ModelArgs(dim=16 * n_heads, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=48 * 8,
                      hidden_dim=48 * 8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from llama.model import ModelArgs, Transformer
-from llama.train_config import DEFAULT_MODEL, ConfigError, TrainConfig, check_layout, load_config
-from llama.train_metrics import flops_per_token, matmul_params
-from llama.training import TrainingError, global_grad_norm, lr_at, make_optimizer
+from llama.train.config import DEFAULT_MODEL, ConfigError, TrainConfig, check_layout, load_config
+from llama.train.metrics import flops_per_token, matmul_params
+from llama.train.loop import TrainingError, global_grad_norm, lr_at, make_optimizer
 from tests.train_helpers import ROOT, TINY, cli, read_metrics, tiny_config, tiny_corpus
 
 
@@ -22,7 +22,7 @@ def corpus(tmp_path_factory):
 
 
 def train(data_dir, out_dir, *overrides):
-    from llama.train_setup import train as run
+    from llama.train.setup import train as run
 
     return run(tiny_config(data_dir, out_dir, *overrides))
 
@@ -174,14 +174,14 @@ def test_loss_decreases_and_checkpoint_loads(corpus, tmp_path):
 
 
 def _val_batches(data_dir):
-    from llama.batches import Batches
+    from llama.train.batches import Batches
 
     return Batches(data_dir, 32, 0).val_micro_batches(1, 8, 8, 0, 1)
 
 
 def test_sft_from_a_checkpoint(corpus, tmp_path):
     """init_from one of our checkpoints (tokenizer found next to it), chat jsonl, assistant-only loss."""
-    from llama.train_setup import train as run
+    from llama.train.setup import train as run
 
     data_dir, _ = corpus
     base = train(data_dir, tmp_path / "base", "max_steps=1")["checkpoint"]
@@ -381,7 +381,7 @@ def _tiny_gguf_with_smollm2_tokenizer(path, smollm2_gguf):
     """A 1-layer model that carries SmolLM2's real tokenizer metadata (49152 tokens, ChatML template)."""
     import gguf
 
-    from llama.gguf_io import GGUFFile
+    from llama.checkpoint.gguf import GGUFFile
     from tests.ckpt_util import gguf_name
 
     meta = GGUFFile(smollm2_gguf).metadata
@@ -435,7 +435,7 @@ def test_fine_tune_keeps_the_tokenizer_and_chat_format(kind, fine_tune_sources, 
     the same chat-encoded ids of a dialog, the same stop tokens; SmolLM2 keeps its default system prompt."""
     from llama.checkpoint import default_tokenizer_path
     from llama.tokenizer import load_tokenizer
-    from llama.train_setup import train as run
+    from llama.train.setup import train as run
 
     source = fine_tune_sources[kind]
     text = tmp_path / "text.txt"

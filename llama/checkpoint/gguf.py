@@ -29,9 +29,10 @@ import torch
 
 import gguf
 
-from llama.model import ModelArgs
+from llama.model import ModelArgs, rope_frequencies
 from llama.errors import UserError
 from llama.model_args_check import ModelArgsError
+from llama.checkpoint.common import CheckpointError
 
 # Metadata value types: type id -> struct format (STRING=8 and ARRAY=9 are handled separately).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -229,7 +230,6 @@ def _rope_scaling(g: GGUFFile, kwargs: dict) -> dict:
     if "rope_freqs.weight" not in g.tensors:
         return {}
     factors = g.tensor("rope_freqs.weight").float()
-    from llama.model import rope_frequencies
 
     orig = int(g.metadata.get("llama.rope.scaling.original_context_length", 8192))
     scaled = dict(use_scaled_rope=True, rope_scaling_factor=float(factors.max()), rope_original_max_seq_len=orig)
@@ -253,7 +253,6 @@ class GGUFSource:
         self._names = {meta_key(n) or n: n for n in self.file.tensors}
 
     def args(self, **overrides) -> ModelArgs:
-        from llama.checkpoint import CheckpointError
 
         try:
             return model_args(self.file, **overrides)
@@ -267,7 +266,6 @@ class GGUFSource:
 
     def pieces(self, name: str):
         if name not in self._names:
-            from llama.checkpoint import CheckpointError
 
             raise CheckpointError(f"{self.path}: tensor {name} is missing (the file is incomplete or not a Llama model)")
         return [self.file.tensor(self._names[name])]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llama import parallel
-from llama.checkpoint import CheckpointError, model_args_from_dict, params_json
+from llama.checkpoint.common import CheckpointError, model_args_from_dict, params_json
 from llama.files import atomic_write, write_text
 from llama.model import ModelArgs
 

@@ -1,13 +1,13 @@
 """The training loop: model parallel (Fairscale) x data parallel (DDP), AdamW, exact resume.
 
 One optimizer step:
-  1. this data-parallel rank's micro-batches of the global batch (llama/batches.py);
+  1. this data-parallel rank's micro-batches of the global batch (llama/train/batches.py);
   2. forward + backward for each, under bf16 autocast on CUDA; DDP all-reduces the gradients over
      the data-parallel group on the last micro-batch only (no_sync before it);
   3. the loss is a sum over trained target tokens divided by their count over the whole global
      batch, so accumulation, data parallelism and SFT masks all give the single-process mean;
   4. clip by the global gradient norm, set the scheduled learning rate, step AdamW.
-Setup (config -> processes -> data -> model -> optimizer -> resume) lives in llama/train_setup.py.
+Setup (config -> processes -> data -> model -> optimizer -> resume) lives in llama/train/setup.py.
 """
 
 import functools
@@ -22,11 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama import parallel
-from llama.batches import IGNORE
+from llama.train.batches import IGNORE
 from llama.eval.perplexity import perplexity
-from llama.train_config import TrainConfig
-from llama.train_metrics import flops_per_token, memory_gb
-from llama.train_state import latest_checkpoint, rng_state, save_checkpoint
+from llama.train.config import TrainConfig
+from llama.train.metrics import flops_per_token, memory_gb
+from llama.train.state import latest_checkpoint, rng_state, save_checkpoint
 from llama.errors import UserError
 
 

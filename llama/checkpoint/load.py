@@ -16,14 +16,10 @@ K/V head once per rank that uses it; we read the first copy and duplicate again 
 """
 
 import ctypes
-import json
 import os
-import re
 import sys
-import warnings
-from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -31,17 +27,14 @@ from llama import parallel
 from llama.api_checks import check_context_fits, check_sizes
 from llama.dtypes import parse_dtype
 from llama.model import ModelArgs, Transformer
-from llama.errors import UserError
-from llama.model_args_check import ModelArgsError
-from llama.tokenizer import TokenizerError, tokenizer_file
+from llama.tokenizer.errors import TokenizerError
+from llama.tokenizer.paths import tokenizer_file
+from llama.checkpoint.common import CheckpointError
+from llama.checkpoint.gguf import GGUFFormatError, GGUFSource
+from llama.checkpoint.hf import HFSource
+from llama.checkpoint.meta import MetaSource
 
 
-class CheckpointError(UserError):
-    """Bad checkpoint input; the message names the file, the problem and the fix."""
-
-
-META_KEYS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-             "norm_eps", "rope_theta", "use_scaled_rope"]
 _IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE table; llama.cpp's 3.1 factors
 
 
@@ -50,7 +43,7 @@ _IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE tab
 
 def resolve(path) -> Path:
     """A training run's out_dir stands for its newest complete checkpoint: train.py writes a
-    `latest` file naming it (llama/train_state.py), so `--ckpt-dir out/default` just works."""
+    `latest` file naming it (llama/train/state.py), so `--ckpt-dir out/default` just works."""
     path = Path(path)
     pointer = path / "latest"
     if path.is_dir() and pointer.is_file() and not (path / "params.json").exists():
@@ -90,14 +83,11 @@ def _open(path):
     path = resolve(path)
     fmt = detect_format(path)
     if fmt == "meta":
-        from llama.meta_io import MetaSource
 
         return MetaSource(path)
     if fmt == "hf":
-        from llama.hf_io import HFSource
 
         return HFSource(path)
-    from llama.gguf_io import GGUFFormatError, GGUFSource
 
     file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
     try:
@@ -288,63 +278,6 @@ def release_pages(t: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------- params
 
 
-def model_args_from_dict(params, file: Path, names: Optional[dict] = None, **overrides) -> ModelArgs:
-    """ModelArgs from a params.json-style dict; unknown keys are dropped with a warning. A bad value
-    is a ModelArgsError naming `file` and the key as the file spells it (`names`: ModelArgs -> file key)."""
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{file}: holds a JSON {type(params).__name__}, not an object of model keys "
-                              f"(dim, n_layers, ...): is this the right file?")
-    known = {f.name for f in fields(ModelArgs)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        warnings.warn(f"{file}: ignoring keys ModelArgs does not know: {unknown}")
-    kwargs = {k: v for k, v in params.items() if k in known}
-    kwargs.update(overrides)
-    try:
-        return ModelArgs(**kwargs)
-    except ModelArgsError as e:
-        raise e.at(file, names) from None
-
-
-def params_dict(args: ModelArgs) -> dict:
-    """params.json content: Meta's keys, plus our extra keys only where they change the model (and
-    the trained context length, when known). The one writer: conversions and training checkpoints."""
-    out = {k: getattr(args, k) for k in META_KEYS}
-    plain = ModelArgs(**{k: getattr(args, k) for k in META_KEYS})
-    if args.hidden_dim is not None and args.hidden_dim != plain.ffn_hidden_dim:
-        out["hidden_dim"] = args.hidden_dim
-    if args.head_dim != plain.head_dim:
-        out["head_dim"] = args.head_dim
-    if args.tie_word_embeddings:
-        out["tie_word_embeddings"] = True
-    if args.use_scaled_rope:
-        defaults = ModelArgs()
-        for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
-            if getattr(args, k) != getattr(defaults, k):
-                out[k] = getattr(args, k)
-    if args.context_length is not None:
-        out["context_length"] = args.context_length
-    return out
-
-
-def params_json(args: ModelArgs) -> str:
-    """The text of params.json for `args`."""
-    return json.dumps(params_dict(args), indent=2) + "\n"
-
-
 # ---------------------------------------------------------------------------- saving
 
 
-def save_meta(state_dict: Dict[str, torch.Tensor], params: ModelArgs, out_dir, num_shards: int = 1, dtype=None):
-    """Write params.json + consolidated.NN.pth (NN = 00 .. num_shards-1) from a full Meta-key dict."""
-    from llama.meta_io import save_meta as _save
-
-    _save(state_dict, params, out_dir, num_shards, dtype)
-
-
-def save_hf(state_dict: Dict[str, torch.Tensor], params: ModelArgs, out_dir, dtype=None,
-            max_shard_bytes: int = 5 * 2**30):
-    """Write config.json + model.safetensors (or model-0000N-of-0000M.safetensors + index)."""
-    from llama.hf_io import save_hf as _save
-
-    _save(state_dict, params, out_dir, dtype, max_shard_bytes)

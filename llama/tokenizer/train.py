@@ -29,7 +29,8 @@ from pathlib import Path
 import regex
 
 from llama.files import write_bytes
-from llama.tokenizer import Tokenizer, TokenizerError
+from llama.tokenizer.errors import TokenizerError
+from llama.tokenizer.llama3 import Tokenizer
 
 NUM_SPECIAL = Tokenizer.num_reserved_special_tokens  # appended by Tokenizer after the ranks
 

@@ -220,9 +220,7 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
         if not sep or not key:
             raise ConfigError(f"argument {item!r} is not key=value (e.g. max_steps=100)")
         _apply(values, key.strip(), parse_value(text.strip()), "the command line")
-    if values.get("resume"):  # continue with the keys the run was started with (llama/train_state.py)
-        from llama.train_state import resume_values
-
+    if values.get("resume"):  # continue with the keys the run was started with (llama/train/state.py)
         values = resume_values(values, {k: getattr(TrainConfig(), k) for k in FIELDS})
     cfg = TrainConfig(**values)
     validate(cfg)
@@ -297,3 +295,54 @@ def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[in
         raise ConfigError(f"batch_size={cfg.batch_size} must split evenly over {dp} data-parallel ranks and into "
                           f"micro-batches of {micro}: change batch_size or micro_batch_size")
     return dp, micro
+
+
+# Keys a resumed run may change: how long, how often to log/evaluate/save, and how the same math
+# runs (device, compile, recomputation, accumulation). Every other key is the run's saved value.
+MAY_CHANGE_ON_RESUME = {"max_steps", "log_every", "eval_every", "save_every", "keep_last", "eval_batches",
+                        "device", "compile", "activation_checkpointing", "micro_batch_size", "peak_tflops",
+                        "resume", "out_dir"}
+
+
+def resume_values(values: dict, defaults: dict) -> dict:
+    """The config values of a resumed run: those the run was started with (saved in its newest
+    checkpoint's train_state.00.pth), plus the MAY_CHANGE_ON_RESUME keys from `values` (the keys the
+    user gave). A key given again with another value is a ConfigError naming it; so is a max_steps
+    the run has already reached. With no checkpoint yet, `values` are returned unchanged."""
+    import torch  # here, not at the top: train.py checks a config before paying for torch's import
+
+    from llama.checkpoint import CheckpointError
+    from llama.train.state import latest_checkpoint
+
+    out_dir = values.get("out_dir", defaults["out_dir"])
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return values
+    state_file = ckpt / "train_state.00.pth"
+    if not state_file.is_file():
+        raise CheckpointError(f"{ckpt} has no train_state.00.pth: it is not a training checkpoint to resume")
+    state = torch.load(state_file, map_location="cpu", mmap=True, weights_only=True)
+    saved = {k: v for k, v in state["config"].items() if k in defaults}
+    where = f"the run's saved configuration ({state_file})"
+    given = {k: v for k, v in values.items() if k != "model"}
+    given.update({f"model.{k}": v for k, v in values.get("model", {}).items()})
+    saved_flat = {**saved, **{f"model.{k}": v for k, v in saved.get("model", {}).items()}}
+    for key, value in given.items():
+        if key in MAY_CHANGE_ON_RESUME:
+            continue
+        was = saved_flat.get(key, defaults.get(key))
+        if key in ("init_from", "tokenizer") and value:
+            value = asset_path(value)
+        if value != was:
+            hint = ""
+            if key == "model_parallel_size":
+                hint = (f"; to continue at model_parallel_size={value}, convert it first (python -m llama.convert "
+                        f"{ckpt} NEW --to meta --shards {value}) and start a new run with init_from=NEW")
+            raise ConfigError(f"resume=true: {key}={value!r} differs from {key}={was!r} in {where}: drop {key} "
+                              f"to continue the run, or start a new run in another out_dir{hint}")
+    merged = {**saved, **{k: v for k, v in values.items() if k in MAY_CHANGE_ON_RESUME}, "resume": True}
+    max_steps = merged.get("max_steps", defaults["max_steps"])
+    if max_steps <= state["step"]:
+        raise ConfigError(f"resume=true: the run in {out_dir} is already at step {state['step']} and "
+                          f"max_steps={max_steps}: give a larger max_steps to continue it")
+    return merged

@@ -10,7 +10,6 @@ Two differences from Meta's layout besides the names:
 """
 
 import json
-import math
 import re
 import struct
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llama.checkpoint import CheckpointError, model_args_from_dict
+from llama.checkpoint.common import CheckpointError, model_args_from_dict
 from llama.files import atomic_write, write_text
 from llama.model import ModelArgs
 

@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 
 from llama import parallel
-from llama.batches import Batches
-from llama.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
+from llama.train.batches import Batches
+from llama.train.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import tokenizer_file
-from llama.train_config import TrainConfig, asset_path, check_device, check_layout
-from llama.train_metrics import MetricsLog, peak_tflops
-from llama.train_state import latest_checkpoint, load_checkpoint, set_rng_state
-from llama.training import enable_activation_checkpointing, loop, make_optimizer
+from llama.train.config import TrainConfig, asset_path, check_device, check_layout
+from llama.train.metrics import MetricsLog, peak_tflops
+from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
+from llama.train.loop import enable_activation_checkpointing, loop, make_optimizer
 
 
 @dataclass
