@@ -1,6 +1,7 @@
 """What each subcommand does once its arguments are checked: load, score, print (rank 0), return
 the numbers. compare.py builds on these, so its report shows the same numbers."""
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -60,7 +61,7 @@ def perplexity_command(args) -> dict:
     result = score_text(llama, source, args)
     print_perplexity(result)
     if args.json:
-        Path(args.json).write_text(json_dumps(result))
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -75,12 +76,6 @@ def choice_command(args) -> dict:
         write_per_item(args.out, items, result)
         say(f"per-item  {args.out}")
     return result
-
-
-def json_dumps(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2) + "\n"
 
 
 def check_file(path: Optional[str], what: str) -> None:

@@ -49,7 +49,8 @@ class LlamaRefLM(TemplateLM):
             llama = Llama.build(ckpt_dir or str(assets.smollm2_gguf()), tokenizer_path, max_seq_len=int(max_seq_len),
                                 max_batch_size=1, dtype=DTYPES.get(dtype), device=device)
         self.llama, self.tokenizer = llama, llama.tokenizer
-        self.batch_size = 8 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+        # lm-eval's "auto" / "auto:N" (find the largest batch that fits) is not implemented: 8
+        self.batch_size = 8 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
 
     @property
