@@ -125,8 +125,7 @@ def test_llama3_long_inputs_match_chunkwise(llama3, tiktoken_reference, kind):
 def test_one_llama3_split_pattern():
     """Meta's tokenizer, the GGUF pre-tokenizer table and BPE training split text with one regex."""
     from llama.tokenizer import bpe
-    from llama import bpe_train
-
+    from llama.tokenizer import train as bpe_train
     assert Tokenizer.pat_str is bpe.LLAMA3_PATTERN
     assert bpe.GGUF_PRE_TOKENIZERS["llama-bpe"] == [bpe.LLAMA3_PATTERN]
     assert bpe_train.count_chunks.__defaults__[0] is bpe.LLAMA3_PATTERN
