@@ -22,11 +22,22 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama import parallel
+from llama.model import KVCache
 from llama.api_checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
 from llama.dtypes import parse_dtype
 from llama.errors import ArgumentError
 from llama.fast import compile_decode_step, keep_freed_memory, mark_cache_dynamic, own_storage
 from llama.sampling import alternatives, check_sampling_args, sample
+
+
+def cache_slot(cache: List[KVCache], b: int) -> List[KVCache]:
+    """Sequence b's slot of every layer's cache, sharing storage: prefill one ragged prompt at a time."""
+    views = []
+    for layer in cache:
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = layer.k[b : b + 1], layer.v[b : b + 1]  # (1, K, S, Dh)
+        views.append(view)
+    return views
 
 
 @dataclass
@@ -197,7 +208,7 @@ class Llama:
         if self.compiled:
             mark_cache_dynamic(cache)
         logits = torch.stack([  # (B, V)
-            self._prefill(p, [layer.slot(b) for layer in cache], None if prompt_logprobs is None else prompt_logprobs[b])
+            self._prefill(p, cache_slot(cache, b), None if prompt_logprobs is None else prompt_logprobs[b])
             for b, p in enumerate(prompt_tokens)])
         positions = torch.tensor(lengths, device=self.device)  # where each sequence's next token goes
         generated, done = [0] * B, [False] * B

@@ -3,11 +3,10 @@
     tokens -> embedding -> n_layers x [ x + Attention(RMSNorm(x)) ; x + FeedForward(RMSNorm(x)) ]
            -> RMSNorm -> output projection -> logits
 
-Shapes: B batch, T tokens in this call, S cached positions, D model width, H query heads,
-K key/value heads (grouped-query attention: each K/V head serves H/K query heads), Dh head width.
-Names (wq, w1, tok_embeddings, ...) are Meta's: they are the checkpoint keys.
-Under model parallelism the heads and FFN units are split across ranks (llama/parallel.py); the
-code below only ever sees this rank's share, via `view(B, T, -1, head_dim)`.
+Shapes: B batch, T tokens in this call, S cached positions, D width, H query heads, K key/value
+heads, Dh head width. Names (wq, w1, tok_embeddings) are Meta's checkpoint keys. Under model
+parallelism each rank holds a share of the heads and FFN units (llama/parallel.py) and the code
+below sees only that share, via `view(B, T, -1, head_dim)`.
 """
 
 import math
@@ -38,8 +37,7 @@ class ModelArgs:
     use_scaled_rope: bool = False  # Llama 3.1+: stretch long RoPE wavelengths for 128K context
     max_batch_size: int = 32
     max_seq_len: int = 2048
-    # Beyond Meta's keys, for HF/GGUF shapes: an explicit FFN width and head width, tied
-    # input/output embeddings, and the 3.1 RoPE scaling constants (3.1 uses factor 8, 3.2 uses 32).
+    # Beyond Meta's keys (HF/GGUF shapes): FFN and head widths, tied embeddings, 3.1 RoPE scaling.
     hidden_dim: Optional[int] = None
     head_dim: Optional[int] = None
     tie_word_embeddings: bool = False
@@ -47,9 +45,7 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
-    # The context the weights were trained for (HF max_position_embeddings, GGUF context_length), kept
-    # through conversions; None: unknown. The model ignores it: max_seq_len sizes the caches.
-    context_length: Optional[int] = None
+    context_length: Optional[int] = None  # the trained context, kept through conversions; unused here
 
     def __post_init__(self):
         check_model_args(self)  # types, positive sizes, head divisibility: a ModelArgsError naming the key
@@ -86,11 +82,8 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     """The rotation speed of each pair of dimensions: theta^(-2i/Dh) (Su et al., 2021, eq. 15).
-
-    Llama 3.1 (use_scaled_rope) stretches the context 8x (32x for 3.2) without retraining the fast
-    dimensions: wavelengths shorter than original_len/high_freq_factor are kept, those longer than
-    original_len/low_freq_factor are divided by the factor, and a linear ramp blends in between.
-    """
+    Llama 3.1 (use_scaled_rope) stretches the context 8x: wavelengths shorter than original/high
+    are kept, longer than original/low are divided by the factor, a linear ramp blends between."""
     dh = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float32, device=device) / dh))  # (Dh/2,)
     if not args.use_scaled_rope:
@@ -109,33 +102,26 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
 
 
 def precompute_freqs_cis(args: ModelArgs, device=None) -> torch.Tensor:
-    """e^(i * position * freq) for every position and pair: (max_seq_len, Dh/2), complex64."""
+    """cis(angle) = cos + i sin of position * freq, stored as (cos, sin) pairs: (max_seq_len, Dh/2, 2)."""
     positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, rope_frequencies(args, device))
-    return torch.polar(torch.ones_like(angles), angles)
+    angles = torch.outer(positions, rope_frequencies(args, device))  # (S, Dh/2), fp32: exact at 128K
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) by its angle: Meta's interleaved layout.
-    Multiplying by a unit complex number is a 2-D rotation; done in fp32 for accuracy.
-    freqs_cis is (T, Dh/2), or (B, T, Dh/2) when each sequence is at its own position."""
+    """Rotate each adjacent pair (x[2i], x[2i+1]) by its angle (Meta's interleaved layout): the complex
+    product (a + ib)(cos + i sin) written in reals, in fp32. freqs_cis is (T, Dh/2, 2), or
+    (B, T, Dh/2, 2) when each sequence is at its own position."""
     B, T, H, Dh = x.shape
-    if torch.compiler.is_compiling():  # inductor has no complex kernels: the same product in reals,
-        # (a + ib)(c + is) = (ac - bs) + i(as + bc), fuses into the kernels around it
-        a, b = x.float().reshape(B, T, H, Dh // 2, 2).unbind(-1)  # (B, T, H, Dh/2) each
-        c, s = torch.view_as_real(freqs_cis).unsqueeze(-3).unbind(-1)  # broadcast over the heads
-        return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(3).type_as(x)
-    pairs = torch.view_as_complex(x.float().reshape(B, T, H, Dh // 2, 2))  # (B, T, H, Dh/2)
-    rotated = pairs * freqs_cis.unsqueeze(-2)  # broadcast over the heads
-    return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, T, H, Dh)
+    a, b = x.float().reshape(B, T, H, Dh // 2, 2).unbind(-1)  # (B, T, H, Dh/2) each
+    cos, sin = freqs_cis.unsqueeze(-3).unbind(-1)  # (.., T, 1, Dh/2): broadcast over the heads
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)  # (B, T, H, Dh)
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer. The caller creates it (sized to
-    the request, not to max_seq_len) and passes it into the forward pass; prefill fills positions
-    [0, T), each decode step one more. A plain object rather than an nn.Module: torch.compile then
-    takes k and v as ordinary inputs, checked by shape only, so one compiled decode step serves
-    every request's cache (a module's buffers would be frozen into the graph by identity)."""
+    """Keys and values of the positions seen so far, for one layer, created by the caller (sized to
+    the request) and passed in. A plain object, not a module, so torch.compile takes k and v as inputs
+    checked by shape: one compiled decode step serves every request's cache."""
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
         shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, K, S, Dh): what SDPA wants
@@ -143,9 +129,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, start_pos, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, K, T, Dh) at [start_pos, start_pos+T); return all keys/values so far.
-        A tensor start_pos (B,) gives each sequence its own position (ragged batches); then every
-        slot is returned, a fixed shape that torch.compile can reuse (the caller masks the rest)."""
+        """Store k, v (B, K, T, Dh) at [start_pos, start_pos+T); return all keys/values so far. A
+        tensor start_pos (B,) puts each sequence at its own position and returns every slot (a fixed
+        shape; the caller masks the rest)."""
         if isinstance(start_pos, torch.Tensor):
             pos = start_pos.view(-1, 1) + torch.arange(k.shape[2], device=k.device)  # (B, T)
             rows = torch.arange(k.shape[0], device=k.device).view(-1, 1)  # (B, 1)
@@ -158,12 +144,6 @@ class KVCache:
         self.k[: k.shape[0], :, start_pos:end] = k
         self.v[: v.shape[0], :, start_pos:end] = v
         return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
-
-    def slot(self, b: int) -> "KVCache":
-        """Sequence b's slot alone, sharing storage: prefill one ragged prompt at a time into it."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[b : b + 1], self.v[b : b + 1]
-        return view
 
 
 class Attention(nn.Module):
@@ -188,9 +168,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, K_local, S, Dh), S = start_pos + T
-        # Causal masking. Without earlier positions (or for a single new token) SDPA's is_causal
-        # needs no mask tensor, so a long sequence never builds a T x T matrix. A chunk that
-        # continues a cache attends to all S - T earlier positions plus its own causal triangle.
+        # Causal: is_causal needs no T x T mask tensor; a chunk continuing a cache attends to all
+        # S - T earlier positions plus its own causal triangle.
         is_causal = T > 1 and mask is None  # a mask passed in: per-sequence positions (Transformer)
         if is_causal and k.shape[2] != T:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
@@ -240,28 +219,25 @@ class Transformer(nn.Module):
         self.output = parallel.column_parallel_linear(params.dim, params.vocab_size, gather_output=True)
         if params.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight  # same (vocab, dim) shard on every rank
-        # The RoPE table is derived, not learned: non-persistent, so it is not in checkpoints. On the
-        # `meta` device (building before loading weights) it is still computed for real, on the CPU.
-        meta = torch.get_default_device().type == "meta"
-        self.register_buffer("freqs_cis", precompute_freqs_cis(params, "cpu" if meta else None), persistent=False)
+        # Derived, not learned: not in checkpoints (a loader that builds on the meta device recomputes it)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(params), persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, cache: Optional[List[KVCache]] = None,
                 last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) at positions [start_pos, start_pos+T) -> float logits (B, T, vocab), or
-        (B, 1, vocab) for the last position only (what sampling needs after a prefill).
-        start_pos may be a tensor (B,) of per-sequence positions (with a cache): decoding a ragged
-        batch, each sequence attends to its own cache slots [0, start_pos[b] + t] only."""
+        """tokens (B, T) at positions [start_pos, start_pos+T) -> float logits (B, T, vocab), or (B, 1,
+        vocab) with last_only. A tensor start_pos (B,) (with a cache) decodes a ragged batch: each
+        sequence attends to its own slots [0, start_pos[b] + t] only."""
         B, T = tokens.shape
         mask = None
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos.view(-1, 1) + torch.arange(T, device=tokens.device)  # (B, T)
-            freqs_cis = self.freqs_cis[positions]  # (B, T, Dh/2)
+            freqs_cis = self.freqs_cis[positions]  # (B, T, Dh/2, 2)
             slots = torch.arange(cache[0].k.shape[2], device=tokens.device)  # (S,)
             mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
         elif start_pos + T > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.params.max_seq_len}")
         else:
-            freqs_cis = self.freqs_cis[start_pos : start_pos + T]  # (T, Dh/2)
+            freqs_cis = self.freqs_cis[start_pos : start_pos + T]  # (T, Dh/2, 2)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, start_pos, None if cache is None else cache[i], mask)
@@ -277,21 +253,11 @@ class Transformer(nn.Module):
         k_local = attn.n_kv_heads // parallel.model_parallel_size()
         return [KVCache(batch_size, max_len, k_local, attn.head_dim, dtype, device) for _ in self.layers]
 
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) casts every buffer, and casting complex to real drops the
-        # imaginary part. The RoPE table follows the model's device but stays complex64.
-        table = self._buffers.pop("freqs_cis")
-        super()._apply(fn, recurse)
-        device = self.norm.weight.device
-        self.register_buffer("freqs_cis", table if device.type == "meta" else table.to(device), persistent=False)
-        return self
-
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise for training from scratch: N(0, 0.02) for matrices, with the residual outputs
-        (wo, w2) scaled by 1/sqrt(2 n_layers) so the residual stream's variance does not grow with
-        depth (GPT-2); norms at 1. Each logical tensor is drawn whole from a generator seeded by its
-        name, then this rank keeps its shard: every model-parallel layout gets the same weights."""
+        """N(0, 0.02), residual outputs (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2), norms at 1. Each
+        logical tensor is drawn whole from a generator seeded by its name (each K/V head once), then
+        this rank keeps its shard: every model-parallel layout gets the same weights."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
@@ -300,7 +266,6 @@ class Transformer(nn.Module):
             if name.endswith(("wo.weight", "w2.weight")):
                 std /= math.sqrt(2 * self.params.n_layers)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-            # wk/wv: drawn with each K/V head once, then copied to every rank that shares it
             kv = self.params.n_kv_heads
             full = torch.empty(parallel.full_shape(name, p.shape, n_kv_heads=kv)).normal_(0.0, std, generator=gen)
             p.copy_(parallel.shard(name, full, n_kv_heads=kv))

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from llama.checkpoint import save_meta
-from llama.generation import Llama, mark_cache_dynamic
+from llama.generation import Llama, cache_slot, mark_cache_dynamic
 from llama.model import ModelArgs, Transformer
 from llama.sampling import restrict, sample
 from tests.dist import run_distributed
@@ -182,7 +182,7 @@ def test_per_sequence_positions_equal_a_full_forward():
     cache = model.make_cache(2, 16)
     with torch.no_grad():
         for b, s in enumerate(seqs):  # prefill all but the last token, each sequence alone
-            model(s[None, :-1], 0, [layer.slot(b) for layer in cache])
+            model(s[None, :-1], 0, cache_slot(cache, b))
         got = model(torch.stack([s[-1:] for s in seqs]), torch.tensor([5 - 1, 11 - 1]), cache)[:, 0]
         for b, s in enumerate(seqs):
             torch.testing.assert_close(got[b], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
@@ -353,7 +353,7 @@ def test_compiled_decode_step_matches_eager_step(tiny_dir, quantize, template_ge
         cache = llama.model.make_cache(2, 40)  # another length than the request above: the same graph
         mark_cache_dynamic(cache)
         for b, p in enumerate(prompts):
-            llama._prefill(p, [layer.slot(b) for layer in cache], None)
+            llama._prefill(p, cache_slot(cache, b), None)
         tokens, positions = torch.tensor([[9822], [1093]]), torch.tensor([4, 2])
         got = llama._decode(tokens, positions, cache)
         want = llama._decode_step(tokens, positions, cache)  # rewrites the same slots with the same k, v
@@ -440,7 +440,7 @@ def _compiled_and_eager_steps(ckpt_dir, mp, forced):
         cache = model.make_cache(2, 16)
         mark_cache_dynamic(cache)
         for b, p in enumerate(prompts):
-            llama._prefill(p, [layer.slot(b) for layer in cache], None)
+            llama._prefill(p, cache_slot(cache, b), None)
         positions = torch.tensor([len(p) for p in prompts])
         for step in forced:
             tokens = torch.tensor([[t] for t in step])  # (2, 1)
@@ -466,7 +466,7 @@ def test_compiled_model_parallel_step_matches_eager(tmp_path, template_gemm, mp)
     with torch.inference_mode():
         cache = model.make_cache(2, 16)
         for b, p in enumerate([[1, 2, 3, 4, 5], [6, 7]]):
-            single._prefill(p, [layer.slot(b) for layer in cache], None)
+            single._prefill(p, cache_slot(cache, b), None)
         positions, reference = torch.tensor([5, 2]), []
         for step in forced:
             reference.append(single._decode_step(torch.tensor([[t] for t in step]), positions, cache))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama.model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis
+from llama.model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis, rope_frequencies
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 
@@ -138,15 +138,25 @@ def test_rope_is_a_rotation():
     assert torch.allclose(apply_rotary_emb(q, freqs[9:10]).norm(), q.norm())
 
 
-def test_rotary_real_form_under_compile_equals_complex_form():
-    """Under torch.compile apply_rotary_emb spells the complex product out in reals (inductor has
-    no complex kernels); traced by dynamo (backend="eager"), it must give the eager complex result,
-    for shared positions (T, Dh/2) and per-sequence ones (B, T, Dh/2)."""
-    freqs = precompute_freqs_cis(tiny_args(max_seq_len=64))
+def meta_complex_rotary(x, angles):
+    """Meta's reference form: view each pair as a complex number and multiply by e^(i angle)."""
+    B, T, H, Dh = x.shape
+    pairs = torch.view_as_complex(x.float().reshape(B, T, H, Dh // 2, 2))
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles).unsqueeze(-2)).flatten(3)
+
+
+def test_rotary_equals_metas_complex_form_eager_and_compiled():
+    """The (cos, sin) rotation is Meta's complex product, for shared positions (T, Dh/2, 2) and
+    per-sequence ones (B, T, Dh/2, 2); traced by dynamo (one path, no compile-only branch) too."""
+    args = tiny_args(max_seq_len=64)
+    freqs = precompute_freqs_cis(args)
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), rope_frequencies(args))
     x = torch.randn(2, 5, 3, 16)
     traced = torch.compile(apply_rotary_emb, backend="eager", fullgraph=True)
-    for f in (freqs[7:12], freqs[torch.tensor([[3], [40]]) + torch.arange(5)]):
-        torch.testing.assert_close(traced(x, f), apply_rotary_emb(x, f), atol=1e-6, rtol=1e-6)
+    for idx in (torch.arange(7, 12), torch.tensor([[3], [40]]) + torch.arange(5)):
+        expected = meta_complex_rotary(x, angles[idx])
+        torch.testing.assert_close(apply_rotary_emb(x, freqs[idx]), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(traced(x, freqs[idx]), expected, atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
 
 
@@ -196,14 +206,18 @@ def test_no_causal_mask_materialised_without_cache(monkeypatch):
     assert calls and all(mask is None and causal for mask, causal in calls)
 
 
-def test_bf16_cast_keeps_rope_table():
+def test_bf16_cast_keeps_rope_table_usable():
+    """model.to(bfloat16) casts the (cos, sin) table too: the angles were computed in fp32, so the
+    values only round to bf16 (as HF's do), and the bf16 model's logits stay close to fp32's."""
     model = build(tiny_args())
     table = model.freqs_cis.clone()
+    tokens = torch.randint(0, 256, (1, 8))
+    reference = model(tokens)
     model.to(torch.bfloat16)
-    assert model.freqs_cis.dtype == torch.complex64
-    torch.testing.assert_close(model.freqs_cis, table)
-    logits = model(torch.randint(0, 256, (1, 8)))
+    torch.testing.assert_close(model.freqs_cis.float(), table, atol=4e-3, rtol=0)
+    logits = model(tokens)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, reference, atol=0.1, rtol=0.05)
 
 
 def test_overlong_input_is_refused():
