@@ -63,6 +63,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     # system
     model_parallel_size: int = 1
+    data_parallel: str = "ddp"  # "ddp": full copies per data-parallel rank; "fsdp": sharded (llama/fsdp.py)
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3); false: ZeRO-2
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False  # torch.compile the model
@@ -200,6 +202,10 @@ def validate(cfg: TrainConfig) -> None:
                           f"or one of {', '.join(ASSETS)}")
     if cfg.tokenizer and cfg.tokenizer not in ASSETS and not Path(cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer {cfg.tokenizer} does not exist")
+    if cfg.data_parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"data_parallel={cfg.data_parallel!r}: use \"ddp\" or \"fsdp\"")
+    if not cfg.reshard_after_forward and cfg.data_parallel != "fsdp":
+        raise ConfigError("reshard_after_forward=false (ZeRO-2) shards the model: it needs data_parallel=\"fsdp\"")
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")
