@@ -132,7 +132,7 @@ def write_shards(tmp: Path, model, train_state: dict, optimizer) -> None:
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
     del weights
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / f"optimizer.{mp_rank:02d}",
-             process_group=parallel.data_parallel_group())
+             process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
 
 
 def is_fsdp_checkpoint(path: Path) -> bool:
@@ -175,6 +175,6 @@ def load_checkpoint(path: Path, model, optimizer, device) -> dict:
     del weights
     optim_state = get_optimizer_state_dict(model, optimizer)  # the template DCP fills in (sharded here)
     dcp.load({"optimizer": optim_state}, checkpoint_id=path / f"optimizer.{mp_rank:02d}",
-             process_group=parallel.data_parallel_group() if dist.is_initialized() else None)
+             process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
     set_optimizer_state_dict(model, optimizer, optim_state)
     return train_state
