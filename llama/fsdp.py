@@ -28,7 +28,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+try:  # public since torch 2.6; without it, ddp still works and fsdp is a one-line error
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+except ImportError:
+    FSDPModule = MixedPrecisionPolicy = fully_shard = None
 
 from llama import parallel
 from llama.errors import UserError
@@ -40,17 +46,13 @@ class FSDPError(UserError):
 
 
 def require_fully_shard() -> None:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401  (public since torch 2.6)
-    except ImportError:
+    if fully_shard is None:
         raise FSDPError(f"data_parallel=\"fsdp\" needs torch.distributed.fsdp.fully_shard (torch >= 2.6; this is "
-                        f"torch {torch.__version__}): upgrade torch or use data_parallel=\"ddp\"") from None
+                        f"torch {torch.__version__}): upgrade torch or use data_parallel=\"ddp\"")
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    return FSDPModule is not None and isinstance(model, FSDPModule)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -65,9 +67,6 @@ def shard_model(model, device: torch.device, reshard_after_forward: bool = True,
     One process (no group to shard over): the model as it is, on `device`."""
     if not dist.is_initialized():
         return model.to(device)
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = DeviceMesh.from_group(parallel.data_parallel_group(), device.type)
     low = compute_dtype != torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype if low else None, reduce_dtype=torch.float32 if low else None)

@@ -46,7 +46,7 @@ def test_bad_combinations_are_one_line_errors(tmp_path, monkeypatch):
     cfg = load_config(None, ["data_parallel=fsdp", "model_parallel_size=2"])
     with pytest.raises(ConfigError, match="model_parallel_size=2 does not divide the 3 processes"):
         check_layout(cfg, ModelArgs(**DEFAULT_MODEL), 3)
-    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)  # a torch without fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", None)  # what a torch without it leaves
     with pytest.raises(fsdp.FSDPError, match=r"needs torch.distributed.fsdp.fully_shard \(torch >= 2.6"):
         fsdp.require_fully_shard()
     done = cli("reshard_after_forward=false", f"out_dir={tmp_path / 'out'}")
@@ -169,8 +169,22 @@ def _torchrun_node(node_rank: int, port: int, args, log):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
            "--rdzv-id", "fsdp-test", str(ROOT / "train.py"), *args]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts its workers in new sessions, so
+    killing its process group would leave them training)."""
+    psutil = pytest.importorskip("psutil")
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.mark.slow
@@ -190,8 +204,8 @@ def test_two_node_fsdp_run_killed_with_sigkill_resumes_to_the_same_losses(corpus
                                               and (out / "latest").read_text() >= "step_000006"):
             assert all(n.poll() is None for n in nodes), (tmp_path / "node0.log").read_text()[-3000:]
             time.sleep(0.05)
-        for n in nodes:  # the launcher and its worker: a whole node going down
-            os.killpg(n.pid, signal.SIGKILL)
+        for n in nodes:  # a whole node going down: the launcher and its workers (their own sessions)
+            _kill_tree(n.pid)
             n.wait()
     saved = int((out / "latest").read_text().split("_")[1])
     assert saved >= 6
