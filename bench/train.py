@@ -133,7 +133,7 @@ def data_parallel_rank_main(args) -> int:
     from llama import fsdp, parallel
     from llama.training import loss_sum
 
-    runs = {kind: setup(load_config(None, DP_BENCH + [f"out_dir=out/bench-{kind}", f"data_parallel={kind}"]))
+    runs = {kind: setup(load_config(None, DP_BENCH + args.set + [f"out_dir=out/bench-{kind}", f"data_parallel={kind}"]))
             for kind in ("ddp", "fsdp")}
     dp, rank = parallel.data_parallel_size(), parallel.data_parallel_rank()
 
@@ -179,6 +179,7 @@ def data_parallel_main(args) -> int:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", __file__, "--fsdp",
            "--rounds", str(args.rounds), "--steps", str(args.steps)] + (["--json", args.json] if args.json else [])
+    cmd += [f"--set={kv}" for kv in args.set]
     return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
 
 
@@ -191,6 +192,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--fsdp", action="store_true", help="DDP vs FSDP at MP=2 x DP=2 (4 processes), ~100M params")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--fsdp: a train config override for both sides (e.g. --set seq_len=128)")
     args = parser.parse_args()
     if args.fsdp:
         return data_parallel_main(args)

@@ -129,7 +129,7 @@ def write_shards(tmp: Path, model, train_state: dict, optimizer) -> None:
     if writer:
         atomic_write(tmp / f"consolidated.{mp_rank:02d}.pth", lambda f: torch.save(weights, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
-    del weights
+    weights.clear()  # the gathered copy goes before DCP writes the optimizer
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / f"optimizer.{mp_rank:02d}",
              process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
 
