@@ -22,6 +22,8 @@ goes through torch.distributed.checkpoint (DCP) per model-parallel rank over the
 group, so a run resumes at any data-parallel size (DCP reshards on load).
 """
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,8 +132,19 @@ def write_shards(tmp: Path, model, train_state: dict, optimizer) -> None:
         atomic_write(tmp / f"consolidated.{mp_rank:02d}.pth", lambda f: torch.save(weights, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
     weights.clear()  # the gathered copy goes before DCP writes the optimizer
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / f"optimizer.{mp_rank:02d}",
-             process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
+    with _one_process_is_fine():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=tmp / f"optimizer.{mp_rank:02d}", process_group=parallel.data_parallel_group(),
+                 no_dist=not dist.is_initialized())
+
+
+@contextmanager
+def _one_process_is_fine():
+    """DCP warns that it assumes a single process when there is no process group: here that is
+    the intent (a one-process run, or resuming on one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield
 
 
 def is_fsdp_checkpoint(path: Path) -> bool:
@@ -166,14 +179,15 @@ def load_checkpoint(path: Path, model, optimizer, device) -> dict:
     saved_mp = len(list(path.glob("consolidated.*.pth")))
     if saved_mp != mp or not state_file.is_file():
         raise FSDPError(f"{path} was saved at model_parallel_size={saved_mp}, this run has {mp}: resume at "
-                        f"{saved_mp}, or convert it first (python -m llama.convert --shards {mp}) and start a new "
-                        f"run with init_from")
+                        f"{saved_mp}, or convert it first (python -m llama.convert {path} NEW_DIR --to meta "
+                        f"--shards {mp}) and start a new run with init_from=NEW_DIR (the optimizer state stays behind)")
     train_state = torch.load(state_file, map_location="cpu", weights_only=True)
     weights = torch.load(path / f"consolidated.{mp_rank:02d}.pth", map_location="cpu", weights_only=True, mmap=True)
     load_full_weights(model, weights)
     del weights
     optim_state = get_optimizer_state_dict(model, optimizer)  # the template DCP fills in (sharded here)
-    dcp.load({"optimizer": optim_state}, checkpoint_id=path / f"optimizer.{mp_rank:02d}",
-             process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
+    with _one_process_is_fine():
+        dcp.load({"optimizer": optim_state}, checkpoint_id=path / f"optimizer.{mp_rank:02d}",
+                 process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
     set_optimizer_state_dict(model, optimizer, optim_state)
     return train_state
