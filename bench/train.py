@@ -3,6 +3,7 @@
     flock /tmp/llama-bench.lock python bench/train.py                 # CPU: default config's shape
     flock /tmp/llama-bench.lock python bench/train.py --compile       # + ours under torch.compile
     flock /tmp/llama-bench.lock python bench/train.py --gpu           # ~1B (Llama 3.2 1B shape), bf16: tok/s + MFU
+    flock /tmp/llama-bench.lock python bench/train.py --fsdp          # DDP vs FSDP, MP=2 x DP=2, ~100M params, CPU
 
 Both sides train the same shape on the same batches (the default corpus through llama/train/batches.py)
 with the same optimizer (AdamW, same groups and hyper-parameters, foreach on CPU / fused on CUDA),
@@ -14,6 +15,7 @@ Ours is `llama.train.loop.train_step` on the Run that train.py builds; HF is the
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -119,6 +121,69 @@ def report(label: str, r: dict, device: str) -> None:
     print(line, f"({device}, {r['params_M']:.1f}M params, {r['shape']})", flush=True)
 
 
+# ~104M parameters (dim 768, 16 layers, 12 heads, 4 KV heads, FFN 2048, the default corpus's 2048-word
+# BPE); short sequences so that a step takes seconds on a shared CPU.
+DP_BENCH = ["device=cpu", "model_parallel_size=2", "model.dim=768", "model.n_layers=16", "model.n_heads=12",
+            "model.n_kv_heads=4", "model.multiple_of=256", "seq_len=64", "batch_size=4", "micro_batch_size=2",
+            "log_every=100000", "eval_every=0", "save_every=0"]
+
+
+def data_parallel_rank_main(args) -> int:
+    """One of the 4 ranks: a DDP run and an FSDP run of the same shape, rounds alternating."""
+    from llama import parallel
+from llama.train import fsdp
+    from llama.train.loop import loss_sum
+
+    runs = {kind: setup(load_config(None, DP_BENCH + args.set + [f"out_dir=out/bench-{kind}", f"data_parallel={kind}"]))
+            for kind in ("ddp", "fsdp")}
+    dp, rank = parallel.data_parallel_size(), parallel.data_parallel_rank()
+
+    def steps(run, start: int, n: int) -> float:
+        cfg = run.cfg
+        t0 = time.perf_counter()
+        for s in range(start, start + n):
+            train_step(run, run.batches.train_micro_batches(s * cfg.batch_size, cfg.batch_size, cfg.micro_batch_size,
+                                                            rank, dp), s)
+        return n * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)  # global tokens/s
+
+    results = {kind: [] for kind in runs}
+    for kind, run in runs.items():
+        steps(run, 0, 1)  # warm-up
+    for r in range(args.rounds):
+        for kind, run in runs.items():
+            results[kind].append(steps(run, 1 + r * args.steps, args.steps))
+    out = {"rounds": results, "tok_s": {k: statistics.median(v) for k, v in results.items()},
+           "ratio": statistics.median(f / d for f, d in zip(results["fsdp"], results["ddp"]))}
+    out["state_bytes"] = {}
+    for kind, run in runs.items():  # one more backward so the gradients exist when counted
+        x, y = run.batches.train_micro_batches(0, run.cfg.batch_size, run.cfg.micro_batch_size, rank, dp)[0]
+        loss_sum(run.forward, x, y).backward()
+        out["state_bytes"][kind] = fsdp.state_bytes(run.model, run.optimizer)
+        run.log.close()
+    out["params_M"] = sum(parallel.full_shape(n, p.shape).numel() for n, p in runs["ddp"].model.named_parameters()) / 1e6
+    if int(os.environ["RANK"]) == 0:
+        ddp_b, fsdp_b = (sum(out["state_bytes"][k].values()) for k in ("ddp", "fsdp"))
+        print(f"MP=2 x DP=2, {out['params_M']:.1f}M params, fp32, CPU ({torch.get_num_threads()} threads/rank): "
+              f"DDP {out['tok_s']['ddp']:,.0f} tok/s | FSDP {out['tok_s']['fsdp']:,.0f} tok/s | FSDP/DDP "
+              f"{out['ratio']:.2f}x (median of rounds) | state per rank: DDP {ddp_b / 2**20:.1f} MiB, FSDP "
+              f"{fsdp_b / 2**20:.1f} MiB ({fsdp_b / ddp_b:.2f}x)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def data_parallel_main(args) -> int:
+    """Under torchrun: this rank's part; otherwise start the 4 processes (torchrun) on this script."""
+    if "RANK" in os.environ:
+        return data_parallel_rank_main(args)
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", __file__, "--fsdp",
+           "--rounds", str(args.rounds), "--steps", str(args.steps)] + (["--json", args.json] if args.json else [])
+    cmd += [f"--set={kv}" for kv in args.set]
+    return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the ~1B bf16 configuration on CUDA")
@@ -127,7 +192,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--fsdp", action="store_true", help="DDP vs FSDP at MP=2 x DP=2 (4 processes), ~100M params")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--fsdp: a train config override for both sides (e.g. --set seq_len=128)")
     args = parser.parse_args()
+    if args.fsdp:
+        return data_parallel_main(args)
     if args.gpu and not torch.cuda.is_available():
         print("error: --gpu needs CUDA; no GPU here", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
     python -m llama.plan --model configs/models/llama3.1-8b.json --mp 8 --dp 16 --seq 131072 --batch 1
     python -m llama.plan --model llama3.1-405b --mp 16 --cp 16 --dp 8 --zero 3 --seq 131072 --train --gpu h200
+    python -m llama.plan --config configs/train/scale/llama3.1-70b.toml      # a training recipe's layout
 
 Parameters are counted from a `Transformer` built on the `meta` device (no memory, no hand-typed
 counts); each rank's share follows `llama.parallel.SHARD_DIM`, the table the model itself uses.
@@ -27,9 +28,9 @@ The assumptions, each a constant below:
                                    + 8*F              w1 out, w3 out, silu(w1 out), product (input of w2)
   With activation checkpointing each block keeps only its bf16 input (2*D per token) and one
   block's activations are rebuilt at a time during backward;
-- the loss head keeps fp32 logits (held by the training loop) and their log-softmax (saved by the
-  cross-entropy): 8 bytes * vocab per token, on every mp rank (the output layer gathers the
-  vocabulary before the loss); the final RMSNorm adds 8*D + 4 like the others;
+- the loss head keeps fp32 logits (held by the training loop) and their softmax (saved by the
+  cross-entropy): 8 bytes * vocab / mp per token (training never gathers the vocabulary: the loss
+  is vocabulary-parallel, llama/parallel.py); the final RMSNorm adds 8*D + 4 like the others;
 - inference memory is weights + KV cache: generation.py prefills in chunks of 512 tokens and
   keeps only the last position's logits, so its activations are small next to the cache;
 - decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
@@ -44,6 +45,7 @@ import argparse
 import functools
 import json
 import sys
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +56,7 @@ from llama.flops import GPU, GPUS, flops_per_token
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
 from llama.model_args_check import ModelArgsError
+from llama.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # the official shapes (in a checkout)
 GiB = 1024**3
@@ -192,7 +195,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["optimizer"] = n_local * OPTIM_BYTES // shard(1)
         memory["activations"] = args.n_layers * per_token * tokens
         memory["activations (checkpointed)"] = (args.n_layers * 2 * args.dim + per_token) * tokens
-        memory["loss head"] = (8 * args.vocab_size + 8 * args.dim + 4) * tokens
+        memory["loss head"] = (8 * args.vocab_size // mp + 8 * args.dim + 4) * tokens
         states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["loss head"]
         memory["total"] = states + memory["activations"]
         memory["total (checkpointed)"] = states + memory["activations (checkpointed)"]
@@ -213,6 +216,31 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         speed["decode tokens/s (all replicas)"] = (dp * batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
     fits = total <= HEADROOM * g.memory_gib * GiB
     return Plan(args, g, mp, dp, seq, batch, train, zero, cp, mfu, counts, memory, total, fits, speed)
+
+
+def plan_training_config(path, gpu: str = "h100", mfu: float = 0.4) -> Plan:
+    """The plan for a train.py recipe's layout: model_parallel_size x data_parallel_size, ddp or fsdp
+    (ZeRO-3; ZeRO-2 with reshard_after_forward = false), micro_batch_size x seq_len tokens per
+    forward. The shape comes from init_from (its params.json when the weights are here, else the
+    official shape its directory is named after: .../Llama3.1-70B -> configs/models/llama3.1-70b.json)
+    or from model_config and [model]."""
+    try:
+        cfg = TrainConfig(**tomllib.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise PlanError(f"--config {path}: no such file (see configs/train/)") from None
+    except (tomllib.TOMLDecodeError, TypeError) as e:
+        raise PlanError(f"--config {path}: not a train.py config ({e})") from None
+    if cfg.init_from and (Path(cfg.init_from) / "params.json").is_file():
+        args = load_model_args(Path(cfg.init_from) / "params.json")
+    elif cfg.init_from:
+        args = load_model_args(Path(cfg.init_from).name.lower())
+    else:
+        args = cfg.model_args()
+        if args.vocab_size <= 0:
+            raise PlanError(f"--config {path}: set model.vocab_size (the tokenizer's) to plan it")
+    zero = 0 if cfg.data_parallel == "ddp" else (3 if cfg.reshard_after_forward else 2)
+    return make_plan(args, mp=cfg.model_parallel_size, dp=max(1, cfg.data_parallel_size), seq=cfg.seq_len,
+                     batch=cfg.micro_batch_size, train=True, gpu=gpu, zero=zero, mfu=mfu)
 
 
 def human_bytes(n: float) -> str:
@@ -254,8 +282,8 @@ def format_plan(p: Plan, name: str = "model") -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True,
-                    help="params.json-style file, or a name from configs/models/ such as llama3.1-8b")
+    ap.add_argument("--model", help="params.json-style file, or a name from configs/models/ such as llama3.1-8b")
+    ap.add_argument("--config", help="a train.py recipe (configs/train/...): plan its training layout")
     ap.add_argument("--mp", type=int, default=1, help="model-parallel (tensor-parallel) GPUs per replica")
     ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel GPUs sharing each sequence")
@@ -267,14 +295,19 @@ def main(argv=None) -> int:
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     opts = ap.parse_args(argv)
     try:
-        args = load_model_args(opts.model)
-        p = make_plan(args, opts.mp, opts.dp, opts.seq, opts.batch, opts.train, opts.gpu, opts.zero, opts.mfu,
-                      opts.cp)
+        if opts.config:
+            p, name = plan_training_config(opts.config, opts.gpu, opts.mfu), Path(opts.config).stem
+        elif opts.model:
+            args, name = load_model_args(opts.model), Path(opts.model).stem
+            p = make_plan(args, opts.mp, opts.dp, opts.seq, opts.batch, opts.train, opts.gpu, opts.zero, opts.mfu,
+                          opts.cp)
+        else:
+            raise PlanError("give --model (a params.json or a name such as llama3.1-8b) or --config (a train.py recipe)")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        print(format_plan(p, Path(opts.model).stem))
+        print(format_plan(p, name))
     except BrokenPipeError:  # `| head`: the reader has seen enough
         sys.stderr.close()
     return 0

@@ -69,6 +69,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     # system
     model_parallel_size: int = 1  # ranks each model is split over (torchrun); the rest is data parallel
+    data_parallel: str = "ddp"  # "ddp": full copies per data-parallel rank; "fsdp": sharded (llama/train/fsdp.py)
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3); false: ZeRO-2
+    data_parallel_size: int = 0  # the launch this recipe expects (0: processes / model_parallel_size); llama.plan reads it
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False  # torch.compile the model
@@ -258,6 +261,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"tokenizer {cfg.tokenizer} does not exist")
     if cfg.eval_data and not Path(cfg.eval_data).is_file():
         raise ConfigError(f"eval_data {cfg.eval_data} is not a file: give a text file to measure perplexity on")
+    if cfg.data_parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"data_parallel={cfg.data_parallel!r}: use \"ddp\" or \"fsdp\"")
+    if not cfg.reshard_after_forward and cfg.data_parallel != "fsdp":
+        raise ConfigError("reshard_after_forward=false (ZeRO-2) shards the model: it needs data_parallel=\"fsdp\"")
+    if cfg.data_parallel_size < 0:
+        raise ConfigError(f"config key 'data_parallel_size' must not be negative, got {cfg.data_parallel_size}")
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")
@@ -289,6 +298,10 @@ def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[in
                           f"launch a multiple of {mp} (torchrun --nproc_per_node)")
     _check_parallel(cfg, args)
     dp = world_size // mp
+    if cfg.data_parallel_size and dp != cfg.data_parallel_size:
+        raise ConfigError(f"data_parallel_size={cfg.data_parallel_size} x model_parallel_size={mp} needs "
+                          f"{cfg.data_parallel_size * mp} processes, torchrun started {world_size}: fix --nnodes / "
+                          f"--nproc-per-node (or data_parallel_size)")
     share = cfg.batch_size // dp
     micro = min(cfg.micro_batch_size, share)
     if cfg.batch_size % dp != 0 or share % micro != 0:

@@ -1,9 +1,10 @@
-"""The training loop: model parallel (Fairscale) x data parallel (DDP), AdamW, exact resume.
+"""The training loop: model parallel (Fairscale) x data parallel (DDP or FSDP), AdamW, exact resume.
 
 One optimizer step:
   1. this data-parallel rank's micro-batches of the global batch (llama/train/batches.py);
-  2. forward + backward for each, under bf16 autocast on CUDA; DDP all-reduces the gradients over
-     the data-parallel group on the last micro-batch only (no_sync before it);
+  2. forward + backward for each, under bf16 autocast on CUDA; DDP all-reduces (FSDP
+     reduce-scatters, llama/train/fsdp.py) the gradients over the data-parallel group on the last
+     micro-batch only; under model parallelism the loss comes from each rank's vocabulary slice;
   3. the loss is a sum over trained target tokens divided by their count over the whole global
      batch, so accumulation, data parallelism and SFT masks all give the single-process mean;
   4. clip by the global gradient norm, set the scheduled learning rate, step AdamW.
@@ -19,9 +20,9 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from llama import parallel
+from llama.train import fsdp
 from llama.train.batches import IGNORE
 from llama.eval.perplexity import perplexity
 from llama.train.config import TrainConfig
@@ -60,26 +61,29 @@ def global_grad_norm(model) -> torch.Tensor:
     """The L2 norm of the whole model's gradient, identical on every rank. A sharded tensor's
     squares are summed over the model-parallel group; a replicated one (the RMSNorm gains, whose
     gradient is the same on every model-parallel rank) is counted once. DDP already averaged over
-    the data-parallel group."""
+    the data-parallel group; under FSDP each data-parallel rank holds a piece of every gradient,
+    so both sums are first added up over the data-parallel group."""
     sharded, replicated = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
-            (sharded if parallel.shard_dim(name) is not None else replicated).append(p.grad.detach())
-    zero = torch.zeros((), device=next(model.parameters()).device)
+            (sharded if parallel.shard_dim(name) is not None else replicated).append(fsdp.local(p.grad.detach()))
+    zero = torch.zeros((), device=fsdp.local(next(model.parameters())).device)
 
     def sum_of_squares(grads):  # one fused kernel per dtype/device group, as clip_grad_norm_ does
         return torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else zero
 
-    sharded_sq, replicated_sq = sum_of_squares(sharded), sum_of_squares(replicated)
+    squares = torch.stack([sum_of_squares(sharded), sum_of_squares(replicated)])  # (split, replicated)
+    if fsdp.is_sharded(model) and parallel.data_parallel_size() > 1:
+        dist.all_reduce(squares, group=parallel.data_parallel_group())
     if parallel.model_parallel_size() > 1:
-        dist.all_reduce(sharded_sq, group=parallel.model_parallel_group())
-    return (sharded_sq + replicated_sq).sqrt()
+        dist.all_reduce(squares[0], group=parallel.model_parallel_group())
+    return squares.sum().sqrt()
 
 
 def clip_gradients(model, norm: torch.Tensor, max_norm: float) -> None:
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
+        torch._foreach_mul_([fsdp.local(p.grad) for p in model.parameters() if p.grad is not None], scale)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -96,21 +100,32 @@ def dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the trained targets (IGNORE marks the rest). (B, T) -> ()."""
-    logits = forward(inputs)  # (B, T, V) float32
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    """Summed cross-entropy over the trained targets (IGNORE marks the rest). (B, T) -> ().
+    Under model parallelism the logits are this rank's vocabulary slice (keep_logits_split) and
+    the loss is computed from the slices, never the full (B, T, vocab) tensor."""
+    logits = forward(inputs)  # (B, T, V / model-parallel size) float32
+    return parallel.vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
+
+
+def grad_sync(run, sync: bool):
+    """Reduce gradients over the data-parallel group on this micro-batch? DDP: no_sync() around
+    the forward; FSDP: a flag its backward reads (no reduce-scatter until the last micro-batch)."""
+    if fsdp.is_sharded(run.model):
+        run.model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return run.ddp.no_sync() if run.ddp is not None and not sync else nullcontext()
 
 
 def train_step(run, micro_batches: List, step: int):
     """One optimizer step over this rank's micro-batches; returns (loss, grad norm, lr) as floats."""
     device, dp = run.device, parallel.data_parallel_size()
     count = dp_all_reduce(sum((y != IGNORE).sum() for _, y in micro_batches).to(device, torch.float32))
-    # DDP averages gradients over dp ranks; scaling by dp/count makes the result sum/count.
+    # DDP and FSDP average gradients over dp ranks; scaling by dp/count makes the result sum/count.
     scale = dp / count.clamp(min=1.0)
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with (run.ddp.no_sync() if run.ddp is not None and not sync else nullcontext()), run.autocast():
+        with grad_sync(run, sync), run.autocast():
             summed = loss_sum(run.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         (summed * scale).backward()
         total += summed.detach()
@@ -167,11 +182,17 @@ def eval_text_perplexity(run) -> float:
 
 
 def save(run, step: int) -> None:
-    state = {"step": step, "consumed": run.consumed, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+    state = {"step": step, "consumed": run.consumed, "rng": rng_state(),
              "model_parallel_size": parallel.model_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
              "data": str(run.data_dir), "tokenizer": str(run.tokenizer_path)}
-    path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last)
+    write_shards = None
+    if run.cfg.data_parallel == "fsdp":  # the optimizer goes to a DCP directory, sharded
+        write_shards = functools.partial(fsdp.write_shards, optimizer=run.optimizer)
+    else:
+        state["optimizer"] = run.optimizer.state_dict()
+    path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last,
+                           write_shards)
     run.saved_any = True
     run.log.print(f"saved {path}")
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from llama import parallel
+from llama.train import fsdp
 from llama.train.batches import Batches
 from llama.train.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
@@ -118,11 +119,16 @@ def pick_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device):
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype == "float32":
+    return getattr(torch, dtype)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    dtype = compute_dtype(cfg, device)
+    if dtype == torch.float32:
         return nullcontext
-    return partial(torch.autocast, device.type, dtype=getattr(torch, dtype))
+    return partial(torch.autocast, device.type, dtype=dtype)
 
 
 def build_model(cfg: TrainConfig, args: ModelArgs, device: torch.device) -> Transformer:
@@ -162,6 +168,8 @@ def setup(cfg: TrainConfig) -> Run:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _, micro = check_layout(cfg, args, world)
     cfg = dataclasses.replace(cfg, micro_batch_size=micro)
+    if cfg.data_parallel == "fsdp":
+        fsdp.require_fully_shard()
     check_data(cfg)
     parallel.init_distributed(cfg.model_parallel_size)
     device = pick_device(cfg)
@@ -174,8 +182,12 @@ def setup(cfg: TrainConfig) -> Run:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     data_dir, tok = _prepare_data(cfg, args, is_first)
     batches = Batches(data_dir, cfg.seq_len, cfg.seed)
-    model = build_model(cfg, args, device)
+    sharded = cfg.data_parallel == "fsdp"  # FSDP moves each block's shard to the device itself
+    model = build_model(cfg, args, torch.device("cpu") if sharded else device)
     model.train()
+    parallel.keep_logits_split(model)  # the loss is vocabulary-parallel
+    if sharded:
+        model = fsdp.shard_model(model, device, cfg.reshard_after_forward, compute_dtype(cfg, device))
     optimizer = make_optimizer(model, cfg, device)
     step, consumed = _maybe_resume(cfg, model, optimizer, device, is_first)
     return _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed, is_first)
@@ -190,8 +202,11 @@ def _maybe_resume(cfg, model, optimizer, device, is_first):
         if cfg.resume and is_first:
             print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
         return 0, 0
-    state = load_checkpoint(checkpoint, model, device)
-    optimizer.load_state_dict(state["optimizer"])
+    if cfg.data_parallel == "fsdp" or fsdp.is_fsdp_checkpoint(checkpoint):
+        state = fsdp.load_checkpoint(checkpoint, model, optimizer, device)
+    else:
+        state = load_checkpoint(checkpoint, model, device)
+        optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     if is_first:
         print(f"resumed from {checkpoint} (step {state['step']})", file=sys.stderr)
@@ -204,7 +219,7 @@ def _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed,
         enable_activation_checkpointing(model)
     ddp = None
     forward = model
-    if parallel.data_parallel_size() > 1:
+    if parallel.data_parallel_size() > 1 and cfg.data_parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = forward = DistributedDataParallel(

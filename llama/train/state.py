@@ -65,8 +65,10 @@ def is_training_checkpoint(path: Path) -> bool:
 
 
 def save_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path: Optional[str],
-                    keep_last: int = 0) -> Path:
-    """Collective over all ranks. Data-parallel rank 0 of each model-parallel rank writes its shard."""
+                    keep_last: int = 0, write_shards=None) -> Path:
+    """Collective over all ranks. Data-parallel rank 0 of each model-parallel rank writes its shard;
+    write_shards(tmp_dir, model, train_state), called on every rank, replaces that step (FSDP:
+    llama/train/fsdp.py gathers the weights and writes the optimizer with DCP)."""
     out, name = Path(out_dir), step_name(step)
     tmp, final = out / f".{name}.tmp", out / name
     writer = parallel.data_parallel_rank() == 0
@@ -81,7 +83,9 @@ def save_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path
             raise CheckpointError(f"{tmp} exists and was not made by a save: move it away")
         make_temp_dir(final, tmp.name)  # a fixed name (no pid): every rank must find it
     _barrier()
-    if writer:
+    if write_shards is not None:
+        write_shards(tmp, model, train_state)
+    elif writer:
         state = model.state_dict()
         atomic_write(tmp / f"consolidated.{mp_rank:02d}.pth", lambda f: torch.save(state, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
