@@ -116,8 +116,10 @@ def decode_bytes_ours(model) -> int:
 
 class Ours:
     def __init__(self, path, args, quantize=None, compile=False):
+        from llama.fast import keep_freed_memory
         from llama.generation import Llama
 
+        keep_freed_memory()  # as generate.py does: the allocator setting is opt-in
         self.llama = Llama.build(path, max_seq_len=1024, max_batch_size=1, device=args.device, compile=compile,
                                  quantize=quantize)
         self.llama.tokenizer.stop_tokens = set()  # always n tokens, like min_new_tokens / ignore_eos

@@ -112,8 +112,8 @@ def stream_batch(llama, prompt_tokens: List[List[int]], headers: List[str], args
     buffered = [[headers[b]] for b in range(len(prompt_tokens))]
     finished = [False] * len(prompt_tokens)
     current = 0
-    for seq, text, tok in llama.stream(prompt_tokens, args.max_gen_len, args.temperature, args.top_p,
-                                       args.top_k, top_n=args.show_probs):
+    for seq, text, tok in llama.stream(prompt_tokens, args.max_gen_len, temperature=args.temperature,
+                                       top_p=args.top_p, top_k=args.top_k, top_n=args.show_probs):
         texts[seq] += text
         buffered[seq].append(format_probs(llama.tokenizer, tok, tok.top) + "\n" if args.show_probs else text)
         finished[seq] = tok.done
@@ -202,8 +202,10 @@ def main(argv=None) -> int:
     say = Printer()
     try:
         check_args(args)
+        from llama.fast import keep_freed_memory
         from llama.generation import Llama
 
+        keep_freed_memory()  # this process only generates: reuse freed activation memory (llama/fast.py)
         if args.ckpt_dir is None:
             from llama.assets import smollm2_gguf
 

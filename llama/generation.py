@@ -26,7 +26,7 @@ from llama.model import KVCache
 from llama.api_checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
 from llama.dtypes import parse_dtype
 from llama.errors import ArgumentError
-from llama.fast import compile_decode_step, keep_freed_memory, mark_cache_dynamic, own_storage
+from llama.fast import compile_decode_step, mark_cache_dynamic, own_storage
 from llama.sampling import alternatives, check_sampling_args, sample
 
 
@@ -104,8 +104,6 @@ class Llama:
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.device = model.tok_embeddings.weight.device
-        if self.device.type == "cpu":  # reuse activation memory instead of faulting it in per prefill
-            keep_freed_memory()
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.stats = Stats()
         self.load_s = 0.0
@@ -176,7 +174,7 @@ class Llama:
                 raise ArgumentError(f"prompt {i} has token ids outside [0, {params.vocab_size}): "
                                     "encode it with the checkpoint's own tokenizer")
 
-    def generate_tokens(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+    def generate_tokens(self, prompt_tokens: List[List[int]], max_gen_len: int, *, temperature: float = 0.6,
                         top_p: float = 0.9, top_k: int = 0, logprobs: bool = False, top_n: int = 0,
                         prompt_logprobs: Optional[List[list]] = None) -> Iterator[Token]:
         """Yield each generated Token as soon as it is chosen, in step order (all live sequences
@@ -245,8 +243,8 @@ class Llama:
 
     # ------------------------------------------------------------------ Meta's API
 
-    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
-                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: int = 0,
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, *, temperature: float = 0.6,
+                 top_p: float = 0.9, top_k: int = 0, logprobs: bool = False, echo: bool = False,
                  ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Meta's generate: (tokens, logprobs) per sequence, new tokens only (prompt too with echo),
         cut before the first stop token. With echo, the first prompt token's logprob is 0, as in Meta's."""
@@ -256,8 +254,8 @@ class Llama:
         out_lp = [[] for _ in range(B)]
         stop = self.stop_tokens
         ended = [False] * B
-        for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs,
-                                        prompt_logprobs=prompt_lp):
+        for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p,
+                                        top_k=top_k, logprobs=logprobs, prompt_logprobs=prompt_lp):
             if tok.id in stop or ended[tok.seq]:
                 ended[tok.seq] = True
                 continue
@@ -281,9 +279,9 @@ class Llama:
             out.append(p if len(p) <= keep else head + p[len(p) - keep + len(head):])
         return out
 
-    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
-                        top_k: int = 0, truncate: bool = False) -> List[dict]:
+    def text_completion(self, prompts: List[str], *, max_gen_len: Optional[int] = None, temperature: float = 0.6,
+                        top_p: float = 0.9, top_k: int = 0, logprobs: bool = False, echo: bool = False,
+                        truncate: bool = False) -> List[dict]:
         """[{"generation": str}] per prompt; with logprobs also "tokens" (one string each) and "logprobs"."""
         check_prompts(prompts)
         check_max_gen_len(max_gen_len)
@@ -291,14 +289,15 @@ class Llama:
         prompt_tokens = [self._encode(x) for x in prompts]
         if truncate:
             prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    logprobs=logprobs, echo=echo)
         if logprobs:
             return [{"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t],
                      "logprobs": lp} for t, lp in zip(tokens, lps)]
         return [{"generation": self.tokenizer.decode(t)} for t in tokens]
 
-    def chat_completion(self, dialogs: List[List[dict]], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, top_k: int = 0,
+    def chat_completion(self, dialogs: List[List[dict]], *, max_gen_len: Optional[int] = None,
+                        temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0, logprobs: bool = False,
                         truncate: bool = False) -> List[dict]:
         """[{"generation": {"role": "assistant", "content": str}}] per dialog, in the model's chat format."""
         check_dialogs(dialogs)
@@ -307,7 +306,8 @@ class Llama:
         prompt_tokens = [self.encode_dialog(d) for d in dialogs]
         if truncate:
             prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    logprobs=logprobs)
         results = []
         for i, t in enumerate(tokens):
             result = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
@@ -322,7 +322,7 @@ class Llama:
 
     # ------------------------------------------------------------------ streaming
 
-    def stream(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+    def stream(self, prompt_tokens: List[List[int]], max_gen_len: int, *, temperature: float = 0.6,
                top_p: float = 0.9, top_k: int = 0, top_n: int = 0) -> Iterator[Tuple[int, str, Token]]:
         """Yield (seq, text, token) per generated token: `text` is the new, final text of sequence
         `seq` ("" while a multi-byte character is incomplete; stop tokens give no text). The texts
@@ -331,7 +331,8 @@ class Llama:
 
         decoders = [StreamDecoder(self.tokenizer) for _ in prompt_tokens]
         stop = self.stop_tokens
-        for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, top_n=top_n):
+        for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p,
+                                        top_k=top_k, top_n=top_n):
             text = "" if tok.id in stop else decoders[tok.seq].push(tok.id)
             if tok.done:
                 text += decoders[tok.seq].flush()

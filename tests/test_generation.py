@@ -165,6 +165,9 @@ def test_prefill_reuses_activation_memory(smollm2):
     reuse the freed blocks."""
     import resource
 
+    from llama.fast import keep_freed_memory
+
+    assert keep_freed_memory()  # opt-in (generate.py and bench/ turn it on): a library import changes nothing
     prompt = list(range(1000, 1512))
     smollm2.generate([prompt], 1, temperature=0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
