@@ -16,7 +16,7 @@ import sys
 
 from llama.errors import UserError
 from llama.eval import EvalError, commands, compare
-from llama.eval.commands import DTYPES
+from llama.dtypes import DTYPES
 from llama.eval.perplexity import check_window
 
 

@@ -10,8 +10,8 @@ import torch
 from llama.eval import EvalError, data
 from llama.eval.choice import read_items, score_items, write_per_item
 from llama.eval.perplexity import conditional_perplexity, perplexity
+from llama.dtypes import parse_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load(ckpt_dir: Optional[str], args, max_seq_len: int):
@@ -19,7 +19,7 @@ def load(ckpt_dir: Optional[str], args, max_seq_len: int):
     from llama import assets
     from llama.generation import Llama
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = parse_dtype(args.dtype, "--dtype")
     return Llama.build(ckpt_dir or str(assets.smollm2_gguf()), args.tokenizer_path, max_seq_len=max_seq_len,
                        max_batch_size=1, dtype=dtype, device=args.device)
 

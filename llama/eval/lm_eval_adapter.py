@@ -21,7 +21,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from llama.errors import UserError
 from llama.eval import EvalError
 from llama.eval.choice import loglikelihood_requests
-from llama.eval.commands import DTYPES
+from llama.dtypes import CHOICES, DTYPES, parse_dtype
 from llama.eval.perplexity import prefix_token
 from llama.eval.scoring import greedy_completions, score_requests
 
@@ -41,13 +41,13 @@ class LlamaRefLM(TemplateLM):
             raise EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(unknown))}{hint}: "
                             f"use {', '.join(MODEL_ARGS)}")
         if dtype is not None and dtype not in DTYPES:
-            raise EvalError(f"dtype={dtype}: choose one of {', '.join(sorted(DTYPES))}")
+            raise EvalError(f"dtype={dtype}: choose {CHOICES}")
         if llama is None:
             from llama import assets
             from llama.generation import Llama
 
             llama = Llama.build(ckpt_dir or str(assets.smollm2_gguf()), tokenizer_path, max_seq_len=int(max_seq_len),
-                                max_batch_size=1, dtype=DTYPES.get(dtype), device=device)
+                                max_batch_size=1, dtype=parse_dtype(dtype), device=device)
         self.llama, self.tokenizer = llama, llama.tokenizer
         # lm-eval's "auto" / "auto:N" (find the largest batch that fits) is not implemented: 8
         self.batch_size = 8 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
