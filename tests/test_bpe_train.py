@@ -98,7 +98,7 @@ def test_train_edge_cases(tmp_path, capsys):
 
 
 def test_cli(tmp_path, capsys):
-    from llama.tokenizer.__main__ import main
+    from llama.tokenizer import main
 
     data = tmp_path / "data"
     data.mkdir()

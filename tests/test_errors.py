@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import train as train_script
-from llama import checkpoint, convert, data, generate_cli, plan, tokenizer
+from llama import checkpoint, generate_cli, plan, tokenizer
+from llama.checkpoint import convert
+from llama.train import data
 from llama.dtypes import parse_dtype
 from llama.errors import ArgumentError, UserError
 from llama.model import ModelArgs
@@ -343,7 +345,8 @@ def raise_bug(*args, **kwargs):
 
 @pytest.mark.parametrize("cli", ["generate", "train", "convert", "data", "plan", "tokenizer"])
 def test_a_genuine_bug_keeps_its_traceback(cli, monkeypatch, tmp_path, tiny_dir):
-    from llama import generation, train_setup
+    from llama import generation
+    from llama.train import setup as train_setup
 
     calls = {
         "generate": (generation.Llama, "build", lambda: generate_cli.main(["--ckpt-dir", str(tiny_dir), "--prompt", "Hi"])),

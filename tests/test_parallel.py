@@ -199,7 +199,8 @@ GRID = [(n_heads, n_kv, mp) for n_heads in (4, 6, 8) for n_kv in (1, 2, 3, 4, 8)
 def test_callers_of_the_kv_head_rule_agree(n_heads, n_kv, mp, monkeypatch):
     """model.py (building the layers), plan.py, train_config.py and save_meta's shard check give one
     answer for each (n_heads, n_kv_heads, mp): the rule is llama.parallel.check_model_parallel."""
-    from llama import meta_io, plan
+    from llama import plan
+    from llama.checkpoint import meta as meta_io
     from llama.errors import UserError
     from llama.train.config import TrainConfig, check_layout
 

@@ -16,12 +16,15 @@ chat_format (see llama/tokenizer/chat.py). `Tokenizer` and `ChatFormat` are Meta
 
 from __future__ import annotations
 
+import argparse
+import sys
 import json
 import re
 import struct
 from pathlib import Path
 
 from llama.checkpoint.gguf import GGUFFile
+from llama.errors import USER_ERRORS, report
 from llama.tokenizer.bpe import ByteLevelBPETokenizer, gguf_to_hf_json, load_hf_json
 from llama.tokenizer.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
 from llama.tokenizer.errors import TokenizerError
@@ -123,4 +126,34 @@ def check_vocab(tokenizer, vocab_size: int) -> None:
             f"ids up to {tokenizer.n_words - 1} would index past the embedding table. Pair the checkpoint "
             "with the tokenizer it was trained with (or train with vocab_size >= the tokenizer's n_words)")
 
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama.tokenizer", description="Train a BPE tokenizer on your text, or look at the ids of some text.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a BPE tokenizer.model (tiktoken format) on your text")
+    train.add_argument("--input", nargs="+", required=True, metavar="FILES", help="files or directories")
+    train.add_argument("--vocab-size", type=int, required=True, help="total, including 256 special tokens")
+    train.add_argument("--out", required=True, metavar="PATH")
+    encode = sub.add_parser("encode", help="print the ids and pieces of some text")
+    encode.add_argument("--tokenizer", required=True, metavar="PATH")
+    encode.add_argument("text")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+
+            for item in args.input:
+                if not Path(item).exists():
+                    raise TokenizerError(f"{item}: no such training file or directory")
+            out = train_bpe([Path(p) for p in args.input], args.vocab_size, args.out, verbose=True)
+            print(f"wrote {out}: {load_tokenizer(out).n_words} tokens including 256 special tokens")
+        else:
+            tok = load_tokenizer(args.tokenizer)
+            try:
+                ids = tok.encode(args.text, bos=tok.add_bos, eos=False)
+            except ValueError as e:  # e.g. special-token text a byte-level BPE refuses
+                raise TokenizerError(f"{args.tokenizer}: cannot encode this text: {e}") from None
+            print(json.dumps({"ids": ids, "pieces": [tok.decode([i]) for i in ids]}, ensure_ascii=False))
+    except USER_ERRORS as e:  # TokenizerError or a missing path: one line; anything else is a bug
+        return report(e)
+    return 0
 
