@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from llama.lora import LORA_DTYPES, check_settings
 from llama.model import ModelArgs
 from llama.errors import UserError
 
@@ -68,6 +69,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     peak_tflops: float = 0.0  # the device's peak for MFU (0: look the GPU up in a table)
+    # LoRA (llama/lora.py, docs/lora.md): train low-rank adapters on a frozen base instead of every weight
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    base_dtype: str = "auto"  # the frozen base's dtype under LoRA: auto = bfloat16 on CUDA, float32 on CPU
     # model shape (from scratch): model_config (a params.json file) or else DEFAULT_MODEL, with the
     # [model] keys on top
     model_config: str = ""
@@ -200,9 +207,19 @@ def validate(cfg: TrainConfig) -> None:
                           f"or one of {', '.join(ASSETS)}")
     if cfg.tokenizer and cfg.tokenizer not in ASSETS and not Path(cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer {cfg.tokenizer} does not exist")
+    check_lora_config(cfg)
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")
+
+
+def check_lora_config(cfg: TrainConfig) -> None:
+    if not isinstance(cfg.lora_targets, list) or not all(isinstance(t, str) for t in cfg.lora_targets):
+        raise ConfigError(f"lora_targets must be a list of projection names, e.g. [\"wq\", \"wv\"], "
+                          f"got {cfg.lora_targets!r}")
+    if cfg.base_dtype not in LORA_DTYPES:
+        raise ConfigError(f"base_dtype={cfg.base_dtype!r}: use {', '.join(LORA_DTYPES)}")
+    check_settings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 
 def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[int, int]:

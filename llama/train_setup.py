@@ -21,6 +21,7 @@ from llama import parallel
 from llama.batches import Batches
 from llama.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
+from llama import lora, train_lora
 from llama.train_config import TrainConfig, asset_path, check_layout
 from llama.train_metrics import MetricsLog, peak_tflops
 from llama.train_state import latest_checkpoint, load_checkpoint, set_rng_state
@@ -158,6 +159,8 @@ def setup(cfg: TrainConfig) -> Run:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _, micro = check_layout(cfg, args, world)
     cfg = dataclasses.replace(cfg, micro_batch_size=micro)
+    if cfg.lora_rank:  # LoRA: the rank against the layers' shapes, before any work
+        lora.check_model(args, cfg.lora_rank, cfg.lora_targets, cfg.model_parallel_size)
     check_data(cfg)
     parallel.init_distributed(cfg.model_parallel_size)
     device = pick_device(cfg)
@@ -171,8 +174,12 @@ def setup(cfg: TrainConfig) -> Run:
     data_dir, tok = _prepare_data(cfg, args, is_first)
     batches = Batches(data_dir, cfg.seq_len, cfg.seed)
     model = build_model(cfg, args, device)
+    if cfg.lora_rank:  # adapters on a frozen base (llama/train_lora.py)
+        train_lora.attach(cfg, model, device)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
+    if cfg.lora_rank:
+        lora.check_only_adapters_train(model, optimizer)
     step, consumed = _maybe_resume(cfg, model, optimizer, device, is_first)
     return _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed, is_first)
 
@@ -186,7 +193,10 @@ def _maybe_resume(cfg, model, optimizer, device, is_first):
         if cfg.resume and is_first:
             print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
         return 0, 0
-    state = load_checkpoint(checkpoint, model, device)
+    if cfg.lora_rank:
+        state = train_lora.load_adapter_checkpoint(checkpoint, model, device, train_lora.base_pointer(cfg, model))
+    else:
+        state = load_checkpoint(checkpoint, model, device)
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     if is_first:
@@ -225,6 +235,10 @@ def train(cfg: TrainConfig) -> dict:
     n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in run.model.named_parameters())
     run.log.print(f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
                   f"{run.device} | data {run.data_dir} ({len(run.batches)} sequences of {cfg.seq_len})")
+    if cfg.lora_rank:
+        trainable = sum(parallel.full_shape(n, p.shape).numel() for n, p in lora.trainable_parameters(run.model).items())
+        run.log.print(f"LoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
+                      f"parameters ({100 * trainable / n_params:.2f}%), base frozen")
     try:
         result = loop(run)
     finally:

@@ -25,6 +25,7 @@ from llama import parallel
 from llama.batches import IGNORE
 from llama.train_config import TrainConfig
 from llama.train_metrics import flops_per_token, memory_gb
+from llama.train_lora import base_pointer, save_adapter_checkpoint
 from llama.train_state import latest_checkpoint, rng_state, save_checkpoint
 from llama.errors import UserError
 
@@ -151,7 +152,11 @@ def save(run, step: int) -> None:
              "model_parallel_size": parallel.model_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
              "data": str(run.data_dir), "tokenizer": str(run.tokenizer_path)}
-    path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last)
+    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train_lora.py)
+        path = save_adapter_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path,
+                                       run.cfg.keep_last, base_pointer(run.cfg, run.model))
+    else:
+        path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last)
     run.saved_any = True
     run.log.print(f"saved {path}")
 
