@@ -1,13 +1,14 @@
 """Convert weights between formats.
 
-    python -m llama.convert SRC DST --to {meta,hf} [--shards N] [--dtype bf16|fp16|fp32]
+    python -m llama.convert SRC DST --to {meta,hf} [--shards N] [--dtype bf16|fp16|fp32] [--lora ADAPTER]
 
 SRC is a Meta dir (any number of shards), an HF dir or a .gguf file. The weights are loaded whole
 in this one process (memory-mapped, so about one copy of them), then written:
   --to meta   params.json + consolidated.00..N-1.pth, loadable here at any model-parallel size
               and by Meta's own code at model-parallel size N;
   --to hf     config.json + safetensors (q/k permuted for HF's rotate-half RoPE), for transformers.
-Tokenizer files found next to SRC (tokenizer.model, tokenizer.json, ...) are copied along.
+--lora merges a LoRA adapter (a PEFT dir or a LoRA training checkpoint) into the weights first:
+W += (alpha/r) B A (llama/peft_io.py). Tokenizer files found next to SRC (tokenizer.model, tokenizer.json, ...) are copied along.
 """
 
 import argparse
@@ -17,19 +18,25 @@ from pathlib import Path
 
 import torch
 
-from llama import checkpoint
+from llama import checkpoint, peft_io
+from llama.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json"]
 
 
-def convert(src, dst, to: str, shards: int = 1, dtype=None) -> Path:
-    """Load `src` (any format) and write it to `dst` in format `to` ('meta' or 'hf'); returns dst."""
+def convert(src, dst, to: str, shards: int = 1, dtype=None, lora=None) -> Path:
+    """Load `src` (any format), merge the LoRA adapter `lora` if given, and write it to `dst` in
+    format `to` ('meta' or 'hf'); returns dst."""
     src, dst = Path(src), Path(dst)
     if dst.resolve() == (src if src.is_dir() else src.parent).resolve():
         raise checkpoint.CheckpointError(f"{dst}: the destination is the source directory: pick a new directory")
+    if lora is not None:
+        peft_io.find_adapter(lora)  # before any loading or writing
     model = checkpoint.load_model(src, dtype=dtype)
+    if lora is not None:
+        peft_io.merge_adapter(model, lora, src)
     state = model.state_dict()
     if to == "meta":
         checkpoint.save_meta(state, model.params, dst, num_shards=shards)
@@ -55,10 +62,11 @@ def main(argv=None) -> int:
     parser.add_argument("--to", required=True, choices=["meta", "hf"])
     parser.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files (--to meta)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: keep the source's")
+    parser.add_argument("--lora", metavar="ADAPTER", help="merge this LoRA adapter (PEFT dir or LoRA checkpoint)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.dst, args.to, args.shards, DTYPES.get(args.dtype))
-    except (checkpoint.CheckpointError, OSError) as e:
+        out = convert(args.src, args.dst, args.to, args.shards, DTYPES.get(args.dtype), args.lora)
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.to} checkpoint to {out}")

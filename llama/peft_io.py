@@ -124,6 +124,23 @@ def find_adapter(path) -> Path:
     return path
 
 
+def recorded_base(path) -> Optional[str]:
+    """The base recorded by a LoRA training checkpoint (or its run's out_dir), else None."""
+    path = Path(path)
+    if path.is_dir() and (path / "latest").is_file() and not (path / BASE_POINTER).is_file():
+        try:
+            path = resolve(path)
+        except CheckpointError:
+            return None
+    if not (path / BASE_POINTER).is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None
+    base = json.loads((path / BASE_POINTER).read_text()).get("path")
+    if base is None:
+        raise LoRAError(f"{path} holds LoRA adapters trained on a randomly initialised base (no base files): "
+                        f"there is nothing to load them into")
+    return base
+
+
 def _check_options(config: dict, file: Path) -> None:
     """Refuse what we would silently get wrong: every PEFT option that changes the math."""
     if config.get("peft_type", "LORA") != "LORA":
@@ -134,7 +151,8 @@ def _check_options(config: dict, file: Path) -> None:
             raise LoRAError(f"{file}: {what} adapters are not supported: merge it with peft instead")
     if config.get("bias", "none") != "none":
         raise LoRAError(f"{file}: bias={config['bias']!r} (trained biases) is not supported: Llama has no biases")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication"):
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication", "lora_bias",
+                "trainable_token_indices", "target_parameters"):
         if config.get(key):
             raise LoRAError(f"{file}: {key}={config[key]!r} is not supported: only plain per-projection LoRA loads here")
     targets = config.get("target_modules")
