@@ -68,6 +68,7 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    loss_chunks: int = 1  # > 1: output layer + loss on this many slices of the sequence, recomputed (less memory)
     peak_tflops: float = 0.0  # the device's peak for MFU (0: look the GPU up in a table)
     # LoRA (llama/lora.py, docs/lora.md): train low-rank adapters on a frozen base instead of every weight
     lora_rank: int = 0  # 0: full fine-tuning
@@ -184,7 +185,7 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no data, model or processes: run before any work starts."""
     positive = ["max_steps", "log_every", "seq_len", "batch_size", "micro_batch_size", "model_parallel_size",
-                "eval_batches"]
+                "eval_batches", "loss_chunks"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {getattr(cfg, key)}")

@@ -11,9 +11,9 @@ import torch
 from llama import checkpoint, lora, parallel, peft_io
 from llama.convert import main as convert_main
 from llama.model import ModelArgs, Transformer
+from llama.train_config import load_config
 from tests.dist import run_distributed
 from tests.test_lora import ARGS, randomize_b, tiny_model, tokens
-from llama.train_config import load_config
 from tests.train_helpers import TINY, tiny_corpus
 
 peft = pytest.importorskip("peft")
@@ -98,12 +98,19 @@ def merge_worker(base, adapter, mp):
 
 
 @pytest.mark.slow
-def test_merge_at_load_under_model_parallel(tiny):
-    """Each rank adds its own shard of B A (wk/wv heads duplicated at MP 8 > 4 K/V heads)."""
-    root, logits = tiny
-    for mp in (2, 8):
-        for res in run_distributed(merge_worker, mp, str(root / "meta"), str(root / "adapter"), mp):
-            torch.testing.assert_close(res, logits, atol=1e-5, rtol=1e-5)
+def test_merge_at_load_under_model_parallel(tmp_path):
+    """Each rank adds its own shard of B A; at MP 4 > 2 K/V heads the wk/wv heads (and their B
+    rows) are duplicated as the weights are."""
+    model = Transformer(ModelArgs(**{**ARGS, "n_kv_heads": 2}))
+    model.init_weights(seed=7)
+    checkpoint.save_meta(model.state_dict(), model.params, tmp_path / "meta")
+    lora.add_lora(model, 4, 8.0, seed=7)
+    randomize_b(model)
+    export(model, tmp_path / "adapter")
+    with torch.no_grad():
+        logits = model(tokens())
+    for res in run_distributed(merge_worker, 4, str(tmp_path / "meta"), str(tmp_path / "adapter"), 4):
+        torch.testing.assert_close(res, logits, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- a trained adapter, end to end
@@ -194,3 +201,58 @@ def test_unsupported_peft_options_are_refused(tiny, tmp_path, capsys, option, va
     line = one_line_error(capsys)
     assert words in line and "adapter_config.json" in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- SmolLM2, a real model
+
+
+@pytest.mark.slow
+def test_smollm2_adapters_against_hf_peft_both_ways(smollm2_gguf, tmp_path):
+    """Our adapter exported as PEFT, applied by `peft` to the HF export of the same base in
+    transformers, gives our logits; an adapter made by `peft` (random B) merges here to peft's logits."""
+    model = checkpoint.load_model(smollm2_gguf, max_seq_len=64, dtype=torch.float32)
+    checkpoint.save_hf(model.state_dict(), model.params, tmp_path / "hf")
+    lora.add_lora(model, 8, 16.0, seed=1)
+    randomize_b(model)
+    export(model, tmp_path / "ours", str(smollm2_gguf))
+    x = torch.randint(0, model.params.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = model(x)
+        base = checkpoint.load_model(smollm2_gguf, max_seq_len=64, dtype=torch.float32)(x)
+        assert (ours - base).abs().max() > 1e-2  # the adapter matters
+        theirs = hf_with_adapter(tmp_path / "hf", tmp_path / "ours")(x).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    del model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    made = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                        "down_proj"]))
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+        theirs = made.eval()(x).logits
+    made.save_pretrained(str(tmp_path / "made"))
+    merged = checkpoint.load_model(smollm2_gguf, max_seq_len=64, dtype=torch.float32)
+    adapter = peft_io.merge_adapter(merged, tmp_path / "made", smollm2_gguf)
+    assert adapter.targets == ["wq", "wk", "wv", "w2"] and adapter.scale == 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_on_smollm2_lowers_the_held_out_sft_loss(tmp_path):
+    from llama.training import evaluate, loop
+    from llama.train_setup import setup
+
+    cfg = load_config(None, ["init_from=smollm2", "data=configs/train/chat_example.jsonl", "sft=true",
+                             f"out_dir={tmp_path / 'run'}", f"data_cache={tmp_path / 'data'}", "val_fraction=0.25",
+                             "seq_len=64", "batch_size=4", "micro_batch_size=4", "max_steps=8", "warmup_steps=1",
+                             "lr=2e-3", "min_lr=2e-4", "weight_decay=0.0", "eval_every=8", "eval_batches=1",
+                             "save_every=0", "log_every=1", "lora_rank=8", "lora_alpha=16"])
+    run = setup(cfg)
+    before = evaluate(run)
+    result = loop(run)
+    after = result["val_losses"][8]
+    assert after < before - 0.05, (before, after)
