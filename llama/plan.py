@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from llama import parallel
+from llama.lora import MODULES, projection_shapes
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
 
@@ -180,8 +181,6 @@ def activation_bytes_per_token(args: ModelArgs, mp: int = 1) -> int:
 
 def lora_parameter_counts(args: ModelArgs, rank: int, mp: int = 1) -> dict:
     """Adapter parameters on all seven projections: 'total' (logical) and 'per_rank' (SHARD_DIM)."""
-    from llama.lora import MODULES, projection_shapes
-
     total = per_rank = 0
     for target, (out, inp) in projection_shapes(args).items():
         for part, n in (("lora_A", rank * inp), ("lora_B", out * rank)):

@@ -248,11 +248,11 @@ def test_lora_on_smollm2_lowers_the_held_out_sft_loss(tmp_path):
 
     cfg = load_config(None, ["init_from=smollm2", "data=configs/train/chat_example.jsonl", "sft=true",
                              f"out_dir={tmp_path / 'run'}", f"data_cache={tmp_path / 'data'}", "val_fraction=0.25",
-                             "seq_len=64", "batch_size=4", "micro_batch_size=4", "max_steps=8", "warmup_steps=1",
-                             "lr=2e-3", "min_lr=2e-4", "weight_decay=0.0", "eval_every=8", "eval_batches=1",
+                             "seq_len=64", "batch_size=2", "micro_batch_size=2", "max_steps=4", "warmup_steps=1",
+                             "lr=2e-3", "min_lr=2e-4", "weight_decay=0.0", "eval_every=4", "eval_batches=1",
                              "save_every=0", "log_every=1", "lora_rank=8", "lora_alpha=16"])
     run = setup(cfg)
     before = evaluate(run)
     result = loop(run)
-    after = result["val_losses"][8]
+    after = result["val_losses"][4]
     assert after < before - 0.05, (before, after)
