@@ -115,13 +115,14 @@ def compare(overrides, rounds: int, steps: int, with_hf: bool = True, warmup: in
 
 
 LORA_RUN = ["init_from=smollm2", "data=configs/train/chat_example.jsonl", "sft=true", "val_fraction=0.1",
-            "seq_len=128", "batch_size=4", "micro_batch_size=4", "warmup_steps=1", "device=cpu", "lr=1e-4"]
+            "warmup_steps=1", "device=cpu", "lr=1e-4"]
 
 
-def lora_side(kind: str, rounds: int, steps: int) -> dict:
+def lora_side(kind: str, rounds: int, steps: int, seq: int, batch: int) -> dict:
     """One side of --lora, in this process: 'full' or 'lora' fine-tuning of SmolLM2."""
     extra = ["lora_rank=8", "lora_alpha=16"] if kind == "lora" else []
-    cfg = load_config(None, ["out_dir=out/bench", "eval_every=0", "save_every=0", *LORA_RUN, *extra])
+    shape = [f"seq_len={seq}", f"batch_size={batch}", f"micro_batch_size={batch}"]
+    cfg = load_config(None, ["out_dir=out/bench", "eval_every=0", "save_every=0", *LORA_RUN, *shape, *extra])
     run = setup(cfg)
     step = lambda micro, s: train_step(run, micro, s)  # noqa: E731
     timed_round(step, run.batches, 0, 1, run.cfg)  # warm-up; creates the optimizer state
@@ -134,20 +135,21 @@ def lora_side(kind: str, rounds: int, steps: int) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def lora_compare(rounds: int, steps: int) -> dict:
+def lora_compare(rounds: int, steps: int, seq: int, batch: int, repeats: int) -> dict:
     """Both sides, each in a fresh process, alternating full, lora, full, lora ... (background load)."""
     out = {"full": [], "lora": []}
-    for _ in range(2):
+    for _ in range(repeats):
         for kind in ("full", "lora"):
             done = subprocess.run([sys.executable, __file__, "--lora-side", kind, "--rounds", str(rounds),
-                                   "--steps", str(steps)], capture_output=True, text=True, check=True)
+                                   "--steps", str(steps), "--seq", str(seq), "--batch", str(batch)],
+                                  capture_output=True, text=True, check=True)
             out[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {}
     for kind, runs in out.items():
         result[kind] = dict(runs[0], tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs),
                             peak_rss_bytes=max(r["peak_rss_bytes"] for r in runs), runs=runs)
     f, lo = result["full"], result["lora"]
-    print(f"SmolLM2-135M SFT, CPU, {torch.get_num_threads()} threads, seq 128 x 4 per step (fp32)")
+    print(f"SmolLM2-135M SFT, CPU, {torch.get_num_threads()} threads, {batch} x {seq} tokens per step (fp32)")
     print(f"{'':24}{'full fine-tune':>18}{'LoRA r=8':>18}{'LoRA / full':>14}")
     for key, label, fmt in [("trainable", "trainable parameters", "{:,}"),
                             ("optimizer_bytes", "optimizer state (MiB)", "{:.1f}"),
@@ -179,12 +181,15 @@ def main() -> int:
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--lora", action="store_true", help="SmolLM2 on CPU: full fine-tuning vs LoRA")
     parser.add_argument("--lora-side", choices=["full", "lora"], help=argparse.SUPPRESS)  # one side, in-process
+    parser.add_argument("--seq", type=int, default=128, help="--lora: tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="--lora: sequences per step")
+    parser.add_argument("--repeats", type=int, default=2, help="--lora: processes per side, alternating")
     args = parser.parse_args()
     if args.lora_side:
-        print(json.dumps(lora_side(args.lora_side, args.rounds, args.steps)))
+        print(json.dumps(lora_side(args.lora_side, args.rounds, args.steps, args.seq, args.batch)))
         return 0
     if args.lora:
-        results = lora_compare(args.rounds, args.steps)
+        results = lora_compare(args.rounds, args.steps, args.seq, args.batch, args.repeats)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return 0

@@ -7,8 +7,8 @@ in this one process (memory-mapped, so about one copy of them), then written:
   --to meta   params.json + consolidated.00..N-1.pth, loadable here at any model-parallel size
               and by Meta's own code at model-parallel size N;
   --to hf     config.json + safetensors (q/k permuted for HF's rotate-half RoPE), for transformers.
---lora merges a LoRA adapter (a PEFT dir or a LoRA training checkpoint) into the weights first:
-W += (alpha/r) B A (llama/peft_io.py). Tokenizer files found next to SRC (tokenizer.model, tokenizer.json, ...) are copied along.
+--lora merges a LoRA adapter (PEFT dir or LoRA training checkpoint) first: W += (alpha/r) B A.
+Tokenizer files found next to SRC (tokenizer.model, tokenizer.json, ...) are copied along.
 """
 
 import argparse
@@ -27,8 +27,7 @@ TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def convert(src, dst, to: str, shards: int = 1, dtype=None, lora=None) -> Path:
-    """Load `src` (any format), merge the LoRA adapter `lora` if given, and write it to `dst` in
-    format `to` ('meta' or 'hf'); returns dst."""
+    """Load `src` (any format), merge the LoRA adapter `lora` if any, write `dst` as `to` ('meta'/'hf')."""
     src, dst = Path(src), Path(dst)
     if dst.resolve() == (src if src.is_dir() else src.parent).resolve():
         raise checkpoint.CheckpointError(f"{dst}: the destination is the source directory: pick a new directory")

@@ -212,7 +212,12 @@ def adapter_state(model) -> Dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if is_lora_name(n)}
 
 
-def count_lora_parameters(args, rank: int, targets=TARGETS) -> int:
-    """r * (in + out) per adapted projection, over all layers (the logical count, any layout)."""
-    shapes = projection_shapes(args)
-    return args.n_layers * sum(rank * sum(shapes[t]) for t in check_targets(targets))
+def count_lora_parameters(args, rank: int, targets=TARGETS, mp: int = 1) -> int:
+    """r * (in + out) per adapted projection over all layers; with mp > 1, one model-parallel rank's
+    share (replicated or split as SHARD_DIM says)."""
+    shapes, total = projection_shapes(args), 0
+    for t in check_targets(targets):
+        out, inp = shapes[t]
+        for part, n in (("lora_A", rank * inp), ("lora_B", out * rank)):
+            total += n if parallel.shard_dim(f"layers.0.{MODULES[t]}.{part}.weight") is None else n // mp
+    return args.n_layers * total

@@ -30,14 +30,11 @@ The assumptions, each a constant below:
   block's activations are rebuilt at a time during backward;
 - the loss head keeps fp32 logits (held by the training loop) and their log-softmax (saved by the
   cross-entropy): 8 bytes * vocab per token, on every mp rank (the output layer gathers the
-  vocabulary before the loss); the final RMSNorm adds 8*D + 4 like the others. With
-  `--loss-chunks N` (train.py's loss_chunks) the head runs on N slices of the sequence, recomputed
-  in backward, so only one slice's logits are alive: 8 bytes * vocab per token / N;
-- LoRA (`--lora R`, llama/lora.py) on all seven projections: the frozen base in bf16 with no
-  gradients or optimizer state; the adapters are fp32 master weights with fp32 gradients and AdamW
-  moments (4 + 4 + 8 = 16 bytes per adapter parameter, split across mp ranks as `SHARD_DIM` says).
-  The activations are those of full fine-tuning: the adapters' A needs the same layer inputs a
-  weight gradient would, and the frozen weights still pass gradients back to the inputs;
+  vocabulary before the loss), / N with `--loss-chunks N` (train.py's loss_chunks: one slice of the
+  sequence at a time); the final RMSNorm adds 8*D + 4 like the others;
+- LoRA (`--lora R`) on all seven projections: a frozen bf16 base without gradients or optimizer
+  state; fp32 adapters with fp32 gradients and AdamW moments (16 bytes per adapter parameter); the
+  activations of full fine-tuning (A needs the same layer inputs a weight gradient would);
 - inference memory is weights + KV cache: generation.py prefills in chunks of 512 tokens and
   keeps only the last position's logits, so its activations are small next to the cache;
 - decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
@@ -59,7 +56,7 @@ from pathlib import Path
 import torch
 
 from llama import parallel
-from llama.lora import MODULES, projection_shapes
+from llama.lora import count_lora_parameters
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
 
@@ -179,17 +176,6 @@ def activation_bytes_per_token(args: ModelArgs, mp: int = 1) -> int:
     return replicated + split // mp
 
 
-def lora_parameter_counts(args: ModelArgs, rank: int, mp: int = 1) -> dict:
-    """Adapter parameters on all seven projections: 'total' (logical) and 'per_rank' (SHARD_DIM)."""
-    total = per_rank = 0
-    for target, (out, inp) in projection_shapes(args).items():
-        for part, n in (("lora_A", rank * inp), ("lora_B", out * rank)):
-            dim = parallel.shard_dim(f"layers.0.{MODULES[target]}.{part}.weight")
-            total += n
-            per_rank += n if dim is None else n // mp
-    return {"total": total * args.n_layers, "per_rank": per_rank * args.n_layers}
-
-
 def training_flops(args: ModelArgs, matmul_params: int, batch: int, seq: int) -> float:
     """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens."""
     dense = 6 * matmul_params * batch * seq
@@ -249,8 +235,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["gradients"] = n_local * GRAD_BYTES // shard(2)
         memory["optimizer"] = n_local * OPTIM_BYTES // shard(1)
         if lora:  # a frozen bf16 base; fp32 adapters with fp32 gradients and AdamW moments
-            adapters = lora_parameter_counts(args, lora, mp)["per_rank"]
-            counts["lora"] = lora_parameter_counts(args, lora, mp)["total"]
+            adapters, counts["lora"] = count_lora_parameters(args, lora, mp=mp), count_lora_parameters(args, lora)
             memory["weights"] = n_local * PARAM_BYTES // shard(3) + adapters * 4 // shard(3)
             memory["gradients"] = adapters * 4 // shard(2)
             memory["optimizer"] = adapters * 8 // shard(1)
