@@ -12,14 +12,18 @@ Then: python generate.py --ckpt-dir out/default/step_000200
 
 import sys
 
-from llama.train_config import load_config
+from llama.errors import USER_ERRORS, report
+from llama.train.config import load_config
 
 
 def parse_args(argv):
     """[CONFIG.toml] [key=value ...] -> (config path or None, overrides)."""
     if any(a in ("-h", "--help") for a in argv):
+        from llama.train.config import config_help
+
         print(__doc__)
-        print("Keys: see llama/train_config.py (TrainConfig); [model] keys are ModelArgs fields.")
+        print("Config keys (key=value on the command line, or in a TOML file), with their defaults:")
+        print(config_help())
         sys.exit(0)
     path = None
     if argv and "=" not in argv[0]:
@@ -27,35 +31,18 @@ def parse_args(argv):
     return path, argv
 
 
-def is_user_error(e: Exception) -> bool:
-    """Bad config, data, paths or a diverged run: one line for the user, no traceback."""
-    from llama.training import TrainingError
-
-    kinds = (ValueError, OSError, TrainingError)
-    try:
-        from llama.checkpoint import CheckpointError
-
-        kinds += (CheckpointError,)
-    except ImportError:
-        pass
-    return isinstance(e, kinds)
-
-
 def main(argv=None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(path, overrides)
-        from llama.train_setup import train  # after the config checks: importing torch takes a while
+        from llama.train.setup import train  # after the config checks: importing torch takes a while
 
         result = train(cfg)
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept (resume=true continues from it)", file=sys.stderr)
         return 130
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a bug: keep the traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:  # bad config, data, paths or a diverged run: one line; anything else is a bug
+        return report(e)
     if result["checkpoint"]:
         print(f"done: {result['checkpoint']}  (sample: python generate.py --ckpt-dir {result['checkpoint']})")
     return 0

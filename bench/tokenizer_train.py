@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llama.bpe_train import count_chunks, learn_merges, write_tiktoken_bpe
+from llama.tokenizer.train import count_chunks, learn_merges, write_tiktoken_bpe
 from llama.tokenizer import Tokenizer
 
 

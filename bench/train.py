@@ -5,13 +5,13 @@
     flock /tmp/llama-bench.lock python bench/train.py --gpu           # ~1B (Llama 3.2 1B shape), bf16: tok/s + MFU
     flock /tmp/llama-bench.lock python bench/train.py --lora          # SmolLM2 SFT on CPU: full fine-tuning vs LoRA
 
-Both sides train the same shape on the same batches (the default corpus through llama/batches.py)
+Both sides train the same shape on the same batches (the default corpus through llama/train/batches.py)
 with the same optimizer (AdamW, same groups and hyper-parameters, foreach on CPU / fused on CUDA),
 the same global-norm clipping and learning-rate schedule, the same batch and sequence length.
 --lora compares this repo with itself instead: full fine-tuning vs LoRA (r=8, all seven projections)
 of SmolLM2-135M-Instruct on the example chats, each in its own process (peak RSS is per process):
 trainable parameters, optimizer-state bytes, peak RSS and tokens/s, side by side.
-Ours is `llama.training.train_step` on the Run that train.py builds; HF is the usual
+Ours is `llama.train.loop.train_step` on the Run that train.py builds; HF is the usual
 `model(input_ids).logits` -> cross-entropy -> backward -> clip_grad_norm_ -> step. Rounds alternate
 (ours, HF, ours, HF, ...) so background load hits both alike; each side reports its median round.
 """
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.batches import IGNORE  # noqa: E402
-from llama.train_config import load_config  # noqa: E402
-from llama.train_metrics import flops_per_token, peak_tflops  # noqa: E402
-from llama.train_setup import setup  # noqa: E402
-from llama.training import lr_at, train_step  # noqa: E402
+from llama.train.batches import IGNORE  # noqa: E402
+from llama.train.config import load_config  # noqa: E402
+from llama.train.metrics import flops_per_token, peak_tflops  # noqa: E402
+from llama.train.setup import setup  # noqa: E402
+from llama.train.loop import lr_at, train_step  # noqa: E402
 
 
 def hf_twin(model, device, dtype=torch.float32):

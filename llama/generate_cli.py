@@ -14,52 +14,70 @@ from typing import List, Optional
 
 import torch
 
+from llama.dtypes import DTYPES, parse_dtype
+from llama.errors import USER_ERRORS, ArgumentError, report as report_error
 from llama.sampling import check_sampling_args
 
 DEMO_PROMPTS = ["I believe the meaning of life is", "Simply put, the theory of relativity states that"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a Llama checkpoint.")
-    p.add_argument("--ckpt-dir", help="Meta dir, HF dir or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer-path", help="default: the tokenizer found beside the weights")
-    p.add_argument("--prompt", action="append", help="a prompt to complete (repeat for a batch)")
+    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a Llama checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every default shown
+    p.add_argument("--ckpt-dir", help="Meta dir, HF dir or .gguf file (None: SmolLM2-135M-Instruct, fetched once)")
+    p.add_argument("--tokenizer-path", help="None: the tokenizer found beside the weights")
+    p.add_argument("--prompt", action="append", help="a prompt to complete (repeat for a batch; None: two demo "
+                   "prompts); not with --chat")
     p.add_argument("--chat", action="store_true", help="interactive chat in the model's chat format")
-    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--system", help="system message (needs --chat)")
     p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1 disables it)")
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    p.add_argument("--max-gen-len", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--max-batch-size", type=int, help="default: the number of prompts")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's (fp32 for GGUF)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--max-gen-len", type=int, default=128, help="new tokens per prompt at most")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generation, in tokens")
+    p.add_argument("--max-batch-size", type=int, help="None: the number of prompts")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed (the same on every rank)")
+    p.add_argument("--dtype", choices=list(DTYPES), metavar="{bf16,fp16,fp32,bfloat16,float16,float32}",
+                   help="None: the checkpoint's (fp32 for GGUF)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (None: cuda if available, else cpu)")
     p.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="N",
                    help="print each token with its N likeliest alternatives (default N: 5)")
     p.add_argument("--truncate", action="store_true", help="keep the end of prompts longer than the context")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: ~2x faster decoding on CPU after minutes of compiling")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (single process)")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (single process; None: off)")
     p.add_argument("--lora", metavar="ADAPTER", help="merge a LoRA adapter (PEFT dir or LoRA training checkpoint) at load")
     return p
 
 
 def check_args(args) -> None:
-    """Fail fast, before loading any weights."""
+    """Fail fast, before loading any weights (ArgumentError: one line naming the flag and the fix)."""
     check_sampling_args(args.temperature, args.top_p, args.top_k)
     if args.max_gen_len < 1:
-        raise ValueError(f"--max-gen-len {args.max_gen_len}: generate at least 1 token")
+        raise ArgumentError(f"--max-gen-len {args.max_gen_len}: generate at least 1 token")
     if args.max_seq_len < 2:
-        raise ValueError(f"--max-seq-len {args.max_seq_len}: need room for a prompt and a new token")
+        raise ArgumentError(f"--max-seq-len {args.max_seq_len}: need room for a prompt and a new token")
     for i, prompt in enumerate(args.prompt or []):
         if not prompt.strip():
-            raise ValueError(f"--prompt number {i + 1} is empty: give some text to complete")
+            raise ArgumentError(f"--prompt number {i + 1} is empty: give some text to complete")
     if args.max_batch_size is not None and args.max_batch_size < 1:
-        raise ValueError(f"--max-batch-size {args.max_batch_size}: must be at least 1")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+        raise ArgumentError(f"--max-batch-size {args.max_batch_size}: must be at least 1")
+    if args.show_probs < 0:
+        raise ArgumentError(f"--show-probs {args.show_probs}: give how many alternatives to show, e.g. 5 (0: off)")
+    if args.chat and args.prompt:
+        raise ArgumentError("--prompt does nothing with --chat (the chat reads its messages from stdin): "
+                            "drop one of them")
+    if args.system is not None and not args.chat:
+        raise ArgumentError("--system sets the chat's system message: add --chat (or drop --system)")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ArgumentError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ArgumentError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise ArgumentError(f"--device {args.device}: only cpu and cuda are supported here")
 
 
 def is_main_process() -> bool:
@@ -194,15 +212,13 @@ def main(argv=None) -> int:
         prompts = DEMO_PROMPTS if args.prompt is None and not args.chat else (args.prompt or [])
         llama = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size or max(len(prompts), 1), seed=args.seed,
-                            device=args.device, dtype=DTYPES.get(args.dtype), compile=args.compile,
+                            device=args.device, dtype=parse_dtype(args.dtype), compile=args.compile,
                             quantize=args.quantize, lora=args.lora)
         stats = chat(llama, args, say) if args.chat else run_prompts(llama, prompts, args, say)
         report(stats, say)
         return 0
-    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError, TokenizerError are ValueErrors
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        say(f"error: {message}", err=True)
-        return 1
+    except USER_ERRORS as e:  # bad input (llama.errors.UserError) or a missing path: one line. Else a bug:
+        return report_error(e)  # it keeps its traceback
     except KeyboardInterrupt:
         say("\ninterrupted", err=True)
         return 130

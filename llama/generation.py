@@ -14,9 +14,7 @@ How a request runs (prompt lengths n_b, batch B):
 """
 
 import contextlib
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
@@ -24,73 +22,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama import parallel
+from llama.api_checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
+from llama.dtypes import parse_dtype
+from llama.errors import ArgumentError
+from llama.fast import compile_decode_step, keep_freed_memory, mark_cache_dynamic, own_storage
 from llama.sampling import alternatives, check_sampling_args, sample
-
-
-def compile_decode_step(step, device: torch.device):
-    """torch.compile for the decode step: one graph per batch size, for every cache length (the
-    caller marks the cache's length dimension dynamic: see mark_cache_dynamic).
-
-    On a CPU a decode step is ~210 matrix-vector products that read every weight once, so its speed
-    is memory bandwidth. The default compile keeps calling MKL's GEMV, which on small matrices
-    (576 x 1536 for SmolLM2) streams at ~8 GB/s on one thread however many it is given. Three
-    inductor options fix that:
-    - max_autotune times inductor's own C++ GEMM template against ATen for each shape and keeps
-      the faster; the template splits the output columns across all threads (~19 GB/s here);
-    - freezing treats the weights as constants, so the template stores them pre-blocked in the
-      layout its micro-kernel reads (and int8 weights stay int8: see llama/quantize.py);
-    - with constant weights, concat-linear joins the products that read the same input (wq, wk,
-      wv; w1, w3) into one, so a step runs 4 products per layer instead of 7.
-    The price: the first call of every process takes minutes (each shape is timed; ~2.5 min for
-    SmolLM2 on 2 cores), and the weights must not change after compiling.
-    """
-    if device.type != "cpu":
-        return torch.compile(step, dynamic=False)
-    import torch._inductor.config as inductor_config
-
-    # Looking up the step's rows of the complex RoPE table stays an ATen call (the rotation itself
-    # is real arithmetic under compile); inductor warns about that once per compile.
-    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
-    compiled = torch.compile(step, dynamic=False, options={"max_autotune": True})
-    settings = {
-        "freezing": True, "cpp.enable_concat_linear": True,  # read outside `options`: patched per call
-        # Autotuning prints a timing table per product to stderr, from every rank: keep the CLI clean.
-        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
-    }
-
-    def run(*args):
-        with inductor_config.patch(settings):
-            return compiled(*args)
-
-    return run
-
-
-def keep_freed_memory() -> bool:
-    """Let the C allocator keep freed activation memory for reuse (Linux glibc; else a no-op).
-
-    A prefill chunk allocates a few MB per activation (512 x 1536 floats for SmolLM2's FFN), tens
-    of them per layer. glibc hands blocks that large to the kernel on free (mmap threshold, heap
-    trimming), so every prefill faults its ~300 MB of activations back in, page by page, zeroed:
-    ~75K page faults, a quarter of a 512-token prefill on 2 cores. Raising both thresholds keeps
-    the freed blocks in the heap, where the next layer's activations reuse them: no faults after
-    the first chunk. This is process-wide; the price is that up to 1 GB of freed memory stays
-    with the process. Returns whether the setting took."""
-    import ctypes
-
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
-    if mallopt is None:
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 64 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def mark_cache_dynamic(cache) -> None:
-    """Tell torch.compile that the cache length varies between requests: one decode graph then
-    serves every request, each attending over its own request-sized cache (a fixed length would
-    mean a recompile per length, or every request paying attention over the longest one)."""
-    for layer in cache:
-        torch._dynamo.mark_dynamic(layer.k, 2)
-        torch._dynamo.mark_dynamic(layer.v, 2)
 
 
 @dataclass
@@ -130,9 +66,11 @@ class Llama:
         adapter (PEFT dir or LoRA training checkpoint) merged into the weights at load; a LoRA
         checkpoint given as ckpt_dir loads its recorded base with it."""
         from llama.checkpoint import CheckpointError, default_tokenizer_path, detect_format, load_model
-        from llama.peft_io import find_adapter, merge_adapter, recorded_base
+        from llama.checkpoint.peft import find_adapter, merge_adapter, recorded_base
         from llama.tokenizer import check_vocab, load_tokenizer
 
+        check_sizes(max_seq_len, max_batch_size)  # bad arguments fail here, before any file is read
+        dtype = parse_dtype(dtype)
         if lora is None and recorded_base(ckpt_dir) is not None:  # out/lora: adapters + a pointer to the base
             lora, ckpt_dir = ckpt_dir, recorded_base(ckpt_dir)
         if lora is not None:
@@ -143,7 +81,8 @@ class Llama:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer_path = tokenizer_path or default_tokenizer_path(ckpt_dir)
         if tokenizer_path is None:
-            raise CheckpointError(f"{ckpt_dir}: no tokenizer found beside the weights: pass tokenizer_path")
+            raise CheckpointError(f"{ckpt_dir}: no tokenizer found beside the weights: pass tokenizer_path "
+                                  "(generate.py --tokenizer-path)")
         tokenizer = load_tokenizer(tokenizer_path)
         start = time.perf_counter()
         model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype)
@@ -171,7 +110,14 @@ class Llama:
         # Decoding with per-sequence positions has fixed shapes (B, 1) and a full-length cache, so
         # torch.compile traces it once per batch size (the cache length is marked dynamic).
         self.compiled = compile
+        if compile:
+            own_storage(model)
         self._decode = compile_decode_step(self._decode_step, self.device) if compile else self._decode_step
+
+    @property
+    def stop_tokens(self) -> frozenset:
+        """The ids that end a sequence: the tokenizer's stop tokens (none if it declares none)."""
+        return frozenset(getattr(self.tokenizer, "stop_tokens", ()))
 
     # ------------------------------------------------------------------ the engine
 
@@ -208,25 +154,25 @@ class Llama:
         return next_ids
 
     def check_request(self, prompt_tokens: List[List[int]], max_gen_len: int) -> None:
-        """Refuse a request that cannot run, saying how to fix it (ValueError)."""
+        """Refuse a request that cannot run, saying how to fix it (ArgumentError, a ValueError)."""
         params = self.model.params
         if not prompt_tokens:
-            raise ValueError("no prompts given: pass at least one prompt")
+            raise ArgumentError("no prompts given: pass at least one prompt")
         if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}: "
-                             "raise max_batch_size (--max-batch-size) or pass fewer prompts")
+            raise ArgumentError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}: "
+                                "raise max_batch_size (--max-batch-size) or pass fewer prompts")
         if max_gen_len < 1:
-            raise ValueError(f"max_gen_len={max_gen_len}: generate at least 1 token")
+            raise ArgumentError(f"max_gen_len={max_gen_len}: generate at least 1 token")
         for i, prompt in enumerate(prompt_tokens):
             if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty: give it at least one token")
+                raise ArgumentError(f"prompt {i} is empty: give it at least one token")
             if len(prompt) >= params.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens, leaving no room to generate within "
-                                 f"max_seq_len={params.max_seq_len}: raise max_seq_len (--max-seq-len), "
-                                 "shorten the prompt, or ask for truncation (--truncate)")
+                raise ArgumentError(f"prompt {i} has {len(prompt)} tokens, leaving no room to generate within "
+                                    f"max_seq_len={params.max_seq_len}: raise max_seq_len (--max-seq-len), "
+                                    "shorten the prompt, or ask for truncation (--truncate)")
             if min(prompt) < 0 or max(prompt) >= params.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside [0, {params.vocab_size}): "
-                                 "encode it with the checkpoint's own tokenizer")
+                raise ArgumentError(f"prompt {i} has token ids outside [0, {params.vocab_size}): "
+                                    "encode it with the checkpoint's own tokenizer")
 
     def generate_tokens(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                         top_p: float = 0.9, top_k: int = 0, logprobs: bool = False, top_n: int = 0,
@@ -236,16 +182,24 @@ class Llama:
         B lists passed as prompt_logprobs receives each prompt's token log-probabilities."""
         check_sampling_args(temperature, top_p, top_k)
         self.check_request(prompt_tokens, max_gen_len)
-        with torch.inference_mode():
-            yield from self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n,
-                                      prompt_logprobs)
+        steps = self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n,
+                               prompt_logprobs)
+        # Inference mode covers our own work only: entered for each step, left before the token goes
+        # to the caller, whose loop body may build autograd graphs (`with` around `yield from`
+        # would keep the mode on in the caller's loop, and for as long as the generator lives).
+        while True:
+            with torch.inference_mode():
+                token = next(steps, None)
+            if token is None:
+                return
+            yield token
 
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, top_n, prompt_logprobs):
         B, lengths = len(prompt_tokens), [len(p) for p in prompt_tokens]
         max_seq_len = self.model.params.max_seq_len
         total_len = min(max_seq_len, max(lengths) + max_gen_len)
         budget = [min(max_gen_len, total_len - n) for n in lengths]  # new tokens each may have
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         self.stats = stats = Stats(prompt_tokens=sum(lengths))
         start = time.perf_counter()
         cache = self.model.make_cache(B, total_len)
@@ -298,7 +252,7 @@ class Llama:
         prompt_lp = [[0.0] for _ in range(B)] if (logprobs and echo) else None
         out = [list(p) if echo else [] for p in prompt_tokens]
         out_lp = [[] for _ in range(B)]
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         ended = [False] * B
         for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs,
                                         prompt_logprobs=prompt_lp):
@@ -329,7 +283,9 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
                         top_k: int = 0, truncate: bool = False) -> List[dict]:
         """[{"generation": str}] per prompt; with logprobs also "tokens" (one string each) and "logprobs"."""
-        max_gen_len = max_gen_len or self.model.params.max_seq_len - 1
+        check_prompts(prompts)
+        check_max_gen_len(max_gen_len)
+        max_gen_len = self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = [self._encode(x) for x in prompts]
         if truncate:
             prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
@@ -343,7 +299,9 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, top_k: int = 0,
                         truncate: bool = False) -> List[dict]:
         """[{"generation": {"role": "assistant", "content": str}}] per dialog, in the model's chat format."""
-        max_gen_len = max_gen_len or self.model.params.max_seq_len - 1
+        check_dialogs(dialogs)
+        check_max_gen_len(max_gen_len)
+        max_gen_len = self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = [self.encode_dialog(d) for d in dialogs]
         if truncate:
             prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
@@ -370,7 +328,7 @@ class Llama:
         from llama.tokenizer import StreamDecoder
 
         decoders = [StreamDecoder(self.tokenizer) for _ in prompt_tokens]
-        stop = set(getattr(self.tokenizer, "stop_tokens", ()))
+        stop = self.stop_tokens
         for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature, top_p, top_k, top_n=top_n):
             text = "" if tok.id in stop else decoders[tok.seq].push(tok.id)
             if tok.done:

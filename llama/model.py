@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import parallel
+from llama.model_args_check import ModelArgsError, check_model_args
 
 
 @dataclass
@@ -46,15 +47,15 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    # The context the weights were trained for (HF max_position_embeddings, GGUF context_length), kept
+    # through conversions; None: unknown. The model ignores it: max_seq_len sizes the caches.
+    context_length: Optional[int] = None
 
     def __post_init__(self):
+        check_model_args(self)  # types, positive sizes, head divisibility: a ModelArgsError naming the key
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None:
-            if self.dim % self.n_heads != 0:
-                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: set head_dim")
             self.head_dim = self.dim // self.n_heads
 
     @property
@@ -170,14 +171,8 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        mp = parallel.model_parallel_size()
-        parallel.check_divisible("n_heads", args.n_heads, mp)
-        # More ranks than K/V heads: each rank keeps a copy of the K/V head its queries use
-        # (Meta's 405B MP16 release stores its 8 K/V heads as 16 this way).
-        self.n_kv_heads = max(args.n_kv_heads, mp)
-        parallel.check_divisible("n_kv_heads", self.n_kv_heads, mp)
-        if self.n_kv_heads % args.n_kv_heads != 0:
-            raise ValueError(f"model-parallel size {mp} is not a multiple of n_kv_heads={args.n_kv_heads}")
+        # More ranks than K/V heads: each rank keeps a copy of the K/V head its queries use.
+        self.n_kv_heads = parallel.check_model_parallel(args, parallel.model_parallel_size())
         self.head_dim = args.head_dim
         self.wq = parallel.column_parallel_linear(args.dim, args.n_heads * self.head_dim)
         self.wk = parallel.column_parallel_linear(args.dim, self.n_kv_heads * self.head_dim)
@@ -237,7 +232,7 @@ class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
         if params.vocab_size <= 0:
-            raise ValueError("vocab_size is not set: take it from the tokenizer (tokenizer.n_words)")
+            raise ModelArgsError("vocab_size", params.vocab_size, "is not set: take it from the tokenizer (tokenizer.n_words)")
         self.params = params
         self.tok_embeddings = parallel.vocab_parallel_embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
@@ -307,5 +302,7 @@ class Transformer(nn.Module):
             if name.endswith(("wo.weight", "w2.weight")):
                 std /= math.sqrt(2 * self.params.n_layers)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-            full = torch.empty(parallel.full_shape(name, p.shape)).normal_(0.0, std, generator=gen)
-            p.copy_(parallel.shard(name, full))
+            # wk/wv: drawn with each K/V head once, then copied to every rank that shares it
+            kv = self.params.n_kv_heads
+            full = torch.empty(parallel.full_shape(name, p.shape, n_kv_heads=kv)).normal_(0.0, std, generator=gen)
+            p.copy_(parallel.shard(name, full, n_kv_heads=kv))

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llama.errors import UserError
+
 import fairscale.nn.model_parallel.initialize as fs_init
 from fairscale.nn.model_parallel.mappings import (
     copy_to_model_parallel_region,
@@ -113,13 +115,13 @@ def init_distributed(model_parallel_size: Optional[int] = None, backend: Optiona
     mp = model_parallel_size or world_size
     if world_size == 1 and not dist.is_initialized():
         if mp != 1:
-            raise ValueError(
+            raise ParallelError(
                 f"model_parallel_size={mp} needs {mp} processes: launch with "
                 f"`torchrun --nproc_per_node {mp} ...`"
             )
         return 1
     if world_size % mp != 0:
-        raise ValueError(
+        raise ParallelError(
             f"model_parallel_size={mp} does not divide the world size {world_size}: "
             f"pick a model-parallel size that divides the number of processes"
         )
@@ -134,7 +136,7 @@ def init_distributed(model_parallel_size: Optional[int] = None, backend: Optiona
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on every rank
             fs_init.initialize_model_parallel(mp)
     elif fs_init.get_model_parallel_world_size() != mp:
-        raise ValueError(
+        raise ParallelError(
             f"model parallel is already initialised with size {fs_init.get_model_parallel_world_size()}, "
             f"not {mp}"
         )
@@ -149,12 +151,65 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+class ParallelError(UserError):
+    """A model shape that cannot be split over the requested model-parallel size."""
+
+
 def check_divisible(what: str, value: int, mp: int) -> None:
     if value % mp != 0:
-        raise ValueError(
+        raise ParallelError(
             f"{what}={value} is not divisible by the model-parallel size {mp}: "
             f"use a model-parallel size that divides it"
         )
+
+
+# ---------------------------------------------------------------------------- the K/V-head rule
+
+
+def kv_heads_for(n_kv_heads: int, mp: int) -> int:
+    """How many K/V heads the model holds when split over `mp` ranks: n_kv_heads itself, or, with
+    more ranks than K/V heads, one per rank: each rank keeps a copy of the K/V head its query heads
+    share (Meta's 405B MP16 release stores its 8 K/V heads as 16 this way)."""
+    return max(n_kv_heads, mp)
+
+
+def check_model_parallel(args, mp: int, training: bool = False, flag: Optional[str] = None) -> int:
+    """The rules for splitting `args` (a ModelArgs) over `mp` ranks, in one place: query heads, K/V
+    heads (after duplication), FFN units and the vocabulary must divide evenly. Training also refuses
+    duplicated K/V heads: each copy would get only its own queries' gradients and drift apart.
+    `flag` is how the caller's user spells the size ("--mp ", "model_parallel_size="). Returns
+    kv_heads_for(n_kv_heads, mp); raises ParallelError naming the rule and the fix."""
+    size = f"{flag}{mp}" if flag else f"model-parallel size {mp}"
+    if mp < 1:
+        raise ParallelError(f"{size}: must be at least 1")
+    n_kv = args.n_kv_heads or args.n_heads
+    kv = kv_heads_for(n_kv, mp)
+    _check_divides(size, "n_heads", args.n_heads, mp, flag)
+    if mp > n_kv and mp % n_kv != 0:
+        raise ParallelError(f"{size} is more than n_kv_heads={n_kv} but not a multiple of it: "
+                            f"use a divisor or a multiple of {n_kv}")
+    if training and mp > n_kv:
+        raise ParallelError(f"{size} exceeds n_kv_heads={n_kv}: training needs each K/V head on one rank "
+                            f"(copies would drift apart): use at most {n_kv}")
+    for what, value in [("n_kv_heads", kv), ("the FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)]:
+        _check_divides(size, what, value, mp, flag)
+    return kv
+
+
+def _check_divides(size: str, what: str, value: int, mp: int, flag: Optional[str]) -> None:
+    if value % mp != 0 and flag:
+        raise ParallelError(f"{size} does not divide {what}={value}: pick one that divides it")
+    check_divisible(what, value, mp)
+
+
+def repeat_kv_heads(full: torch.Tensor, n_kv_heads: int, mp: int) -> torch.Tensor:
+    """wk/wv (n_kv_heads*Dh, D) -> (kv_heads_for*Dh, D): each head repeated for the ranks that share it,
+    so that chunking the result over mp ranks gives every rank the head its queries use."""
+    copies = kv_heads_for(n_kv_heads, mp) // n_kv_heads
+    if copies == 1:
+        return full
+    heads = full.view(n_kv_heads, -1, full.shape[-1])  # (K, Dh, D)
+    return heads.repeat_interleave(copies, dim=0).reshape(-1, full.shape[-1])  # (K * copies * Dh, D)
 
 
 # ---------------------------------------------------------------------------- layers
@@ -229,25 +284,36 @@ def vocab_parallel_embedding(vocab_size: int, dim: int) -> nn.Module:
 # ---------------------------------------------------------------------------- shards
 
 
-def shard(name: str, full: torch.Tensor, rank: Optional[int] = None, size: Optional[int] = None) -> torch.Tensor:
-    """This rank's piece of the full (logical) tensor `name`."""
+_KV = ("attention.wk.weight", "attention.wv.weight")
+
+
+def shard(name: str, full: torch.Tensor, rank: Optional[int] = None, size: Optional[int] = None,
+          n_kv_heads: Optional[int] = None) -> torch.Tensor:
+    """This rank's piece of the full (logical) tensor `name`. Given n_kv_heads, wk/wv `full` holds
+    each K/V head once and is first repeated by the K/V-head rule (kv_heads_for)."""
     rank = model_parallel_rank() if rank is None else rank
     size = model_parallel_size() if size is None else size
     dim = shard_dim(name)
     if dim is None or size == 1:
         return full
+    if n_kv_heads is not None and name.endswith(_KV):
+        full = repeat_kv_heads(full, n_kv_heads, size)
     check_divisible(f"{name} dim {dim}", full.shape[dim], size)
     return full.chunk(size, dim=dim)[rank]
 
 
-def full_shape(name: str, local_shape: torch.Size, size: Optional[int] = None) -> torch.Size:
-    """The logical shape of a parameter whose local shard has `local_shape`."""
+def full_shape(name: str, local_shape: torch.Size, size: Optional[int] = None,
+               n_kv_heads: Optional[int] = None) -> torch.Size:
+    """The logical shape of a parameter whose local shard has `local_shape`. Given n_kv_heads, the
+    shape of wk/wv with each K/V head once (before kv_heads_for duplicated them over the ranks)."""
     size = model_parallel_size() if size is None else size
     dim = shard_dim(name)
     if dim is None:
         return torch.Size(local_shape)
     shape = list(local_shape)
     shape[dim] *= size
+    if n_kv_heads is not None and name.endswith(_KV):
+        shape[dim] = shape[dim] * n_kv_heads // kv_heads_for(n_kv_heads, size)
     return torch.Size(shape)
 
 

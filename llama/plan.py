@@ -39,11 +39,10 @@ The assumptions, each a constant below:
   keeps only the last position's logits, so its activations are small next to the cache;
 - decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
   tokens/s <= batch * bandwidth / bytes; prefill and training are compute-bound at an assumed MFU;
-- FLOPs: 6*N per token for training (2N forward, 4N backward; Kaplan et al., 2020) where N counts
-  the matmul weights (the embedding lookup is free; a tied table counts once, as the output layer),
-  plus causal attention 6*L*H*Dh*T^2 per sequence (QK^T and AV, 2 FLOPs per multiply-add, half the
-  square under the causal mask, x3 for backward). Recomputation under checkpointing is not "model"
-  FLOPs: the MFU figure absorbs it.
+- FLOPs: llama/flops.py's count, the one the training loop reports MFU with: 6*N + 12*L*H*Dh*T per
+  training token (PaLM's convention: N counts the matmul weights; attention's full T x T square,
+  although the causal mask halves the work a flash kernel does), a third of it for a forward pass.
+  Recomputation under checkpointing is not "model" FLOPs: the MFU figure absorbs it.
 """
 
 import argparse
@@ -57,8 +56,10 @@ import torch
 
 from llama import parallel
 from llama.lora import count_lora_parameters
+from llama.flops import GPU, GPUS, flops_per_token
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
+from llama.model_args_check import ModelArgsError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # the official shapes (in a checkout)
 GiB = 1024**3
@@ -67,30 +68,6 @@ GRAD_BYTES = 2  # bf16 gradients
 OPTIM_BYTES = 12  # fp32 master copy + AdamW's fp32 m and v
 KV_BYTES = 2  # bf16 KV cache
 HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentation and temporaries
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory_gib: float  # the datasheet figure; nvidia-smi reports about this many GiB
-    bf16_tflops: float  # dense (no 2:4 sparsity)
-    bandwidth_tbs: float  # memory bandwidth, 1e12 bytes/s
-
-
-# Published datasheet figures (SXM parts unless named otherwise).
-GPUS = {
-    g.name: g
-    for g in [
-        GPU("h100", 80, 989, 3.35),
-        GPU("h100-pcie", 80, 756, 2.0),
-        GPU("h200", 141, 989, 4.8),
-        GPU("a100", 80, 312, 2.039),
-        GPU("a100-40gb", 40, 312, 1.555),
-        GPU("l40s", 48, 362, 0.864),
-        GPU("rtx4090", 24, 165, 1.008),
-        GPU("mi300x", 192, 1307, 5.3),
-    ]
-}
 
 
 class PlanError(UserError):
@@ -113,8 +90,8 @@ def load_model_args(path) -> ModelArgs:
         raise PlanError(f"{path}: not valid JSON ({e})") from None
     except TypeError as e:
         raise PlanError(f"{path}: not a params.json-style model file ({e})") from None
-    except ValueError as e:
-        raise PlanError(f"{path}: {e}") from None
+    except ModelArgsError as e:
+        raise e.at(path) from None
     if args.vocab_size <= 0:
         raise PlanError(f"{path}: vocab_size is {args.vocab_size}; set it to the tokenizer's vocabulary size")
     return args
@@ -124,7 +101,7 @@ def parameter_counts(args: ModelArgs, mp: int = 1) -> dict:
     """Parameter counts from a meta-device Transformer: 'total' (logical model), 'matmul' (what a
     forward pass multiplies by: all but the embedding lookup) and the same two per mp rank."""
     check_model_parallel(args, mp)
-    kv_copies = max(args.n_kv_heads, mp) // args.n_kv_heads  # K/V heads duplicated when mp > K
+    kv_copies = parallel.kv_heads_for(args.n_kv_heads, mp) // args.n_kv_heads  # duplicated when mp > K
     counts = dict(total=0, matmul=0, total_per_rank=0, matmul_per_rank=0)
     for name, n in _parameter_sizes(json.dumps(asdict(args), sort_keys=True)):
         local = n if parallel.shard_dim(name) is None else n // mp
@@ -147,40 +124,32 @@ def _parameter_sizes(args_json: str):
 
 
 def check_model_parallel(args: ModelArgs, mp: int) -> None:
-    """The divisibility rules llama/model.py and llama/parallel.py enforce, as planner errors."""
-    if mp < 1:
-        raise PlanError(f"--mp {mp}: the model-parallel size must be at least 1")
-    kv = max(args.n_kv_heads, mp)
-    rules = [("n_heads", args.n_heads), ("n_kv_heads (after duplication)", kv),
-             ("the FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)]
-    for what, value in rules:
-        if value % mp != 0:
-            raise PlanError(f"--mp {mp} does not divide {what}={value}: pick a model-parallel size that divides it")
-    if kv % args.n_kv_heads != 0:
-        raise PlanError(f"--mp {mp} is not a multiple of n_kv_heads={args.n_kv_heads}: pick a multiple or a divisor")
+    """The divisibility rules the model itself enforces (llama.parallel.check_model_parallel), as planner errors."""
+    try:
+        parallel.check_model_parallel(args, mp, flag="--mp ")
+    except parallel.ParallelError as e:
+        raise PlanError(str(e)) from None
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, seq: int, mp: int = 1) -> int:
     """Bytes of K and V for every layer on one mp rank: 2 * L * B * S * (K'/mp) * Dh * 2 bytes,
     where K' = max(K, mp): past K ranks each keeps a copy of its query heads' K/V head."""
-    kv_local = max(args.n_kv_heads, mp) // mp
+    kv_local = parallel.kv_heads_for(args.n_kv_heads, mp) // mp
     return 2 * args.n_layers * batch * seq * kv_local * args.head_dim * KV_BYTES
 
 
 def activation_bytes_per_token(args: ModelArgs, mp: int = 1) -> int:
     """bf16 activations one block saves for backward, per token, on one mp rank (see the top)."""
     D, H, Dh, F = args.dim, args.n_heads, args.head_dim, args.ffn_hidden_dim
-    K = max(args.n_kv_heads, mp)
+    K = parallel.kv_heads_for(args.n_kv_heads, mp)
     replicated = 2 * (8 * D + 4)
     split = 2 * (H * Dh + 2 * K * Dh) + 2 * H * Dh + 4 * H + 8 * F
     return replicated + split // mp
 
 
-def training_flops(args: ModelArgs, matmul_params: int, batch: int, seq: int) -> float:
-    """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens."""
-    dense = 6 * matmul_params * batch * seq
-    attention = 6 * args.n_layers * args.n_heads * args.head_dim * seq**2 * batch
-    return float(dense + attention)
+def training_flops(args: ModelArgs, batch: int, seq: int) -> float:
+    """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens (llama/flops.py)."""
+    return flops_per_token(args, seq) * batch * seq
 
 
 @dataclass
@@ -246,7 +215,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["total"] = states + memory["activations"]
         memory["total (checkpointed)"] = states + memory["activations (checkpointed)"]
         total = memory["total (checkpointed)"]
-        flops = training_flops(args, counts["matmul"], batch, seq) / (mp * cp)  # per GPU
+        flops = training_flops(args, batch, seq) / (mp * cp)  # per GPU
         if lora:  # frozen weights: backward computes input gradients only (2N, not 4N, per token)
             flops -= 2 * counts["matmul"] * batch * seq / (mp * cp)
         step = flops / (g.bf16_tflops * 1e12 * mfu)
@@ -257,7 +226,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["KV cache"] = kv_cache_bytes(args, batch, seq, mp) // cp
         memory["total"] = total = memory["weights"] + memory["KV cache"]
         # prefill: the forward third of the training FLOPs
-        prefill = training_flops(args, counts["matmul"], batch, seq) / 3 / (mp * cp)
+        prefill = training_flops(args, batch, seq) / 3 / (mp * cp)
         speed["prefill time"] = (prefill / (g.bf16_tflops * 1e12 * mfu), "s")
         read = counts["matmul_per_rank"] * PARAM_BYTES + memory["KV cache"]
         speed["decode tokens/s (per replica, full cache)"] = (batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
@@ -332,9 +301,9 @@ def main(argv=None) -> int:
         args = load_model_args(opts.model)
         p = make_plan(args, opts.mp, opts.dp, opts.seq, opts.batch, opts.train, opts.gpu, opts.zero, opts.mfu,
                       opts.cp, opts.lora, opts.loss_chunks)
-    except PlanError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     try:
         print(format_plan(p, Path(opts.model).stem))
     except BrokenPipeError:  # `| head`: the reader has seen enough

@@ -12,15 +12,17 @@ from typing import Optional, Tuple
 
 import torch
 
+from llama.errors import ArgumentError
+
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
-    """Refuse values that have no meaning, naming the fix (raises ValueError)."""
+    """Refuse values that have no meaning, naming the fix (raises ArgumentError, a ValueError)."""
     if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature={temperature} is negative: use 0 for greedy decoding or a value > 0 to sample")
+        raise ArgumentError(f"temperature={temperature} is negative: use 0 for greedy decoding or a value > 0 to sample")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} is outside (0, 1]: use 1 to disable nucleus sampling, e.g. 0.9 to enable it")
+        raise ArgumentError(f"top_p={top_p} is outside (0, 1]: use 1 to disable nucleus sampling, e.g. 0.9 to enable it")
     if top_k < 0:
-        raise ValueError(f"top_k={top_k} is negative: use 0 to disable top-k sampling, e.g. 50 to enable it")
+        raise ArgumentError(f"top_k={top_k} is negative: use 0 to disable top-k sampling, e.g. 50 to enable it")
 
 
 def restrict(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

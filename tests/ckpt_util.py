@@ -1,5 +1,5 @@
 """Helpers for the checkpoint tests: tiny random models and a GGUF writer (through the `gguf` package,
-independent of llama/gguf_io.py's reader)."""
+independent of llama/checkpoint/gguf.py's reader)."""
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""SmolLM2's byte-level BPE (llama/bpe.py) against HF transformers/tokenizers on the same files."""
+"""SmolLM2's byte-level BPE (llama/tokenizer/bpe.py) against HF transformers/tokenizers on the same files."""
 
 import json
 import random
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama.bpe import ByteLevelBPETokenizer
-from llama.chat import ChatMLFormat
+from llama.tokenizer.bpe import ByteLevelBPETokenizer
+from llama.tokenizer.chat import ChatMLFormat
 from llama.tokenizer import StreamDecoder, load_tokenizer
 
 CORPUS = [

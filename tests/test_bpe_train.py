@@ -1,4 +1,4 @@
-"""BPE training (llama/bpe_train.py): exact merges vs a naive trainer, Meta-format output, CLI."""
+"""BPE training (llama/tokenizer/train.py): exact merges vs a naive trainer, Meta-format output, CLI."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama.bpe_train import count_chunks, learn_merges
+from llama.tokenizer.train import count_chunks, learn_merges
 from llama.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -98,7 +98,7 @@ def test_train_edge_cases(tmp_path, capsys):
 
 
 def test_cli(tmp_path, capsys):
-    from llama.tokenizer import main
+    from llama.tokenizer.__main__ import main
 
     data = tmp_path / "data"
     data.mkdir()

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 
 from llama import checkpoint
 from llama.checkpoint import detect_format, default_tokenizer_path, load_model, read_model_args
-from llama.gguf_io import GGUFFile
+from llama.checkpoint.gguf import GGUFFile
 from tests.ckpt_util import TINY, tiny_model, tokens, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_hf_config_mapping(style, tmp_path):
         cfg.update(rope_parameters={**rope, "rope_theta": 500000.0})
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    from llama.hf_io import config_to_params
+    from llama.checkpoint.hf import config_to_params
 
     args = checkpoint.model_args_from_dict(config_to_params(cfg, tmp_path / "config.json"), tmp_path)
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim) == (2048, 16, 32, 8, 8192)

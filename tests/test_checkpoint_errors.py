@@ -115,7 +115,47 @@ def test_unknown_gguf_architecture_and_quantization(tmp_path):
 
 def test_unshardable_save(meta_dir, tmp_path):
     model, args = tiny_model()
-    with pytest.raises(CheckpointError, match="cannot split n_kv_heads=2 over 3 shards"):
+    with pytest.raises(CheckpointError, match=r"x: tok_embeddings.weight dim 0 \(128\) is not divisible by 3 shards"):
         checkpoint.save_meta(model.state_dict(), args, tmp_path / "x", num_shards=3)
     with pytest.raises(CheckpointError, match=r"feed_forward.w1.weight dim 0 \(96\) is not divisible by 64 shards"):
         checkpoint.save_meta(model.state_dict(), args, tmp_path / "x", num_shards=64)
+
+
+def test_flipped_bytes_are_refused_by_the_archive_checksums(meta_dir):
+    """4 KB of flipped bytes inside a tensor load fine through torch's memory map (and would generate
+    garbage); the zip archive's CRC-32 of that member catches them."""
+    from llama.checkpoint import meta as meta_io
+    file = meta_dir / "consolidated.00.pth"
+    data = bytearray(file.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4096] = bytes(b ^ 0xFF for b in data[mid : mid + 4096])
+    file.write_bytes(bytes(data))
+    torch.load(file, mmap=True, weights_only=True)  # torch alone does not notice
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: corrupt checkpoint.*checksums") as e:
+        load_model(meta_dir)
+    assert "\n" not in str(e.value)
+    meta_io._VERIFIED.clear()
+    with pytest.raises(CheckpointError, match="consolidated.00.pth: corrupt"):
+        checkpoint.read_model_args(meta_dir)
+
+
+def test_checksums_are_read_once_per_file(meta_dir, monkeypatch):
+    from llama.checkpoint import meta as meta_io
+    checked = []
+    real = meta_io._check_member
+    monkeypatch.setattr(meta_io, "_check_member", lambda *a: checked.append(a[1].filename) or real(*a))
+    meta_io._VERIFIED.clear()
+    load_model(meta_dir)
+    first = len(checked)
+    load_model(meta_dir)
+    assert first > 0 and len(checked) == first
+
+
+def test_dangling_tokenizer_link_names_the_flag(meta_dir, tmp_path):
+    """Older checkpoints linked big tokenizers into a cache; a link whose target is gone says so, and
+    names the command line's flag as well as the API's argument."""
+    from llama.tokenizer import TokenizerError
+
+    (meta_dir / "tokenizer.model").symlink_to(tmp_path / "gone.model")
+    with pytest.raises(TokenizerError, match=r"link to .*gone\.model, which no longer exists.*--tokenizer-path"):
+        checkpoint.default_tokenizer_path(meta_dir)

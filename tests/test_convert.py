@@ -135,3 +135,48 @@ def test_convert_cli_fails_cleanly(tmp_path):
     model, args = tiny_model()
     checkpoint.save_meta(model.state_dict(), args, tmp_path / "m")
     assert convert_main([str(tmp_path / "m"), str(tmp_path / "m3"), "--to", "meta", "--shards", "3"]) == 1
+
+
+def test_training_checkpoint_params_json_equals_converts(tmp_path):
+    """One params.json writer: a training checkpoint and convert write the same file for the same
+    ModelArgs, and it reads back into equal ModelArgs."""
+    from llama.model import ModelArgs
+    from llama.train.state import save_checkpoint
+
+    for extra in [{}, dict(tie_word_embeddings=True, use_scaled_rope=True, rope_scaling_factor=32.0,
+                           rope_original_max_seq_len=16, context_length=8192, head_dim=32)]:
+        model, args = tiny_model(**extra)
+        out = tmp_path / str(len(extra))
+        save_checkpoint(out / "run", 1, model, {"step": 1}, None)
+        checkpoint.save_meta(model.state_dict(), args, out / "meta")
+        text = (out / "run/step_000001/params.json").read_text()
+        assert text == (out / "meta/params.json").read_text()
+        back = ModelArgs(**json.loads(text), max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
+        assert back == args
+        assert checkpoint.read_model_args(out / "run/step_000001", max_seq_len=args.max_seq_len,
+                                          max_batch_size=args.max_batch_size) == args
+
+
+CONFIG_FIELDS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+                 "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters"]
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_round_trips_keep_the_hf_config(scaled, tmp_path):
+    """HF -> HF and HF -> Meta -> HF keep every config field the model uses; the 8192-position context
+    is not replaced by load_model's default max_seq_len (2048)."""
+    rope = dict(use_scaled_rope=True, rope_scaling_factor=32.0, rope_original_max_seq_len=16) if scaled else {}
+    model, args = tiny_model(tie_word_embeddings=True, head_dim=32, norm_eps=1e-6, rope_theta=123456.0, **rope)
+    checkpoint.save_hf(model.state_dict(), args, tmp_path / "hf0")
+    config = json.loads((tmp_path / "hf0/config.json").read_text())
+    config["max_position_embeddings"] = 8192
+    (tmp_path / "hf0/config.json").write_text(json.dumps(config))
+    assert convert_main([str(tmp_path / "hf0"), str(tmp_path / "hf1"), "--to", "hf"]) == 0
+    assert convert_main([str(tmp_path / "hf0"), str(tmp_path / "meta"), "--to", "meta"]) == 0
+    assert json.loads((tmp_path / "meta/params.json").read_text())["context_length"] == 8192
+    assert convert_main([str(tmp_path / "meta"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    for out in ("hf1", "hf2"):
+        got = json.loads((tmp_path / out / "config.json").read_text())
+        assert {k: got.get(k) for k in CONFIG_FIELDS} == {k: config.get(k) for k in CONFIG_FIELDS}, out
+    assert checkpoint.read_model_args(tmp_path / "hf2").context_length == 8192

@@ -113,6 +113,43 @@ def test_stream_pieces_join_to_the_text(smollm2):
     assert stats.generated_tokens >= 2 and stats.time_to_first_token_s > 0 and stats.decode_tokens_per_s > 0
 
 
+def test_streaming_leaves_autograd_to_the_caller(tiny_dir):
+    """Inference mode covers the library's steps only: the caller's loop body, and its code while a
+    generator is paused, can build autograd graphs."""
+    llama = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=1)
+    layer, x = torch.nn.Linear(4, 4), torch.ones(1, 4)
+
+    def caller_may_train():
+        return not torch.is_inference_mode_enabled() and torch.is_grad_enabled() and layer(x).requires_grad
+
+    prompt = [[128000, 791, 6864]]
+    for stream in (llama.stream(prompt, 3, temperature=0), llama.generate_tokens(prompt, 3, temperature=0)):
+        seen = 0
+        for _ in stream:
+            assert caller_may_train()
+            seen += 1
+        assert seen == 3
+    paused = llama.generate_tokens(prompt, 3, temperature=0)
+    next(paused)
+    assert caller_may_train()
+    paused.close()
+
+
+def test_stop_tokens_come_from_one_place(tiny_dir):
+    """generate, generate_tokens and stream all end a sequence at Llama.stop_tokens."""
+    llama = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=1)
+    prompt = [[128000, 791, 6864]]
+    free = llama.generate(prompt, 6, temperature=0)[0][0]
+    stop_at = max(i for i, t in enumerate(free) if free.index(t) == i)  # the last id not seen before it
+    assert stop_at > 0
+    llama.tokenizer.stop_tokens = {free[stop_at]}
+    assert llama.stop_tokens == {free[stop_at]}
+    assert llama.generate(prompt, 6, temperature=0)[0][0] == free[:stop_at]
+    streamed = [tok.id for tok in llama.generate_tokens(prompt, 6, temperature=0)]
+    assert streamed == free[: stop_at + 1]  # the stop token itself is streamed, marked done
+    assert [tok.id for _, _, tok in llama.stream(prompt, 6, temperature=0)] == streamed
+
+
 def test_text_and_chat_completion_shapes(smollm2):
     out = smollm2.text_completion(["Paris is"], temperature=0, max_gen_len=4, logprobs=True)
     assert set(out[0]) == {"generation", "tokens", "logprobs"} and len(out[0]["tokens"]) == 4
@@ -264,8 +301,15 @@ def test_int8_linear_takes_the_float_gemm_for_many_rows():
     assert 1e-5 * scale < (few - exact).abs().max() < 2e-2 * scale  # the int8 kernel's bf16 rounding
 
 
+@pytest.fixture
+def template_gemm(monkeypatch):
+    """Compile as --compile does (frozen, pre-blocked weights, concat-linear) but take inductor's C++
+    GEMM template untimed: max-autotune's timing belongs to bench/, not to correctness tests."""
+    monkeypatch.setenv("LLAMA_COMPILE_GEMM", "template")
+
+
 @pytest.mark.slow
-def test_compiled_decoding_equals_eager(tiny_dir):
+def test_compiled_decoding_equals_eager(tiny_dir, template_gemm):
     prompts = [[128000, 791, 6864], [128000, 40, 1093, 374, 264]]
     eager = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2).generate(prompts, 10, temperature=0)[0]
     compiled = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True)
@@ -284,7 +328,7 @@ def test_compiled_decoding_equals_eager(tiny_dir):
 
 
 @pytest.mark.slow
-def test_two_compiled_models_keep_their_own_weights(tmp_path, llama3_tokenizer_path):
+def test_two_compiled_models_keep_their_own_weights(tmp_path, llama3_tokenizer_path, template_gemm):
     """Compiled steps freeze the weights into the graph: a second Llama in the same process (same
     code, same shapes) must run its own weights, not the first one's graph."""
     prompts = [[128000, 791, 6864]]
@@ -298,8 +342,8 @@ def test_two_compiled_models_keep_their_own_weights(tmp_path, llama3_tokenizer_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decode_step_matches_eager_step(tiny_dir, quantize):
-    """The compiled step (max-autotune GEMM templates, frozen weights; int8 stays int8) gives the
+def test_compiled_decode_step_matches_eager_step(tiny_dir, quantize, template_gemm):
+    """The compiled step (C++ GEMM templates, frozen weights; int8 stays int8) gives the
     eager step's logits, teacher-forced from the same cache."""
     llama = Llama.build(tiny_dir, max_seq_len=512, max_batch_size=2, compile=True, quantize=quantize)
     prompts = [[128000, 791, 6864, 315], [128000, 40]]
@@ -379,3 +423,58 @@ def test_model_parallel_greedy_equals_single_process(tiny_dir):
     ranks = run_distributed(_generate_on_rank, 2, tiny_dir, prompts)
     assert ranks[0][0] == expected and ranks[1][0] == expected
     assert ranks[0][1] == ranks[1][1]  # sampling: every rank continues with the same tokens
+
+
+def _compiled_and_eager_steps(ckpt_dir, mp, forced):
+    """On each rank: prefill two ragged prompts, then teacher-force `forced` one step at a time
+    through the compiled step and the eager step from the same cache; both steps' logits per step."""
+    from llama.checkpoint import load_model
+    from llama.parallel import init_distributed
+
+    init_distributed(mp)
+    model = load_model(ckpt_dir, max_seq_len=64, max_batch_size=2)  # shards are views into the mapped file
+    llama = Llama(model, tokenizer=None, compile=True)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    got, want = [], []
+    with torch.inference_mode():
+        cache = model.make_cache(2, 16)
+        mark_cache_dynamic(cache)
+        for b, p in enumerate(prompts):
+            llama._prefill(p, [layer.slot(b) for layer in cache], None)
+        positions = torch.tensor([len(p) for p in prompts])
+        for step in forced:
+            tokens = torch.tensor([[t] for t in step])  # (2, 1)
+            got.append(llama._decode(tokens, positions, cache))
+            want.append(llama._decode_step(tokens, positions, cache))  # rewrites the same slots, same k, v
+            positions = positions + 1
+    return torch.stack(got), torch.stack(want)  # (steps, 2, vocab) each
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mp", [2, 4])
+def test_compiled_model_parallel_step_matches_eager(tmp_path, template_gemm, mp):
+    """Compiled decoding under model parallelism (frozen, pre-blocked weights; gathered logits):
+    each rank's compiled step equals the eager step, teacher-forced, and a single eager process.
+    The C++ GEMM template is forced (untimed): pre-blocking a frozen weight is what read rank 0's rows."""
+    from tests.ckpt_util import tiny_model
+
+    model, args = tiny_model(vocab_size=256)  # n_kv_heads=2: at mp=4 each K/V head is duplicated
+    save_meta(model.state_dict(), args, tmp_path)
+    forced = [[9, 10], [11, 12], [13, 14]]
+    ranks = run_distributed(_compiled_and_eager_steps, mp, tmp_path, mp, forced)
+    single = Llama(model, tokenizer=None)
+    with torch.inference_mode():
+        cache = model.make_cache(2, 16)
+        for b, p in enumerate([[1, 2, 3, 4, 5], [6, 7]]):
+            single._prefill(p, [layer.slot(b) for layer in cache], None)
+        positions, reference = torch.tensor([5, 2]), []
+        for step in forced:
+            reference.append(single._decode_step(torch.tensor([[t] for t in step]), positions, cache))
+            positions = positions + 1
+    reference = torch.stack(reference)
+    scale = reference.abs().max()
+    for got, want in ranks:
+        assert (want - reference).abs().max() <= 1e-5 * scale  # eager model parallel: the control
+        half = got.shape[-1] // 2  # the fault seen: the upper half of the vocabulary was rank 0's shard
+        assert (got - want).abs().max() <= 1e-4 * scale, \
+            [(got - want)[..., :half].abs().max().item(), (got - want)[..., half:].abs().max().item()]

@@ -1,4 +1,4 @@
-"""LoRA (llama/lora.py, llama/train_lora.py): the math, model parallelism against one process, the
+"""LoRA (llama/lora.py, llama/train/lora.py): the math, model parallelism against one process, the
 training contract (adapters only, exact resume), and bad input."""
 
 import json
@@ -75,7 +75,7 @@ def test_merged_weights_give_the_unmerged_logits():
 
 
 def test_only_adapters_get_gradients_and_optimizer_state():
-    from llama.training import make_optimizer
+    from llama.train.loop import make_optimizer
 
     model = tiny_model()
     lora.freeze_base(model)
@@ -97,7 +97,7 @@ def test_only_adapters_get_gradients_and_optimizer_state():
 @pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
 def test_chunked_loss_head_gives_the_same_loss_and_gradients(rank):
     """loss_chunks (what lets 8B LoRA at 8K tokens fit 24 GiB): same sum, same gradients."""
-    from llama.training import loss_sum
+    from llama.train.loop import loss_sum
 
     results = []
     for chunks in (1, 3):
@@ -153,7 +153,7 @@ def test_model_parallel_logits_and_adapter_grads_match_one_process(mp):
 
 
 def train(data_dir, out_dir, *overrides):
-    from llama.train_setup import train as run
+    from llama.train.setup import train as run
 
     return run(tiny_config(data_dir, out_dir, "lora_rank=4", "lora_alpha=8.0", "lr=1e-2", *overrides))
 
@@ -247,7 +247,7 @@ def test_bad_lora_settings_are_one_line_exit_1(corpus, tmp_path, override, words
 
 
 def test_bf16_base_without_autocast_is_refused(corpus, tmp_path):
-    from llama.train_setup import setup
+    from llama.train.setup import setup
 
     data_dir, _ = corpus
     with pytest.raises(lora.LoRAError, match="dtype=bfloat16"):

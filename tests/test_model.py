@@ -27,7 +27,7 @@ def build(args: ModelArgs, seed: int = 0) -> Transformer:
 
 def meta_to_hf_qk(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     """Meta pairs (x0,x1),(x2,x3).. -> HF's rotate-half halves (x0..x_{d/2-1}),(x_{d/2}..): written
-    here independently of llama/checkpoint.py so the test checks the layout, not itself."""
+    here independently of llama/checkpoint/load.py so the test checks the layout, not itself."""
     return w.view(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
 
 

@@ -71,7 +71,7 @@ def test_model_parallel_matches_single_process(mp, tied):
 
 def duplicated_kv_worker(full_state: dict):
     """MP=4 with 2 K/V heads: each rank holds a copy of the K/V head its queries use (as Meta's 405B
-    MP16 release does). The duplication is written here independently of llama/checkpoint.py."""
+    MP16 release does). The duplication is written here independently of llama/checkpoint/load.py."""
     parallel.init_distributed(4)
     args = ModelArgs(**{**ARGS, "n_kv_heads": 2})
     with torch.device("meta"):
@@ -167,3 +167,74 @@ def test_script_that_just_returns_leaves_the_process_group_cleanly(tmp_path):
     assert proc.stdout.count(": joined") == 2 and "rank 1: joined" in proc.stdout, proc.stdout
     assert proc.stdout.count("group alive at exit: False") == 2, proc.stdout
     assert "group alive at exit: True" not in proc.stdout
+
+
+# ---------------------------------------------------------------------------- the K/V-head rule, in one place
+
+
+def init_worker(overrides: dict):
+    parallel.init_distributed(int(os.environ["WORLD_SIZE"]))
+    model = Transformer(ModelArgs(**{**ARGS, **overrides}))
+    model.init_weights(seed=7)
+    return {n: parallel.gather(n, p.detach()) for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_init_weights_is_layout_invariant_with_duplicated_kv_heads():
+    # mp=4 > 2 K/V heads: ranks 0,1 share head 0 and ranks 2,3 head 1. Each pair must hold the same
+    # draw, the one a single process makes, expanded by the K/V-head rule (before the fix each rank
+    # drew its own "head" from a 4-head tensor).
+    model, _ = single_process({"n_kv_heads": 2})
+    gathered = run_distributed(init_worker, 4, {"n_kv_heads": 2})[0]
+    for name, p in model.named_parameters():
+        expected = parallel.repeat_kv_heads(p.detach(), 2, 4) if name.endswith(("wk.weight", "wv.weight")) else p
+        torch.testing.assert_close(gathered[name], expected.detach(), atol=0, rtol=0, msg=name)
+
+
+GRID = [(n_heads, n_kv, mp) for n_heads in (4, 6, 8) for n_kv in (1, 2, 3, 4, 8) for mp in (1, 2, 3, 4, 6, 8)
+        if n_heads % n_kv == 0]
+
+
+@pytest.mark.parametrize("n_heads, n_kv, mp", GRID)
+def test_callers_of_the_kv_head_rule_agree(n_heads, n_kv, mp, monkeypatch):
+    """model.py (building the layers), plan.py, train_config.py and save_meta's shard check give one
+    answer for each (n_heads, n_kv_heads, mp): the rule is llama.parallel.check_model_parallel."""
+    from llama import meta_io, plan
+    from llama.errors import UserError
+    from llama.train.config import TrainConfig, check_layout
+
+    args = ModelArgs(dim=16 * n_heads, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=48 * 8,
+                     hidden_dim=48 * 8)
+
+    def ok(fn):
+        try:
+            fn()
+            return True
+        except UserError:
+            return False
+
+    monkeypatch.setattr(parallel, "model_parallel_size", lambda: mp)
+    monkeypatch.setattr(parallel, "model_parallel_rank", lambda: 0)
+    with torch.device("meta"):
+        model_ok = ok(lambda: Transformer(args))
+    plan_ok = ok(lambda: plan.check_model_parallel(args, mp))
+    train_ok = ok(lambda: check_layout(TrainConfig(model_parallel_size=mp, batch_size=mp, micro_batch_size=1), args, mp))
+    assert model_ok == plan_ok
+    assert train_ok == (model_ok and mp <= n_kv)  # training alone refuses duplicated heads
+    if model_ok:
+        kv = parallel.kv_heads_for(n_kv, mp)
+        with torch.device("meta"):
+            attn = Transformer(args).layers[0].attention
+        assert attn.n_kv_heads == kv and attn.wk.weight.shape[0] == kv * args.head_dim // mp
+        assert plan.kv_cache_bytes(args, 1, 1, mp) == 2 * kv // mp * args.head_dim * plan.KV_BYTES
+    state = {"layers.0.attention.wq.weight": torch.zeros(n_heads * args.head_dim, args.dim),
+             "layers.0.attention.wk.weight": torch.zeros(n_kv * args.head_dim, args.dim)}
+    assert ok(lambda: meta_io._check_shardable(state, args, mp, "out")) == model_ok  # saving at mp shards
+    if model_ok:
+        kv = parallel.kv_heads_for(n_kv, mp)
+        with torch.device("meta"):
+            attn = Transformer(args).layers[0].attention
+        assert attn.n_kv_heads == kv and attn.wk.weight.shape[0] == kv * args.head_dim // mp
+        assert plan.kv_cache_bytes(args, 1, 1, mp) == 2 * kv // mp * args.head_dim * plan.KV_BYTES
+        piece = meta_io.kv_shard(state["layers.0.attention.wk.weight"], n_kv, 0, mp)
+        assert piece.shape[0] == kv * args.head_dim // mp

@@ -58,7 +58,7 @@ def test_tour_reading_order():
         "reading order must be model.py -> generation.py -> parallel.py -> train.py"
     )
     named = {path for _, path, _, _ in rows}
-    for path in ["llama/checkpoint.py", "llama/tokenizer.py", "llama/data.py", "llama/training.py", "llama/plan.py"]:
+    for path in ["llama/checkpoint/load.py", "llama/tokenizer/__init__.py", "llama/train/data.py", "llama/train/loop.py", "llama/plan.py"]:
         assert path in named, f"the tour should list {path}"
 
 

@@ -122,8 +122,18 @@ def test_llama3_long_inputs_match_chunkwise(llama3, tiktoken_reference, kind):
     assert llama3.decode(ids[1:]) == text
 
 
+def test_one_llama3_split_pattern():
+    """Meta's tokenizer, the GGUF pre-tokenizer table and BPE training split text with one regex."""
+    from llama.tokenizer import bpe
+    from llama import bpe_train
+
+    assert Tokenizer.pat_str is bpe.LLAMA3_PATTERN
+    assert bpe.GGUF_PRE_TOKENIZERS["llama-bpe"] == [bpe.LLAMA3_PATTERN]
+    assert bpe_train.count_chunks.__defaults__[0] is bpe.LLAMA3_PATTERN
+
+
 def test_split_long_runs_matches_meta_rule():
-    from llama.tokenizer import split_long_runs
+    from llama.tokenizer.llama3 import split_long_runs
 
     rng = random.Random(1)
     for _ in range(300):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from llama.model import ModelArgs, Transformer
-from llama.train_config import DEFAULT_MODEL, ConfigError, TrainConfig, check_layout, load_config
-from llama.train_metrics import flops_per_token, matmul_params
-from llama.training import TrainingError, global_grad_norm, lr_at, make_optimizer
+from llama.train.config import DEFAULT_MODEL, ConfigError, TrainConfig, check_layout, load_config
+from llama.train.metrics import flops_per_token, matmul_params
+from llama.train.loop import TrainingError, global_grad_norm, lr_at, make_optimizer
 from tests.train_helpers import ROOT, TINY, cli, read_metrics, tiny_config, tiny_corpus
 
 
@@ -22,7 +22,7 @@ def corpus(tmp_path_factory):
 
 
 def train(data_dir, out_dir, *overrides):
-    from llama.train_setup import train as run
+    from llama.train.setup import train as run
 
     return run(tiny_config(data_dir, out_dir, *overrides))
 
@@ -66,7 +66,9 @@ def test_overrides_and_unknown_keys(tmp_path):
 
 def test_layout_checks():
     args = ModelArgs(**DEFAULT_MODEL)
-    cfg = load_config(None, ["model_parallel_size=3"])
+    with pytest.raises(ConfigError, match="does not divide n_heads=4"):  # refused as the config is read
+        load_config(None, ["model_parallel_size=3"])
+    cfg = TrainConfig(model_parallel_size=3)
     with pytest.raises(ConfigError, match="does not divide the 4 processes"):
         check_layout(cfg, args, 4)
     with pytest.raises(ConfigError, match="does not divide n_heads=4"):
@@ -172,14 +174,14 @@ def test_loss_decreases_and_checkpoint_loads(corpus, tmp_path):
 
 
 def _val_batches(data_dir):
-    from llama.batches import Batches
+    from llama.train.batches import Batches
 
     return Batches(data_dir, 32, 0).val_micro_batches(1, 8, 8, 0, 1)
 
 
 def test_sft_from_a_checkpoint(corpus, tmp_path):
     """init_from one of our checkpoints (tokenizer found next to it), chat jsonl, assistant-only loss."""
-    from llama.train_setup import train as run
+    from llama.train.setup import train as run
 
     data_dir, _ = corpus
     base = train(data_dir, tmp_path / "base", "max_steps=1")["checkpoint"]
@@ -366,3 +368,140 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(corpus, tmp_path):
     resumed = train(data_dir, out, "max_steps=6", "save_every=3", "resume=true")
     assert resumed["first_step"] == 3 and len(resumed["losses"]) == 3
     assert (out / "latest").read_text() == "step_000006" and not (out / ".step_000006.tmp").exists()
+
+
+# ---------------------------------------------------------------------------- fine-tune round trips
+
+
+DIALOG = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+          {"role": "user", "content": "And 3 + 3?"}]
+
+
+def _tiny_gguf_with_smollm2_tokenizer(path, smollm2_gguf):
+    """A 1-layer model that carries SmolLM2's real tokenizer metadata (49152 tokens, ChatML template)."""
+    import gguf
+
+    from llama.checkpoint.gguf import GGUFFile
+    from tests.ckpt_util import gguf_name
+
+    meta = GGUFFile(smollm2_gguf).metadata
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=49152, hidden_dim=64,
+                     rope_theta=100000.0, tie_word_embeddings=True)
+    model = Transformer(args)
+    model.init_weights(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1), w.add_context_length(8192), w.add_embedding_length(32), w.add_feed_forward_length(64)
+    w.add_head_count(2), w.add_head_count_kv(1), w.add_rope_freq_base(100000.0), w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(49152), w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"]), w.add_token_types([int(t) for t in meta["tokenizer.ggml.token_type"]])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_pad_token_id(2), w.add_add_bos_token(False)
+    w.add_chat_template(meta["tokenizer.chat_template"])
+    for name, t in model.state_dict().items():
+        if name != "output.weight":
+            w.add_tensor(gguf_name(name), t.detach().numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def fine_tune_sources(tmp_path_factory, corpus, smollm2_gguf, llama3_tokenizer_path):
+    """The four kinds of checkpoint a fine-tune starts from, each a tiny model with a real tokenizer."""
+    from llama import checkpoint
+
+    root = tmp_path_factory.mktemp("sources")
+    sources = {"gguf": _tiny_gguf_with_smollm2_tokenizer(root / "smol.gguf", smollm2_gguf)}
+    # HF: transformers' own tokenizer files for SmolLM2 (tokenizer.json, tokenizer_config.json, template)
+    transformers = pytest.importorskip("transformers")
+    small = checkpoint.load_model(sources["gguf"], max_seq_len=16)
+    checkpoint.save_hf(small.state_dict(), small.params, root / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    tok.save_pretrained(root / "hf")
+    sources["hf"] = root / "hf"
+    for name, tokenizer, vocab in [("meta", llama3_tokenizer_path, 128256), ("bpe", corpus[1], 640)]:
+        args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=vocab, hidden_dim=64,
+                         tie_word_embeddings=True)
+        model = Transformer(args)
+        model.init_weights(0)
+        checkpoint.save_meta(model.state_dict(), args, root / name)
+        shutil.copy(tokenizer, root / name / "tokenizer.model")
+        sources[name] = root / name
+    return sources
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf", "meta", "bpe"])
+def test_fine_tune_keeps_the_tokenizer_and_chat_format(kind, fine_tune_sources, tmp_path):
+    """A checkpoint fine-tuned from X carries X's tokenizer as small files (no links into a cache):
+    the same chat-encoded ids of a dialog, the same stop tokens; SmolLM2 keeps its default system prompt."""
+    from llama.checkpoint import default_tokenizer_path
+    from llama.tokenizer import load_tokenizer
+    from llama.train.setup import train as run
+
+    source = fine_tune_sources[kind]
+    text = tmp_path / "text.txt"
+    text.write_text("Some words to fine-tune on, repeated. " * 40)
+    keep = [o for o in TINY if not o.startswith("model.") and not o.startswith(("seq_len", "batch_size", "micro"))]
+    cfg = load_config(None, keep + [f"init_from={source}", f"data={text}", "max_steps=1", "seq_len=16",
+                                    "batch_size=2", "micro_batch_size=2", f"out_dir={tmp_path / 'out'}",
+                                    f"data_cache={tmp_path / 'cache'}"])
+    ckpt = Path(run(cfg)["checkpoint"])
+    before, after = load_tokenizer(default_tokenizer_path(source)), load_tokenizer(default_tokenizer_path(ckpt))
+    encode = lambda tok: tok.chat_format.encode_dialog_prompt(DIALOG)  # noqa: E731
+    assert encode(after) == encode(before)
+    assert (after.n_words, after.stop_tokens, after.bos_id, after.add_bos) == \
+        (before.n_words, before.stop_tokens, before.bos_id, before.add_bos)
+    if kind in ("gguf", "hf"):
+        assert before.chat_format.default_system and len(encode(before)) > 30
+    assert not any(p.is_symlink() for p in ckpt.iterdir())
+    assert sum(p.stat().st_size for p in ckpt.iterdir() if p.name.startswith("tokenizer")) < 16 << 20
+    if kind == "gguf":  # the extracted tokenizer.json is a real HF file: transformers encodes alike
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"))
+        text = "Hello world! 12345 café  \n\n  def f(x):\n\treturn x**2 ünïcode 日本語"
+        assert hf.encode(text) == after.encode(text, bos=False, eos=False)
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_reuses_the_saved_configuration(corpus, tmp_path):
+    """`train.py out_dir=X resume=true` after a run started with other keys continues that run; keys
+    given again must agree; a max_steps already reached, or another model_parallel_size, is one line."""
+    data_dir, _ = corpus
+    out = tmp_path / "run"
+    train(data_dir, out, "max_steps=2", "save_every=2")
+    done = cli(f"out_dir={out}", "resume=true", "max_steps=3", "log_every=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "latest").read_text() == "step_000003" and "resumed from" in done.stderr
+    cases = [
+        (["max_steps=3"], "already at step 3 and max_steps=3"),
+        ([], "already at step 3 and max_steps=3"),  # the saved max_steps: nothing left to do
+        (["max_steps=5", "model.n_layers=3"], "model.n_layers=3 differs from model.n_layers=2"),
+        (["max_steps=5", "seq_len=64"], "seq_len=64 differs from seq_len=32"),
+        (["max_steps=5", "model_parallel_size=2"], "python -m llama.convert"),
+    ]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for args, message in cases:
+        done = cli(f"out_dir={out}", "resume=true", *args)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], done.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # keys given again with the same values are fine
+    again = train(data_dir, out, "max_steps=4", "save_every=2", "resume=true")
+    assert again["first_step"] == 3
+
+
+def test_checkpoint_saves_touch_only_their_own_directories(corpus, tmp_path):
+    """Pruning and re-saving remove only step directories this code wrote; a user's folders named
+    like them, or like a save's temporary, are kept."""
+    data_dir, _ = corpus
+    out = tmp_path / "run"
+    (out / "step_000001").mkdir(parents=True)
+    (out / "step_000001/mine.txt").write_text("a user's")
+    (out / ".step_000009.tmp").mkdir()
+    (out / ".step_000009.tmp/mine.txt").write_text("a user's too")
+    train(data_dir, out, "max_steps=4", "save_every=2", "keep_last=1")
+    assert (out / "step_000001/mine.txt").read_text() == "a user's"
+    assert (out / ".step_000009.tmp/mine.txt").read_text() == "a user's too"
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000001", "step_000004"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from llama.data import bpe_dataset, stdlib_files
-from llama.train_config import load_config
+from llama.train.data import bpe_dataset, stdlib_files
+from llama.train.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def tiny_config(data_dir, out_dir, *extra):
 
 def train_worker(data_dir, out_dir, overrides):
     """One rank of a training run: returns (losses, grad norms from metrics.jsonl on rank 0)."""
-    from llama.train_setup import train
+    from llama.train.setup import train
 
     result = train(tiny_config(data_dir, out_dir, *overrides))
     return result

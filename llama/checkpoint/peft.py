@@ -7,7 +7,7 @@
       lora.json                  ours, beside them: the base the adapter was trained on (path and
                                  the sha256 of its params), so a mismatch is caught by name
 
-HF stores q/k weights in the rotate-half RoPE layout (llama/hf_io.py). B A lives in the same
+HF stores q/k weights in the rotate-half RoPE layout (llama/checkpoint/hf.py). B A lives in the same
 output space as W, so the q/k `lora_B` rows take the same per-head permutation as W's rows (A,
 acting on the input, is unchanged); every other tensor is stored as it is.
 
@@ -25,8 +25,10 @@ from typing import Dict, Optional
 import torch
 
 from llama import parallel
-from llama.checkpoint import CheckpointError, atomic_write, params_dict, resolve
-from llama.hf_io import from_rotate_half, hf_name, meta_name, to_rotate_half
+from llama.checkpoint.common import CheckpointError, params_dict
+from llama.checkpoint.hf import from_rotate_half, hf_name, meta_name, to_rotate_half
+from llama.checkpoint.load import resolve
+from llama.files import write_bytes, write_text
 from llama.lora import MODULES, TARGETS, LoRAError, check_targets, projection_shapes
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,10 +92,9 @@ def save_peft(out_dir, tensors: Dict[str, torch.Tensor], args, rank: int, alpha:
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
     }
     blob = safetensors_bytes(hf, metadata={"format": "pt"})
-    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: tmp.write_bytes(blob))
+    write_bytes(out_dir / ADAPTER_WEIGHTS, blob)
     for name, content in ((ADAPTER_CONFIG, config), (BASE_POINTER, base)):
-        text = json.dumps(content, indent=2) + "\n"
-        atomic_write(out_dir / name, lambda tmp: tmp.write_text(text))
+        write_text(out_dir / name, json.dumps(content, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -233,7 +234,7 @@ def _local_b(name: str, full: torch.Tensor, args) -> torch.Tensor:
     mp, rank = parallel.model_parallel_size(), parallel.model_parallel_rank()
     if mp <= args.n_kv_heads or not name.endswith(("attention.wk.lora_B.weight", "attention.wv.lora_B.weight")):
         return parallel.shard(name, full)
-    target = max(args.n_kv_heads, mp)
+    target = parallel.kv_heads_for(args.n_kv_heads, mp)
     per_rank, copies = target // mp, target // args.n_kv_heads
     heads = full.view(args.n_kv_heads, args.head_dim, -1)
     return torch.cat([heads[j // copies] for j in range(rank * per_rank, (rank + 1) * per_rank)])

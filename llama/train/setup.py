@@ -18,14 +18,16 @@ import torch
 import torch.distributed as dist
 
 from llama import parallel
-from llama.batches import Batches
-from llama.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
+from llama.train.batches import Batches
+from llama.train.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
-from llama import lora, train_lora
-from llama.train_config import TrainConfig, asset_path, check_layout
-from llama.train_metrics import MetricsLog, peak_tflops
-from llama.train_state import latest_checkpoint, load_checkpoint, set_rng_state
-from llama.training import enable_activation_checkpointing, loop, make_optimizer
+from llama import lora
+from llama.tokenizer import tokenizer_file
+from llama.train import lora as train_lora
+from llama.train.config import TrainConfig, asset_path, check_device, check_layout
+from llama.train.metrics import MetricsLog, peak_tflops
+from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
+from llama.train.loop import enable_activation_checkpointing, loop, make_optimizer
 
 
 @dataclass
@@ -154,7 +156,10 @@ def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool):
 
 
 def setup(cfg: TrainConfig) -> Run:
-    cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=asset_path(cfg.tokenizer))
+    # tokenizer= may name an asset, a file or a checkpoint dir: resolved as data prepare --tokenizer is
+    tok = str(tokenizer_file(cfg.tokenizer, flag="tokenizer=")) if cfg.tokenizer else ""
+    cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=tok)
+    check_device(cfg)  # device=cuda without a GPU: one line now, not an AttributeError after the data work
     args = model_args(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _, micro = check_layout(cfg, args, world)
@@ -174,7 +179,7 @@ def setup(cfg: TrainConfig) -> Run:
     data_dir, tok = _prepare_data(cfg, args, is_first)
     batches = Batches(data_dir, cfg.seq_len, cfg.seed)
     model = build_model(cfg, args, device)
-    if cfg.lora_rank:  # adapters on a frozen base (llama/train_lora.py)
+    if cfg.lora_rank:  # adapters on a frozen base (llama/train/lora.py)
         train_lora.attach(cfg, model, device)
     model.train()
     optimizer = make_optimizer(model, cfg, device)

@@ -29,8 +29,10 @@ import torch
 
 import gguf
 
-from llama.model import ModelArgs
+from llama.model import ModelArgs, rope_frequencies
 from llama.errors import UserError
+from llama.model_args_check import ModelArgsError
+from llama.checkpoint.common import CheckpointError
 
 # Metadata value types: type id -> struct format (STRING=8 and ARRAY=9 are handled separately).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -180,6 +182,13 @@ def meta_key(gguf_name: str):
     return None
 
 
+# ModelArgs field -> the GGUF metadata key it comes from (errors name the key the file has)
+GGUF_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
+              "n_kv_heads": "llama.attention.head_count_kv", "hidden_dim": "llama.feed_forward_length",
+              "head_dim": "llama.attention.key_length", "norm_eps": "llama.attention.layer_norm_rms_epsilon",
+              "rope_theta": "llama.rope.freq_base", "vocab_size": "llama.vocab_size"}
+
+
 def model_args(g: GGUFFile, **overrides) -> ModelArgs:
     """Map llama.cpp's metadata keys onto ModelArgs."""
     md = g.metadata
@@ -195,7 +204,7 @@ def model_args(g: GGUFFile, **overrides) -> ModelArgs:
 
     n_heads = int(get("attention.head_count"))
     dim = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", dim // n_heads))
+    head_dim = int(get("attention.key_length", dim // max(n_heads, 1)))
     if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise GGUFFormatError("partial RoPE (rope.dimension_count < head width) is not a Llama model")
     emb = g.tensors.get("token_embd.weight")
@@ -208,6 +217,8 @@ def model_args(g: GGUFFile, **overrides) -> ModelArgs:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in g.tensors,
     )
+    if md.get("llama.context_length"):
+        kwargs["context_length"] = int(md["llama.context_length"])
     kwargs.update(_rope_scaling(g, kwargs))
     kwargs.update(overrides)
     return ModelArgs(**kwargs)
@@ -219,7 +230,6 @@ def _rope_scaling(g: GGUFFile, kwargs: dict) -> dict:
     if "rope_freqs.weight" not in g.tensors:
         return {}
     factors = g.tensor("rope_freqs.weight").float()
-    from llama.model import rope_frequencies
 
     orig = int(g.metadata.get("llama.rope.scaling.original_context_length", 8192))
     scaled = dict(use_scaled_rope=True, rope_scaling_factor=float(factors.max()), rope_original_max_seq_len=orig)
@@ -243,19 +253,19 @@ class GGUFSource:
         self._names = {meta_key(n) or n: n for n in self.file.tensors}
 
     def args(self, **overrides) -> ModelArgs:
-        from llama.checkpoint import CheckpointError
 
         try:
             return model_args(self.file, **overrides)
         except GGUFFormatError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
+        except ModelArgsError as e:
+            raise e.at(f"{self.path} metadata", GGUF_NAMES) from None
 
     def keys(self):
         return list(self._names)
 
     def pieces(self, name: str):
         if name not in self._names:
-            from llama.checkpoint import CheckpointError
 
             raise CheckpointError(f"{self.path}: tensor {name} is missing (the file is incomplete or not a Llama model)")
         return [self.file.tensor(self._names[name])]

@@ -7,22 +7,77 @@ until something reads them.
 """
 
 import json
+import mmap
 import pickle
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 
 from llama import parallel
-from llama.checkpoint import CheckpointError, atomic_write, model_args_from_dict, params_dict
+from llama.checkpoint.common import CheckpointError, model_args_from_dict, params_json
+from llama.files import atomic_write, write_text
 from llama.model import ModelArgs
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 
 
+_VERIFIED = set()  # (path, size, mtime, inode) of files whose checksums passed in this process
+
+
+def check_crc(file: Path) -> None:
+    """Refuse a zip-format .pth whose bytes do not match the CRC-32 its archive stores per member.
+
+    torch.load(mmap=True) never reads most tensor bytes, so flipped bytes would load silently and
+    generate garbage. Each member is checksummed in place in the memory-mapped file (~0.12-0.16 s per
+    100 MB from the page cache here, docs/reliability-files.md); a file that passed is not read
+    again by this process unless it changes (size, mtime, inode)."""
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _VERIFIED or not zipfile.is_zipfile(file):
+        return  # legacy (pre-1.6) torch files have no checksums
+    try:
+        with zipfile.ZipFile(file) as archive, open(file, "rb") as f, \
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                for info in archive.infolist():
+                    _check_member(archive, info, view)
+            finally:
+                view.release()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: corrupt checkpoint, its bytes do not match the archive's checksums "
+                              f"({str(e)[:120]}): download or copy it again") from None
+    _VERIFIED.add(key)
+
+
+def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, view: memoryview) -> None:
+    """CRC-32 of one member. torch stores members uncompressed: checksum them in place in the mapped
+    file (no copy, ~1 GB/s); anything compressed goes through zipfile, which checks at the end."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        with archive.open(info) as member:
+            while member.read(1 << 24):
+                pass
+        return
+    header = view.obj[info.header_offset : info.header_offset + 30]  # bytes: no view outlives the map
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    if start + info.compress_size > len(view):
+        raise zipfile.BadZipFile(f"{info.filename} runs past the end of the file")
+    crc = 0
+    for at in range(start, start + info.compress_size, 1 << 26):
+        with view[at : min(at + (1 << 26), start + info.compress_size)] as chunk:
+            crc = zlib.crc32(chunk, crc)
+    if crc != info.CRC:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+
+
 def load_pth(file: Path) -> dict:
-    """A state dict from a .pth, memory-mapped, refusing anything but tensors."""
+    """A state dict from a .pth, checksummed, memory-mapped, refusing anything but tensors."""
+    check_crc(file)
     try:
         try:
             sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
@@ -77,10 +132,13 @@ class MetaSource:
             params = json.loads(self.args_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.args_file}: not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            return model_args_from_dict(params, self.args_file)  # refuses it, naming the file
         params.setdefault("rope_theta", 10000.0)  # Llama 2 omits it; Meta's Llama 2 code used 10000
         first = self.shards[0]
         emb = first.get("tok_embeddings.weight")
-        if params.get("vocab_size", -1) <= 0 and emb is not None:  # Llama 2: -1, the tokenizer decides
+        vocab = params.get("vocab_size", -1)
+        if isinstance(vocab, int) and vocab <= 0 and emb is not None:  # Llama 2: -1, the tokenizer decides
             split1 = self.n_shards > 1 and emb.shape[1] != params.get("dim")
             params["vocab_size"] = emb.shape[0] * (1 if split1 else self.n_shards)
         if "output.weight" not in first and "tie_word_embeddings" not in params:
@@ -113,10 +171,7 @@ class MetaSource:
 def kv_shard(full: torch.Tensor, n_kv_heads: int, rank: int, n_shards: int) -> torch.Tensor:
     """Rank `rank`'s rows of wk/wv (n_kv_heads*head_dim, dim). With more ranks than heads each head is
     stored once per rank that uses it, as Meta's 405B MP16 release does."""
-    if n_shards <= n_kv_heads:
-        return full.chunk(n_shards, 0)[rank]
-    heads = full.view(n_kv_heads, -1, full.shape[1])  # (K, Dh, D)
-    return heads[rank // (n_shards // n_kv_heads)]
+    return parallel.shard("attention.wk.weight", full, rank, n_shards, n_kv_heads=n_kv_heads)
 
 
 def save_meta(state_dict, params: ModelArgs, out_dir, num_shards: int = 1, dtype=None) -> None:
@@ -136,10 +191,9 @@ def save_meta(state_dict, params: ModelArgs, out_dir, num_shards: int = 1, dtype
             shard[name] = piece.to(dtype or piece.dtype).clone(memory_format=torch.contiguous_format)
         if params.tie_word_embeddings:  # stored once, under both keys, so Meta's strict load works
             shard["output.weight"] = shard["tok_embeddings.weight"]
-        atomic_write(out_dir / f"consolidated.{rank:02d}.pth", lambda tmp: torch.save(shard, tmp))
+        atomic_write(out_dir / f"consolidated.{rank:02d}.pth", lambda f: torch.save(shard, f))
         del shard
-    text = json.dumps(params_dict(params), indent=2) + "\n"
-    atomic_write(out_dir / "params.json", lambda tmp: tmp.write_text(text))
+    write_text(out_dir / "params.json", params_json(params))
     for f in out_dir.glob("consolidated.*.pth"):  # a previous save with more shards would be mixed in
         if (m := _SHARD.fullmatch(f.name)) and int(m.group(1)) >= num_shards:
             f.unlink()
@@ -148,11 +202,6 @@ def save_meta(state_dict, params: ModelArgs, out_dir, num_shards: int = 1, dtype
 def _check_shardable(state_dict, params: ModelArgs, n: int, out_dir: Path) -> None:
     if n < 1:
         raise CheckpointError(f"{out_dir}: --shards must be at least 1, got {n}")
-    if n > params.n_kv_heads and n % params.n_kv_heads:
-        raise CheckpointError(
-            f"{out_dir}: cannot split n_kv_heads={params.n_kv_heads} over {n} shards (more shards than K/V heads "
-            f"must be a multiple of them): pick another shard count"
-        )
     for name, t in state_dict.items():
         dim = parallel.shard_dim(name)
         size = t.shape[0] // params.head_dim if name.endswith(("wk.weight", "wv.weight")) else None
@@ -162,3 +211,7 @@ def _check_shardable(state_dict, params: ModelArgs, n: int, out_dir: Path) -> No
             raise CheckpointError(
                 f"{out_dir}: {name} dim {dim} ({t.shape[dim]}) is not divisible by {n} shards: pick a divisor"
             )
+    try:  # whole heads per shard, K/V heads by the rule the model loads them with
+        parallel.check_model_parallel(params, n)
+    except parallel.ParallelError as e:
+        raise CheckpointError(f"{out_dir}: cannot split this model into {n} shards: {e}") from None

@@ -5,51 +5,11 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from llama.model import ModelArgs
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. Matched
-# against torch.cuda.get_device_name() in order, so the more specific names come first.
-GPU_BF16_PEAK_TFLOPS = [
-    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0),
-    ("H200", 989.0), ("GH200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
-    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0), ("MI300X", 1307.0), ("MI250X", 383.0),
-]
-
-
-def matmul_params(args: ModelArgs) -> int:
-    """Weights that take part in a matrix multiply, counted from the shape (full model, all ranks).
-    The embedding lookup costs nothing; the output layer is a matmul even when tied to it."""
-    q = args.n_heads * args.head_dim
-    kv = args.n_kv_heads * args.head_dim
-    attention = args.dim * (2 * q + 2 * kv)  # wq, wo (D x H*Dh) and wk, wv (D x K*Dh)
-    ffn = 3 * args.dim * args.ffn_hidden_dim  # w1, w2, w3
-    return args.n_layers * (attention + ffn) + args.dim * args.vocab_size
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights (2N forward, 4N backward) plus 12*L*H*Dh*T for
-    attention scores and their use (PaLM, Chowdhery et al. 2022, appendix B; the convention
-    torchtitan and nanoGPT report MFU with, which does not halve for the causal mask)."""
-    return 6 * matmul_params(args) + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
-
-
-def peak_tflops(device: torch.device, override: float = 0.0) -> Optional[float]:
-    """The device's bf16 peak, or None where unknown (CPUs: report achieved TFLOP/s instead)."""
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in GPU_BF16_PEAK_TFLOPS:
-        if key in name:
-            return peak
-    return None
-
+# The FLOPs count and the GPU peaks live in llama/flops.py, shared with the planner.
+from llama.flops import flops_per_token, matmul_params, peak_tflops  # noqa: F401
 
 def memory_gb(device: torch.device) -> float:
     """Peak memory: allocated by torch on a GPU; the process's peak resident set on CPU."""

@@ -11,7 +11,7 @@ Decoding concatenates each token's bytes and decodes UTF-8 once at the end.
 
 The same class loads HF tokenizer.json files whose pre-tokenizer is a byte-level one (Llama 3's HF
 tokenizer.json is too). `from_gguf` / `from_hf_json` turn the files' fields into constructor
-arguments; the GGUF header itself is read by llama/gguf_io.py.
+arguments; the GGUF header itself is read by llama/checkpoint/gguf.py.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import regex
 
-from llama.chat import ChatFormat, ChatMLFormat
+from llama.tokenizer.chat import ChatFormat, ChatMLFormat
 
 # GPT-2's pre-tokenizer (HF ByteLevel with use_regex=True, llama.cpp "gpt2").
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# Llama 3's pattern (Meta's tokenizer.py `pat_str`).
+# Llama 3's pattern (Meta's tokenizer.py `pat_str`), the one copy: llama.tokenizer.Tokenizer.pat_str is it.
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -218,7 +218,7 @@ class ByteLevelBPETokenizer:
     # ---- loading -----------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, meta: dict, path: Path) -> "ByteLevelBPETokenizer":
-        """From GGUF metadata (llama.gguf_io's reader): tokens, merges, token types, special ids."""
+        """From GGUF metadata (llama.checkpoint.gguf's reader): tokens, merges, token types, special ids."""
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported "
@@ -265,6 +265,41 @@ class ByteLevelBPETokenizer:
                    bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
                    add_bos=bool(add_bos), ignore_merges=bool(model.get("ignore_merges")),
                    default_system=default_system_prompt(template))
+
+
+def gguf_to_hf_json(meta: dict) -> tuple[dict, dict]:
+    """(tokenizer.json, tokenizer_config.json) for a GGUF's byte-level BPE tokenizer: small files that
+    `from_hf_json` reads back into the same tokenizer (ids, specials, BOS/EOS, chat template), so a
+    checkpoint fine-tuned from a GGUF carries its tokenizer without the GGUF's weights."""
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})")
+    tokens, types = list(meta["tokenizer.ggml.tokens"]), [int(t) for t in meta.get("tokenizer.ggml.token_type", [])]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": types[i] == 3} for i, t in enumerate(tokens) if i < len(types) and types[i] in (3, 4)]
+    steps = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
+             for p in GGUF_PRE_TOKENIZERS[pre]]
+    steps.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False})
+    tok_json = {
+        "version": "1.0", "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
+        "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                            "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": GGUF_PRE_TOKENIZERS[pre] == [LLAMA3_PATTERN],
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(meta["tokenizer.ggml.merges"])},
+    }
+    config = {"add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    for key, gguf_key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("pad_token", "padding_token_id")):
+        i = meta.get(f"tokenizer.ggml.{gguf_key}")
+        if i is not None and 0 <= i < len(tokens):
+            config[key] = tokens[i]
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return tok_json, config
 
 
 def hf_pre_patterns(pre: dict | None, path: Path) -> list:

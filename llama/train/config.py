@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import torch
+
+from llama import parallel
+from llama.dtypes import DTypeError, dtype_name
+from llama.errors import UserError
 from llama.lora import LORA_DTYPES, check_settings
 from llama.model import ModelArgs
-from llama.errors import UserError
+from llama.model_args_check import ModelArgsError
 
 
 class ConfigError(UserError):
@@ -34,12 +39,13 @@ DEFAULT_MODEL = {
 @dataclass
 class TrainConfig:
     # where and how long
-    out_dir: str = "out/default"
-    seed: int = 1337
-    max_steps: int = 200
-    log_every: int = 10
+    out_dir: str = "out/default"  # checkpoints (step_NNNNNN/), metrics.jsonl and the run's config go here
+    seed: int = 1337  # weights, data order and sampling follow from it
+    max_steps: int = 200  # optimizer steps in all (a resumed run continues up to it)
+    log_every: int = 10  # print and record a metrics line every this many steps
     eval_every: int = 100  # validation loss every this many steps (0: never)
     eval_batches: int = 4  # global batches of the held-out split per evaluation
+    eval_data: str = ""  # a text file: its perplexity (eval_ppl, strided windows of seq_len) at each evaluation
     save_every: int = 100  # checkpoint every this many steps (always at the end)
     keep_last: int = 2  # older checkpoints are deleted (0: keep all)
     resume: bool = False  # continue from out_dir/latest
@@ -54,16 +60,16 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 16  # sequences per forward pass per rank (the rest is accumulation)
     # optimizer: AdamW, linear warmup then cosine decay to min_lr
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
+    lr: float = 3e-3  # peak learning rate, reached after warmup_steps
+    min_lr: float = 3e-4  # the learning rate at the end of the cosine decay
+    warmup_steps: int = 20  # linear warmup from 0 to lr
     decay_steps: int = 0  # where the cosine reaches min_lr (0: at max_steps)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices only
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     # system
-    model_parallel_size: int = 1
+    model_parallel_size: int = 1  # ranks each model is split over (torchrun); the rest is data parallel
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False  # torch.compile the model
@@ -78,20 +84,44 @@ class TrainConfig:
     base_dtype: str = "auto"  # the frozen base's dtype under LoRA: auto = bfloat16 on CUDA, float32 on CPU
     # model shape (from scratch): model_config (a params.json file) or else DEFAULT_MODEL, with the
     # [model] keys on top
-    model_config: str = ""
-    model: dict = field(default_factory=dict)
+    model_config: str = ""  # a params.json-style file with the from-scratch shape (configs/models/)
+    model: dict = field(default_factory=dict)  # [model] table / model.KEY=VALUE: ModelArgs fields on top
 
     def model_args(self, vocab_size: Optional[int] = None) -> ModelArgs:
         """The from-scratch shape; vocab_size comes from the tokenizer unless set explicitly."""
-        if self.model_config:
-            shape = json.loads(Path(self.model_config).read_text())
-        else:
-            shape = dict(DEFAULT_MODEL)
+        shape = read_model_config(self.model_config) if self.model_config else dict(DEFAULT_MODEL)
         shape.update(self.model)
         if vocab_size is not None and "vocab_size" not in self.model:
             shape["vocab_size"] = vocab_size
         shape.update(max_seq_len=self.seq_len, max_batch_size=self.micro_batch_size)
-        return ModelArgs(**shape)
+        try:
+            return ModelArgs(**shape)
+        except ModelArgsError as e:  # name where the bad key came from: a [model] key or the file
+            if e.key in self.model:
+                raise e.at("config", {e.key: f"model.{e.key}"}) from None
+            if e.key in ("max_seq_len", "max_batch_size"):
+                raise e.at("config", {"max_seq_len": "seq_len", "max_batch_size": "micro_batch_size"}) from None
+            given = ", ".join(f"model.{k}={v}" for k, v in self.model.items())
+            raise e.at(f"model_config {self.model_config}" if self.model_config and not given else
+                       f"the model shape ({self.model_config or 'the default'}{' with ' + given if given else ''})") from None
+
+
+def read_model_config(path: str) -> dict:
+    """A params.json-style file's keys (model_config), or a ConfigError naming the file."""
+    try:
+        shape = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model_config {path} is not valid JSON ({e}): give a params.json-style file "
+                          f"(see configs/models/)") from None
+    except OSError as e:
+        raise ConfigError(f"model_config {path} cannot be read ({e.strerror})") from None
+    if not isinstance(shape, dict):
+        raise ConfigError(f"model_config {path} holds a JSON {type(shape).__name__}, not an object of "
+                          f"params.json keys (see configs/models/)")
+    unknown = sorted(set(shape) - set(MODEL_FIELDS))
+    if unknown:
+        raise _unknown(unknown[0], list(MODEL_FIELDS), f"model_config {path}")
+    return shape
 
 
 # Names for the project's embedded assets (fetched once with pip, see llama/assets.py), usable as
@@ -109,6 +139,27 @@ def asset_path(value: str) -> str:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def config_help() -> str:
+    """Every config key with its default and its comment above (train.py --help): read from the
+    source of TrainConfig, so the help cannot drift from the fields."""
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?(?:  # (.*))?$", line)
+        if m:
+            comments[m.group(1)] = m.group(2) or ""
+    rows = []
+    for name, f in FIELDS.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append(f"  {name} = {json.dumps(default)}" + "".ljust(max(1, 34 - len(name) - len(json.dumps(default))))
+                    + comments.get(name, ""))
+    model = ", ".join(f"{k}={v}" for k, v in DEFAULT_MODEL.items())
+    rows.append(f"  model.KEY = VALUE: any ModelArgs field (Meta's params.json keys); the default shape is {model}")
+    return "\n".join(rows)
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelArgs)}
 
 
@@ -177,6 +228,8 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
         if not sep or not key:
             raise ConfigError(f"argument {item!r} is not key=value (e.g. max_steps=100)")
         _apply(values, key.strip(), parse_value(text.strip()), "the command line")
+    if values.get("resume"):  # continue with the keys the run was started with (llama/train/state.py)
+        values = resume_values(values, {k: getattr(TrainConfig(), k) for k in FIELDS})
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -195,10 +248,13 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key {key!r} must not be negative, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype={cfg.dtype!r}: use auto, float32, bfloat16 or float16")
+    if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
+        raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    if cfg.dtype != "auto":
+        try:
+            cfg.dtype = dtype_name(cfg.dtype)  # one name from here on: bf16 -> bfloat16
+        except DTypeError as e:
+            raise ConfigError(f"{e}, or auto") from None
     if cfg.init_from and (cfg.model or cfg.model_config):
         raise ConfigError("init_from sets the model shape: remove model_config and the [model] keys")
     if cfg.model_config and not Path(cfg.model_config).is_file():
@@ -208,10 +264,27 @@ def validate(cfg: TrainConfig) -> None:
                           f"or one of {', '.join(ASSETS)}")
     if cfg.tokenizer and cfg.tokenizer not in ASSETS and not Path(cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer {cfg.tokenizer} does not exist")
+    if cfg.eval_data and not Path(cfg.eval_data).is_file():
+        raise ConfigError(f"eval_data {cfg.eval_data} is not a file: give a text file to measure perplexity on")
     check_lora_config(cfg)
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")
+    if not cfg.init_from:  # the from-scratch shape, checked now rather than after tokenizing the data
+        _check_parallel(cfg, cfg.model_args(vocab_size=64 * cfg.model_parallel_size))  # the tokenizer sets vocab later
+
+
+def check_device(cfg: TrainConfig) -> None:
+    """At the start of training (a config that names cuda still parses on a machine without one)."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device}: no CUDA GPU is available here: use device=cpu (or auto)")
+
+
+def _check_parallel(cfg: TrainConfig, args: ModelArgs) -> None:
+    try:  # the model's own rule (llama/parallel.py), with training's extra: no duplicated K/V heads
+        parallel.check_model_parallel(args, cfg.model_parallel_size, training=True, flag="model_parallel_size=")
+    except parallel.ParallelError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_lora_config(cfg: TrainConfig) -> None:
@@ -232,10 +305,7 @@ def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[in
     if world_size % mp != 0:
         raise ConfigError(f"model_parallel_size={mp} does not divide the {world_size} processes: "
                           f"launch a multiple of {mp} (torchrun --nproc_per_node)")
-    for what, value in [("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("vocab_size", args.vocab_size),
-                        ("FFN width", args.ffn_hidden_dim)]:
-        if value % mp != 0:
-            raise ConfigError(f"model_parallel_size={mp} does not divide {what}={value}: pick one that divides it")
+    _check_parallel(cfg, args)
     dp = world_size // mp
     share = cfg.batch_size // dp
     micro = min(cfg.micro_batch_size, share)
@@ -243,3 +313,54 @@ def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[in
         raise ConfigError(f"batch_size={cfg.batch_size} must split evenly over {dp} data-parallel ranks and into "
                           f"micro-batches of {micro}: change batch_size or micro_batch_size")
     return dp, micro
+
+
+# Keys a resumed run may change: how long, how often to log/evaluate/save, and how the same math
+# runs (device, compile, recomputation, accumulation). Every other key is the run's saved value.
+MAY_CHANGE_ON_RESUME = {"max_steps", "log_every", "eval_every", "save_every", "keep_last", "eval_batches",
+                        "device", "compile", "activation_checkpointing", "micro_batch_size", "peak_tflops",
+                        "resume", "out_dir"}
+
+
+def resume_values(values: dict, defaults: dict) -> dict:
+    """The config values of a resumed run: those the run was started with (saved in its newest
+    checkpoint's train_state.00.pth), plus the MAY_CHANGE_ON_RESUME keys from `values` (the keys the
+    user gave). A key given again with another value is a ConfigError naming it; so is a max_steps
+    the run has already reached. With no checkpoint yet, `values` are returned unchanged."""
+    import torch  # here, not at the top: train.py checks a config before paying for torch's import
+
+    from llama.checkpoint import CheckpointError
+    from llama.train.state import latest_checkpoint
+
+    out_dir = values.get("out_dir", defaults["out_dir"])
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return values
+    state_file = ckpt / "train_state.00.pth"
+    if not state_file.is_file():
+        raise CheckpointError(f"{ckpt} has no train_state.00.pth: it is not a training checkpoint to resume")
+    state = torch.load(state_file, map_location="cpu", mmap=True, weights_only=True)
+    saved = {k: v for k, v in state["config"].items() if k in defaults}
+    where = f"the run's saved configuration ({state_file})"
+    given = {k: v for k, v in values.items() if k != "model"}
+    given.update({f"model.{k}": v for k, v in values.get("model", {}).items()})
+    saved_flat = {**saved, **{f"model.{k}": v for k, v in saved.get("model", {}).items()}}
+    for key, value in given.items():
+        if key in MAY_CHANGE_ON_RESUME:
+            continue
+        was = saved_flat.get(key, defaults.get(key))
+        if key in ("init_from", "tokenizer") and value:
+            value = asset_path(value)
+        if value != was:
+            hint = ""
+            if key == "model_parallel_size":
+                hint = (f"; to continue at model_parallel_size={value}, convert it first (python -m llama.convert "
+                        f"{ckpt} NEW --to meta --shards {value}) and start a new run with init_from=NEW")
+            raise ConfigError(f"resume=true: {key}={value!r} differs from {key}={was!r} in {where}: drop {key} "
+                              f"to continue the run, or start a new run in another out_dir{hint}")
+    merged = {**saved, **{k: v for k, v in values.items() if k in MAY_CHANGE_ON_RESUME}, "resume": True}
+    max_steps = merged.get("max_steps", defaults["max_steps"])
+    if max_steps <= state["step"]:
+        raise ConfigError(f"resume=true: the run in {out_dir} is already at step {state['step']} and "
+                          f"max_steps={max_steps}: give a larger max_steps to continue it")
+    return merged

@@ -1,4 +1,4 @@
-"""PEFT's adapter format (llama/peft_io.py) against HF `peft` itself, merging through convert,
+"""PEFT's adapter format (llama/checkpoint/peft.py) against HF `peft` itself, merging through convert,
 Llama.build and generate.py (also under model parallel), and bad adapters."""
 
 import json
@@ -8,10 +8,11 @@ import warnings
 import pytest
 import torch
 
-from llama import checkpoint, lora, parallel, peft_io
-from llama.convert import main as convert_main
+from llama import checkpoint, lora, parallel
+from llama.checkpoint import peft as peft_io
+from llama.checkpoint.convert import main as convert_main
 from llama.model import ModelArgs, Transformer
-from llama.train_config import load_config
+from llama.train.config import load_config
 from tests.dist import run_distributed
 from tests.test_lora import ARGS, randomize_b, tiny_model, tokens
 from tests.train_helpers import TINY, tiny_corpus
@@ -120,7 +121,7 @@ def test_lora_checkpoint_loads_in_build_and_generate(tmp_path):
     """Train 2 LoRA steps on a real base dir; Llama.build(out_dir) (base found through lora.json),
     Llama.build(base, lora=...) and generate.py --lora give the unmerged model's logits."""
     from llama.generation import Llama
-    from llama.train_setup import train
+    from llama.train.setup import train
 
     data_dir, tok = tiny_corpus(tmp_path / "corpus")
     base_model = Transformer(ModelArgs(**{**ARGS, "vocab_size": 640}))
@@ -172,15 +173,16 @@ def test_adapter_for_another_base_names_both(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert convert_main([str(tmp_path / "other"), str(out), "--to", "meta", "--lora", str(root / "adapter")]) == 1
+    assert convert_main([str(tmp_path / "other"), str(out), "--to", "meta", "--lora", str(root / "adapter"),
+                         "--overwrite"]) == 1
     line = one_line_error(capsys)
     assert str(root / "adapter") in line and str(tmp_path / "other") in line and "does not match" in line
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written or overwritten
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # even with --overwrite: nothing replaced
     # without our lora.json (a foreign PEFT adapter) the shapes still catch it, naming both
     foreign = tmp_path / "foreign"
     shutil.copytree(root / "adapter", foreign)
     (foreign / "lora.json").unlink()
-    assert convert_main([str(tmp_path / "other"), str(out), "--to", "meta", "--lora", str(foreign)]) == 1
+    assert convert_main([str(tmp_path / "other"), str(out), "--to", "meta", "--lora", str(foreign), "--overwrite"]) == 1
     line = one_line_error(capsys)
     assert str(foreign) in line and str(tmp_path / "other") in line and "needs" in line
 
@@ -243,8 +245,8 @@ def test_smollm2_adapters_against_hf_peft_both_ways(smollm2_gguf, tmp_path):
 
 @pytest.mark.slow
 def test_lora_on_smollm2_lowers_the_held_out_sft_loss(tmp_path):
-    from llama.training import evaluate, loop
-    from llama.train_setup import setup
+    from llama.train.loop import evaluate, loop
+    from llama.train.setup import setup
 
     cfg = load_config(None, ["init_from=smollm2", "data=configs/train/chat_example.jsonl", "sft=true",
                              f"out_dir={tmp_path / 'run'}", f"data_cache={tmp_path / 'data'}", "val_fraction=0.25",

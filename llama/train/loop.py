@@ -1,13 +1,13 @@
 """The training loop: model parallel (Fairscale) x data parallel (DDP), AdamW, exact resume.
 
 One optimizer step:
-  1. this data-parallel rank's micro-batches of the global batch (llama/batches.py);
+  1. this data-parallel rank's micro-batches of the global batch (llama/train/batches.py);
   2. forward + backward for each, under bf16 autocast on CUDA; DDP all-reduces the gradients over
      the data-parallel group on the last micro-batch only (no_sync before it);
   3. the loss is a sum over trained target tokens divided by their count over the whole global
      batch, so accumulation, data parallelism and SFT masks all give the single-process mean;
   4. clip by the global gradient norm, set the scheduled learning rate, step AdamW.
-Setup (config -> processes -> data -> model -> optimizer -> resume) lives in llama/train_setup.py.
+Setup (config -> processes -> data -> model -> optimizer -> resume) lives in llama/train/setup.py.
 """
 
 import functools
@@ -22,11 +22,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama import parallel
-from llama.batches import IGNORE
-from llama.train_config import TrainConfig
-from llama.train_metrics import flops_per_token, memory_gb
-from llama.train_lora import base_pointer, save_adapter_checkpoint
-from llama.train_state import latest_checkpoint, rng_state, save_checkpoint
+from llama.train.batches import IGNORE
+from llama.eval.perplexity import perplexity
+from llama.train.config import TrainConfig
+from llama.train.lora import base_pointer, save_adapter_checkpoint
+from llama.train.metrics import flops_per_token, memory_gb
+from llama.train.state import latest_checkpoint, rng_state, save_checkpoint
 from llama.errors import UserError
 
 
@@ -164,12 +165,31 @@ def evaluate(run) -> Optional[float]:
     return (sums[0] / sums[1]).item() if sums[1] > 0 else None
 
 
+@functools.lru_cache(maxsize=2)
+def _eval_text(path: str, tokenizer_path: str):
+    from llama.tokenizer import load_tokenizer
+
+    return open(path, encoding="utf-8").read(), load_tokenizer(tokenizer_path)
+
+
+def eval_text_perplexity(run) -> float:
+    """Perplexity of cfg.eval_data (llama.eval's strided windows: seq_len tokens, half overlap).
+    Every rank runs it (model-parallel layers communicate); data-parallel ranks get the same number."""
+    text, tokenizer = _eval_text(run.cfg.eval_data, str(run.tokenizer_path))
+    run.model.eval()
+    with run.autocast():
+        res = perplexity(run.model, tokenizer, text, run.cfg.seq_len, max(1, run.cfg.seq_len // 2),
+                         batch_size=run.cfg.micro_batch_size)
+    run.model.train()
+    return res.perplexity
+
+
 def save(run, step: int) -> None:
     state = {"step": step, "consumed": run.consumed, "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
              "model_parallel_size": parallel.model_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
              "data": str(run.data_dir), "tokenizer": str(run.tokenizer_path)}
-    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train_lora.py)
+    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
         path = save_adapter_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path,
                                        run.cfg.keep_last, base_pointer(run.cfg, run.model))
     else:
@@ -213,6 +233,8 @@ def loop(run) -> dict:
             if val is not None:
                 val_losses[done] = val
                 record = dict(record or {"step": done}, val_loss=val)
+            if cfg.eval_data:
+                record = dict(record or {"step": done}, eval_ppl=eval_text_perplexity(run))
         if record is not None:
             run.log.log(record)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:

@@ -16,28 +16,25 @@ K/V head once per rank that uses it; we read the first copy and duplicate again 
 """
 
 import ctypes
-import json
 import os
-import re
 import sys
-import warnings
-from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
 from llama import parallel
+from llama.api_checks import check_context_fits, check_sizes
+from llama.dtypes import parse_dtype
 from llama.model import ModelArgs, Transformer
-from llama.errors import UserError
+from llama.tokenizer.errors import TokenizerError
+from llama.tokenizer.paths import tokenizer_file
+from llama.checkpoint.common import CheckpointError
+from llama.checkpoint.gguf import GGUFFormatError, GGUFSource
+from llama.checkpoint.hf import HFSource
+from llama.checkpoint.meta import MetaSource
 
 
-class CheckpointError(UserError):
-    """Bad checkpoint input; the message names the file, the problem and the fix."""
-
-
-META_KEYS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-             "norm_eps", "rope_theta", "use_scaled_rope"]
 _IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE table; llama.cpp's 3.1 factors
 
 
@@ -46,7 +43,7 @@ _IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE tab
 
 def resolve(path) -> Path:
     """A training run's out_dir stands for its newest complete checkpoint: train.py writes a
-    `latest` file naming it (llama/train_state.py), so `--ckpt-dir out/default` just works."""
+    `latest` file naming it (llama/train/state.py), so `--ckpt-dir out/default` just works."""
     path = Path(path)
     pointer = path / "latest"
     if path.is_dir() and pointer.is_file() and not (path / "params.json").exists():
@@ -86,14 +83,11 @@ def _open(path):
     path = resolve(path)
     fmt = detect_format(path)
     if fmt == "meta":
-        from llama.meta_io import MetaSource
 
         return MetaSource(path)
     if fmt == "hf":
-        from llama.hf_io import HFSource
 
         return HFSource(path)
-    from llama.gguf_io import GGUFFormatError, GGUFSource
 
     file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
     try:
@@ -108,19 +102,19 @@ def read_model_args(path, **overrides) -> ModelArgs:
 
 
 def default_tokenizer_path(path) -> Optional[Path]:
-    """Where this checkpoint's tokenizer lives: Meta -> tokenizer.model (here or one dir up, as Meta's
-    downloads place it), HF -> tokenizer.json (else tokenizer.model), GGUF -> the .gguf file itself."""
+    """Where this checkpoint's tokenizer lives: tokenizer.model or tokenizer.json beside the weights
+    (Meta's downloads: tokenizer.model one dir up), GGUF -> the .gguf file itself; None if none.
+    The lookup is llama.tokenizer.tokenizer_file's, shared with train.py and data prepare."""
     path = resolve(path)
     fmt = detect_format(path)
     if fmt == "gguf":
         return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
-    names = ["tokenizer.model"] if fmt == "meta" else ["tokenizer.json", "tokenizer.model"]
-    dirs = [path, path.parent] if fmt == "meta" else [path]
-    for d in dirs:
-        for name in names:
-            if (d / name).exists():
-                return d / name
-    return None
+    try:
+        return tokenizer_file(path, flag="--tokenizer-path (generate.py) or tokenizer_path (Llama.build)")
+    except TokenizerError:
+        if any(p.is_symlink() for p in (path / "tokenizer.model", path / "tokenizer.json")):
+            raise  # a dangling link: say so, rather than "no tokenizer"
+        return None
 
 
 # ---------------------------------------------------------------------------- loading
@@ -132,15 +126,18 @@ def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=No
     dtype None keeps the checkpoint's dtype (GGUF: float32 for quantized files). The model stays in
     train mode, on the CPU unless `device` is given.
     """
+    check_sizes(max_seq_len, max_batch_size)
+    dtype = parse_dtype(dtype)
     source = _open(path)
     args = source.args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     mp = parallel.model_parallel_size()
+    dtype = dtype or source.default_dtype()
+    check_context_fits(args, dtype, device, path)  # before the RoPE table is built for max_seq_len
     try:
         with torch.device("meta"):
             model = Transformer(args)
-    except ValueError as e:
+    except parallel.ParallelError as e:
         raise CheckpointError(f"{path}: cannot split this model over {mp} model-parallel ranks: {e}") from None
-    dtype = dtype or source.default_dtype()
     state = {}
     for name, param in model.state_dict().items():
         if name == "output.weight" and args.tie_word_embeddings:
@@ -235,7 +232,7 @@ def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch
     """Rows of wk/wv for this rank, one head (head_dim rows) at a time.
 
     Source: its shards store `stored` heads, n_kv_heads of them or, when saved at mp > n_kv_heads,
-    each head repeated. Target: max(n_kv_heads, mp) heads, rank r holds heads [r*k, (r+1)*k)."""
+    each head repeated. Target: parallel.kv_heads_for(n_kv_heads, mp) heads, rank r holds heads [r*k, (r+1)*k)."""
     hd, n_kv = args.head_dim, args.n_kv_heads
     rows = sum(p.shape[0] for p in pieces)
     found = (rows, pieces[0].shape[1])
@@ -246,7 +243,7 @@ def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch
             f"the weights do not match {source.args_file}"
         )
     src_copies = stored // n_kv  # consecutive copies of each head in the source
-    target = max(n_kv, mp)
+    target = parallel.kv_heads_for(n_kv, mp)
     per_rank, tgt_copies = target // mp, target // n_kv
     heads = [(j // tgt_copies) * src_copies for j in range(rank * per_rank, (rank + 1) * per_rank)]
     ranges = []  # merge consecutive heads into one range, so a plain split stays a view
@@ -281,62 +278,6 @@ def release_pages(t: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------- params
 
 
-def model_args_from_dict(params: dict, file: Path, **overrides) -> ModelArgs:
-    """ModelArgs from a params.json-style dict; unknown keys are dropped with a warning."""
-    known = {f.name for f in fields(ModelArgs)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        warnings.warn(f"{file}: ignoring keys ModelArgs does not know: {unknown}")
-    kwargs = {k: v for k, v in params.items() if k in known}
-    kwargs.update(overrides)
-    try:
-        return ModelArgs(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: {e}") from None
-
-
-def params_dict(args: ModelArgs) -> dict:
-    """params.json content: Meta's keys, plus our extra keys only where they change the model."""
-    out = {k: getattr(args, k) for k in META_KEYS}
-    plain = ModelArgs(**{k: getattr(args, k) for k in META_KEYS})
-    if args.hidden_dim is not None and args.hidden_dim != plain.ffn_hidden_dim:
-        out["hidden_dim"] = args.hidden_dim
-    if args.head_dim != plain.head_dim:
-        out["head_dim"] = args.head_dim
-    if args.tie_word_embeddings:
-        out["tie_word_embeddings"] = True
-    if args.use_scaled_rope:
-        defaults = ModelArgs()
-        for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
-            if getattr(args, k) != getattr(defaults, k):
-                out[k] = getattr(args, k)
-    return out
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 # ---------------------------------------------------------------------------- saving
 
 
-def save_meta(state_dict: Dict[str, torch.Tensor], params: ModelArgs, out_dir, num_shards: int = 1, dtype=None):
-    """Write params.json + consolidated.NN.pth (NN = 00 .. num_shards-1) from a full Meta-key dict."""
-    from llama.meta_io import save_meta as _save
-
-    _save(state_dict, params, out_dir, num_shards, dtype)
-
-
-def save_hf(state_dict: Dict[str, torch.Tensor], params: ModelArgs, out_dir, dtype=None,
-            max_shard_bytes: int = 5 * 2**30):
-    """Write config.json + model.safetensors (or model-0000N-of-0000M.safetensors + index)."""
-    from llama.hf_io import save_hf as _save
-
-    _save(state_dict, params, out_dir, dtype, max_shard_bytes)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import heapq
-import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -29,7 +28,9 @@ from pathlib import Path
 
 import regex
 
-from llama.tokenizer import Tokenizer, TokenizerError
+from llama.files import write_bytes
+from llama.tokenizer.errors import TokenizerError
+from llama.tokenizer.llama3 import Tokenizer
 
 NUM_SPECIAL = Tokenizer.num_reserved_special_tokens  # appended by Tokenizer after the ranks
 
@@ -136,12 +137,8 @@ def write_tiktoken_bpe(tokens: list[bytes], out_path) -> Path:
     """One `base64(token) rank` line per token, like Meta's tokenizer.model; written atomically."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    with open(tmp, "w", encoding="ascii") as f:
-        for rank, token in enumerate(tokens):
-            f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
-    os.replace(tmp, out_path)
-    return out_path
+    text = "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for rank, token in enumerate(tokens))
+    return write_bytes(out_path, text.encode("ascii"))
 
 
 def train_bpe(files_or_texts, vocab_size: int, out_path, *, verbose: bool = False) -> Path:

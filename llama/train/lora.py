@@ -1,7 +1,7 @@
 """LoRA in the training run: attach and freeze, and checkpoints that hold the adapters only.
 
     out_dir/step_000030/
-      adapter_config.json        PEFT's files (llama/peft_io.py): `peft` loads the directory as it is,
+      adapter_config.json        PEFT's files (llama/checkpoint/peft.py): `peft` loads the directory as it is,
       adapter_model.safetensors  `--lora` merges it here (generate.py, Llama.build, llama.convert)
       lora.json                  the base: its path and the sha256 of its params (checked on resume/merge)
       adapter.NN.pth             model-parallel rank NN's adapter shard, fp32: what resume loads
@@ -9,21 +9,22 @@
       params.json, tokenizer.model   the base's shape and tokenizer, as in a full checkpoint
 
 Megabytes, not gigabytes: the base is read again from its own files. The directory is built in a
-temporary sibling and renamed into place, then `latest` is replaced, as llama/train_state.py does for
-full checkpoints (whose helpers this uses).
+temporary sibling and renamed into place, then `latest` is replaced, as llama/train/state.py does for
+full checkpoints (with the same helpers from llama/files.py).
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from llama import lora, parallel, peft_io
-from llama.train_state import (LATEST, _barrier, _fsync_dir, _prune, _write_tokenizer, atomic_write, params_json,
-                               step_name)
+from llama import lora, parallel
+from llama.checkpoint import peft as peft_io
+from llama.checkpoint import params_json
+from llama.files import atomic_write, fsync_dir, make_temp_dir, remove_temp_dir, replace_dir, write_text
+from llama.tokenizer import save_tokenizer
+from llama.train.state import LATEST, _barrier, _prune, is_training_checkpoint, step_name
 
 
 def base_pointer(cfg, model) -> dict:
@@ -55,8 +56,11 @@ def save_adapter_checkpoint(out_dir, step: int, model, train_state: dict, tokeni
     first = dist.get_rank() == 0 if dist.is_initialized() else True
     mp_rank = parallel.model_parallel_rank()
     if first:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if final.exists() and not is_training_checkpoint(final):
+            raise lora.LoRAError(f"{final} exists and is not a checkpoint of this run: move it away "
+                                 f"or choose another out_dir")
+        remove_temp_dir(tmp)  # left by a killed save (it carries the marker; anything else stays)
+        make_temp_dir(final, tmp.name)
     _barrier()
     full = peft_io.export_training_adapter(model)  # every rank takes part in the gathers
     if writer:
@@ -66,23 +70,14 @@ def save_adapter_checkpoint(out_dir, step: int, model, train_state: dict, tokeni
     if first:
         cfg = model.lora
         peft_io.save_peft(tmp, full, model.params, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"], base)
-        params = json.dumps(params_json(model.params), indent=2).encode()
-        atomic_write(tmp / "params.json", lambda f: f.write(params))
-        _write_tokenizer(tmp, tokenizer_path)
+        write_text(tmp / "params.json", params_json(model.params))
+        if tokenizer_path and Path(tokenizer_path).exists():
+            save_tokenizer(tokenizer_path, tmp)
     _barrier()
     if first:
-        _fsync_dir(tmp)
-        if final.exists():
-            old = out / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(out)
-        atomic_write(out / LATEST, lambda f: f.write(name.encode()))
-        _fsync_dir(out)
+        replace_dir(tmp, final)
+        write_text(out / LATEST, name)
+        fsync_dir(out)
         _prune(out, keep_last)
     _barrier()
     return final

@@ -10,7 +10,6 @@ Two differences from Meta's layout besides the names:
 """
 
 import json
-import math
 import re
 import struct
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llama.checkpoint import CheckpointError, atomic_write, model_args_from_dict
+from llama.checkpoint.common import CheckpointError, model_args_from_dict
+from llama.files import atomic_write, write_text
 from llama.model import ModelArgs
 
 # Meta key (with {} for the layer) <-> HF key.
@@ -66,8 +66,18 @@ def to_rotate_half(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- config
 
 
+# ModelArgs field -> the config.json key it comes from (errors name the key the file has)
+HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+            "rope_scaling_factor": "rope_scaling.factor", "rope_low_freq_factor": "rope_scaling.low_freq_factor",
+            "rope_high_freq_factor": "rope_scaling.high_freq_factor",
+            "rope_original_max_seq_len": "rope_scaling.original_max_position_embeddings"}
+
+
 def config_to_params(cfg: dict, file: Path) -> dict:
     """config.json -> a params.json-style dict (ModelArgs field names)."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(cfg).__name__}, not an object of config keys")
     arch = cfg.get("model_type")
     if arch != "llama":
         raise CheckpointError(f"{file}: model_type {arch!r} is not supported: only 'llama' checkpoints load here")
@@ -82,33 +92,48 @@ def config_to_params(cfg: dict, file: Path) -> dict:
         )
     except KeyError as e:
         raise CheckpointError(f"{file}: key {e} is missing") from None
+    if cfg.get("max_position_embeddings"):
+        p["context_length"] = cfg["max_position_embeddings"]
     if cfg.get("head_dim"):
         p["head_dim"] = cfg["head_dim"]
     rope = dict(cfg.get("rope_parameters") or {})  # transformers 5.x
     rope.update(cfg.get("rope_scaling") or {})  # transformers 4.x
-    p["rope_theta"] = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    # values go to ModelArgs as written: its check names a "big" or a 2.5 with the key below
+    p["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "llama3":
-        p.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]),
-                 rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                 rope_original_max_seq_len=int(rope.get("original_max_position_embeddings", 8192)))
+        p.update(use_scaled_rope=True, rope_scaling_factor=rope.get("factor"),
+                 rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+                 rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+                 rope_original_max_seq_len=rope.get("original_max_position_embeddings", 8192))
     elif kind != "default":
         raise CheckpointError(f"{file}: RoPE scaling type {kind!r} is not supported (only 'llama3' is)")
+    if "context_length" in p and p["context_length"] == _implied_context(p):
+        del p["context_length"]  # what params_to_config writes for an unknown one: keep it unknown
     return p
+
+
+def _implied_context(p):
+    """The context length written when the source states none: Llama 3.1-scaled RoPE implies original
+    length x factor; otherwise unknown (None: max_position_embeddings is omitted). `p`: ModelArgs or
+    its dict."""
+    get = p.get if isinstance(p, dict) else lambda k, d=None: getattr(p, k)
+    if get("use_scaled_rope", False):
+        return int(get("rope_original_max_seq_len", 8192) * get("rope_scaling_factor", 8.0))
+    return None
 
 
 def params_to_config(args: ModelArgs) -> dict:
     """ModelArgs -> config.json that transformers 4.x and 5.x both read as LlamaForCausalLM."""
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    max_pos = args.max_seq_len
+    # The source's context length; when unknown (a Meta params.json has none), the implied one.
+    max_pos = args.context_length or _implied_context(args)
     if args.use_scaled_rope:
         rope.update(rope_type="llama3", factor=args.rope_scaling_factor, low_freq_factor=args.rope_low_freq_factor,
                     high_freq_factor=args.rope_high_freq_factor,
                     original_max_position_embeddings=args.rope_original_max_seq_len)
-        max_pos = max(max_pos, int(args.rope_original_max_seq_len * args.rope_scaling_factor))
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if args.use_scaled_rope else None
-    return {
+    config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
@@ -117,6 +142,9 @@ def params_to_config(args: ModelArgs) -> dict:
         "attention_bias": False, "mlp_bias": False,
         "rope_theta": args.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
     }
+    if max_pos is None:
+        del config["max_position_embeddings"]
+    return config
 
 
 # ---------------------------------------------------------------------------- reading
@@ -164,7 +192,7 @@ class HFSource:
         params = config_to_params(cfg, self.args_file)
         if "output.weight" not in self._where and not params["tie_word_embeddings"]:
             params["tie_word_embeddings"] = True  # no lm_head stored: transformers would tie too
-        return model_args_from_dict(params, self.args_file, **overrides)
+        return model_args_from_dict(params, self.args_file, HF_NAMES, **overrides)
 
     def keys(self):
         return [k for k in self._where if not k.endswith("rotary_emb.inv_freq")]
@@ -205,11 +233,10 @@ def _write_safetensors(path: Path, tensors: dict) -> None:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for t in tensors.values():
-                f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    def write(f):
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
     atomic_write(path, write)
 
@@ -245,6 +272,6 @@ def save_hf(state_dict, params: ModelArgs, out_dir, dtype=None, max_shard_bytes:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {n: f for f, names in zip(files, groups) for n in names}}
         text = json.dumps(index, indent=2)
-        atomic_write(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(text))
+        write_text(out_dir / "model.safetensors.index.json", text)
     text = json.dumps(params_to_config(params), indent=2) + "\n"
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(text))
+    write_text(out_dir / "config.json", text)

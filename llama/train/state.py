@@ -6,19 +6,20 @@
         params.json           ModelArgs (Meta's keys + hidden_dim/head_dim/tie_word_embeddings ...)
         consolidated.00.pth   model-parallel rank 0's state_dict: Meta's shard layout, fp32
         consolidated.01.pth   ... one per model-parallel rank
-        tokenizer.model       a copy of the tokenizer (when it is a small file), so the dir stands alone
+        tokenizer.model       a copy of the tokenizer (tokenizer.json + tokenizer_config.json for HF and
+                              GGUF tokenizers, chat template included), so the dir stands alone
         train_state.00.pth    rank 0's optimizer, step, data position, RNG and config
       metrics.jsonl
 
 A save goes to `.step_000300.tmp/`; every file in it is written under a temporary name, fsynced
-and renamed; then the directory is renamed into place and only then is `latest` replaced (itself
-a temp file + fsync + rename). A crash at any moment leaves `latest` naming a complete checkpoint.
+and renamed (llama/files.py); then the directory is renamed into place and only then is `latest`
+replaced (itself a temp file + fsync + rename). A crash at any moment leaves `latest` naming a
+complete checkpoint. Only directories this module made are ever removed (temporaries carry a
+marker; pruning and re-saving touch only step_NNNNNN directories holding a training state).
 generate.py, Llama.build and Meta's own loader read a step directory like any Meta checkpoint.
 """
 
-import dataclasses
-import json
-import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,27 +28,13 @@ import torch
 import torch.distributed as dist
 
 from llama import parallel
+from llama.checkpoint import CheckpointError, params_json
+from llama.files import (atomic_write, fsync_dir, make_temp_dir, remove_stale_temps, remove_temp_dir, replace_dir,
+                         write_text)
+from llama.tokenizer import save_tokenizer
 
 LATEST = "latest"
-TOKENIZER_COPY_LIMIT = 64 << 20  # copy tokenizer files up to 64 MiB, link bigger ones
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(f) into `path.tmp`, fsync, rename over `path`: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_STEP = re.compile(r"step_\d{6}")
 
 
 def _barrier() -> None:
@@ -66,16 +53,15 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
         return None
     path = Path(out_dir) / pointer.read_text().strip()
     if not (path / "params.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
+        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing: "
+                              f"point it at a complete step_NNNNNN directory, or start without resume=true")
     return path
 
 
-def params_json(args) -> dict:
-    """ModelArgs as params.json: the run-time sizes are the loader's choice, not the checkpoint's."""
-    params = dataclasses.asdict(args)
-    for key in ("max_seq_len", "max_batch_size"):
-        params.pop(key)
-    return params
+def is_training_checkpoint(path: Path) -> bool:
+    """A step directory this module wrote (the only kind it ever replaces or prunes)."""
+    return (path.is_dir() and not path.is_symlink() and _STEP.fullmatch(path.name) is not None
+            and (path / "params.json").is_file() and (path / "train_state.00.pth").is_file())
 
 
 def save_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path: Optional[str],
@@ -87,57 +73,39 @@ def save_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path
     first = dist.get_rank() == 0 if dist.is_initialized() else True
     mp_rank = parallel.model_parallel_rank()
     if first:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if final.exists() and not is_training_checkpoint(final):
+            raise CheckpointError(f"{final} exists and is not a checkpoint of this run: move it away "
+                                  f"or choose another out_dir")
+        remove_temp_dir(tmp)  # left by a killed save (it carries our marker; anything else stays)
+        if tmp.exists():
+            raise CheckpointError(f"{tmp} exists and was not made by a save: move it away")
+        make_temp_dir(final, tmp.name)  # a fixed name (no pid): every rank must find it
     _barrier()
     if writer:
         state = model.state_dict()
         atomic_write(tmp / f"consolidated.{mp_rank:02d}.pth", lambda f: torch.save(state, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
     if first:
-        params = json.dumps(params_json(model.params), indent=2).encode()
-        atomic_write(tmp / "params.json", lambda f: f.write(params))
-        _write_tokenizer(tmp, tokenizer_path)
+        write_text(tmp / "params.json", params_json(model.params))
+        if tokenizer_path and Path(tokenizer_path).exists():
+            save_tokenizer(tokenizer_path, tmp)
     _barrier()
     if first:
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (a resumed run): move the old one aside first
-            old = out / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(out)
-        atomic_write(out / LATEST, lambda f: f.write(name.encode()))
-        _fsync_dir(out)
+        replace_dir(tmp, final)  # a re-saved step (a resumed run): the old one is removed once replaced
+        write_text(out / LATEST, name)
+        fsync_dir(out)
         _prune(out, keep_last)
     _barrier()
     return final
 
 
-def _write_tokenizer(directory: Path, tokenizer_path: Optional[str]) -> None:
-    """tokenizer.model next to the weights, where loaders look (load_tokenizer detects the format
-    from the contents): a copy of a small file, a link to a big one (a GGUF's tokenizer is inside
-    its hundreds of MB of weights)."""
-    if not tokenizer_path or not Path(tokenizer_path).is_file():
-        return
-    source = Path(tokenizer_path).resolve()
-    if source.stat().st_size <= TOKENIZER_COPY_LIMIT:
-        data = source.read_bytes()
-        atomic_write(directory / "tokenizer.model", lambda f: f.write(data))
-    else:
-        os.symlink(source, directory / "tokenizer.model")
-
-
 def _prune(out: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints (and temp dirs of interrupted saves)."""
-    for stale in out.glob(".step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Delete all but the newest keep_last checkpoints (and temp dirs of interrupted saves); only
+    directories this module wrote are ever removed."""
+    remove_stale_temps(out, ".step_*.tmp*")
     if keep_last <= 0:
         return
-    steps = sorted(p for p in out.glob("step_*") if p.is_dir())
+    steps = sorted(p for p in out.glob("step_*") if is_training_checkpoint(p))
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -145,14 +113,17 @@ def _prune(out: Path, keep_last: int) -> None:
 def load_checkpoint(path: Path, model, device) -> dict:
     """Load this rank's model shard in place; return its training state (optimizer etc.)."""
     mp_rank, mp = parallel.model_parallel_rank(), parallel.model_parallel_size()
-    state_file = path / f"train_state.{mp_rank:02d}.pth"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{path} has no {state_file.name}: it was not saved at model_parallel_size={mp}")
-    train_state = torch.load(state_file, map_location=device, weights_only=True)
-    saved_mp = train_state["model_parallel_size"]
+    saved_mp = len(list(path.glob("train_state.*.pth")))
+    if saved_mp == 0:
+        raise CheckpointError(f"{path} has no train_state.NN.pth: it is not a training checkpoint to resume; "
+                              f"start a new run with init_from={path}")
     if saved_mp != mp:
-        raise ValueError(f"{path} was saved at model_parallel_size={saved_mp}; resume with the same size "
-                         f"(or start a new run with init_from={path})")
+        raise CheckpointError(
+            f"{path} was saved at model_parallel_size={saved_mp}, this run has {mp}: resume with "
+            f"model_parallel_size={saved_mp}, or convert it (python -m llama.convert {path} NEW --to meta "
+            f"--shards {mp}) and start a new run with init_from=NEW")
+    state_file = path / f"train_state.{mp_rank:02d}.pth"
+    train_state = torch.load(state_file, map_location=device, weights_only=True)
     weights = torch.load(path / f"consolidated.{mp_rank:02d}.pth", map_location=device, weights_only=True)
     model.load_state_dict(weights, strict=True)
     return train_state

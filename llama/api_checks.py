@@ -1,0 +1,92 @@
+"""Checks of the arguments that enter the library (Llama.build, load_model, text_completion,
+chat_completion), each raising ArgumentError that names the argument and the fix. They run before
+any work, so a wrong call fails in milliseconds with one line, not deep inside with a KeyError.
+"""
+
+import os
+from typing import Optional
+
+import torch
+
+from llama.errors import ArgumentError
+
+CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
+
+
+def check_positive_int(name: str, value, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArgumentError(f"{name}={value!r}: must be a positive integer; {fix}")
+
+
+def check_sizes(max_seq_len, max_batch_size) -> None:
+    """Llama.build / load_model: the context and batch the model is built for."""
+    check_positive_int("max_seq_len", max_seq_len, "the longest prompt + generation in tokens, e.g. 2048")
+    check_positive_int("max_batch_size", max_batch_size, "the most prompts per call, e.g. 4")
+
+
+def check_max_gen_len(max_gen_len) -> None:
+    """None means 'up to the context'; anything else is a number of tokens, at least 1."""
+    if max_gen_len is not None:
+        check_positive_int("max_gen_len", max_gen_len, "or None to generate up to max_seq_len")
+
+
+def check_prompts(prompts) -> None:
+    """text_completion's prompts: a list of strings (a bare str would be one prompt per character)."""
+    if isinstance(prompts, str):
+        raise ArgumentError("prompts is a str: pass a list of prompts, e.g. text_completion([\"Hello\"])")
+    if not isinstance(prompts, (list, tuple)):
+        raise ArgumentError(f"prompts is a {type(prompts).__name__}: pass a list of strings")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ArgumentError(f"prompts[{i}] is a {type(p).__name__}: each prompt must be a str "
+                                f"(token ids go to generate())")
+
+
+def check_dialogs(dialogs) -> None:
+    """chat_completion's dialogs: a list of dialogs, each a list of {"role", "content"} messages."""
+    example = '[[{"role": "user", "content": "Hi"}]]'
+    if not isinstance(dialogs, (list, tuple)):
+        raise ArgumentError(f"dialogs is a {type(dialogs).__name__}: pass a list of dialogs, e.g. {example}")
+    for i, dialog in enumerate(dialogs):
+        if not isinstance(dialog, (list, tuple)):
+            raise ArgumentError(f"dialogs[{i}] is a {type(dialog).__name__}: each dialog is a list of messages, "
+                                f"e.g. {example}")
+        for j, message in enumerate(dialog):
+            where = f"dialogs[{i}][{j}]"
+            if not isinstance(message, dict):
+                raise ArgumentError(f"{where} is a {type(message).__name__}: a message is a dict with 'role' "
+                                    f"and 'content'")
+            missing = [k for k in ("role", "content") if k not in message]
+            if missing:
+                raise ArgumentError(f"{where} has no {missing[0]!r}: a message is "
+                                    f'{{"role": "user", "content": "..."}}')
+            if message["role"] not in CHAT_ROLES:
+                raise ArgumentError(f"{where} has role {message['role']!r}: use one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(message["content"], str):
+                raise ArgumentError(f"{where}'s content is a {type(message['content']).__name__}: it must be a str")
+
+
+def memory_bytes(device: Optional[torch.device]) -> int:
+    """Total memory of the device the model goes to (RAM for the CPU)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no estimate, no refusal
+        return 1 << 62
+
+
+def check_context_fits(args, dtype: torch.dtype, device, source) -> None:
+    """Refuse a max_seq_len whose RoPE table plus the KV cache of one sequence of that length cannot
+    fit in the device's memory at all: --max-seq-len 1000000000 fails here in a millisecond instead
+    of allocating tens of GB first. (A request's cache is sized to the request, so this is the
+    floor of what max_seq_len promises, not an estimate of every request.)"""
+    device = torch.device(device) if device is not None else None
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem + args.head_dim * 4  # K, V; RoPE
+    need, have = per_token * args.max_seq_len, memory_bytes(device)
+    if need > have:
+        fits = have // per_token
+        raise ArgumentError(f"max_seq_len={args.max_seq_len}: one sequence that long needs {need / 2**30:.0f} GiB "
+                            f"for {source}'s KV cache, more than the {have / 2**30:.0f} GiB here: use at most "
+                            f"{fits} (e.g. --max-seq-len {min(fits, 8192)})")

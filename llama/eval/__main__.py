@@ -1,0 +1,5 @@
+import sys
+
+from llama.eval.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""`python -m llama.eval perplexity|choice|compare|harness`: the command lines (see docs/evaluation.md).
+
+    python -m llama.eval perplexity                              # SmolLM2 on Genesis 1-5 (KJV)
+    python -m llama.eval perplexity --ckpt-dir out/ --data notes.txt --max-length 1024 --stride 512
+    python -m llama.eval perplexity --data humaneval             # canonical solutions given prompts
+    python -m llama.eval choice --data items.jsonl --out scored.jsonl
+    python -m llama.eval compare base.gguf out/ --prompts prompts.txt --data notes.txt --choices items.jsonl
+    python -m llama.eval harness --model llama-ref --model_args ckpt_dir=... --tasks ...
+    torchrun --nproc_per_node 2 -m llama.eval perplexity --ckpt-dir ...   # model parallel; rank 0 prints
+
+Bad input ends the program with one line on stderr ("error: ...") and exit status 1.
+"""
+
+import argparse
+import sys
+
+from llama.errors import UserError
+from llama.eval import EvalError, commands, compare
+from llama.eval.commands import DTYPES
+from llama.eval.perplexity import check_window
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer-path", help="default: the tokenizer found beside the weights")
+    p.add_argument("--max-seq-len", type=int, help="the model's context (default: what the command needs)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences scored per forward pass")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's (fp32 for GGUF)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _window_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-length", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: max-length / 2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama.eval", description="Measure a Llama checkpoint.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ppl = sub.add_parser("perplexity", help="strided-window perplexity of a text")
+    ppl.add_argument("--ckpt-dir", help="Meta dir, HF dir, .gguf or training out_dir (default: SmolLM2-135M)")
+    ppl.add_argument("--data", default="kjv-genesis", help="a text file, or kjv-genesis (default), "
+                     "kjv-genesis-full, humaneval")
+    _window_flags(ppl)
+    _model_flags(ppl)
+    ppl.add_argument("--json", help="also write the result to this JSON file")
+    ch = sub.add_parser("choice", help="multiple choice by loglikelihood on a jsonl")
+    ch.add_argument("--ckpt-dir", help="as for perplexity")
+    ch.add_argument("--data", default="mmlu-smoke", help='jsonl of {"context", "choices", "label"}, or mmlu-smoke')
+    ch.add_argument("--out", help="write per-item scores (jsonl) here")
+    ch.add_argument("--separator", default=" ", help="between context and choice (default: a space)")
+    _model_flags(ch)
+    cmp_ = sub.add_parser("compare", help="several checkpoints side by side: Markdown report + PNG chart")
+    cmp_.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoints to compare (Meta/HF dir, .gguf, out_dir)")
+    cmp_.add_argument("--prompts", help="text file, one prompt per line (default: a few built-in prompts)")
+    cmp_.add_argument("--data", help="text file (or named set) for perplexity")
+    cmp_.add_argument("--choices", help="choice jsonl (or mmlu-smoke) for accuracy")
+    cmp_.add_argument("--max-gen-len", type=int, default=48)
+    cmp_.add_argument("--out", default="eval_report", help="directory for report.md and scores.png")
+    _window_flags(cmp_)
+    _model_flags(cmp_)
+    sub.add_parser("harness", help="lm-evaluation-harness with the llama-ref model (all further arguments go "
+                   "to lm_eval)", add_help=False)
+    return p
+
+
+def check_args(args) -> None:
+    """Fail fast, before loading any weights."""
+    if getattr(args, "stride", None) is None and hasattr(args, "max_length"):
+        args.stride = max(1, args.max_length // 2)
+    if hasattr(args, "max_length"):
+        if args.max_seq_len is None:
+            args.max_seq_len = args.max_length
+        check_window(args.max_length, args.stride, args.max_seq_len)
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size {args.batch_size}: must be at least 1")
+
+
+COMMANDS = {"perplexity": commands.perplexity_command, "choice": commands.choice_command,
+            "compare": compare.compare_command}
+
+
+def run(args) -> dict:
+    check_args(args)
+    return COMMANDS[args.command](args)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["harness"]:
+        from llama.eval.lm_eval_adapter import harness_main
+
+        return harness_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

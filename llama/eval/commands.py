@@ -1,0 +1,83 @@
+"""What each subcommand does once its arguments are checked: load, score, print (rank 0), return
+the numbers. compare.py builds on these, so its report shows the same numbers."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama.eval import EvalError, data
+from llama.eval.choice import read_items, score_items, write_per_item
+from llama.eval.perplexity import conditional_perplexity, perplexity
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(ckpt_dir: Optional[str], args, max_seq_len: int):
+    """A Llama (model + tokenizer) for ckpt_dir; SmolLM2-135M-Instruct when none is given."""
+    from llama import assets
+    from llama.generation import Llama
+
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    return Llama.build(ckpt_dir or str(assets.smollm2_gguf()), args.tokenizer_path, max_seq_len=max_seq_len,
+                       max_batch_size=1, dtype=dtype, device=args.device)
+
+
+def say(text: str = "") -> None:
+    """Print on rank 0 only (under torchrun every rank runs the same evaluation)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(text, flush=True)
+
+
+def score_text(llama, source: str, args) -> dict:
+    """Perplexity of a text file or named set; humaneval scores solutions given their prompts."""
+    if source in data.PAIR_SETS:
+        res = conditional_perplexity(llama.model, llama.tokenizer, data.humaneval_pairs(), args.batch_size)
+    else:
+        text = data.read_text(source)
+        res = perplexity(llama.model, llama.tokenizer, text, args.max_length, args.stride, args.batch_size)
+    return {"data": source, **res.as_dict()}
+
+
+def choice_items(source: str):
+    return data.mmlu_smoke() if source in data.CHOICE_SETS else read_items(source)
+
+
+def print_perplexity(r: dict) -> None:
+    say(f"data          {r['data']} ({r['bytes']:,} bytes)")
+    say(f"tokens scored {r['tokens']:,} (max_length {r['max_length']}, stride {r['stride']})")
+    say(f"nats/token    {r['nats_per_token']:.4f}")
+    say(f"perplexity    {r['perplexity']:.3f}")
+    say(f"bits/byte     {r['bits_per_byte']:.4f}")
+    say(f"speed         {r['tokens_per_s']:.0f} tokens/s ({r['seconds']:.1f} s)")
+
+
+def perplexity_command(args) -> dict:
+    source = args.data
+    if source not in data.PAIR_SETS:
+        data.read_text(source)  # a missing or empty file fails before the weights load
+    llama = load(args.ckpt_dir, args, args.max_seq_len)
+    result = score_text(llama, source, args)
+    print_perplexity(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def choice_command(args) -> dict:
+    items = choice_items(args.data)
+    llama = load(args.ckpt_dir, args, args.max_seq_len or 2048)
+    result = score_items(llama.model, llama.tokenizer, items, args.batch_size, args.separator)
+    say(f"data      {args.data} ({result['items']} items)")
+    say(f"acc       {result['acc']:.4f}")
+    say(f"acc_norm  {result['acc_norm']:.4f}  (log-probability per byte of the choice)")
+    if args.out:
+        write_per_item(args.out, items, result)
+        say(f"per-item  {args.out}")
+    return result
+
+
+def check_file(path: Optional[str], what: str) -> None:
+    if path and not Path(path).is_file():
+        raise EvalError(f"{path}: no such file: pass an existing {what}")

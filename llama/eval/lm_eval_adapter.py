@@ -1,0 +1,120 @@
+"""EleutherAI's lm-evaluation-harness on top of this project's Llama: the model `llama-ref`.
+
+    pip install 'llama-ref[eval]'
+    python -m llama.eval harness --model llama-ref --model_args ckpt_dir=out/,max_seq_len=2048 \\
+        --tasks hellaswag --include_path my_tasks/
+
+`python -m llama.eval harness` imports this module (which registers the model) and hands the rest of
+the command line to lm_eval's own CLI. The class subclasses TemplateLM (HFLM would want a hub
+download): lm-eval tokenizes (context, continuation) pairs, we score them with the same batched
+scorer as `python -m llama.eval choice`, so both give the same numbers. loglikelihood_rolling
+scores lm-eval's rolling windows (disjoint, one token of context each) and returns plain floats.
+"""
+
+import sys
+from typing import List, Optional
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from llama.errors import UserError
+from llama.eval import EvalError
+from llama.eval.choice import loglikelihood_requests
+from llama.eval.commands import DTYPES
+from llama.eval.perplexity import prefix_token
+from llama.eval.scoring import greedy_completions, score_requests
+
+MODEL_ARGS = ("ckpt_dir", "tokenizer_path", "max_seq_len", "dtype", "device", "batch_size", "max_gen_toks")
+
+
+@register_model("llama-ref")
+class LlamaRefLM(TemplateLM):
+    def __init__(self, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
+                 dtype: Optional[str] = None, device: Optional[str] = None, batch_size=8, max_gen_toks: int = 256,
+                 llama=None, max_batch_size=None, **unknown):
+        """lm-eval passes --model_args as keywords (plus batch_size, max_batch_size, device); `llama`
+        is an already built Llama, for use from Python."""
+        super().__init__()
+        if unknown:
+            hint = " (LoRA adapters are not supported yet)" if "lora" in unknown else ""
+            raise EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(unknown))}{hint}: "
+                            f"use {', '.join(MODEL_ARGS)}")
+        if dtype is not None and dtype not in DTYPES:
+            raise EvalError(f"dtype={dtype}: choose one of {', '.join(sorted(DTYPES))}")
+        if llama is None:
+            from llama import assets
+            from llama.generation import Llama
+
+            llama = Llama.build(ckpt_dir or str(assets.smollm2_gguf()), tokenizer_path, max_seq_len=int(max_seq_len),
+                                max_batch_size=1, dtype=DTYPES.get(dtype), device=device)
+        self.llama, self.tokenizer = llama, llama.tokenizer
+        # lm-eval's "auto" / "auto:N" (find the largest batch that fits) is not implemented: 8
+        self.batch_size = 8 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return prefix_token(self.tokenizer)
+
+    @property
+    def max_length(self) -> int:
+        return self.llama.model.params.max_seq_len
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> List[int]:
+        return self.tokenizer.encode(string, bos=False, eos=False)
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        # A non-empty context arrives without the prefix token (an empty one is [prefix] already):
+        # add it, as llama.eval.choice.encode_pair does.
+        pairs = [(ctx if context == "" else [self.prefix_token_id] + ctx, cont)
+                 for (context, _), ctx, cont in requests]
+        scores = score_requests(self.llama.model, loglikelihood_requests(pairs, self.max_length), self.batch_size)
+        return [(float(lp.double().sum()), greedy) for lp, greedy in scores]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        windows, owners = [], []
+        for i, req in enumerate(requests):
+            ids = self.tok_encode(req.args[0])
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    ids, self.prefix_token_id, self.max_length, context_len=1)):
+                windows.append((ctx + cont, len(cont)))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for (lp, _), i in zip(score_requests(self.llama.model, windows, self.batch_size), owners):
+            totals[i] += float(lp.double().sum())
+        return totals  # plain floats: lm-eval sums them into word/byte perplexities
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        out = []
+        for req in requests:
+            context, kwargs = req.args
+            kwargs = dict(kwargs)
+            if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
+                raise EvalError("llama-ref generates greedily only: set do_sample: false, temperature: 0 in the task")
+            until = kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            out.append(greedy_completions(self.llama, [context], max_gen, until, truncate=True)[0])
+        return out
+
+
+def harness_main(argv: List[str]) -> int:
+    """lm_eval's command line with llama-ref registered; a UserError prints one line, exit 1."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+

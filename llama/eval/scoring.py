@@ -1,0 +1,91 @@
+"""The one scorer every evaluation uses: log-probabilities of the target tokens of many sequences.
+
+A request is `(tokens, n_targets)`: score the last `n_targets` tokens of `tokens`, each given all the
+tokens before it. A perplexity window, a multiple-choice continuation and an lm-eval request are all
+this shape, so they share one batched code path and agree with each other exactly.
+
+Speed comes from two general things: sequences of similar length are batched (right padding is
+harmless under a causal mask: no real position attends to a pad that follows it), and the output
+projection plus log-softmax, ~20% of a small model's FLOPs and the largest tensors, run only on
+the positions that are scored rather than on every position of every window.
+"""
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+Request = Tuple[Sequence[int], int]
+
+HEAD_ROWS = 1024  # positions per output-projection chunk: (1024, vocab) fp32 logits at a time
+
+
+def hidden_states(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The final residual stream (B, T, D) before the norm and output head; the same steps as
+    Transformer.forward without a cache, so the head can be applied to chosen positions only."""
+    T = tokens.shape[1]
+    if T > model.params.max_seq_len:
+        raise ValueError(f"{T} positions exceed max_seq_len={model.params.max_seq_len}")
+    freqs_cis = model.freqs_cis[:T]  # (T, Dh/2)
+    h = model.tok_embeddings(tokens)  # (B, T, D)
+    for layer in model.layers:
+        h = layer(h, freqs_cis, 0, None, None)
+    return h
+
+
+def _score_batch(model, batch: List[Request]) -> List[Tuple[torch.Tensor, bool]]:
+    """(target log-probs (n,), all targets greedy) for each request of one padded batch."""
+    device = model.tok_embeddings.weight.device
+    T = max(len(toks) for toks, _ in batch) - 1
+    inputs = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T), right-padded with id 0
+    rows, cols, targets = [], [], []
+    for b, (toks, n) in enumerate(batch):
+        inputs[b, : len(toks) - 1] = torch.as_tensor(toks[:-1])
+        # position p predicts token p + 1: the last n predictions are the targets
+        rows += [b] * n
+        cols += range(len(toks) - 1 - n, len(toks) - 1)
+        targets += toks[len(toks) - n:]
+    h = hidden_states(model, inputs.to(device))[torch.tensor(rows), torch.tensor(cols)]  # (N, D)
+    targets = torch.tensor(targets, device=device)  # (N,)
+    logprobs, greedy = [], []
+    for start in range(0, len(targets), HEAD_ROWS):
+        logits = model.output(model.norm(h[start : start + HEAD_ROWS])).float()  # (n, V)
+        tgt = targets[start : start + HEAD_ROWS]
+        logprobs.append(torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0])
+        greedy.append(logits.argmax(-1) == tgt)
+    logprobs, greedy = torch.cat(logprobs).cpu(), torch.cat(greedy).cpu()
+    out, i = [], 0
+    for _, n in batch:
+        out.append((logprobs[i : i + n], bool(greedy[i : i + n].all())))
+        i += n
+    return out
+
+
+@torch.inference_mode()
+def score_requests(model, requests: List[Request], batch_size: int = 8) -> List[Tuple[torch.Tensor, bool]]:
+    """For each (tokens, n_targets): the targets' log-probabilities (n_targets,) and whether every
+    target was the argmax. Longest first, so a batch holds similar lengths; results in input order."""
+    for toks, n in requests:
+        if not 1 <= n < len(toks):
+            raise ValueError(f"a request of {len(toks)} tokens cannot score {n} targets")
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+    results = [None] * len(requests)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, res in zip(chunk, _score_batch(model, [requests[i] for i in chunk])):
+            results[i] = res
+    return results
+
+
+def greedy_completions(llama, prompts: List[str], max_gen_len: int, until: Sequence[str] = (),
+                       truncate: bool = False) -> List[str]:
+    """Greedy (temperature 0) continuation of each prompt, cut before the first `until` string;
+    with truncate, a prompt too long for the context keeps its end."""
+    texts = []
+    for prompt in prompts:  # one at a time: the model's max_batch_size may be 1
+        tokens = [llama._encode(prompt)]
+        tokens, _ = llama.generate(llama._truncate(tokens, max_gen_len) if truncate else tokens, max_gen_len,
+                                   temperature=0.0)
+        text = llama.tokenizer.decode(tokens[0])
+        cuts = [text.index(s) for s in until if s and s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    return texts

@@ -1,0 +1,104 @@
+"""Opt-in speed machinery for generation (llama/generation.py calls it; nothing here runs on import):
+compiling the decode step, the copies that make compiling safe, and allocator tuning."""
+
+import os
+import sys
+import warnings
+from typing import Optional
+
+import torch
+
+
+GEMM_CHOICES = ("autotune", "template", "aten")
+
+
+def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
+    """torch.compile for the decode step: one graph per batch size, for every cache length (the
+    caller marks the cache's length dimension dynamic: see mark_cache_dynamic).
+
+    On a CPU a decode step is ~210 matrix-vector products that read every weight once, so its speed
+    is memory bandwidth. The default compile keeps calling MKL's GEMV, which on small matrices
+    (576 x 1536 for SmolLM2) streams at ~8 GB/s on one thread however many it is given. Three
+    inductor options fix that:
+    - max_autotune times inductor's own C++ GEMM template against ATen for each shape and keeps
+      the faster; the template splits the output columns across all threads (~19 GB/s here);
+    - freezing treats the weights as constants, so the template stores them pre-blocked in the
+      layout its micro-kernel reads (and int8 weights stay int8: see llama/quantize.py);
+    - with constant weights, concat-linear joins the products that read the same input (wq, wk,
+      wv; w1, w3) into one, so a step runs 4 products per layer instead of 7.
+    The price: the first call of every process takes minutes (each shape is timed; ~2.5 min for
+    SmolLM2 on 2 cores), and the weights must not change after compiling (see own_storage).
+
+    `gemm` (default: $LLAMA_COMPILE_GEMM, else "autotune") picks the products: "autotune" as above;
+    "template" always takes the C++ template, untimed: the same frozen, pre-blocked weights in a
+    fraction of the compile time (what the tests use); "aten" keeps ATen's products (freezing still on).
+    """
+    gemm = gemm or os.environ.get("LLAMA_COMPILE_GEMM", "autotune")
+    if gemm not in GEMM_CHOICES:
+        raise ValueError(f"gemm={gemm!r} (LLAMA_COMPILE_GEMM): choose one of {', '.join(GEMM_CHOICES)}")
+    if device.type != "cpu":
+        return torch.compile(step, dynamic=False)
+    import torch._inductor.config as inductor_config
+
+    # Looking up the step's rows of the complex RoPE table stays an ATen call (the rotation itself
+    # is real arithmetic under compile); inductor warns about that once per compile.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    options = {"aten": {}, "autotune": {"max_autotune": True},
+               # one candidate per product: inductor takes it without timing anything
+               "template": {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}}[gemm]
+    compiled = torch.compile(step, dynamic=False, options=options)
+    settings = {
+        "freezing": True, "cpp.enable_concat_linear": True,  # read outside `options`: patched per call
+        # Autotuning prints a timing table per product to stderr, from every rank: keep the CLI clean.
+        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
+    }
+
+    def run(*args):
+        with inductor_config.patch(settings):
+            return compiled(*args)
+
+    return run
+
+
+@torch.no_grad()
+def own_storage(model: torch.nn.Module) -> None:
+    """Copy each weight that is a view into a larger storage into a storage of its own, in place.
+
+    Loaded weights often are such views: a mapped checkpoint file is one storage, and under model
+    parallelism rank r's shard of a matrix starts r/M of the way into it. Inductor's C++ GEMM
+    template, when it pre-blocks a frozen weight, re-views the weight's storage from the offset it
+    records for the graph's constant, which is 0: on every rank but the first it read rank 0's rows
+    (the gathered logits' upper half was a copy of the lower). A weight that owns its storage at
+    offset 0 is read correctly. Costs one copy of only the affected weights (this rank's share)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for t in tensors:
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t.data = t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def keep_freed_memory() -> bool:
+    """Let the C allocator keep freed activation memory for reuse (Linux glibc; else a no-op).
+
+    A prefill chunk allocates a few MB per activation (512 x 1536 floats for SmolLM2's FFN), tens
+    of them per layer. glibc hands blocks that large to the kernel on free (mmap threshold, heap
+    trimming), so every prefill faults its ~300 MB of activations back in, page by page, zeroed:
+    ~75K page faults, a quarter of a 512-token prefill on 2 cores. Raising both thresholds keeps
+    the freed blocks in the heap, where the next layer's activations reuse them: no faults after
+    the first chunk. This is process-wide; the price is that up to 1 GB of freed memory stays
+    with the process. Returns whether the setting took."""
+    import ctypes
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 64 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def mark_cache_dynamic(cache) -> None:
+    """Tell torch.compile that the cache length varies between requests: one decode graph then
+    serves every request, each attending over its own request-sized cache (a fixed length would
+    mean a recompile per length, or every request paying attention over the longest one)."""
+    for layer in cache:
+        torch._dynamo.mark_dynamic(layer.k, 2)
+        torch._dynamo.mark_dynamic(layer.v, 2)

@@ -1,0 +1,126 @@
+"""Tokenizers: text <-> token ids for Llama 3 (tiktoken BPE), Llama 2 (sentencepiece) and the
+default model SmolLM2 (GPT-2-style byte-level BPE, in llama/tokenizer/bpe.py).
+
+    tok = load_tokenizer(path)          # tokenizer.model, tokenizer.json (or its dir), or a .gguf
+    ids = tok.encode("Hi", bos=tok.add_bos, eos=False)
+    tok.decode(ids); tok.stop_tokens; tok.chat_format.encode_dialog_prompt(dialog)
+    stream = StreamDecoder(tok); text = stream.push(token_id) ... + stream.flush()
+
+Every tokenizer has: encode(s, *, bos, eos), decode(ids), decode_bytes(ids, at_start=True), n_words,
+bos_id, eos_id, pad_id, stop_tokens, add_bos (does the model expect BOS first?), special_tokens,
+chat_format (see llama/tokenizer/chat.py). `Tokenizer` and `ChatFormat` are Meta's Llama 3 names.
+
+    python -m llama.tokenizer train --input FILES --vocab-size N --out PATH   # see llama/tokenizer/train.py
+    python -m llama.tokenizer encode --tokenizer PATH "some text"
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+from llama.checkpoint.gguf import GGUFFile
+from llama.tokenizer.bpe import ByteLevelBPETokenizer, gguf_to_hf_json, load_hf_json
+from llama.tokenizer.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
+from llama.tokenizer.errors import TokenizerError
+from llama.tokenizer.llama2 import SentencePieceTokenizer
+from llama.tokenizer.llama3 import Tokenizer
+from llama.tokenizer.paths import TOKENIZER_ASSETS, tokenizer_file
+from llama.tokenizer.stream import StreamDecoder
+from llama.tokenizer.train import train_bpe
+from llama.files import copy_file, write_text
+
+__all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
+           "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",
+           "train_bpe"]
+
+
+def _detect(path: Path) -> str:
+    """Which format a tokenizer path holds: 'gguf', 'hf', 'tiktoken' or 'sentencepiece'."""
+    if path.is_dir():
+        for name, kind in (("tokenizer.model", None), ("tokenizer.json", "hf")):
+            if (path / name).exists():
+                return kind or _detect(path / name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+        raise TokenizerError(f"{path}: no tokenizer.model, tokenizer.json or single .gguf file in this directory")
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if path.suffix == ".json" or head.lstrip().startswith(b"{"):
+        return "hf"
+    if re.match(rb"[A-Za-z0-9+/]+=* \d+(\r?\n|$)", head):
+        return "tiktoken"
+    return "sentencepiece"
+
+
+HF_TOKENIZER_FILES = ["tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+
+
+def save_tokenizer(source, directory) -> Path:
+    """Write the tokenizer at `source` into `directory` under the names the loaders look for, as small
+    self-contained files (never links): tokenizer.model for tiktoken/sentencepiece, tokenizer.json plus
+    tokenizer_config.json / chat_template.jinja for HF tokenizers, and for a GGUF its tokenizer
+    extracted into those HF files. Loading the copy gives the same ids and chat format."""
+
+    source, directory = tokenizer_file(source), Path(directory)
+    kind = _detect(source)
+    if kind == "gguf":
+        tok_json, config = gguf_to_hf_json(GGUFFile(source).metadata)
+        write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        return write_text(directory / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False))
+    if kind != "hf":
+        return copy_file(source, directory / "tokenizer.model")
+    for name in HF_TOKENIZER_FILES:  # where load_hf_json finds the BOS/EOS settings and chat template
+        if (source.parent / name).is_file():
+            copy_file(source.parent / name, directory / name)
+    return copy_file(source, directory / "tokenizer.json")
+
+
+def load_tokenizer(path):
+    """The right tokenizer for `path`: a tiktoken tokenizer.model (Llama 3), a sentencepiece .model
+    (Llama 2), an HF tokenizer.json or a directory holding one, or a .gguf file."""
+
+    path = Path(path)
+    if not path.exists():
+        raise TokenizerError(f"{path}: no such file or directory; pass a tokenizer.model, tokenizer.json, "
+                             "a .gguf file, or a directory holding one")
+    kind = _detect(path)
+    if kind == "tiktoken":
+        return Tokenizer(path / "tokenizer.model" if path.is_dir() else path)
+    if kind == "sentencepiece":
+        try:
+            return SentencePieceTokenizer(path / "tokenizer.model" if path.is_dir() else path)
+        except TokenizerError:
+            raise TokenizerError(f"{path}: not a tokenizer file: expected a tiktoken BPE file (Llama 3), a "
+                                 "sentencepiece model (Llama 2), an HF tokenizer.json or a GGUF file") from None
+    try:
+        if kind == "hf":
+            return ByteLevelBPETokenizer.from_hf_json(*load_hf_json(path), path)
+        file = sorted(path.glob("*.gguf"))[0] if path.is_dir() else path
+        meta = GGUFFile(file).metadata  # the header only; tensors stay unread in the memory map
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE); "
+                             "pass the model's tokenizer.model instead")
+        return ByteLevelBPETokenizer.from_gguf(meta, file)
+    except (ValueError, KeyError, TypeError, struct.error, OSError) as e:
+        if isinstance(e, TokenizerError):
+            raise
+        message = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise TokenizerError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    """Raise TokenizerError if the tokenizer can produce ids the checkpoint has no embedding for."""
+    if tokenizer.n_words > vocab_size:
+        raise TokenizerError(
+            f"the tokenizer has {tokenizer.n_words} tokens but the checkpoint's vocab_size is {vocab_size}: "
+            f"ids up to {tokenizer.n_words - 1} would index past the embedding table. Pair the checkpoint "
+            "with the tokenizer it was trained with (or train with vocab_size >= the tokenizer's n_words)")
+
+

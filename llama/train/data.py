@@ -1,0 +1,360 @@
+"""Training data: tokenize once into uint32 shards, then read batches through memmap.
+
+    python -m llama.data prepare corpus/ notes.txt more.jsonl --tokenizer tokenizer.model --out data/mine
+    python -m llama.data prepare chats.jsonl --sft --tokenizer tokenizer.model --out data/chat
+    python -m llama.data prepare stdlib --vocab-size 2048 --out data/stdlib   # BPE trained on the corpus
+
+A prepared directory holds `tokens_NNN.bin` (one logical uint32 stream cut into shards), for SFT
+`mask_NNN.bin` (uint8: 1 where the token is a training target) and `offsets.npy` (where each dialog
+starts), and `meta.json` (counts, the tokenizer's identity, where the validation split begins).
+Pretraining documents are encoded as BOS text EOS and concatenated; the last `val_fraction` of the
+stream is held out. SFT dialogs are kept whole (one dialog per sequence) and the last
+`val_fraction` of them are held out.
+
+Reading: llama/train/batches.py.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, List, Tuple
+
+import numpy as np
+
+from llama.errors import USER_ERRORS, UserError, report
+from llama.files import atomic_dir, write_text
+
+META = "meta.json"
+FORMAT = "llama-ref tokens v1"
+SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard file
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".c", ".h", ".js", ".json", ""}
+
+
+class DataError(UserError):
+    """Bad or missing data: the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def stdlib_files() -> List[Path]:
+    """The default corpus: the running interpreter's standard library source (~4.7 MB on 3.11).
+    Real text present on every machine, no download."""
+    return sorted(Path(os.__file__).parent.glob("*.py"))
+
+
+def collect_files(inputs: Iterable[str]) -> List[Path]:
+    """Expand directories (recursively: text files and .jsonl) into a sorted list of files."""
+    files: List[Path] = []
+    for item in inputs:
+        if item == "stdlib":
+            files.extend(stdlib_files())
+            continue
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(p).parts)
+                and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+            if not found:
+                raise DataError(f"directory {p} has no text or .jsonl files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"data {p} does not exist")
+    if not files:
+        raise DataError("no data files given")
+    return files
+
+
+def iter_documents(files: List[Path], sft: bool) -> Iterator[object]:
+    """Text documents (one per text file, one per jsonl line's "text"), or for SFT each
+    jsonl line's "messages" list."""
+    for f in files:
+        if f.suffix != ".jsonl":
+            if sft:
+                raise DataError(f"{f}: SFT data must be .jsonl lines of {{\"messages\": [...]}}")
+            try:
+                yield f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                print(f"skipping {f}: not UTF-8 text", file=sys.stderr)
+            continue
+        with open(f, encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{n} is not valid JSON ({e.msg})") from None
+                key = "messages" if sft else "text"
+                if not isinstance(record, dict) or key not in record:
+                    raise DataError(f"{f}:{n} has no {key!r} field (expected {{\"{key}\": ...}} per line)")
+                if sft:
+                    check_dialog(record[key], f"{f}:{n}")
+                yield record[key]
+
+
+def check_dialog(messages, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: each message needs a string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the dialog has no assistant message to learn from")
+
+
+# ---------------------------------------------------------------------------- SFT masking
+
+
+def _common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def dialog_frame(chat_format) -> Tuple[List[int], List[int]]:
+    """(start, header): what the format puts before the first message (BOS, a default system
+    message) and the open assistant turn it ends a prompt with. Found by comparing two prompts,
+    [] -> start + header and [user] -> start + encode_message(user) + header, so any format that
+    builds prompts from encode_message (Llama 3, ChatML) works without knowing its tokens."""
+    user = {"role": "user", "content": "Hi"}
+    empty = chat_format.encode_dialog_prompt([])
+    probe = chat_format.encode_dialog_prompt([user])
+    message = chat_format.encode_message(user)
+    for k in range(len(empty), -1, -1):
+        if probe[:k] == empty[:k] and probe[k : k + len(message)] == message:
+            return empty[:k], empty[k:]
+    raise DataError(f"cannot find where messages go in {type(chat_format).__name__}'s prompts")
+
+
+def encode_dialog(tokenizer, messages: List[dict]) -> Tuple[List[int], List[int]]:
+    """Tokens of a whole dialog in the model's chat format (as its prompts are built at inference
+    time), and a 0/1 mask that is 1 exactly on each assistant reply after its role header: the
+    reply's content and its end-of-turn token, so the model learns to answer and to stop, never
+    to predict the user's words, the system prompt or the headers."""
+    chat = tokenizer.chat_format
+    start, header = dialog_frame(chat)
+    tokens, mask = list(start), [0] * len(start)
+    for message in messages:
+        try:
+            piece = chat.encode_message(message)
+        except ValueError as e:  # Llama 2 encodes a reply only together with its question
+            raise DataError(f"SFT needs a chat format that encodes one message at a time "
+                            f"(Llama 3, ChatML): {e}") from None
+        untrained = _common_prefix(piece, header) if message["role"] == "assistant" else len(piece)
+        tokens += piece
+        mask += [0] * untrained + [1] * (len(piece) - untrained)
+    return tokens, mask
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Appends to `{prefix}_NNN.bin`, opening a new file every SHARD_TOKENS elements."""
+
+    def __init__(self, root: Path, prefix: str, dtype):
+        self.root, self.prefix, self.dtype = root, prefix, dtype
+        self.shards: List[dict] = []
+        self.file = None
+
+    def write(self, values) -> None:
+        array = np.asarray(values, dtype=self.dtype)
+        while array.size:
+            if self.file is None or self.shards[-1]["tokens"] == SHARD_TOKENS:
+                self.close()
+                name = f"{self.prefix}_{len(self.shards):03d}.bin"
+                self.file = open(self.root / name, "wb")
+                self.shards.append({"file": name, "tokens": 0})
+            room = SHARD_TOKENS - self.shards[-1]["tokens"]
+            self.file.write(array[:room].tobytes())
+            self.shards[-1]["tokens"] += min(room, array.size)
+            array = array[room:]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+
+def prepare(inputs: List[str], out_dir, tokenizer_path=None, *, sft: bool = False, val_fraction: float = 0.02,
+            vocab_size: int = 2048, overwrite: bool = False) -> Path:
+    """Tokenize `inputs` into `out_dir` with the tokenizer at `tokenizer_path` (None: train a BPE of
+    `vocab_size` tokens on the inputs, kept as out_dir/tokenizer.model). The directory is built under
+    a temporary name and renamed at the end (llama/files.py): an error or Ctrl-C leaves no half
+    directory and the previous one as it was. An existing non-empty out_dir is refused unless
+    `overwrite` (and even then never an input, the working directory or a parent of either)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = collect_files(inputs)
+    if tokenizer_path is None and sft:
+        raise DataError("SFT data needs the chat model's tokenizer: give --tokenizer")
+    out = Path(out_dir)
+    with atomic_dir(out, overwrite, [i for i in inputs if i != "stdlib"]) as tmp:
+        if tokenizer_path is None:  # the trained BPE lives with the data it tokenized
+            tokenizer_path = train_tokenizer(inputs, vocab_size, tmp / "tokenizer.model")
+            final_tokenizer = out.resolve() / "tokenizer.model"
+        else:
+            final_tokenizer = Path(tokenizer_path)
+        meta = _tokenize_into(tmp, files, tokenizer_path, sft, val_fraction)
+        meta.update(tokenizer=tokenizer_identity(final_tokenizer, tokenizer_path, meta.pop("n_words")),
+                    sources=[str(i) for i in inputs])
+        write_text(tmp / META, json.dumps(meta, indent=1))
+    return out
+
+
+def _tokenize_into(tmp: Path, files: List[Path], tokenizer_path, sft: bool, val_fraction: float) -> dict:
+    """Write the shards into `tmp`; returns meta.json's counts and split."""
+    from llama.tokenizer import load_tokenizer
+
+    # A fixed shuffle of the files, so the held-out tail is a sample of the corpus, not its last
+    # directory (the lines of a jsonl file keep their order).
+    files = list(files)
+    random.Random(0).shuffle(files)
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    tokens, masks, starts = _ShardWriter(tmp, "tokens", np.uint32), _ShardWriter(tmp, "mask", np.uint8), [0]
+    try:
+        for doc in iter_documents(files, sft):
+            if sft:
+                ids, mask = encode_dialog(tokenizer, doc)
+                masks.write(mask)
+            else:
+                if not doc.strip():
+                    continue
+                ids = tokenizer.encode(doc, bos=True, eos=True)
+            tokens.write(ids)
+            starts.append(starts[-1] + len(ids))
+    finally:
+        tokens.close(), masks.close()
+    n_docs, n_tokens = len(starts) - 1, starts[-1]
+    if n_tokens == 0:
+        raise DataError(f"data {', '.join(sorted({str(f) for f in files}))[:200]} holds no text: nothing to train on")
+    meta = {"format": FORMAT, "kind": "sft" if sft else "pretrain", "n_tokens": n_tokens, "n_documents": n_docs,
+            "shards": tokens.shards, "n_words": tokenizer.n_words}
+    if sft:
+        n_val = int(np.ceil(n_docs * val_fraction)) if n_docs > 1 else 0
+        np.save(tmp / "offsets.npy", np.asarray(starts, dtype=np.int64))
+        meta.update(mask_shards=masks.shards, val_document_start=n_docs - n_val)
+    else:
+        meta.update(val_start=n_tokens - int(np.ceil(n_tokens * val_fraction)))
+    return meta
+
+
+def tokenizer_identity(path, contents, n_words: int) -> dict:
+    """meta.json's record of the tokenizer: where it will be (`path`), and the hash of its `contents`."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(contents), "n_words": n_words}
+
+
+def read_meta(root) -> dict:
+    path = Path(root) / META
+    if not path.is_file():
+        raise DataError(f"{root} is not a prepared data directory (no {META}): run `python -m llama.data prepare`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}: prepare it again")
+    if meta["n_tokens"] == 0:
+        raise DataError(f"{root} holds no tokens: nothing to train on")
+    return meta
+
+
+# ---------------------------------------------------------------------------- default corpus and caching
+
+
+def train_tokenizer(inputs: List[str], vocab_size: int, out_path) -> Path:
+    """A byte-level BPE trained on the inputs' text (llama.tokenizer.train_bpe), written atomically."""
+    from llama.tokenizer import train_bpe
+
+    files = [f for f in collect_files(inputs) if f.suffix != ".jsonl"]
+    if not files:
+        raise DataError("training a tokenizer needs plain text files; give tokenizer= for jsonl data")
+    return train_bpe([str(f) for f in files], vocab_size, str(out_path))
+
+
+def _inputs_hash(inputs: List[str]) -> "hashlib._Hash":
+    h = hashlib.sha256()
+    for f in collect_files(inputs):
+        stat = f.stat()
+        h.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return h
+
+
+def cached_prepare(inputs: List[str], cache_root, tokenizer_path, *, sft: bool, val_fraction: float) -> Path:
+    """prepare() into a cache directory named by what went in (files, sizes, mtimes, tokenizer,
+    options): the first run tokenizes, later runs with the same inputs reuse it."""
+    h = _inputs_hash(inputs)
+    h.update(f"{file_sha256(tokenizer_path)}:{sft}:{val_fraction}:{FORMAT}".encode())
+    out = Path(cache_root) / f"{'sft' if sft else 'text'}-{h.hexdigest()[:16]}"
+    if not (out / META).is_file():
+        prepare(inputs, out, tokenizer_path, sft=sft, val_fraction=val_fraction)
+    return out
+
+
+def bpe_dataset(inputs: List[str], cache_root, vocab_size: int, val_fraction: float) -> Tuple[Path, Path]:
+    """Raw text with no tokenizer given (the default corpus, "stdlib", among them): train a BPE on
+    it and tokenize, once. Returns (data dir, tokenizer path), both under cache_root."""
+    name = "stdlib" if inputs == ["stdlib"] else _inputs_hash(inputs).hexdigest()[:16]
+    root = Path(cache_root) / f"{name}-bpe{vocab_size}"
+    tok = root / "tokenizer.model"
+    if not tok.is_file():
+        train_tokenizer(inputs, vocab_size, tok)
+    return cached_prepare(inputs, root, tok, sft=False, val_fraction=val_fraction), tok
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize text/jsonl files or directories into shards")
+    p.add_argument("inputs", nargs="+", help="files, directories, or 'stdlib' (this Python's standard library)")
+    p.add_argument("--out", required=True, help="output directory (a new or empty one, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out directory (never an input, nor the working directory)")
+    p.add_argument("--tokenizer", help="tokenizer file, checkpoint directory or 'llama3'; "
+                                       "omitted: train a BPE on the inputs")
+    p.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE")
+    p.add_argument("--sft", action="store_true", help="inputs are chat jsonl ({\"messages\": [...]})")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="held-out share, in [0, 1)")
+    args = parser.parse_args(argv)
+    try:
+        tok = None
+        if args.tokenizer is not None:
+            from llama.tokenizer import tokenizer_file
+
+            tok = tokenizer_file(args.tokenizer, flag="--tokenizer")
+        elif args.sft:
+            raise DataError("--sft needs --tokenizer (the chat model's tokenizer)")
+        out = prepare(args.inputs, args.out, tok, sft=args.sft, val_fraction=args.val_fraction,
+                      vocab_size=args.vocab_size, overwrite=args.overwrite)
+        if tok is None:
+            print(f"trained a {args.vocab_size}-token BPE: {out / 'tokenizer.model'}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} is as it was before", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:  # DataError, TokenizerError, a missing path: one line; else a bug's traceback
+        return report(e)
+    meta = read_meta(out)
+    print(f"{out}: {meta['n_documents']} documents, {meta['n_tokens']:,} tokens ({meta['kind']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Evaluation (llama/eval/) against independent references: HF transformers' strided-window loop and
+log-softmax on the same SmolLM2 GGUF, lm-evaluation-harness driving our adapter, one process vs
+model parallel, and the CLI's one-line errors."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama.checkpoint import load_model
+from llama.eval import EvalError
+from llama.eval.perplexity import perplexity, prefix_token, strided_windows
+from llama.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("The old lighthouse stood at the edge of the cliff, its white paint peeling in the salt wind. "
+        "Every night for forty years the keeper had climbed its narrow stairs to light the lamp, and every "
+        "morning he had written a single line in the logbook: the weather, the ships he had seen, and "
+        "whether the sea had been kind. When he retired, the town found the books stacked in his kitchen.")
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    return load_model(smollm2_gguf, max_seq_len=128, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
+
+
+def hf_strided_nll(hf_model, ids, max_length, stride):
+    """HF's perplexity guide, verbatim in spirit: labels -100 before the window's new targets; the
+    loss is a mean over the shifted labels that are not -100, so multiply back by their count."""
+    ids = torch.tensor([ids])
+    n, nll, count, prev_end = ids.shape[1], 0.0, 0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        trg_len = end - prev_end
+        input_ids = ids[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        valid = int((target_ids[:, 1:] != -100).sum())
+        if valid:
+            with torch.no_grad():
+                loss = hf_model(input_ids, labels=target_ids).loss
+            nll, count = nll + float(loss) * valid, count + valid
+        prev_end = end
+        if end == n:
+            break
+    return nll, count
+
+
+def test_strided_windows_score_each_token_once():
+    for n, L, s in [(100, 32, 8), (100, 32, 32), (33, 32, 31), (5, 32, 4), (64, 32, 1)]:
+        windows = strided_windows(n, L, s)
+        scored = [t for b, e, k in windows for t in range(e - k, e)]
+        assert scored == sorted(set(scored))  # each once, in order
+        assert all(e - b <= L and e - k >= b + 1 for b, e, k in windows)  # a target has context
+        if s < L:
+            assert scored == list(range(1, n))
+
+
+@pytest.mark.parametrize("max_length,stride", [(48, 16), (48, 48), (128, 128)])
+def test_perplexity_matches_hf_strided_loop(smol, smol_tok, hf_smollm2, max_length, stride):
+    res = perplexity(smol, smol_tok, TEXT, max_length, stride, batch_size=3)
+    ids = [prefix_token(smol_tok)] + smol_tok.encode(TEXT, bos=False, eos=False)
+    nll, count = hf_strided_nll(hf_smollm2, ids, max_length, stride)
+    assert res.tokens == count and count > 60
+    assert res.nll == pytest.approx(nll, rel=1e-4)
+    assert res.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert res.bits_per_byte == pytest.approx(nll / math.log(2) / len(TEXT.encode()), rel=1e-4)
+    assert 1 < res.perplexity < 100  # a real model on real prose
+
+
+# ---------------------------------------------------------------------------- multiple choice
+
+ITEMS = [
+    {"context": "The capital of France is", "choices": ["Paris", "London", "a banana"], "label": 0},
+    {"context": "Water freezes at zero degrees", "choices": ["Celsius", "Fahrenheit"], "label": 0},
+    {"context": "def add(a, b):\n    return", "choices": ["a + b", "a * b", "print(a)", "None"], "label": 0},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_choice_matches_hf_log_softmax(smol, smol_tok, hf_smollm2, hf_smollm2_tokenizer, tmp_path):
+    from llama.eval.choice import read_items, score_items, write_per_item
+
+    items = read_items(write_jsonl(tmp_path / "items.jsonl", ITEMS))
+    result = score_items(smol, smol_tok, items, batch_size=4)
+    hf_tok = lambda s: hf_smollm2_tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix = prefix_token(smol_tok)
+    correct = correct_norm = 0
+    for item, rec in zip(ITEMS, result["per_item"]):
+        ctx = [prefix] + hf_tok(item["context"])
+        expected = []
+        for choice in item["choices"]:
+            whole = [prefix] + hf_tok(item["context"] + " " + choice)
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_smollm2(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+            expected.append(sum(float(logp[p - 1, whole[p]]) for p in range(len(ctx), len(whole))))
+        assert rec["logprobs"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+        per_byte = [e / len(c.encode()) for e, c in zip(expected, item["choices"])]
+        correct += max(range(len(expected)), key=expected.__getitem__) == item["label"]
+        correct_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == item["label"]
+    assert result["acc"] == correct / len(ITEMS) and result["acc_norm"] == correct_norm / len(ITEMS)
+    assert result["acc"] >= 2 / 3  # SmolLM2 knows Paris and Celsius
+    write_per_item(tmp_path / "scored.jsonl", items, result)
+    lines = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [x["logprobs"] for x in lines] == [r["logprobs"] for r in result["per_item"]]
+    assert lines[0]["context"] == ITEMS[0]["context"] and "correct" in lines[0]
+
+
+# ---------------------------------------------------------------------------- tiny checkpoints, CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory, smollm2_gguf):
+    """Two tiny random Llamas with SmolLM2's vocabulary (Meta layout) and its tokenizer: fast to run."""
+    from llama import checkpoint
+    from tests.ckpt_util import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = []
+    for seed in (1, 2):
+        model, args = tiny_model(seed, vocab_size=49152, max_seq_len=256)
+        checkpoint.save_meta(model.state_dict(), args, root / f"model{seed}")
+        dirs.append(str(root / f"model{seed}"))
+    return dirs, str(smollm2_gguf)
+
+
+def run_cli(argv, capsys):
+    from llama.eval.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compare_report_equals_single_model_commands(tiny_ckpts, tmp_path, capsys):
+    (a, b), tok = tiny_ckpts
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    items = write_jsonl(tmp_path / "items.jsonl", ITEMS)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nOnce upon a time\n")
+    common = ["--tokenizer-path", tok, "--max-length", 32, "--stride", 16]
+    single = []
+    for ckpt in (a, b):
+        code, out, _ = run_cli(["perplexity", "--ckpt-dir", ckpt, "--data", text, "--json", tmp_path / "p.json", *common],
+                               capsys)
+        assert code == 0 and "perplexity" in out
+        ppl = json.loads((tmp_path / "p.json").read_text())
+        code, out, _ = run_cli(["choice", "--ckpt-dir", ckpt, "--data", items, "--tokenizer-path", tok,
+                                "--max-seq-len", 32], capsys)
+        acc = float(next(line.split()[1] for line in out.splitlines() if line.startswith("acc ")))
+        single.append((ppl, acc))
+    code, out, _ = run_cli(["compare", a, b, "--prompts", prompts, "--data", text, "--choices", items,
+                            "--max-gen-len", 4, "--out", tmp_path / "rep", *common], capsys)
+    assert code == 0 and "report:" in out
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [line.split("|")[1:-1] for line in report.splitlines()
+            if line.startswith("| ") and not line.startswith("| model |")]
+    assert [r[0].strip() for r in rows] == ["model1", "model2"]
+    for row, (ppl, acc) in zip(rows, single):
+        assert float(row[1]) == pytest.approx(ppl["perplexity"], abs=1e-4)
+        assert float(row[2]) == pytest.approx(ppl["bits_per_byte"], abs=1e-4)
+        assert float(row[3]) == pytest.approx(acc, abs=1e-4)
+    assert report.count("### Prompt") == 2
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "no such file"), ("empty", "the file is empty"), ("no_choices", "items.jsonl:2: \"choices\""),
+    ("bad_label", "items.jsonl:3: \"label\" 5 is out of range"), ("bad_json", "items.jsonl:1: not valid JSON"),
+    ("stride_big", "--stride 64"), ("stride_zero", "--stride 0"), ("too_long", "exceeds the model's max_seq_len"),
+    ("batch", "--batch-size 0"),
+])
+def test_bad_input_is_one_line(case, message, tmp_path, capsys):
+    items = tmp_path / "items.jsonl"
+    good = json.dumps(ITEMS[0])
+    lines = {"no_choices": [good, json.dumps({"context": "x", "label": 0})],
+             "bad_label": [good, "", json.dumps({**ITEMS[1], "label": 5})], "bad_json": ["{oops"]}
+    (tmp_path / "empty.txt").write_text("  \n")
+    argv = {"missing": ["perplexity", "--data", tmp_path / "nope.txt"],
+            "empty": ["perplexity", "--data", tmp_path / "empty.txt"],
+            "stride_big": ["perplexity", "--max-length", 32, "--stride", 64],
+            "stride_zero": ["perplexity", "--max-length", 32, "--stride", 0],
+            "too_long": ["perplexity", "--max-length", 256, "--max-seq-len", 128],
+            "batch": ["choice", "--batch-size", 0]}.get(case, ["choice", "--data", items])
+    if case in lines:
+        items.write_text("\n".join(lines[case]) + "\n")
+    code, out, err = run_cli(argv, capsys)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_exits_1_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llama.eval", "choice", "--data", tmp_path / "none.jsonl"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- lm-evaluation-harness
+
+TASKS = {
+    "ref_choice": """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_bytes, aggregation: mean, higher_is_better: true}
+""",
+    "ref_rolling": """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
+""",
+    "ref_gen": """output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 5, do_sample: false, temperature: 0.0}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+""",
+}
+DOCS = ["A short note about the sea and the wind.", "The keeper climbed the stairs every night to light the lamp."]
+GEN_PROMPTS = ["The capital of France is", "Once upon a time"]
+
+
+def write_tasks(root: Path, gen_answers) -> Path:
+    data = {"ref_choice": ITEMS, "ref_rolling": [{"text": t} for t in DOCS],
+            "ref_gen": [{"prompt": p, "answer": a} for p, a in zip(GEN_PROMPTS, gen_answers)]}
+    for name, body in TASKS.items():
+        jsonl = write_jsonl(root / f"{name}.jsonl", data[name])
+        head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {jsonl}\ntest_split: test\n"
+        (root / f"{name}.yaml").write_text(head + body)
+    return root
+
+
+def harness_worker(ckpt: str, tok: str, root: str) -> None:
+    """Run in a subprocess with the network disabled: lm-eval's numbers and ours, as JSON on stdout."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from llama.eval.choice import score_items
+    from llama.eval.lm_eval_adapter import LlamaRefLM
+    from llama.eval.perplexity import perplexity_of_tokens
+    from llama.eval.scoring import greedy_completions
+    from llama.generation import Llama
+
+    llama = Llama.build(ckpt, tok, max_seq_len=64, max_batch_size=1)
+    greedy = greedy_completions(llama, GEN_PROMPTS, 5, ["\n"])
+    write_tasks(Path(root), [greedy[0], greedy[1] + " and more"])  # exact match: 1/2
+    ours_choice = score_items(llama.model, llama.tokenizer, ITEMS, batch_size=2)
+    nll = n_bytes = 0.0
+    for doc in DOCS:  # one window each: lm-eval's rolling window == our strided window
+        ids = [prefix_token(llama.tokenizer)] + llama.tokenizer.encode(doc, bos=False, eos=False)
+        res = perplexity_of_tokens(llama.model, ids, len(doc.encode()), 64, 64)
+        nll, n_bytes = nll + res.nll, n_bytes + res.bytes
+    out = simple_evaluate(model=LlamaRefLM(llama=llama, batch_size=2), tasks=list(TASKS),
+                          task_manager=TaskManager(include_path=root), log_samples=False)
+    theirs = {name: {k.split(",")[0]: v for k, v in r.items() if "stderr" not in k and "," in k}
+              for name, r in out["results"].items()}
+    ours = {"ref_choice": {"acc": ours_choice["acc"], "acc_bytes": ours_choice["acc_norm"]},
+            "ref_rolling": {"bits_per_byte": nll / n_bytes / math.log(2)}, "ref_gen": {"exact_match": 0.5}}
+    print("RESULT " + json.dumps({"ours": ours, "theirs": theirs}))
+
+
+def offline_env(tmp_path) -> dict:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "ds"))
+    # any connection that slips through goes to a closed local port and fails
+    env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    return env
+
+
+@pytest.mark.slow  # a subprocess importing lm-eval and datasets: ~1-2 minutes on a busy 2-core machine
+def test_lm_eval_reproduces_our_scorer_offline(tiny_ckpts, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'llama-ref[eval]'")
+    (ckpt, _), tok = tiny_ckpts
+    code = f"from tests.test_eval import harness_worker; harness_worker({ckpt!r}, {tok!r}, {str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=offline_env(tmp_path), timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    for task, metrics in result["ours"].items():
+        for name, value in metrics.items():
+            assert result["theirs"][task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
+
+
+@pytest.mark.slow  # lm_eval's CLI imports datasets, evaluate, ...: about a minute here
+def test_lm_eval_unknown_model_arg_is_one_line(tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'llama-ref[eval]'")
+    from llama.eval.lm_eval_adapter import LlamaRefLM
+
+    with pytest.raises(EvalError, match="unknown llama-ref model arg.*lora.*not supported"):
+        LlamaRefLM.create_from_arg_string("ckpt_dir=x,lora=adapter/")
+    code, out, err = run_cli(["harness", "--model", "llama-ref", "--model_args", "colour=blue", "--tasks",
+                              "ref_choice", "--include_path", write_tasks(tmp_path, ["a", "b"])], capsys)
+    # lm-eval logs its own INFO lines first; ours is the last line, with no traceback
+    assert code == 1 and err.splitlines()[-1].startswith("error: unknown llama-ref model arg(s) colour"), err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- model parallel
+
+
+def mp_worker(ckpt: str, tok: str, mp: int):
+    from llama.eval.choice import score_items
+    from llama.generation import Llama
+
+    llama = Llama.build(ckpt, tok, max_seq_len=64, max_batch_size=1, model_parallel_size=mp)
+    ppl = perplexity(llama.model, llama.tokenizer, TEXT, 32, 16, batch_size=3)
+    choice = score_items(llama.model, llama.tokenizer, ITEMS, batch_size=2)
+    return ppl.nll, ppl.tokens, [r["logprobs"] for r in choice["per_item"]]
+
+
+@pytest.mark.slow
+def test_model_parallel_equals_one_process(tiny_ckpts):
+    from tests.dist import run_distributed
+
+    (ckpt, _), tok = tiny_ckpts
+    nll, tokens, logprobs = mp_worker(ckpt, tok, 1)
+    for rank_nll, rank_tokens, rank_logprobs in run_distributed(mp_worker, 2, ckpt, tok, 2):
+        assert rank_tokens == tokens
+        assert rank_nll == pytest.approx(nll, rel=1e-5)
+        for ours, ref in zip(rank_logprobs, logprobs):
+            assert ours == pytest.approx(ref, rel=1e-5, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- training integration
+
+
+def test_training_logs_eval_data_perplexity(tmp_path):
+    from llama.generation import Llama
+    from llama.train.config import ConfigError
+    from llama.train.setup import train
+    from tests.train_helpers import read_metrics, tiny_config, tiny_corpus
+
+    data_dir, _ = tiny_corpus(tmp_path / "corpus")
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    with pytest.raises(ConfigError, match="eval_data .* is not a file"):
+        tiny_config(data_dir, tmp_path / "run", f"eval_data={tmp_path / 'nope.txt'}")
+    result = train(tiny_config(data_dir, tmp_path / "run", "max_steps=4", "eval_every=2", "eval_batches=1",
+                               f"eval_data={text}"))
+    evals = [m for m in read_metrics(tmp_path / "run") if "eval_ppl" in m]
+    assert [m["step"] for m in evals] == [2, 4] and all("val_loss" in m for m in evals)
+    llama = Llama.build(result["checkpoint"], max_seq_len=32, max_batch_size=1)  # the step-4 weights
+    assert perplexity(llama.model, llama.tokenizer, TEXT, 32, 16).perplexity == pytest.approx(evals[-1]["eval_ppl"],
+                                                                                             rel=1e-5)
