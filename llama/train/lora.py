@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 from llama import lora, parallel
-from llama.checkpoint import peft as peft_io
-from llama.checkpoint import params_json
+from llama.checkpoint import params_json, peft
 from llama.files import atomic_write, fsync_dir, make_temp_dir, remove_temp_dir, replace_dir, write_text
 from llama.tokenizer import save_tokenizer
 from llama.train.state import LATEST, _barrier, _prune, is_training_checkpoint, step_name
@@ -30,7 +29,7 @@ from llama.train.state import LATEST, _barrier, _prune, is_training_checkpoint, 
 def base_pointer(cfg, model) -> dict:
     """What the adapters were trained on: the base's files, or the seed of a from-scratch base."""
     pointer = {"path": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
-               "params_sha256": peft_io.params_sha256(model.params)}
+               "params_sha256": peft.params_sha256(model.params)}
     if not cfg.init_from:
         pointer["init_seed"] = cfg.seed
     return pointer
@@ -62,14 +61,14 @@ def save_adapter_checkpoint(out_dir, step: int, model, train_state: dict, tokeni
         remove_temp_dir(tmp)  # left by a killed save (it carries the marker; anything else stays)
         make_temp_dir(final, tmp.name)
     _barrier()
-    full = peft_io.export_training_adapter(model)  # every rank takes part in the gathers
+    full = peft.export_training_adapter(model)  # every rank takes part in the gathers
     if writer:
         local = {k: v.clone() for k, v in lora.adapter_state(model).items()}
         atomic_write(tmp / f"adapter.{mp_rank:02d}.pth", lambda f: torch.save(local, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
     if first:
         cfg = model.lora
-        peft_io.save_peft(tmp, full, model.params, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"], base)
+        peft.save_peft(tmp, full, model.params, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"], base)
         write_text(tmp / "params.json", params_json(model.params))
         if tokenizer_path and Path(tokenizer_path).exists():
             save_tokenizer(tokenizer_path, tmp)
@@ -90,7 +89,7 @@ def load_adapter_checkpoint(path: Path, model, device, base: dict) -> dict:
     if not shard.is_file():
         raise lora.LoRAError(f"{path} has no {shard.name}: it is not a LoRA checkpoint saved at "
                              f"model_parallel_size={mp} (set lora_rank to the run's, or start a new out_dir)")
-    saved = json.loads((path / peft_io.BASE_POINTER).read_text())
+    saved = json.loads((path / peft.BASE_POINTER).read_text())
     if saved.get("params_sha256") != base["params_sha256"]:
         raise lora.LoRAError(f"{path} holds adapters for the base {saved.get('path')}, which does not match "
                              f"this run's base {base['path']}: resume with the same init_from")
