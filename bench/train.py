@@ -4,10 +4,14 @@
     flock /tmp/llama-bench.lock python bench/train.py --compile       # + ours under torch.compile
     flock /tmp/llama-bench.lock python bench/train.py --gpu           # ~1B (Llama 3.2 1B shape), bf16: tok/s + MFU
     flock /tmp/llama-bench.lock python bench/train.py --fsdp          # DDP vs FSDP, MP=2 x DP=2, ~100M params, CPU
+    flock /tmp/llama-bench.lock python bench/train.py --lora          # SmolLM2 SFT on CPU: full fine-tuning vs LoRA
 
 Both sides train the same shape on the same batches (the default corpus through llama/train/batches.py)
 with the same optimizer (AdamW, same groups and hyper-parameters, foreach on CPU / fused on CUDA),
 the same global-norm clipping and learning-rate schedule, the same batch and sequence length.
+--lora compares this repo with itself instead: full fine-tuning vs LoRA (r=8, all seven projections)
+of SmolLM2-135M-Instruct on the example chats, each in its own process (peak RSS is per process):
+trainable parameters, optimizer-state bytes, peak RSS and tokens/s, side by side.
 Ours is `llama.train.loop.train_step` on the Run that train.py builds; HF is the usual
 `model(input_ids).logits` -> cross-entropy -> backward -> clip_grad_norm_ -> step. Rounds alternate
 (ours, HF, ours, HF, ...) so background load hits both alike; each side reports its median round.
@@ -16,6 +20,8 @@ Ours is `llama.train.loop.train_step` on the Run that train.py builds; HF is the
 import argparse
 import json
 import os
+import resource
+import subprocess
 import statistics
 import sys
 import time
@@ -110,6 +116,52 @@ def compare(overrides, rounds: int, steps: int, with_hf: bool = True, warmup: in
     return out
 
 
+LORA_RUN = ["init_from=smollm2", "data=configs/train/chat_example.jsonl", "sft=true", "val_fraction=0.1",
+            "warmup_steps=1", "device=cpu", "lr=1e-4"]
+
+
+def lora_side(kind: str, rounds: int, steps: int, seq: int, batch: int) -> dict:
+    """One side of --lora, in this process: 'full' or 'lora' fine-tuning of SmolLM2."""
+    extra = ["lora_rank=8", "lora_alpha=16"] if kind == "lora" else []
+    shape = [f"seq_len={seq}", f"batch_size={batch}", f"micro_batch_size={batch}"]
+    cfg = load_config(None, ["out_dir=out/bench", "eval_every=0", "save_every=0", *LORA_RUN, *shape, *extra])
+    run = setup(cfg)
+    step = lambda micro, s: train_step(run, micro, s)  # noqa: E731
+    timed_round(step, run.batches, 0, 1, run.cfg)  # warm-up; creates the optimizer state
+    speeds = [timed_round(step, run.batches, 1 + r * steps, steps, run.cfg) for r in range(rounds)]
+    state = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]
+    return {"tokens_per_s": statistics.median(speeds), "rounds": speeds,
+            "trainable": sum(p.numel() for g in run.optimizer.param_groups for p in g["params"]),
+            "params": sum(p.numel() for p in run.model.parameters()),
+            "optimizer_bytes": sum(t.numel() * t.element_size() for t in state),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def lora_compare(rounds: int, steps: int, seq: int, batch: int, repeats: int) -> dict:
+    """Both sides, each in a fresh process, alternating full, lora, full, lora ... (background load)."""
+    out = {"full": [], "lora": []}
+    for _ in range(repeats):
+        for kind in ("full", "lora"):
+            done = subprocess.run([sys.executable, __file__, "--lora-side", kind, "--rounds", str(rounds),
+                                   "--steps", str(steps), "--seq", str(seq), "--batch", str(batch)],
+                                  capture_output=True, text=True, check=True)
+            out[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {}
+    for kind, runs in out.items():
+        result[kind] = dict(runs[0], tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs),
+                            peak_rss_bytes=max(r["peak_rss_bytes"] for r in runs), runs=runs)
+    f, lo = result["full"], result["lora"]
+    print(f"SmolLM2-135M SFT, CPU, {torch.get_num_threads()} threads, {batch} x {seq} tokens per step (fp32)")
+    print(f"{'':24}{'full fine-tune':>18}{'LoRA r=8':>18}{'LoRA / full':>14}")
+    for key, label, fmt in [("trainable", "trainable parameters", "{:,}"),
+                            ("optimizer_bytes", "optimizer state (MiB)", "{:.1f}"),
+                            ("peak_rss_bytes", "peak RSS (MiB)", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:.0f}")]:
+        scale = 1 / 2**20 if key.endswith("bytes") else 1
+        a, b = f[key] * scale, lo[key] * scale
+        print(f"{label:<24}{fmt.format(a):>18}{fmt.format(b):>18}{b / a:>13.3f}x")
+    return result
+
+
 def report(label: str, r: dict, device: str) -> None:
     line = f"{label}: ours {r['ours']:,.0f} tok/s"
     if "hf" in r:
@@ -131,7 +183,7 @@ DP_BENCH = ["device=cpu", "model_parallel_size=2", "model.dim=768", "model.n_lay
 def data_parallel_rank_main(args) -> int:
     """One of the 4 ranks: a DDP run and an FSDP run of the same shape, rounds alternating."""
     from llama import parallel
-from llama.train import fsdp
+    from llama.train import fsdp
     from llama.train.loop import loss_sum
 
     runs = {kind: setup(load_config(None, DP_BENCH + args.set + [f"out_dir=out/bench-{kind}", f"data_parallel={kind}"]))
@@ -195,9 +247,22 @@ def main() -> int:
     parser.add_argument("--fsdp", action="store_true", help="DDP vs FSDP at MP=2 x DP=2 (4 processes), ~100M params")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="--fsdp: a train config override for both sides (e.g. --set seq_len=128)")
+    parser.add_argument("--lora", action="store_true", help="SmolLM2 on CPU: full fine-tuning vs LoRA")
+    parser.add_argument("--lora-side", choices=["full", "lora"], help=argparse.SUPPRESS)  # one side, in-process
+    parser.add_argument("--seq", type=int, default=128, help="--lora: tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="--lora: sequences per step")
+    parser.add_argument("--repeats", type=int, default=2, help="--lora: processes per side, alternating")
     args = parser.parse_args()
     if args.fsdp:
         return data_parallel_main(args)
+    if args.lora_side:
+        print(json.dumps(lora_side(args.lora_side, args.rounds, args.steps, args.seq, args.batch)))
+        return 0
+    if args.lora:
+        results = lora_compare(args.rounds, args.steps, args.seq, args.batch, args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0
     if args.gpu and not torch.cuda.is_available():
         print("error: --gpu needs CUDA; no GPU here", file=sys.stderr)
         return 1

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: ~2x faster decoding on CPU after minutes of compiling")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (single process; None: off)")
+    p.add_argument("--lora", metavar="ADAPTER", help="merge a LoRA adapter (PEFT dir or LoRA training checkpoint) at load")
     return p
 
 
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
         llama = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size or max(len(prompts), 1), seed=args.seed,
                             device=args.device, dtype=parse_dtype(args.dtype), compile=args.compile,
-                            quantize=args.quantize)
+                            quantize=args.quantize, lora=args.lora)
         stats = chat(llama, args, say) if args.chat else run_prompts(llama, prompts, args, say)
         report(stats, say)
         return 0

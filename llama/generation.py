@@ -71,14 +71,21 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               model_parallel_size: Optional[int] = None, seed: int = 1, device=None, dtype=None,
-              compile: bool = False, quantize: Optional[str] = None) -> "Llama":
+              compile: bool = False, quantize: Optional[str] = None, lora: Optional[str] = None) -> "Llama":
         """Load a Meta dir, an HF dir or a .gguf file (and its tokenizer) onto `device`. Under torchrun
-        the model is split over `model_parallel_size` ranks (default: all of them)."""
+        the model is split over `model_parallel_size` ranks (default: all of them). `lora`: a LoRA
+        adapter (PEFT dir or LoRA training checkpoint) merged into the weights at load; a LoRA
+        checkpoint given as ckpt_dir loads its recorded base with it."""
         from llama.checkpoint import CheckpointError, default_tokenizer_path, detect_format, load_model
+        from llama.checkpoint.peft import find_adapter, merge_adapter, recorded_base
         from llama.tokenizer import check_vocab, load_tokenizer
 
         check_sizes(max_seq_len, max_batch_size)  # bad arguments fail here, before any file is read
         dtype = parse_dtype(dtype)
+        if lora is None and recorded_base(ckpt_dir) is not None:  # out/lora: adapters + a pointer to the base
+            lora, ckpt_dir = ckpt_dir, recorded_base(ckpt_dir)
+        if lora is not None:
+            find_adapter(lora)  # fails before any loading
         detect_format(ckpt_dir)  # a missing path fails here, before any process group is set up
         parallel.init_distributed(model_parallel_size)
         torch.manual_seed(seed)  # the same seed on every rank: see _sample
@@ -90,6 +97,8 @@ class Llama:
         tokenizer = load_tokenizer(tokenizer_path)
         start = time.perf_counter()
         model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype)
+        if lora is not None:
+            merge_adapter(model, lora, ckpt_dir)
         check_vocab(tokenizer, model.params.vocab_size)
         if quantize is not None:
             from llama.quantize import quantize_model

@@ -223,7 +223,7 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(params), persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, cache: Optional[List[KVCache]] = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden: bool = False) -> torch.Tensor:
         """tokens (B, T) at positions [start_pos, start_pos+T) -> float logits (B, T, vocab), or (B, 1,
         vocab) with last_only. A tensor start_pos (B,) (with a cache) decodes a ragged batch: each
         sequence attends to its own slots [0, start_pos[b] + t] only."""
@@ -243,6 +243,8 @@ class Transformer(nn.Module):
             h = layer(h, freqs_cis, start_pos, None if cache is None else cache[i], mask)
         if last_only:
             h = h[:, -1:]
+        if hidden:  # (B, T, D) before the final norm: the caller applies norm + output (training's chunked loss)
+            return h
         return self.output(self.norm(h)).float()
 
     def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> List[KVCache]:

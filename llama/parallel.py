@@ -53,6 +53,15 @@ SHARD_DIM = {
     "ffn_norm.weight": None,
     "norm.weight": None,
     "output.weight": 0,  # column-parallel over the vocabulary, gathered before the loss
+    # LoRA adapters (llama/lora.py): a column-parallel W's A is replicated and its B split on the
+    # output rows; a row-parallel W's A is split on the input columns and its B replicated.
+    "attention.wq.lora_A.weight": None, "attention.wq.lora_B.weight": 0,
+    "attention.wk.lora_A.weight": None, "attention.wk.lora_B.weight": 0,
+    "attention.wv.lora_A.weight": None, "attention.wv.lora_B.weight": 0,
+    "attention.wo.lora_A.weight": 1, "attention.wo.lora_B.weight": None,
+    "feed_forward.w1.lora_A.weight": None, "feed_forward.w1.lora_B.weight": 0,
+    "feed_forward.w3.lora_A.weight": None, "feed_forward.w3.lora_B.weight": 0,
+    "feed_forward.w2.lora_A.weight": 1, "feed_forward.w2.lora_B.weight": None,
 }
 
 

@@ -3,6 +3,7 @@
     python -m llama.plan --model configs/models/llama3.1-8b.json --mp 8 --dp 16 --seq 131072 --batch 1
     python -m llama.plan --model llama3.1-405b --mp 16 --cp 16 --dp 8 --zero 3 --seq 131072 --train --gpu h200
     python -m llama.plan --config configs/train/scale/llama3.1-70b.toml      # a training recipe's layout
+    python -m llama.plan --model llama3.1-8b --lora 8 --gpu rtx4090      # LoRA fine-tuning (implies --train)
 
 Parameters are counted from a `Transformer` built on the `meta` device (no memory, no hand-typed
 counts); each rank's share follows `llama.parallel.SHARD_DIM`, the table the model itself uses.
@@ -30,7 +31,11 @@ The assumptions, each a constant below:
   block's activations are rebuilt at a time during backward;
 - the loss head keeps fp32 logits (held by the training loop) and their softmax (saved by the
   cross-entropy): 8 bytes * vocab / mp per token (training never gathers the vocabulary: the loss
-  is vocabulary-parallel, llama/parallel.py); the final RMSNorm adds 8*D + 4 like the others;
+  is vocabulary-parallel, llama/parallel.py), / N with `--loss-chunks N` (train.py's loss_chunks:
+  one slice of the sequence at a time); the final RMSNorm adds 8*D + 4 like the others;
+- LoRA (`--lora R`) on all seven projections: a frozen bf16 base without gradients or optimizer
+  state; fp32 adapters with fp32 gradients and AdamW moments (16 bytes per adapter parameter); the
+  activations of full fine-tuning (A needs the same layer inputs a weight gradient would);
 - inference memory is weights + KV cache: generation.py prefills in chunks of 512 tokens and
   keeps only the last position's logits, so its activations are small next to the cache;
 - decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
@@ -52,6 +57,7 @@ from pathlib import Path
 import torch
 
 from llama import parallel
+from llama.lora import count_lora_parameters
 from llama.flops import GPU, GPUS, flops_per_token
 from llama.model import ModelArgs, Transformer
 from llama.errors import UserError
@@ -166,10 +172,12 @@ class Plan:
     total_bytes: int  # the configuration that counts for "fits" (checkpointed when training)
     fits: bool
     speed: dict  # name -> (value, unit)
+    lora: int = 0  # the LoRA rank (0: full fine-tuning)
+    loss_chunks: int = 1
 
 
 def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="h100", zero=0, mfu=0.4,
-              cp=1) -> Plan:
+              cp=1, lora=0, loss_chunks=1) -> Plan:
     """Everything the CLI prints, as numbers (bytes, seconds) a notebook can plot."""
     if gpu not in GPUS:
         raise PlanError(f"--gpu {gpu!r} is not known: choose one of {', '.join(GPUS)}")
@@ -180,6 +188,11 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         raise PlanError(f"--zero {zero}: choose 0 (plain DDP), 1, 2 or 3")
     if seq % cp != 0:
         raise PlanError(f"--cp {cp} does not divide --seq {seq}: each context-parallel rank takes an equal slice")
+    if loss_chunks < 1:
+        raise PlanError(f"--loss-chunks {loss_chunks}: must be at least 1")
+    if lora < 0:
+        raise PlanError(f"--lora {lora}: the LoRA rank must be positive (8 or 16 are usual)")
+    train = train or lora > 0
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu {mfu}: a fraction in (0, 1], e.g. 0.4")
     g = GPUS[gpu]
@@ -193,14 +206,21 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["weights"] = n_local * PARAM_BYTES // shard(3)
         memory["gradients"] = n_local * GRAD_BYTES // shard(2)
         memory["optimizer"] = n_local * OPTIM_BYTES // shard(1)
+        if lora:  # a frozen bf16 base; fp32 adapters with fp32 gradients and AdamW moments
+            adapters, counts["lora"] = count_lora_parameters(args, lora, mp=mp), count_lora_parameters(args, lora)
+            memory["weights"] = n_local * PARAM_BYTES // shard(3) + adapters * 4 // shard(3)
+            memory["gradients"] = adapters * 4 // shard(2)
+            memory["optimizer"] = adapters * 8 // shard(1)
         memory["activations"] = args.n_layers * per_token * tokens
         memory["activations (checkpointed)"] = (args.n_layers * 2 * args.dim + per_token) * tokens
-        memory["loss head"] = (8 * args.vocab_size // mp + 8 * args.dim + 4) * tokens
+        memory["loss head"] = (8 * args.vocab_size // mp // loss_chunks + 8 * args.dim + 4) * tokens
         states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["loss head"]
         memory["total"] = states + memory["activations"]
         memory["total (checkpointed)"] = states + memory["activations (checkpointed)"]
         total = memory["total (checkpointed)"]
         flops = training_flops(args, batch, seq) / (mp * cp)  # per GPU
+        if lora:  # frozen weights: backward computes input gradients only (2N, not 4N, per token)
+            flops -= 2 * counts["matmul"] * batch * seq / (mp * cp)
         step = flops / (g.bf16_tflops * 1e12 * mfu)
         speed["step time"] = (step, "s")
         speed["training tokens/s (all GPUs)"] = (batch * seq * dp / step, "tok/s")
@@ -215,7 +235,8 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         speed["decode tokens/s (per replica, full cache)"] = (batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
         speed["decode tokens/s (all replicas)"] = (dp * batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
     fits = total <= HEADROOM * g.memory_gib * GiB
-    return Plan(args, g, mp, dp, seq, batch, train, zero, cp, mfu, counts, memory, total, fits, speed)
+    return Plan(args, g, mp, dp, seq, batch, train, zero, cp, mfu, counts, memory, total, fits, speed, lora,
+                loss_chunks)
 
 
 def plan_training_config(path, gpu: str = "h100", mfu: float = 0.4) -> Plan:
@@ -262,6 +283,9 @@ def format_plan(p: Plan, name: str = "model") -> str:
         "",
         "memory per GPU",
     ]
+    if p.lora:
+        lines[-1:-1] = [f"LoRA r={p.lora} on wq wk wv wo w1 w2 w3: {p.params['lora']:,} trainable parameters "
+                        f"({100 * p.params['lora'] / p.params['total']:.2f}%), base frozen in bf16", ""]
     for key, value in p.memory.items():
         lines.append(f"  {key:<28}{human_bytes(value):>14}")
     budget = HEADROOM * p.gpu.memory_gib
@@ -272,6 +296,10 @@ def format_plan(p: Plan, name: str = "model") -> str:
     if p.train:
         without = p.memory["total"] <= HEADROOM * p.gpu.memory_gib * GiB
         lines.append(f"without checkpointing: {human_bytes(p.memory['total'])} ({'fits' if without else 'does NOT fit'})")
+        if p.loss_chunks == 1 and not p.fits:  # the loss head is often what tips it: say what chunking gives
+            chunked = make_plan(p.args, p.mp, p.dp, p.seq, p.batch, p.train, p.gpu.name, p.zero, p.mfu, p.cp, p.lora, 8)
+            lines.append(f"with --loss-chunks 8 (loss_chunks=8 in train.py): {human_bytes(chunked.total_bytes)} "
+                         f"({'fits' if chunked.fits else 'does NOT fit'})")
     lines.append("")
     for key, (value, unit) in p.speed.items():
         lines.append(f"  {key:<42}{value:>14,.0f} {unit}" if value >= 100 else f"  {key:<42}{value:>14.3g} {unit}")
@@ -293,6 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)}")
     ap.add_argument("--zero", type=int, default=0, help="ZeRO stage across dp ranks (0: plain DDP)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    ap.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA fine-tuning at rank R (implies --train)")
+    ap.add_argument("--loss-chunks", type=int, default=1, metavar="N",
+                    help="output layer + loss over N slices of the sequence (train.py's loss_chunks)")
     opts = ap.parse_args(argv)
     try:
         if opts.config:
@@ -300,7 +331,7 @@ def main(argv=None) -> int:
         elif opts.model:
             args, name = load_model_args(opts.model), Path(opts.model).stem
             p = make_plan(args, opts.mp, opts.dp, opts.seq, opts.batch, opts.train, opts.gpu, opts.zero, opts.mfu,
-                          opts.cp)
+                          opts.cp, opts.lora, opts.loss_chunks)
         else:
             raise PlanError("give --model (a params.json or a name such as llama3.1-8b) or --config (a train.py recipe)")
     except UserError as e:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import plan
+from llama import lora, plan
 from llama.model import ModelArgs, Transformer, TransformerBlock, precompute_freqs_cis
 
 GiB = 2**30
@@ -244,3 +244,39 @@ def test_cli_process_exits_nonzero_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "llama.plan", "--model", f"{CONFIGS}/llama3.1-8b.json",
                            "--gpu", "tpu"], capture_output=True, text=True, cwd=CONFIGS)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "choose one of h100" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- LoRA (--lora R)
+
+
+def test_lora_parameters_of_8b_by_hand():
+    # r * (in + out) for q (4096+4096), k and v (4096+1024), o (4096+4096), gate/up/down (4096+14336)
+    per_layer = 8 * (8192 + 5120 + 5120 + 8192 + 3 * 18432)
+    assert lora.count_lora_parameters(args_of("llama3.1-8b"), 8) == 32 * per_layer == 20_971_520
+    # MP 2: A replicated for column layers and B for row layers; the other half split
+    replicated = 7 * 8 * 4096  # A (r x 4096) of q, k, v, gate, up; B (4096 x r) of o, down
+    assert lora.count_lora_parameters(args_of("llama3.1-8b"), 8, mp=2) == (
+        32 * (replicated + (per_layer - replicated) // 2))
+
+
+def test_lora_8b_at_8k_tokens_fits_a_24_gib_gpu_where_full_fine_tuning_does_not():
+    args = args_of("llama3.1-8b")
+    adapted = plan.make_plan(args, seq=8192, gpu="rtx4090", lora=8, loss_chunks=8)
+    assert adapted.train and adapted.fits and adapted.total_bytes < 21 * GiB
+    assert adapted.memory["optimizer"] == 20_971_520 * 8 and adapted.memory["gradients"] == 20_971_520 * 4
+    assert adapted.memory["weights"] == 8_030_261_248 * 2 + 20_971_520 * 4
+    full = plan.make_plan(args, seq=8192, gpu="rtx4090", train=True, loss_chunks=8)
+    assert not full.fits and full.total_bytes > 120 * GiB
+    # honest about what tips it: the fp32 logits of 8K tokens x 128K vocabulary alone are 8 GiB
+    assert not plan.make_plan(args, seq=8192, gpu="rtx4090", lora=8).fits
+
+
+def test_lora_cli(capsys):
+    assert plan.main(["--model", "llama3.1-8b", "--lora", "8", "--gpu", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=8" in out and "20,971,520 trainable" in out
+    assert "does NOT fit" in out and "with --loss-chunks 8 (loss_chunks=8 in train.py): " in out and "(fits)" in out
+    assert plan.main(["--model", "llama3.1-8b", "--lora", "8", "--loss-chunks", "8", "--gpu", "rtx4090"]) == 0
+    assert "\nfits: " in capsys.readouterr().out
+    assert plan.main(["--model", "llama3.1-8b", "--lora", "-1"]) == 1
+    assert "--lora -1" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Convert weights between formats.
 
-    python -m llama.convert SRC DST --to {meta,hf} [--shards N] [--dtype bf16|fp16|fp32|bfloat16|...]
+    python -m llama.convert SRC DST --to {meta,hf} [--shards N] [--dtype bf16|fp16|fp32|bfloat16|...] [--lora ADAPTER]
 
 SRC is a Meta dir (any number of shards), an HF dir or a .gguf file. The weights are loaded whole
 in this one process (memory-mapped, so about one copy of them), then written:
@@ -11,6 +11,7 @@ The source's tokenizer is carried along as small files (tokenizer.model, or toke
 tokenizer_config.json / chat_template.jinja; a GGUF's tokenizer is extracted into those), and the
 source's context length is kept (config.json max_position_embeddings, params.json context_length).
 DST must be new or empty (--overwrite replaces it); it appears complete or not at all.
+--lora merges a LoRA adapter (PEFT dir or LoRA training checkpoint) first: W += (alpha/r) B A.
 """
 
 import argparse
@@ -19,14 +20,15 @@ from pathlib import Path
 
 
 from llama import checkpoint
+from llama.checkpoint import peft
 from llama.dtypes import DTYPES, parse_dtype
 from llama.errors import USER_ERRORS, report
 from llama.files import atomic_dir, copy_file
 from llama.tokenizer import save_tokenizer
 
 
-def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = False) -> Path:
-    """Load `src` (any format) and write it to `dst` in format `to` ('meta' or 'hf'); returns dst.
+def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = False, lora=None) -> Path:
+    """Load `src` (any format), merge the LoRA adapter `lora` if given, write `dst` as `to` ('meta'/'hf').
 
     dst is built in a temporary sibling and renamed into place (llama/files.py): a failure or Ctrl-C
     leaves no partial files and an existing dst as it was. An existing non-empty dst is refused
@@ -39,8 +41,12 @@ def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = Fa
     source_dir = src if src.is_dir() else src.parent
     if dst.resolve() == source_dir.resolve():
         raise checkpoint.CheckpointError(f"{dst}: the destination is the source directory: pick a new directory")
+    if lora is not None:
+        peft.find_adapter(lora)  # before any loading or writing
     with atomic_dir(dst, overwrite, [src]) as tmp:
         model = checkpoint.load_model(src, dtype=dtype)
+        if lora is not None:
+            peft.merge_adapter(model, lora, src)
         state = model.state_dict()
         if to == "meta":
             checkpoint.save_meta(state, model.params, tmp, num_shards=shards)
@@ -64,9 +70,10 @@ def main(argv=None) -> int:
                         "(default: keep the source's)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing DST directory (never SRC, nor the working directory)")
+    parser.add_argument("--lora", metavar="ADAPTER", help="merge this LoRA adapter (PEFT dir or LoRA checkpoint)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.dst, args.to, args.shards, parse_dtype(args.dtype), args.overwrite)
+        out = convert(args.src, args.dst, args.to, args.shards, parse_dtype(args.dtype), args.overwrite, args.lora)
     except KeyboardInterrupt:
         print(f"interrupted: {args.dst} is as it was before", file=sys.stderr)
         return 130

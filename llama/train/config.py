@@ -20,6 +20,7 @@ import torch
 from llama import parallel
 from llama.dtypes import DTypeError, dtype_name
 from llama.errors import UserError
+from llama.lora import LORA_DTYPES, check_settings
 from llama.model import ModelArgs
 from llama.model_args_check import ModelArgsError
 
@@ -76,7 +77,14 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    loss_chunks: int = 1  # > 1: output layer + loss on this many slices of the sequence, recomputed (less memory)
     peak_tflops: float = 0.0  # the device's peak for MFU (0: look the GPU up in a table)
+    # LoRA (llama/lora.py, docs/lora.md): train low-rank adapters on a frozen base instead of every weight
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    base_dtype: str = "auto"  # the frozen base's dtype under LoRA: auto = bfloat16 on CUDA, float32 on CPU
     # model shape (from scratch): model_config (a params.json file) or else DEFAULT_MODEL, with the
     # [model] keys on top
     model_config: str = ""  # a params.json-style file with the from-scratch shape (configs/models/)
@@ -233,7 +241,7 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no data, model or processes: run before any work starts."""
     positive = ["max_steps", "log_every", "seq_len", "batch_size", "micro_batch_size", "model_parallel_size",
-                "eval_batches"]
+                "eval_batches", "loss_chunks"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {getattr(cfg, key)}")
@@ -267,6 +275,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("reshard_after_forward=false (ZeRO-2) shards the model: it needs data_parallel=\"fsdp\"")
     if cfg.data_parallel_size < 0:
         raise ConfigError(f"config key 'data_parallel_size' must not be negative, got {cfg.data_parallel_size}")
+    check_lora_config(cfg)
+    if cfg.lora_rank and cfg.data_parallel == "fsdp":
+        raise ConfigError("lora_rank with data_parallel=\"fsdp\" is not composed yet: train LoRA with "
+                          "data_parallel=\"ddp\" (the adapters are small; base_dtype=bfloat16 halves the frozen base)")
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")
@@ -285,6 +297,15 @@ def _check_parallel(cfg: TrainConfig, args: ModelArgs) -> None:
         parallel.check_model_parallel(args, cfg.model_parallel_size, training=True, flag="model_parallel_size=")
     except parallel.ParallelError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_lora_config(cfg: TrainConfig) -> None:
+    if not isinstance(cfg.lora_targets, list) or not all(isinstance(t, str) for t in cfg.lora_targets):
+        raise ConfigError(f"lora_targets must be a list of projection names, e.g. [\"wq\", \"wv\"], "
+                          f"got {cfg.lora_targets!r}")
+    if cfg.base_dtype not in LORA_DTYPES:
+        raise ConfigError(f"base_dtype={cfg.base_dtype!r}: use {', '.join(LORA_DTYPES)}")
+    check_settings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 
 def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[int, int]:

@@ -26,6 +26,7 @@ from llama.train import fsdp
 from llama.train.batches import IGNORE
 from llama.eval.perplexity import perplexity
 from llama.train.config import TrainConfig
+from llama.train.lora import base_pointer, save_adapter_checkpoint
 from llama.train.metrics import flops_per_token, memory_gb
 from llama.train.state import latest_checkpoint, rng_state, save_checkpoint
 from llama.errors import UserError
@@ -99,11 +100,27 @@ def dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, model=None, chunks: int = 1) -> torch.Tensor:
     """Summed cross-entropy over the trained targets (IGNORE marks the rest). (B, T) -> ().
-    Under model parallelism the logits are this rank's vocabulary slice (keep_logits_split) and
-    the loss is computed from the slices, never the full (B, T, vocab) tensor."""
-    logits = forward(inputs)  # (B, T, V / model-parallel size) float32
+    Under model parallelism the logits are this rank's vocabulary slice (keep_logits_split) and the
+    loss is computed from the slices, never the full (B, T, vocab) tensor.
+
+    chunks > 1 (`loss_chunks`): the fp32 logits and their log-softmax cost 8 x vocab bytes per token
+    (8 GiB for 8K tokens of Llama 3's 128K vocabulary). Instead the model returns its hidden states
+    and `model`'s norm + output + cross-entropy run on one slice of the sequence at a time, each
+    recomputed in backward, so only one slice's logits are ever alive. Same sum, same gradients."""
+    if chunks <= 1:
+        logits = forward(inputs)  # (B, T, V / model-parallel size) float32
+        return parallel.vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
+    h = forward(inputs, hidden=True)  # (B, T, D)
+    total = torch.zeros((), device=h.device)
+    for h_slice, y_slice in zip(h.chunk(chunks, dim=1), targets.chunk(chunks, dim=1)):
+        total = total + torch.utils.checkpoint.checkpoint(_head_loss, model, h_slice, y_slice, use_reentrant=False)
+    return total
+
+
+def _head_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model.output(model.norm(h)).float()  # (B, T/chunks, V / model-parallel size)
     return parallel.vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
 
 
@@ -126,7 +143,8 @@ def train_step(run, micro_batches: List, step: int):
     for i, (x, y) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with grad_sync(run, sync), run.autocast():
-            summed = loss_sum(run.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            summed = loss_sum(run.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                              run.model, run.cfg.loss_chunks)
         (summed * scale).backward()
         total += summed.detach()
     loss = (dp_all_reduce(total) / count.clamp(min=1.0)).item()
@@ -186,13 +204,18 @@ def save(run, step: int) -> None:
              "model_parallel_size": parallel.model_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
              "data": str(run.data_dir), "tokenizer": str(run.tokenizer_path)}
-    write_shards = None
-    if run.cfg.data_parallel == "fsdp":  # the optimizer goes to a DCP directory, sharded
-        write_shards = functools.partial(fsdp.write_shards, optimizer=run.optimizer)
-    else:
+    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
         state["optimizer"] = run.optimizer.state_dict()
-    path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last,
-                           write_shards)
+        path = save_adapter_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path,
+                                       run.cfg.keep_last, base_pointer(run.cfg, run.model))
+    else:
+        write_shards = None
+        if run.cfg.data_parallel == "fsdp":  # the optimizer goes to a DCP directory, sharded
+            write_shards = functools.partial(fsdp.write_shards, optimizer=run.optimizer)
+        else:
+            state["optimizer"] = run.optimizer.state_dict()
+        path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last,
+                               write_shards)
     run.saved_any = True
     run.log.print(f"saved {path}")
 

@@ -22,7 +22,9 @@ from llama.train import fsdp
 from llama.train.batches import Batches
 from llama.train.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
+from llama import lora
 from llama.tokenizer import tokenizer_file
+from llama.train import lora as train_lora
 from llama.train.config import TrainConfig, asset_path, check_device, check_layout
 from llama.train.metrics import MetricsLog, peak_tflops
 from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
@@ -170,6 +172,8 @@ def setup(cfg: TrainConfig) -> Run:
     cfg = dataclasses.replace(cfg, micro_batch_size=micro)
     if cfg.data_parallel == "fsdp":
         fsdp.require_fully_shard()
+    if cfg.lora_rank:  # LoRA: the rank against the layers' shapes, before any work
+        lora.check_model(args, cfg.lora_rank, cfg.lora_targets, cfg.model_parallel_size)
     check_data(cfg)
     parallel.init_distributed(cfg.model_parallel_size)
     device = pick_device(cfg)
@@ -184,11 +188,15 @@ def setup(cfg: TrainConfig) -> Run:
     batches = Batches(data_dir, cfg.seq_len, cfg.seed)
     sharded = cfg.data_parallel == "fsdp"  # FSDP moves each block's shard to the device itself
     model = build_model(cfg, args, torch.device("cpu") if sharded else device)
+    if cfg.lora_rank:  # adapters on a frozen base (llama/train/lora.py)
+        train_lora.attach(cfg, model, device)
     model.train()
     parallel.keep_logits_split(model)  # the loss is vocabulary-parallel
     if sharded:
         model = fsdp.shard_model(model, device, cfg.reshard_after_forward, compute_dtype(cfg, device))
     optimizer = make_optimizer(model, cfg, device)
+    if cfg.lora_rank:
+        lora.check_only_adapters_train(model, optimizer)
     step, consumed = _maybe_resume(cfg, model, optimizer, device, is_first)
     return _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed, is_first)
 
@@ -202,7 +210,10 @@ def _maybe_resume(cfg, model, optimizer, device, is_first):
         if cfg.resume and is_first:
             print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
         return 0, 0
-    if cfg.data_parallel == "fsdp" or fsdp.is_fsdp_checkpoint(checkpoint):
+    if cfg.lora_rank:
+        state = train_lora.load_adapter_checkpoint(checkpoint, model, device, train_lora.base_pointer(cfg, model))
+        optimizer.load_state_dict(state["optimizer"])
+    elif cfg.data_parallel == "fsdp" or fsdp.is_fsdp_checkpoint(checkpoint):
         state = fsdp.load_checkpoint(checkpoint, model, optimizer, device)
     else:
         state = load_checkpoint(checkpoint, model, device)
@@ -244,6 +255,10 @@ def train(cfg: TrainConfig) -> dict:
     n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in run.model.named_parameters())
     run.log.print(f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
                   f"{run.device} | data {run.data_dir} ({len(run.batches)} sequences of {cfg.seq_len})")
+    if cfg.lora_rank:
+        trainable = sum(parallel.full_shape(n, p.shape).numel() for n, p in lora.trainable_parameters(run.model).items())
+        run.log.print(f"LoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
+                      f"parameters ({100 * trainable / n_params:.2f}%), base frozen")
     try:
         result = loop(run)
     finally:

@@ -1,0 +1,106 @@
+"""LoRA in the training run: attach and freeze, and checkpoints that hold the adapters only.
+
+    out_dir/step_000030/
+      adapter_config.json        PEFT's files (llama/checkpoint/peft.py): `peft` loads the directory as it is,
+      adapter_model.safetensors  `--lora` merges it here (generate.py, Llama.build, llama.convert)
+      lora.json                  the base: its path and the sha256 of its params (checked on resume/merge)
+      adapter.NN.pth             model-parallel rank NN's adapter shard, fp32: what resume loads
+      train_state.NN.pth         optimizer (adapters only), step, data position, RNG, config
+      params.json, tokenizer.model   the base's shape and tokenizer, as in a full checkpoint
+
+Megabytes, not gigabytes: the base is read again from its own files. The directory is built in a
+temporary sibling and renamed into place, then `latest` is replaced, as llama/train/state.py does for
+full checkpoints (with the same helpers from llama/files.py).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llama import lora, parallel
+from llama.checkpoint import params_json, peft
+from llama.files import atomic_write, fsync_dir, make_temp_dir, remove_temp_dir, replace_dir, write_text
+from llama.tokenizer import save_tokenizer
+from llama.train.state import LATEST, _barrier, _prune, is_training_checkpoint, step_name
+
+
+def base_pointer(cfg, model) -> dict:
+    """What the adapters were trained on: the base's files, or the seed of a from-scratch base."""
+    pointer = {"path": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+               "params_sha256": peft.params_sha256(model.params)}
+    if not cfg.init_from:
+        pointer["init_seed"] = cfg.seed
+    return pointer
+
+
+def attach(cfg, model, device: torch.device) -> None:
+    """Fresh adapters on `cfg.lora_targets`, the base frozen and cast to `base_dtype`."""
+    dtype = lora.base_dtype_for(cfg.base_dtype, device)
+    autocast = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype != torch.float32 and autocast != str(dtype).removeprefix("torch."):
+        raise lora.LoRAError(f"base_dtype={cfg.base_dtype} needs autocast in the same dtype: set dtype="
+                             f"{str(dtype).removeprefix('torch.')} (or base_dtype=float32)")
+    lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+    lora.freeze_base(model, dtype)
+
+
+def save_adapter_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path, keep_last: int,
+                            base: dict) -> Path:
+    """Collective over all ranks (the PEFT file gathers the full adapters over model parallel)."""
+    out, name = Path(out_dir), step_name(step)
+    tmp, final = out / f".{name}.tmp", out / name
+    writer = parallel.data_parallel_rank() == 0
+    first = dist.get_rank() == 0 if dist.is_initialized() else True
+    mp_rank = parallel.model_parallel_rank()
+    if first:
+        if final.exists() and not is_training_checkpoint(final):
+            raise lora.LoRAError(f"{final} exists and is not a checkpoint of this run: move it away "
+                                 f"or choose another out_dir")
+        remove_temp_dir(tmp)  # left by a killed save (it carries the marker; anything else stays)
+        make_temp_dir(final, tmp.name)
+    _barrier()
+    full = peft.export_training_adapter(model)  # every rank takes part in the gathers
+    if writer:
+        local = {k: v.clone() for k, v in lora.adapter_state(model).items()}
+        atomic_write(tmp / f"adapter.{mp_rank:02d}.pth", lambda f: torch.save(local, f))
+        atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
+    if first:
+        cfg = model.lora
+        peft.save_peft(tmp, full, model.params, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"], base)
+        write_text(tmp / "params.json", params_json(model.params))
+        if tokenizer_path and Path(tokenizer_path).exists():
+            save_tokenizer(tokenizer_path, tmp)
+    _barrier()
+    if first:
+        replace_dir(tmp, final)
+        write_text(out / LATEST, name)
+        fsync_dir(out)
+        _prune(out, keep_last)
+    _barrier()
+    return final
+
+
+def load_adapter_checkpoint(path: Path, model, device, base: dict) -> dict:
+    """Load this rank's adapter shard in place (after checking the base); return its training state."""
+    mp_rank, mp = parallel.model_parallel_rank(), parallel.model_parallel_size()
+    shard = path / f"adapter.{mp_rank:02d}.pth"
+    if not shard.is_file():
+        raise lora.LoRAError(f"{path} has no {shard.name}: it is not a LoRA checkpoint saved at "
+                             f"model_parallel_size={mp} (set lora_rank to the run's, or start a new out_dir)")
+    saved = json.loads((path / peft.BASE_POINTER).read_text())
+    if saved.get("params_sha256") != base["params_sha256"]:
+        raise lora.LoRAError(f"{path} holds adapters for the base {saved.get('path')}, which does not match "
+                             f"this run's base {base['path']}: resume with the same init_from")
+    train_state = torch.load(path / f"train_state.{mp_rank:02d}.pth", map_location=device, weights_only=True)
+    if train_state["model_parallel_size"] != mp:
+        raise lora.LoRAError(f"{path} was saved at model_parallel_size={train_state['model_parallel_size']}; "
+                             f"resume with the same size")
+    state = torch.load(shard, map_location=device, weights_only=True)
+    missing = set(lora.adapter_state(model)) ^ set(state)
+    if missing:
+        raise lora.LoRAError(f"{path}: its adapters do not match this run's lora_targets/rank "
+                             f"(e.g. {sorted(missing)[0]}): resume with the run's LoRA settings")
+    model.load_state_dict(state, strict=False)  # the base came from init_from; adapters only here
+    return train_state
