@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 from llama import checkpoint
 from llama.checkpoint import detect_format, default_tokenizer_path, load_model, read_model_args
 from llama.checkpoint.gguf import GGUFFile
-from tests.ckpt_util import TINY, tiny_model, tokens, write_gguf
+from tests.helpers import TINY_ARGS, tiny_model, tokens, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "<|im_start|>user\nHi there!<|im_end|>\n",

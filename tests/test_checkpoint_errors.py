@@ -10,7 +10,7 @@ import torch
 
 from llama import checkpoint
 from llama.checkpoint import CheckpointError, load_model
-from tests.ckpt_util import tiny_model, write_gguf
+from tests.helpers import tiny_model, write_gguf
 
 
 def _pwned(marker):  # what the malicious pickle would call

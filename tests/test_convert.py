@@ -13,8 +13,8 @@ import torch
 from llama import checkpoint, parallel
 from llama.checkpoint import CheckpointError, load_model
 from llama.convert import main as convert_main
-from tests.ckpt_util import tiny_model, tokens, write_gguf
-from tests.dist import run_distributed
+from tests.helpers import tiny_model, tokens, write_gguf
+from tests.helpers import run_distributed
 
 SHARDS = [1, 2, 4]
 

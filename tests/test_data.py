@@ -11,7 +11,7 @@ from llama.train import data
 from llama.train.batches import IGNORE, Batches
 from llama.train.data import DataError, encode_dialog, prepare, read_meta
 from llama.tokenizer import load_tokenizer
-from tests.train_helpers import tiny_corpus
+from tests.helpers import tiny_corpus
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,7 @@ def test_choice_matches_hf_log_softmax(smol, smol_tok, hf_smollm2, hf_smollm2_to
 def tiny_ckpts(tmp_path_factory, smollm2_gguf):
     """Two tiny random Llamas with SmolLM2's vocabulary (Meta layout) and its tokenizer: fast to run."""
     from llama import checkpoint
-    from tests.ckpt_util import tiny_model
+    from tests.helpers import tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     dirs = []
@@ -333,7 +333,7 @@ def mp_worker(ckpt: str, tok: str, mp: int):
 
 @pytest.mark.slow
 def test_model_parallel_equals_one_process(tiny_ckpts):
-    from tests.dist import run_distributed
+    from tests.helpers import run_distributed
 
     (ckpt, _), tok = tiny_ckpts
     nll, tokens, logprobs = mp_worker(ckpt, tok, 1)
@@ -351,7 +351,7 @@ def test_training_logs_eval_data_perplexity(tmp_path):
     from llama.generation import Llama
     from llama.train.config import ConfigError
     from llama.train.setup import train
-    from tests.train_helpers import read_metrics, tiny_config, tiny_corpus
+    from tests.helpers import read_metrics, tiny_config, tiny_corpus
 
     data_dir, _ = tiny_corpus(tmp_path / "corpus")
     text = tmp_path / "eval.txt"

@@ -18,7 +18,7 @@ import torch
 
 from llama import checkpoint, files
 from llama.files import OutputExistsError, atomic_dir, atomic_write, check_output_dir
-from tests.ckpt_util import tiny_model
+from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

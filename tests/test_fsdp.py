@@ -17,8 +17,8 @@ from llama import parallel
 from llama.train import fsdp
 from llama.model import ModelArgs
 from llama.train.config import DEFAULT_MODEL, ConfigError, check_layout, load_config
-from tests.dist import free_port, run_distributed
-from tests.train_helpers import ROOT, TINY, cli, read_metrics, tiny_config, tiny_corpus
+from tests.helpers import free_port, run_distributed
+from tests.helpers import ROOT, TINY_TRAIN, cli, read_metrics, tiny_config, tiny_corpus
 
 # Five steps of 8 sequences in micro-batches of 2 (accumulation on every layout), clipping active.
 COMMON = ["max_steps=5", "micro_batch_size=2", "save_every=5", "grad_clip=0.5"]
@@ -195,7 +195,7 @@ def test_two_node_fsdp_run_killed_with_sigkill_resumes_to_the_same_losses(corpus
     complete checkpoint continues the uninterrupted curve."""
     data_dir, _ = corpus
     out = tmp_path / "killed"
-    base = TINY + [f"data={data_dir}", "decay_steps=40", "save_every=3", "micro_batch_size=2"]
+    base = TINY_TRAIN + [f"data={data_dir}", "decay_steps=40", "save_every=3", "micro_batch_size=2"]
     args = base + [f"out_dir={out}", "max_steps=100000", "data_parallel=fsdp"]
     port = free_port()
     with open(tmp_path / "node0.log", "w") as log0, open(tmp_path / "node1.log", "w") as log1:

@@ -5,8 +5,8 @@ at least 2 GPUs; with 4 or more it runs MP=2 x FSDP=2, with 2 or 3 MP=1 x FSDP=2
 import pytest
 import torch
 
-from tests.dist import run_distributed
-from tests.train_helpers import tiny_corpus, train_worker
+from tests.helpers import run_distributed
+from tests.helpers import tiny_corpus, train_worker
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama.generate_cli import build_parser, chat, main
-from tests.dist import run_distributed
+from tests.helpers import run_distributed
 from tests.test_generation import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

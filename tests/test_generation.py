@@ -16,7 +16,7 @@ from llama.checkpoint import save_meta
 from llama.generation import Llama, cache_slot, mark_cache_dynamic
 from llama.model import ModelArgs, Transformer
 from llama.sampling import restrict, sample
-from tests.dist import run_distributed
+from tests.helpers import run_distributed
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a little robot"]
 N_NEW = 64
@@ -459,7 +459,7 @@ def test_compiled_model_parallel_step_matches_eager(tmp_path, template_gemm, mp)
     """Compiled decoding under model parallelism (frozen, pre-blocked weights; gathered logits):
     each rank's compiled step equals the eager step, teacher-forced, and a single eager process.
     The C++ GEMM template is forced (untimed): pre-blocking a frozen weight is what read rank 0's rows."""
-    from tests.ckpt_util import tiny_model
+    from tests.helpers import tiny_model
 
     model, args = tiny_model(vocab_size=256)  # n_kv_heads=2: at mp=4 each K/V head is duplicated
     save_meta(model.state_dict(), args, tmp_path)

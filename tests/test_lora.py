@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from llama import lora, parallel
 from llama.model import ModelArgs, Transformer
-from tests.dist import run_distributed
-from tests.train_helpers import ROOT, TINY, cli, tiny_config, tiny_corpus
+from tests.helpers import run_distributed
+from tests.helpers import ROOT, TINY_TRAIN, cli, tiny_config, tiny_corpus
 
 ARGS = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64,
             rope_theta=10000.0)
@@ -183,7 +183,7 @@ def test_lora_run_saves_adapters_only_and_resumes_exactly(corpus, tmp_path):
 @pytest.mark.slow
 def test_lora_with_activation_checkpointing_and_mp2_dp2_matches_one_process(corpus, tmp_path):
     """4 gloo ranks, MP 2 x DP 2, recomputed blocks, chunked loss head: the same losses as one plain process."""
-    from tests.train_helpers import train_worker
+    from tests.helpers import train_worker
 
     data_dir, _ = corpus
     single = train(data_dir, tmp_path / "one", "max_steps=3")
@@ -205,7 +205,7 @@ def test_sigkill_mid_lora_run_resumes_to_the_uninterrupted_losses(corpus, tmp_pa
 
     data_dir, _ = corpus
     out = tmp_path / "killed"
-    args = TINY + [f"data={data_dir}", "decay_steps=40", "save_every=3", "lora_rank=4", "lora_alpha=8.0", "lr=1e-2"]
+    args = TINY_TRAIN + [f"data={data_dir}", "decay_steps=40", "save_every=3", "lora_rank=4", "lora_alpha=8.0", "lr=1e-2"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}", "max_steps=100000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -237,7 +237,7 @@ def test_sigkill_mid_lora_run_resumes_to_the_uninterrupted_losses(corpus, tmp_pa
 def test_bad_lora_settings_are_one_line_exit_1(corpus, tmp_path, override, words):
     data_dir, _ = corpus
     out = tmp_path / "out"
-    proc = cli(*TINY, f"data={data_dir}", f"out_dir={out}", "lora_rank=4", override, timeout=120)
+    proc = cli(*TINY_TRAIN, f"data={data_dir}", f"out_dir={out}", "lora_rank=4", override, timeout=120)
     assert proc.returncode == 1, proc.stderr[-1500:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

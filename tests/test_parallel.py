@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from llama import parallel
 from llama.model import ModelArgs, Transformer
-from tests.dist import run_distributed
+from tests.helpers import run_distributed
 
 ARGS = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64,
             rope_theta=10000.0)

@@ -13,9 +13,9 @@ from llama.checkpoint import peft as peft_io
 from llama.checkpoint.convert import main as convert_main
 from llama.model import ModelArgs, Transformer
 from llama.train.config import load_config
-from tests.dist import run_distributed
+from tests.helpers import run_distributed
 from tests.test_lora import ARGS, randomize_b, tiny_model, tokens
-from tests.train_helpers import TINY, tiny_corpus
+from tests.helpers import TINY_TRAIN, tiny_corpus
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -129,7 +129,7 @@ def test_lora_checkpoint_loads_in_build_and_generate(tmp_path):
     base = tmp_path / "base"
     checkpoint.save_meta(base_model.state_dict(), base_model.params, base)
     shutil.copy(tok, base / "tokenizer.model")
-    cfg = load_config(None, [k for k in TINY if not k.startswith("model.")] + [
+    cfg = load_config(None, [k for k in TINY_TRAIN if not k.startswith("model.")] + [
         f"data={data_dir}", f"out_dir={tmp_path / 'run'}", f"init_from={base}", "lora_rank=4", "lr=1e-2", "max_steps=2"])
     train(cfg)
     ckpt = tmp_path / "run/step_000002"

@@ -8,7 +8,7 @@ import pytest
 from llama import plan
 from llama.model import ModelArgs
 from llama.train.config import DEFAULT_MODEL, ConfigError, check_layout, load_config
-from tests.train_helpers import ROOT
+from tests.helpers import ROOT
 
 SCALE = ROOT / "configs/train/scale"
 GiB = 1024**3

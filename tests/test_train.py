@@ -13,7 +13,7 @@ from llama.model import ModelArgs, Transformer
 from llama.train.config import DEFAULT_MODEL, ConfigError, TrainConfig, check_layout, load_config
 from llama.train.metrics import flops_per_token, matmul_params
 from llama.train.loop import TrainingError, global_grad_norm, lr_at, make_optimizer
-from tests.train_helpers import ROOT, TINY, cli, read_metrics, tiny_config, tiny_corpus
+from tests.helpers import ROOT, TINY_TRAIN, cli, read_metrics, tiny_config, tiny_corpus
 
 
 @pytest.fixture(scope="session")
@@ -190,7 +190,7 @@ def test_sft_from_a_checkpoint(corpus, tmp_path):
                           {"role": "assistant", "content": " ".join(str(i) for i in range(1, n + 1))}]}
             for n in range(1, 13)]
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    keep = [o for o in TINY if not o.startswith("model.")]
+    keep = [o for o in TINY_TRAIN if not o.startswith("model.")]
     cfg = load_config(None, keep + [f"init_from={base}", f"data={chats}", "sft=true", "max_steps=12",
                                     f"out_dir={tmp_path / 'sft'}", f"data_cache={tmp_path / 'cache'}", "lr=1e-2"])
     result = run(cfg)
@@ -260,7 +260,7 @@ def _torchrun(nproc: int, *args, timeout=300):
 
 
 def _free_port():
-    from tests.dist import free_port
+    from tests.helpers import free_port
 
     return free_port()
 
@@ -270,15 +270,15 @@ def test_parallel_layouts_match_one_process(corpus, tmp_path):
     """Global batch fixed (8 sequences, micro-batches of 2: accumulation everywhere): MP=2 x DP=1
     (through the real torchrun entry point), MP=1 x DP=2 and MP=2 x DP=2 reproduce one process's
     losses and gradient norms (clipping is active: grad_clip=0.5) within 1e-4."""
-    from tests.dist import run_distributed
-    from tests.train_helpers import TINY, train_worker
+    from tests.helpers import run_distributed
+    from tests.helpers import TINY_TRAIN, train_worker
 
     data_dir, _ = corpus
     common = ["max_steps=4", "micro_batch_size=2", "save_every=4"]
     single = train(data_dir, tmp_path / "single", *common)
     reference = read_metrics(tmp_path / "single")
     out = tmp_path / "mp2dp1"
-    done = _torchrun(2, *TINY, f"data={data_dir}", f"out_dir={out}", *common, "model_parallel_size=2")
+    done = _torchrun(2, *TINY_TRAIN, f"data={data_dir}", f"out_dir={out}", *common, "model_parallel_size=2")
     assert done.returncode == 0, done.stderr[-3000:]
     curves = {"mp2dp1": read_metrics(out)}
     for world, mp in [(2, 1), (4, 2)]:
@@ -311,11 +311,11 @@ def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(corpus, tmp_
     import sys
     import time
 
-    from tests.train_helpers import TINY
+    from tests.helpers import TINY_TRAIN
 
     data_dir, _ = corpus
     out = tmp_path / "killed"
-    base = TINY + [f"data={data_dir}", "decay_steps=40", "save_every=4"]  # schedule independent of max_steps
+    base = TINY_TRAIN + [f"data={data_dir}", "decay_steps=40", "save_every=4"]  # schedule independent of max_steps
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, f"out_dir={out}", "max_steps=100000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -352,11 +352,11 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(corpus, tmp_path):
     import subprocess
     import sys
 
-    from tests.train_helpers import TINY
+    from tests.helpers import TINY_TRAIN
 
     data_dir, _ = corpus
     out = tmp_path / "run"
-    args = TINY + [f"data={data_dir}", f"out_dir={out}", "max_steps=6", "save_every=3"]
+    args = TINY_TRAIN + [f"data={data_dir}", f"out_dir={out}", "max_steps=6", "save_every=3"]
     done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(ROOT / "train.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]
@@ -382,7 +382,7 @@ def _tiny_gguf_with_smollm2_tokenizer(path, smollm2_gguf):
     import gguf
 
     from llama.checkpoint.gguf import GGUFFile
-    from tests.ckpt_util import gguf_name
+    from tests.helpers import gguf_name
 
     meta = GGUFFile(smollm2_gguf).metadata
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=49152, hidden_dim=64,
@@ -440,7 +440,7 @@ def test_fine_tune_keeps_the_tokenizer_and_chat_format(kind, fine_tune_sources, 
     source = fine_tune_sources[kind]
     text = tmp_path / "text.txt"
     text.write_text("Some words to fine-tune on, repeated. " * 40)
-    keep = [o for o in TINY if not o.startswith("model.") and not o.startswith(("seq_len", "batch_size", "micro"))]
+    keep = [o for o in TINY_TRAIN if not o.startswith("model.") and not o.startswith(("seq_len", "batch_size", "micro"))]
     cfg = load_config(None, keep + [f"init_from={source}", f"data={text}", "max_steps=1", "seq_len=16",
                                     "batch_size=2", "micro_batch_size=2", f"out_dir={tmp_path / 'out'}",
                                     f"data_cache={tmp_path / 'cache'}"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import parallel
-from tests.dist import run_distributed
+from tests.helpers import run_distributed
 
 IGNORE = -100
 

@@ -1,0 +1,167 @@
+"""Shared by the tests: tiny models and checkpoints, multi-process launchers, tiny training runs."""
+
+from pathlib import Path
+import json
+import os
+import socket
+import sys
+import tempfile
+
+from gguf import GGMLQuantizationType as Q
+import gguf
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from llama.model import ModelArgs, Transformer
+from llama.train.config import load_config
+from llama.train.data import bpe_dataset, stdlib_files
+
+# ---------------------------------------------------------------- tiny models and checkpoints
+
+# n_kv_heads=2 < 4 ranks: model parallel 4 duplicates K/V heads. vocab and FFN divisible by 4.
+TINY_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96, rope_theta=10000.0,
+                 max_seq_len=64)
+
+
+def tiny_model(seed: int = 1, **overrides):
+    args = ModelArgs(**{**TINY_ARGS, **overrides})
+    model = Transformer(args)
+    model.init_weights(seed)
+    # norms at 1.0 would hide a norm loaded into the wrong place: make them distinct
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+    return model.eval(), args
+
+
+def tokens(batch: int = 2, length: int = 20, vocab: int = 128, seed: int = 0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+_GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+               "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+               "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def gguf_name(meta: str) -> str:
+    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+           "output.weight": "output.weight"}
+    if meta in top:
+        return top[meta]
+    _, i, rest = meta.split(".", 2)
+    return f"blk.{i}.{_GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
+
+
+def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llama"):
+    """A llama.cpp-style GGUF of a Meta-key state dict; matrices stored as `qtype`, norms as F32."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(args.n_layers)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_vocab_size(args.vocab_size)
+    w.add_token_list([f"tok{i}" for i in range(args.vocab_size)])
+    w.add_token_types(np.ones(args.vocab_size, dtype=np.int32).tolist())
+    for name, t in state_dict.items():
+        if name == "output.weight" and args.tie_word_embeddings:
+            continue
+        arr = t.detach().float().numpy()
+        if arr.ndim == 2 and qtype != Q.F32:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out_dir, fn, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)  # N processes share 2 cores; oversubscription makes gloo crawl
+    try:
+        result = fn(*args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_distributed(fn, world_size: int, *args):
+    """fn(*args) on `world_size` spawned processes; returns [result of rank 0, rank 1, ...]."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+# ---------------------------------------------------------------- tiny training runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A real corpus in miniature: 12 stdlib modules, a 640-token BPE trained on them.
+CORPUS_FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "functools.py", "glob.py",
+                "heapq.py", "keyword.py", "shlex.py", "string.py", "textwrap.py"]
+
+TINY_TRAIN = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=32",
+        "seq_len=32", "batch_size=8", "micro_batch_size=4", "warmup_steps=2", "lr=3e-3", "min_lr=3e-4",
+        "log_every=1", "eval_every=0", "save_every=0", "grad_clip=0.5"]
+
+
+def tiny_corpus(root: Path):
+    """(prepared data dir, tokenizer) for the miniature corpus, built once under root."""
+    files = {f.name: f for f in stdlib_files()}
+    src = root / "src"
+    if not src.is_dir():
+        src.mkdir(parents=True)
+        for name in CORPUS_FILES:
+            (src / name).write_text(files[name].read_text())
+    return bpe_dataset([str(src)], root / "cache", 640, 0.1)
+
+
+def tiny_config(data_dir, out_dir, *extra):
+    return load_config(None, TINY_TRAIN + [f"data={data_dir}", f"out_dir={out_dir}", *extra])
+
+
+def train_worker(data_dir, out_dir, overrides):
+    """One rank of a training run: returns (losses, grad norms from metrics.jsonl on rank 0)."""
+    from llama.train.setup import train
+
+    result = train(tiny_config(data_dir, out_dir, *overrides))
+    return result
+
+
+def read_metrics(out_dir):
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def cli(*args, env=None, timeout=300):
+    """Run train.py in a fresh interpreter; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def state_dicts_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
