@@ -13,6 +13,7 @@ temporary sibling and renamed into place, then `latest` is replaced, as llama/tr
 full checkpoints (with the same helpers from llama/files.py).
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,10 +21,9 @@ import torch
 import torch.distributed as dist
 
 from llama import lora, parallel
-from llama.checkpoint import params_json, peft
-from llama.files import atomic_write, fsync_dir, make_temp_dir, remove_temp_dir, replace_dir, write_text
-from llama.tokenizer import save_tokenizer
-from llama.train.state import LATEST, _barrier, _prune, is_training_checkpoint, step_name
+from llama.checkpoint import peft
+from llama.files import atomic_write
+from llama.train.state import save_checkpoint
 
 
 def base_pointer(cfg, model) -> dict:
@@ -48,38 +48,22 @@ def attach(cfg, model, device: torch.device) -> None:
 
 def save_adapter_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path, keep_last: int,
                             base: dict) -> Path:
-    """Collective over all ranks (the PEFT file gathers the full adapters over model parallel)."""
-    out, name = Path(out_dir), step_name(step)
-    tmp, final = out / f".{name}.tmp", out / name
-    writer = parallel.data_parallel_rank() == 0
-    first = dist.get_rank() == 0 if dist.is_initialized() else True
-    mp_rank = parallel.model_parallel_rank()
-    if first:
-        if final.exists() and not is_training_checkpoint(final):
-            raise lora.LoRAError(f"{final} exists and is not a checkpoint of this run: move it away "
-                                 f"or choose another out_dir")
-        remove_temp_dir(tmp)  # left by a killed save (it carries the marker; anything else stays)
-        make_temp_dir(final, tmp.name)
-    _barrier()
+    """Collective over all ranks: train/state.py's atomic save, with the adapters (and the PEFT pair,
+    whose export gathers the full adapters over model parallel) in place of the weights."""
+    return save_checkpoint(out_dir, step, model, train_state, tokenizer_path, keep_last,
+                           write_shards=functools.partial(write_adapter_shards, base=base))
+
+
+def write_adapter_shards(tmp: Path, model, train_state: dict, base: dict) -> None:
     full = peft.export_training_adapter(model)  # every rank takes part in the gathers
-    if writer:
+    if parallel.data_parallel_rank() == 0:
+        mp_rank = parallel.model_parallel_rank()
         local = {k: v.clone() for k, v in lora.adapter_state(model).items()}
         atomic_write(tmp / f"adapter.{mp_rank:02d}.pth", lambda f: torch.save(local, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
-    if first:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         cfg = model.lora
         peft.save_peft(tmp, full, model.params, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"], base)
-        write_text(tmp / "params.json", params_json(model.params))
-        if tokenizer_path and Path(tokenizer_path).exists():
-            save_tokenizer(tokenizer_path, tmp)
-    _barrier()
-    if first:
-        replace_dir(tmp, final)
-        write_text(out / LATEST, name)
-        fsync_dir(out)
-        _prune(out, keep_last)
-    _barrier()
-    return final
 
 
 def load_adapter_checkpoint(path: Path, model, device, base: dict) -> dict:
