@@ -309,8 +309,8 @@ def test_lm_eval_unknown_model_arg_is_one_line(tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'llama-ref[eval]'")
     from llama.eval.lm_eval_adapter import LlamaRefLM
 
-    with pytest.raises(EvalError, match="unknown llama-ref model arg.*lora.*not supported"):
-        LlamaRefLM.create_from_arg_string("ckpt_dir=x,lora=adapter/")
+    with pytest.raises(EvalError, match="unknown llama-ref model arg.*adapters.*use ckpt_dir, lora"):
+        LlamaRefLM.create_from_arg_string("ckpt_dir=x,adapters=adapter/")
     code, out, err = run_cli(["harness", "--model", "llama-ref", "--model_args", "colour=blue", "--tasks",
                               "ref_choice", "--include_path", write_tasks(tmp_path, ["a", "b"])], capsys)
     # lm-eval logs its own INFO lines first; ours is the last line, with no traceback

@@ -145,6 +145,22 @@ def test_lora_checkpoint_loads_in_build_and_generate(tmp_path):
 
     assert generate_main(["--ckpt-dir", str(base), "--lora", str(ckpt), "--prompt", "def", "--max-gen-len", "4",
                           "--temperature", "0", "--max-seq-len", "64"]) == 0
+    # python -m llama.eval perplexity --lora scores the merged model (and not the base)
+    from llama.eval.cli import main as eval_main
+    from llama.eval.perplexity import perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 4)
+    flags = ["perplexity", "--ckpt-dir", str(base), "--data", str(text), "--max-length", "32", "--stride", "16",
+             "--max-seq-len", "64"]
+    assert eval_main(flags + ["--lora", str(ckpt), "--json", str(tmp_path / "lora.json")]) == 0
+    assert eval_main(flags + ["--json", str(tmp_path / "base.json")]) == 0
+    tokenizer = Llama.build(str(base), max_seq_len=64).tokenizer
+    with torch.no_grad():
+        merged = perplexity(unmerged, tokenizer, text.read_text(), 32, 16).perplexity
+    ours = json.loads((tmp_path / "lora.json").read_text())["perplexity"]
+    assert ours == pytest.approx(merged, rel=1e-4)
+    assert json.loads((tmp_path / "base.json").read_text())["perplexity"] != pytest.approx(ours, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------- bad adapters

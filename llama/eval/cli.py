@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("perplexity", help="strided-window perplexity of a text")
     ppl.add_argument("--ckpt-dir", help="Meta dir, HF dir, .gguf or training out_dir (default: SmolLM2-135M)")
+    ppl.add_argument("--lora", help="a LoRA adapter (PEFT dir or LoRA run) merged into --ckpt-dir, as generate.py --lora")
     ppl.add_argument("--data", default="kjv-genesis", help="a text file, or kjv-genesis (default), "
                      "kjv-genesis-full, humaneval")
     _window_flags(ppl)
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", help="also write the result to this JSON file")
     ch = sub.add_parser("choice", help="multiple choice by loglikelihood on a jsonl")
     ch.add_argument("--ckpt-dir", help="as for perplexity")
+    ch.add_argument("--lora", help="as for perplexity")
     ch.add_argument("--data", default="mmlu-smoke", help='jsonl of {"context", "choices", "label"}, or mmlu-smoke')
     ch.add_argument("--out", help="write per-item scores (jsonl) here")
     ch.add_argument("--separator", default=" ", help="between context and choice (default: a space)")

@@ -14,14 +14,15 @@ from llama.dtypes import parse_dtype
 
 
 
-def load(ckpt_dir: Optional[str], args, max_seq_len: int):
-    """A Llama (model + tokenizer) for ckpt_dir; SmolLM2-135M-Instruct when none is given."""
+def load(ckpt_dir: Optional[str], args, max_seq_len: int, lora: Optional[str] = None):
+    """A Llama (model + tokenizer) for ckpt_dir, with a LoRA adapter merged in; SmolLM2-135M-Instruct
+    when none is given. A LoRA run's out_dir as ckpt_dir finds its own base."""
     from llama import assets
     from llama.generation import Llama
 
     dtype = parse_dtype(args.dtype, "--dtype")
     return Llama.build(ckpt_dir or str(assets.smollm2_gguf()), args.tokenizer_path, max_seq_len=max_seq_len,
-                       max_batch_size=1, dtype=dtype, device=args.device)
+                       max_batch_size=1, dtype=dtype, device=args.device, lora=lora)
 
 
 def say(text: str = "") -> None:
@@ -57,7 +58,7 @@ def perplexity_command(args) -> dict:
     source = args.data
     if source not in data.PAIR_SETS:
         data.read_text(source)  # a missing or empty file fails before the weights load
-    llama = load(args.ckpt_dir, args, args.max_seq_len)
+    llama = load(args.ckpt_dir, args, args.max_seq_len, args.lora)
     result = score_text(llama, source, args)
     print_perplexity(result)
     if args.json:
@@ -67,7 +68,7 @@ def perplexity_command(args) -> dict:
 
 def choice_command(args) -> dict:
     items = choice_items(args.data)
-    llama = load(args.ckpt_dir, args, args.max_seq_len or 2048)
+    llama = load(args.ckpt_dir, args, args.max_seq_len or 2048, args.lora)
     result = score_items(llama.model, llama.tokenizer, items, args.batch_size, args.separator)
     say(f"data      {args.data} ({result['items']} items)")
     say(f"acc       {result['acc']:.4f}")

@@ -25,20 +25,20 @@ from llama.dtypes import CHOICES, DTYPES, parse_dtype
 from llama.eval.perplexity import prefix_token
 from llama.eval.scoring import greedy_completions, score_requests
 
-MODEL_ARGS = ("ckpt_dir", "tokenizer_path", "max_seq_len", "dtype", "device", "batch_size", "max_gen_toks")
+MODEL_ARGS = ("ckpt_dir", "lora", "tokenizer_path", "max_seq_len", "dtype", "device", "batch_size", "max_gen_toks")
 
 
 @register_model("llama-ref")
 class LlamaRefLM(TemplateLM):
-    def __init__(self, ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
+    def __init__(self, ckpt_dir: Optional[str] = None, lora: Optional[str] = None, tokenizer_path: Optional[str] = None,
+                 max_seq_len: int = 2048,
                  dtype: Optional[str] = None, device: Optional[str] = None, batch_size=8, max_gen_toks: int = 256,
                  llama=None, max_batch_size=None, **unknown):
         """lm-eval passes --model_args as keywords (plus batch_size, max_batch_size, device); `llama`
         is an already built Llama, for use from Python."""
         super().__init__()
         if unknown:
-            hint = " (LoRA adapters are not supported yet)" if "lora" in unknown else ""
-            raise EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(unknown))}{hint}: "
+            raise EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(unknown))}: "
                             f"use {', '.join(MODEL_ARGS)}")
         if dtype is not None and dtype not in DTYPES:
             raise EvalError(f"dtype={dtype}: choose {CHOICES}")
@@ -47,7 +47,7 @@ class LlamaRefLM(TemplateLM):
             from llama.generation import Llama
 
             llama = Llama.build(ckpt_dir or str(assets.smollm2_gguf()), tokenizer_path, max_seq_len=int(max_seq_len),
-                                max_batch_size=1, dtype=parse_dtype(dtype), device=device)
+                                max_batch_size=1, dtype=parse_dtype(dtype), device=device, lora=lora)
         self.llama, self.tokenizer = llama, llama.tokenizer
         # lm-eval's "auto" / "auto:N" (find the largest batch that fits) is not implemented: 8
         self.batch_size = 8 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
