@@ -82,8 +82,8 @@ class TrainConfig:
     # LoRA (llama/lora.py, docs/lora.md): train low-rank adapters on a frozen base instead of every weight
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
-    lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training only)
+    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # projections that get adapters
     base_dtype: str = "auto"  # the frozen base's dtype under LoRA: auto = bfloat16 on CUDA, float32 on CPU
     # model shape (from scratch): model_config (a params.json file) or else DEFAULT_MODEL, with the
     # [model] keys on top
