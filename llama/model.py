@@ -219,8 +219,10 @@ class Transformer(nn.Module):
         self.output = parallel.column_parallel_linear(params.dim, params.vocab_size, gather_output=True)
         if params.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight  # same (vocab, dim) shard on every rank
-        # Derived, not learned: not in checkpoints (a loader that builds on the meta device recomputes it)
-        self.register_buffer("freqs_cis", precompute_freqs_cis(params), persistent=False)
+        # Derived, not learned: not in checkpoints. Computed for real even when the model is built on the
+        # `meta` device (before its weights are loaded with assign=True), which has no other way to fill it.
+        meta = torch.get_default_device().type == "meta"
+        self.register_buffer("freqs_cis", precompute_freqs_cis(params, "cpu" if meta else None), persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, cache: Optional[List[KVCache]] = None,
                 last_only: bool = False, hidden: bool = False) -> torch.Tensor:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llama import parallel
+from llama.errors import UserError
 from llama.train import fsdp
 from llama.model import ModelArgs
 from llama.train.config import DEFAULT_MODEL, ConfigError, check_layout, load_config
@@ -139,9 +140,15 @@ def test_fsdp_layouts_match_one_process(corpus, tmp_path):
         assert rank["ddp_bytes"]["grads"] == rank["ddp_bytes"]["params"] > 0
         assert fsdp_bytes <= 0.55 * ddp_bytes, (rank["fsdp_bytes"], rank["ddp_bytes"])
     # Resuming the MP=2 FSDP checkpoint at MP=1: one line saying to convert it first, nothing written.
+    # (resume reuses the run's saved keys, so MP=1 has to be asked for; unasked, the run's MP=2 needs
+    # 2 processes, also one line)
     before = sorted(p.name for p in (tmp_path / "zero3").iterdir())
-    with pytest.raises(fsdp.FSDPError, match=r"saved at model_parallel_size=2, this run has 1: .*llama.convert "
-                                             r".* --to meta --shards 1\) and start a new run with init_from"):
+    with pytest.raises(UserError, match=r"model_parallel_size=1 differs from model_parallel_size=2.*convert it "
+                                        r"first \(python -m llama.convert .* --to meta --shards 1\) and start a new "
+                                        r"run with init_from"):
+        train(data_dir, tmp_path / "zero3", *COMMON, "max_steps=6", "data_parallel=fsdp", "resume=true",
+              "model_parallel_size=1")
+    with pytest.raises(UserError, match=r"model_parallel_size=2 needs 2 processes"):
         train(data_dir, tmp_path / "zero3", *COMMON, "max_steps=6", "data_parallel=fsdp", "resume=true")
     assert sorted(p.name for p in (tmp_path / "zero3").iterdir()) == before
 

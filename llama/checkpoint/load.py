@@ -26,7 +26,7 @@ import torch
 from llama import parallel
 from llama.api_checks import check_context_fits, check_sizes
 from llama.dtypes import parse_dtype
-from llama.model import ModelArgs, Transformer, precompute_freqs_cis
+from llama.model import ModelArgs, Transformer
 from llama.tokenizer.errors import TokenizerError
 from llama.tokenizer.paths import tokenizer_file
 from llama.checkpoint.common import CheckpointError
@@ -149,7 +149,6 @@ def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=No
     model.load_state_dict(state, strict=True, assign=True)
     if args.tie_word_embeddings:  # assign=True made two Parameters of one tensor; make them one again
         model.output.weight = model.tok_embeddings.weight
-    model.freqs_cis = precompute_freqs_cis(args)  # the derived RoPE table: built for real, not on meta
     return model.to(device) if device is not None else model
 
 
