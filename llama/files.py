@@ -155,10 +155,50 @@ def atomic_dir(final, overwrite: bool = False, inputs: Iterable = (), flag: str 
     check_output_dir); on any exception, Ctrl-C included, it is removed and `final` is untouched."""
     check_output_dir(final, overwrite, inputs, flag)
     tmp = Path(final).with_name(f".{Path(final).name}.tmp{os.getpid()}")
+    with _interrupts_noted() as interrupted:
+        try:
+            make_temp_dir(final, tmp.name)  # inside the try: Ctrl-C may land while it is being made
+            yield tmp
+            if interrupted():  # a Ctrl-C whose KeyboardInterrupt Python swallowed (see below)
+                raise KeyboardInterrupt
+            replace_dir(tmp, final)
+        except BaseException:
+            remove_temp_dir(tmp)
+            raise
+
+
+@contextmanager
+def _interrupts_noted():
+    """Note every SIGINT while the block runs. Python raises KeyboardInterrupt wherever the main thread
+    happens to be, and one raised inside a weakref callback or __del__ (import machinery has such
+    callbacks) is printed as "Exception ignored" and lost: the program would go on and commit an
+    output the user asked to abandon. The note lets atomic_dir refuse to commit after such a loss."""
+    import signal
+    import sys
+    import threading
+
+    noted = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        yield lambda: False  # signals only reach the main thread; an ignored SIGINT stays ignored
+        return
+    previous_hook = sys.unraisablehook
+
+    def note(signum, frame):
+        noted.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    def quiet(unraisable):  # the lost KeyboardInterrupt is noted: no "Exception ignored" traceback
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    signal.signal(signal.SIGINT, note)
+    sys.unraisablehook = quiet
     try:
-        make_temp_dir(final, tmp.name)  # inside the try: Ctrl-C may land while it is being made
-        yield tmp
-        replace_dir(tmp, final)
-    except BaseException:
-        remove_temp_dir(tmp)
-        raise
+        yield lambda: bool(noted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook

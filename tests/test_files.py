@@ -253,3 +253,26 @@ def test_convert_ctrl_c_leaves_the_previous_output(two_checkpoints, smollm2_gguf
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert tree(ws) == before and temporaries(ws) == []
+
+
+def test_a_lost_keyboard_interrupt_still_stops_the_commit(tmp_path, capsys):
+    """Python loses a KeyboardInterrupt raised inside a weakref callback (import machinery has them):
+    it prints "Exception ignored" and runs on. atomic_dir notes the SIGINT and refuses to commit, so
+    the output is not replaced after the user pressed Ctrl-C, and nothing is printed for the loss."""
+    import signal
+    import weakref
+
+    class Thing:
+        pass
+
+    final = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_dir(final) as tmp:
+            (tmp / "half").write_text("x")
+            thing = Thing()
+            ref = weakref.ref(thing, lambda r: os.kill(os.getpid(), signal.SIGINT) or sum(range(100_000)))
+            del thing  # the SIGINT's KeyboardInterrupt is raised, and lost, inside the callback
+            assert ref() is None
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
