@@ -143,7 +143,7 @@ def tiny_config(data_dir, out_dir, *extra):
 
 def train_worker(data_dir, out_dir, overrides):
     """One rank of a training run: returns (losses, grad norms from metrics.jsonl on rank 0)."""
-    from llama.train.setup import train
+    from train import train
 
     result = train(tiny_config(data_dir, out_dir, *overrides))
     return result

@@ -32,7 +32,7 @@ def corpus(tmp_path_factory):
 
 
 def train(data_dir, out_dir, *overrides):
-    from llama.train.setup import train as run
+    from train import train as run
 
     return run(tiny_config(data_dir, out_dir, *overrides))
 
@@ -84,17 +84,17 @@ def layouts_worker(data_dir, root):
 
 def measure_state(data_dir, out_dir, *overrides):
     """Parameters + gradients + AdamW states on this rank after one step (tensor bytes)."""
-    from llama.train.setup import setup
+    from train import setup
     from llama.train.loop import loss_sum, train_step
 
     run = setup(tiny_config(data_dir, out_dir, *overrides))
     dp, rank = parallel.data_parallel_size(), parallel.data_parallel_rank()
-    micro = run.batches.train_micro_batches(0, run.cfg.batch_size, run.cfg.micro_batch_size, rank, dp)
+    micro = run.data.batches.train_micro_batches(0, run.cfg.batch_size, run.cfg.micro_batch_size, rank, dp)
     train_step(run, micro, 0)  # AdamW's moments exist from here on
     x, y = micro[0]
-    loss_sum(run.forward, x, y).backward()  # and gradients
+    loss_sum(run.net.forward, x, y).backward()  # and gradients
     run.log.close()
-    return fsdp.state_bytes(run.model, run.optimizer)
+    return fsdp.state_bytes(run.net.model, run.optimizer)
 
 
 def fsdp_worker(data_dir, out_dir, overrides):

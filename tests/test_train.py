@@ -22,7 +22,7 @@ def corpus(tmp_path_factory):
 
 
 def train(data_dir, out_dir, *overrides):
-    from llama.train.setup import train as run
+    from train import train as run
 
     return run(tiny_config(data_dir, out_dir, *overrides))
 
@@ -181,7 +181,7 @@ def _val_batches(data_dir):
 
 def test_sft_from_a_checkpoint(corpus, tmp_path):
     """init_from one of our checkpoints (tokenizer found next to it), chat jsonl, assistant-only loss."""
-    from llama.train.setup import train as run
+    from train import train as run
 
     data_dir, _ = corpus
     base = train(data_dir, tmp_path / "base", "max_steps=1")["checkpoint"]
@@ -435,7 +435,7 @@ def test_fine_tune_keeps_the_tokenizer_and_chat_format(kind, fine_tune_sources, 
     the same chat-encoded ids of a dialog, the same stop tokens; SmolLM2 keeps its default system prompt."""
     from llama.checkpoint import default_tokenizer_path
     from llama.tokenizer import load_tokenizer
-    from llama.train.setup import train as run
+    from train import train as run
 
     source = fine_tune_sources[kind]
     text = tmp_path / "text.txt"
