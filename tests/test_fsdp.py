@@ -19,22 +19,11 @@ from llama.train import fsdp
 from llama.model import ModelArgs
 from llama.train.config import DEFAULT_MODEL, ConfigError, check_layout, load_config
 from tests.helpers import free_port, run_distributed
-from tests.helpers import ROOT, TINY_TRAIN, cli, read_metrics, tiny_config, tiny_corpus
+from tests.helpers import ROOT, TINY_TRAIN, cli, read_metrics, tiny_config, tiny_train as train
 
 # Five steps of 8 sequences in micro-batches of 2 (accumulation on every layout), clipping active.
 COMMON = ["max_steps=5", "micro_batch_size=2", "save_every=5", "grad_clip=0.5"]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def train(data_dir, out_dir, *overrides):
-    from train import train as run
-
-    return run(tiny_config(data_dir, out_dir, *overrides))
 
 
 # ---------------------------------------------------------------------------- config (fast)

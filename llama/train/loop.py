@@ -252,21 +252,23 @@ def eval_text_perplexity(run: Run) -> float:
 
 def save(run: Run) -> Path:
     """A checkpoint of the run at its current step (collective: every rank calls it)."""
-    cfg, model, step, tok = run.cfg, run.net.model, run.progress.step, run.data.tokenizer_path
+    step = run.progress.step
     state = {"step": step, "consumed": run.progress.consumed, "rng": rng_state(),
              "model_parallel_size": parallel.model_parallel_size(),
-             "data_parallel_size": parallel.data_parallel_size(), "config": asdict(cfg),
-             "data": str(run.data.dir), "tokenizer": str(tok)}
-    if cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
+             "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
+             "data": str(run.data.dir), "tokenizer": str(run.data.tokenizer_path)}
+    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
         state["optimizer"] = run.optimizer.state_dict()
-        path = save_adapter_checkpoint(cfg.out_dir, step, model, state, tok, cfg.keep_last, base_pointer(cfg, model))
+        path = save_adapter_checkpoint(run.cfg.out_dir, step, run.net.model, state, run.data.tokenizer_path,
+                                       run.cfg.keep_last, base_pointer(run.cfg, run.net.model))
     else:
         write_shards = None
-        if cfg.data_parallel == "fsdp":  # the optimizer goes to a DCP directory, sharded
+        if run.cfg.data_parallel == "fsdp":  # the optimizer goes to a DCP directory, sharded
             write_shards = functools.partial(fsdp.write_shards, optimizer=run.optimizer)
         else:
             state["optimizer"] = run.optimizer.state_dict()
-        path = save_checkpoint(cfg.out_dir, step, model, state, tok, cfg.keep_last, write_shards)
+        path = save_checkpoint(run.cfg.out_dir, step, run.net.model, state, run.data.tokenizer_path,
+                               run.cfg.keep_last, write_shards)
     run.progress.saved_any = True
     run.log.print(f"saved {path}")
     return path
