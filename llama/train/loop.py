@@ -51,13 +51,13 @@ class Data:
     """Where the tokens come from."""
     dir: Path  # the prepared data (meta.json + uint32 shards)
     tokenizer_path: Optional[str]  # copied into every checkpoint
-    batches: Batches  # this data-parallel rank's training batches
+    batches: Batches  # the memory-mapped sequences; each data-parallel rank reads its rows of a batch
     val: Optional[List[MicroBatch]]  # the fixed held-out micro-batches; None when the run does not evaluate
 
 
 @dataclass
 class Progress:
-    """How far the run got; saved in every checkpoint and restored on resume."""
+    """How far the run got (step and consumed go into every checkpoint and come back on resume)."""
     step: int = 0  # optimizer steps done
     consumed: int = 0  # training sequences consumed so far: the data position
     first_step: int = 0  # the step this process started at (a resumed run: the checkpoint's)
@@ -66,6 +66,7 @@ class Progress:
 
 @dataclass
 class Run:
+    """Everything the loop reads and updates, built by train.py's setup()."""
     cfg: TrainConfig
     device: torch.device
     autocast: Callable[[], ContextManager]  # () -> bf16/fp16 autocast on CUDA, or a no-op
