@@ -111,7 +111,10 @@ def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], Context
 
 
 def build_model(cfg: TrainConfig, args: ModelArgs, device: torch.device) -> Transformer:
-    """fp32 master weights: from the checkpoint to fine-tune (this rank's shard), or initialised."""
+    """fp32 master weights: from the checkpoint to fine-tune (this rank's shard), or initialised.
+    Under FSDP it is built on the CPU: sharding moves each block's shard to `device`, never the whole model."""
+    if cfg.data_parallel == "fsdp":
+        device = torch.device("cpu")
     if cfg.init_from:
         from llama.checkpoint import load_model
 
