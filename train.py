@@ -37,7 +37,8 @@ def setup(cfg: TrainConfig) -> Run:
     model = build_model(cfg, args, device)
     if cfg.lora_rank:  # LoRA: small trainable adapters beside a frozen (optionally bf16) base
         lora.attach(cfg, model, device)
-    # Over the data-parallel group: FSDP shards it, or DDP keeps a replica; then recompute and compile.
+    # Data parallel: FSDP shards it over the data-parallel group, or DDP keeps a replica per rank;
+    # plus activation checkpointing and torch.compile when the config asks.
     net = distribute(cfg, model, device)
     # Optimizer: AdamW over what trains, weight decay on the matrices only.
     optimizer = make_optimizer(net.model, cfg, device)
@@ -53,7 +54,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or continue) the training cfg describes; returns the loss curves and the last checkpoint.
     Collective: every process of a torchrun job calls it."""
     run = setup(cfg)
-    run.log.print(describe(run))
+    run.log.print(describe(run))  # rank 0: parameters, layout, device, data
     try:
         # The loop: steps until max_steps, logging, evaluating and saving every save_every steps.
         curves = loop(run)
