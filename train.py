@@ -12,8 +12,12 @@ Then: python generate.py --ckpt-dir out/default/step_000200
 
 import sys
 
-from llama.errors import USER_ERRORS, report
-from llama.train.config import load_config
+from llama.threads import POLICY_HELP, set_torch_threads, set_wait_policy
+
+set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/threads.py)
+
+from llama.errors import USER_ERRORS, report  # noqa: E402
+from llama.train.config import load_config  # noqa: E402
 
 
 def parse_args(argv):
@@ -22,6 +26,7 @@ def parse_args(argv):
         from llama.train.config import config_help
 
         print(__doc__)
+        print(POLICY_HELP + "\n")
         print("Config keys (key=value on the command line, or in a TOML file), with their defaults:")
         print(config_help())
         sys.exit(0)
@@ -35,6 +40,7 @@ def main(argv=None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(path, overrides)
+        set_torch_threads()
         from llama.train.setup import train  # after the config checks: importing torch takes a while
 
         result = train(cfg)
