@@ -2,6 +2,7 @@
 compiling the decode step, the copies that make compiling safe, and allocator tuning."""
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -36,9 +37,10 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
     The same shapes get the same kernels on every run and host. "autotune" times the template
     against ATen per shape and keeps the faster: minutes of compiling, and on a shared CPU the
     timings are noise (a 2-thread template waits for a descheduled thread; MKL's single-threaded
-    GEMV does not), so a loaded machine picks MKL and decodes at half speed (docs/performance.md).
-    "aten" keeps ATen's products (freezing still on). The returned function's `kernels` maps each
-    product's shape to the implementation inductor took (see KernelRecord).
+    GEMV does not): on a loaded machine it took MKL for every product, so the step ran at MKL's
+    one-thread speed (docs/performance.md). "aten" keeps ATen's products (freezing still on).
+    The returned function's `kernels` maps each product's shape to the implementation inductor
+    took (see KernelRecord).
     """
     gemm = gemm or os.environ.get("LLAMA_COMPILE_GEMM", "template")
     if gemm not in GEMM_CHOICES:
@@ -96,23 +98,31 @@ class KernelRecord:
 
     def _candidates(self, choices):  # called before every selection, with what may be chosen
         if len(choices) == 1:  # taken without timing
-            self.kernels[product_shape(choices[0])] = kernel_name(choices[0])
+            self._note(choices[0], kernel_name(choices[0]))
         return choices
 
     def _timed(self, timings, *_):  # called after autotuning with each candidate's time
         if timings:
             best = min(timings, key=timings.get)
-            self.kernels[product_shape(best)] = f"{kernel_name(best)} (autotuned)"
+            self._note(best, f"{kernel_name(best)} (autotuned)")
+
+    def _note(self, choice, kernel: str) -> None:
+        try:
+            self.kernels[product_shape(choice)] = kernel
+        except Exception:  # a record must never break compiling (an unexpected input layout)
+            self.kernels.setdefault("unrecorded shapes", kernel)
 
 
 def product_shape(choice) -> str:
-    """"M x K -> N x-dtype/w-dtype" of a product inductor chooses a kernel for."""
-    x, n = choice.input_nodes[0], int(choice.layout.size[-1])
-    m, k = (int(s) for s in x.get_size()[-2:])
-    w = next((node for node in choice.input_nodes[1:] if sorted(int(s) for s in node.get_size()) == sorted((k, n))),
-             None)
-    dtypes = str(x.get_dtype()).removeprefix("torch.") + (f"/{str(w.get_dtype()).removeprefix('torch.')}" if w else "")
-    return f"{m}x{k}->{n} {dtypes}"
+    """"M x K -> N activation-dtype/weight-dtype" of a product inductor chooses a kernel for (the
+    weight: the largest other input, whatever layout the kernel wants it in). A dynamic size
+    prints as its symbol."""
+    x, *others = choice.input_nodes
+    m, k = (str(s) for s in x.get_size()[-2:])
+    w = max(others, key=lambda node: math.prod(int(s) if str(s).isdigit() else 1 for s in node.get_size()),
+            default=None)
+    dtypes = "/".join(str(node.get_dtype()).removeprefix("torch.") for node in [x, w] if node is not None)
+    return f"{m}x{k}->{choice.layout.size[-1]} {dtypes}"
 
 
 def kernel_name(choice) -> str:
