@@ -12,7 +12,12 @@ Then: python generate.py --ckpt-dir out/default/step_000200
 
 import sys
 
-from llama.errors import USER_ERRORS, report
+from llama.threads import POLICY_HELP, set_torch_threads, set_wait_policy
+
+if __name__ == "__main__":
+    set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/threads.py)
+
+from llama.errors import USER_ERRORS, report  # noqa: E402
 from llama.train import lora
 from llama.train.config import TrainConfig, config_help, load_config
 from llama.train.loop import Run, loop, make_optimizer, save
@@ -69,6 +74,7 @@ def parse_args(argv):
     """[CONFIG.toml] [key=value ...] -> (config path or None, overrides)."""
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        print(POLICY_HELP + "\n")
         print("Config keys (key=value on the command line, or in a TOML file), with their defaults:")
         print(config_help())
         sys.exit(0)
@@ -81,7 +87,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result = train(load_config(path, overrides))
+        cfg = load_config(path, overrides)
+        set_torch_threads()
+        result = train(cfg)
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept (resume=true continues from it)", file=sys.stderr)
         return 130
