@@ -1,4 +1,6 @@
-"""Shared fixtures: the real assets (fetched once into the user cache) and the HF reference model."""
+"""Shared fixtures, each built once per session: the real assets (fetched once into the user cache),
+SmolLM2 loaded by this library and by HF transformers (the independent reference), and a tiny
+Meta-layout checkpoint with the official Llama 3 tokenizer. Tests must not modify them."""
 
 import warnings
 
@@ -6,6 +8,7 @@ import pytest
 import torch
 
 from llama import assets
+from tests.helpers import tiny_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +54,24 @@ def hf_smollm2(smollm2_gguf):
 def hf_smollm2_tokenizer(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """SmolLM2 through Meta's API (Llama.build), fp32 on the CPU."""
+    from llama.generation import Llama
+
+    return Llama.build(smollm2_gguf, max_seq_len=1024, max_batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, llama3_tokenizer_path):
+    """A tiny random model in Meta's layout with the 128256-token Llama 3 tokenizer beside it."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), llama3_tokenizer_path)
+
+
+@pytest.fixture
+def template_gemm(monkeypatch):
+    """Compile as --compile does (frozen, pre-blocked weights, concat-linear) but take inductor's C++
+    GEMM template untimed: max-autotune's timing belongs to bench/, not to correctness tests."""
+    monkeypatch.setenv("LLAMA_COMPILE_GEMM", "template")

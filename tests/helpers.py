@@ -3,6 +3,7 @@
 from pathlib import Path
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from llama.checkpoint import save_meta
 from llama.model import ModelArgs, Transformer
 from llama.train.config import load_config
 from llama.train.data import bpe_dataset, stdlib_files
@@ -34,6 +36,20 @@ def tiny_model(seed: int = 1, **overrides):
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
     return model.eval(), args
+
+
+def tiny_checkpoint(out_dir, tokenizer_path, vocab_size=128256, seed=0, **overrides):
+    """A Meta-layout checkpoint of a tiny random model, with a peaked output layer so that greedy
+    choices are not near-ties, plus the tokenizer.model beside it."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=32,
+                     rope_theta=10000.0, **overrides)
+    model = Transformer(args)
+    model.init_weights(seed)
+    with torch.no_grad():
+        model.output.weight.mul_(30.0)
+    save_meta(model.state_dict(), args, out_dir)
+    shutil.copy(tokenizer_path, out_dir / "tokenizer.model")
+    return out_dir
 
 
 def tokens(batch: int = 2, length: int = 20, vocab: int = 128, seed: int = 0):

@@ -26,8 +26,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "<|im_start|>u
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    return load_model(smollm2_gguf, max_seq_len=256, dtype=torch.float32).eval()
+def smol(smollm2):
+    """The session's SmolLM2 Transformer (conftest.py): the GGUF loaded once, fp32."""
+    return smollm2.model
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from llama.errors import ArgumentError, UserError
 from llama.model import ModelArgs
 from llama.model_args_check import ModelArgsError
 from llama.train.config import load_config
-from tests.test_generation import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +41,6 @@ def run(script, *args, timeout=300, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, *(["-m", script] if script.startswith("llama.") else [str(ROOT / script)]), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, llama3_tokenizer_path):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_err"), llama3_tokenizer_path)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoint import load_model
 from llama.eval import EvalError
 from llama.eval.perplexity import perplexity, prefix_token, strided_windows
-from llama.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("The old lighthouse stood at the edge of the cliff, its white paint peeling in the salt wind. "
@@ -24,13 +22,14 @@ TEXT = ("The old lighthouse stood at the edge of the cliff, its white paint peel
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    return load_model(smollm2_gguf, max_seq_len=128, dtype=torch.float32).eval()
+def smol(smollm2):
+    """The session's SmolLM2 Transformer (conftest.py): the GGUF loaded once, fp32."""
+    return smollm2.model
 
 
 @pytest.fixture(scope="module")
-def smol_tok(smollm2_gguf):
-    return load_tokenizer(smollm2_gguf)
+def smol_tok(smollm2):
+    return smollm2.tokenizer
 
 
 def hf_strided_nll(hf_model, ids, max_length, stride):

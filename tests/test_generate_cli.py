@@ -12,14 +12,9 @@ import pytest
 
 from llama.generate_cli import build_parser, chat, main
 from tests.helpers import run_distributed
-from tests.test_generation import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, llama3_tokenizer_path):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_cli"), llama3_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +82,8 @@ def test_real_process_exit_status_and_no_traceback(tiny_dir):
     assert "time to first token" in out.stderr and "tokens/s" in out.stderr
 
 
-def test_chat_repl_two_turns_through_stdin(smollm2_llama_cli, monkeypatch, capsys):
-    llama = smollm2_llama_cli
+def test_chat_repl_two_turns_through_stdin(smollm2, monkeypatch, capsys):
+    llama = smollm2
     args = build_parser().parse_args(["--chat", "--temperature", "0", "--max-gen-len", "24",
                                       "--system", "You are terse."])
     turns = ["What is the capital of France?", "And of Germany?"]
@@ -103,13 +98,6 @@ def test_chat_repl_two_turns_through_stdin(smollm2_llama_cli, monkeypatch, capsy
     second = llama.chat_completion([dialog], temperature=0, max_gen_len=24)[0]["generation"]
     assert shown == f"> {first['content']}\n> {second['content']}\n> \n"
     assert first["content"] != second["content"]
-
-
-@pytest.fixture(scope="module")
-def smollm2_llama_cli(smollm2_gguf):
-    from llama.generation import Llama
-
-    return Llama.build(smollm2_gguf, max_seq_len=1024, max_batch_size=1, device="cpu")
 
 
 def test_chat_process_reads_stdin(tiny_dir):
@@ -142,7 +130,7 @@ def _cli_on_rank(argv):
 @pytest.mark.slow
 def test_int8_under_model_parallel_is_refused_in_one_line(tiny_dir):
     """int8 has no model-parallel layers: two ranks each end with one line naming the fix (the
-    compiled model-parallel step is compared with eager in tests/test_generation.py)."""
+    compiled model-parallel step is compared with eager in tests/test_generation_parallel.py)."""
     argv = ["--ckpt-dir", str(tiny_dir), "--prompt", "Hi", "--quantize", "int8", "--max-gen-len", "2"]
     for rank, (code, err) in enumerate(run_distributed(_cli_on_rank, 2, argv)):
         if rank == 0:
