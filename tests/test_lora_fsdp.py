@@ -121,9 +121,9 @@ def test_fsdp_logits_adapter_grads_and_optimizer_match_one_process(world, mp):
         assert all(0 < r["moments"] < 2 * per_mp_rank for r in ranks)  # sharded: each holds a piece
 
 
-def fsdp_runs_worker(data_dir, root):
-    """One rank of MP=2 x FSDP=2: 4 steps straight, and 2 steps then resume to 4."""
-    layout = [*RUN, "data_parallel=fsdp", "model_parallel_size=2"]
+def fsdp_runs_worker(data_dir, root, extra):
+    """One rank of an FSDP run: 4 steps straight, and 2 steps then resume to 4."""
+    layout = [*RUN, "data_parallel=fsdp", *extra]
     full = train(data_dir, root / "full", *layout, "max_steps=4")
     train(data_dir, root / "split", *layout, "max_steps=2")
     resumed = train(data_dir, root / "split", *layout, "max_steps=4", "resume=true")
@@ -141,7 +141,7 @@ def test_fsdp_x_mp_lora_run_checkpoints_adapters_that_peft_loads_and_resumes_exa
 
     data_dir, _ = corpus
     single = train(data_dir, tmp_path / "one", *RUN, "max_steps=4")
-    results = run_distributed(fsdp_runs_worker, 4, data_dir, tmp_path)
+    results = run_distributed(fsdp_runs_worker, 4, data_dir, tmp_path, ["model_parallel_size=2"])
     for res in results:
         torch.testing.assert_close(torch.tensor(res["full"]), torch.tensor(single["losses"]), atol=2e-5, rtol=TOL)
         assert res["first_step"] == 2 and res["resumed"] == res["full"][2:]
@@ -169,3 +169,17 @@ def test_fsdp_x_mp_lora_run_checkpoints_adapters_that_peft_loads_and_resumes_exa
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(hf_with_adapter(tmp_path / "hf", ckpt)(x).logits, base(x), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.slow
+def test_bf16_base_and_fp32_adapters_share_fsdp_units(corpus, tmp_path):
+    """base_dtype=bfloat16 (what CUDA runs use) under FSDP=2: the frozen bf16 base and the fp32 adapters
+    sit in the same fully_shard unit (FSDP2 wants one dtype among the trainable parameters only),
+    all-gathered in bf16; it trains like fp32 and resumes exactly. (bf16 autocast on the CPU here.)"""
+    data_dir, _ = corpus
+    single = train(data_dir, tmp_path / "one", *RUN, "max_steps=4")
+    res = run_distributed(fsdp_runs_worker, 2, data_dir, tmp_path, ["base_dtype=bfloat16", "dtype=bfloat16"])[0]
+    assert res["full"] == pytest.approx(single["losses"], abs=0.02)
+    assert res["first_step"] == 2 and res["resumed"] == res["full"][2:]
+    adapter = torch.load(tmp_path / "full/step_000004/adapter.00.pth", weights_only=True)
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # the master adapters stay fp32
