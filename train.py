@@ -12,16 +12,69 @@ Then: python generate.py --ckpt-dir out/default/step_000200
 
 import sys
 
-from llama.errors import USER_ERRORS, report
-from llama.train.config import load_config
+from llama.threads import POLICY_HELP, set_torch_threads, set_wait_policy
+
+if __name__ == "__main__":
+    set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/threads.py)
+
+from llama.errors import USER_ERRORS, report  # noqa: E402
+from llama.train import lora
+from llama.train.config import TrainConfig, config_help, load_config
+from llama.train.loop import Run, loop, make_optimizer, save
+from llama.train.metrics import MetricsLog, peak_tflops
+from llama.train.setup import (autocast_for, build_model, check_run, describe, distribute, is_first_rank,
+                               load_data, resume, start_processes)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Everything up to the first step. Collective: every process of a torchrun job calls it."""
+    # Config: every check that needs no work runs first (keys, paths, the layout against the world
+    # size and the model's shape), so a bad run fails in a second, not after tokenizing a corpus.
+    cfg, args = check_run(cfg)
+    # Processes: torch.distributed + Fairscale's model-parallel x data-parallel groups (none in a
+    # plain `python` process), this rank's device, the seed.
+    device = start_processes(cfg)
+    # Data: rank 0 tokenizes once into data_cache (the others wait), then memory-mapped batches,
+    # the same global batch at every layout; each data-parallel rank reads its rows.
+    data = load_data(cfg, args)
+    # Model: this rank's model-parallel shard in fp32, from init_from or freshly initialised
+    # (under FSDP it stays on the CPU until it is sharded).
+    model = build_model(cfg, args, device)
+    if cfg.lora_rank:  # LoRA: small trainable adapters beside a frozen (optionally bf16) base
+        lora.attach(cfg, model, device)
+    # Data parallel: FSDP shards it over the data-parallel group, or DDP keeps a replica per rank;
+    # plus activation checkpointing and torch.compile when the config asks.
+    net = distribute(cfg, model, device)
+    # Optimizer: AdamW over what trains, weight decay on the matrices only.
+    optimizer = make_optimizer(net.model, cfg, device)
+    # Resume (resume=true): weights, optimizer, RNG and data position from out_dir's latest checkpoint.
+    progress = resume(cfg, net.model, optimizer, device)
+    # The run: everything the loop reads, in typed pieces (llama/train/loop.py).
+    return Run(cfg=cfg, device=device, autocast=autocast_for(cfg, device), data=data, net=net, optimizer=optimizer,
+               progress=progress, log=MetricsLog(cfg.out_dir, is_first_rank(), cfg.max_steps, progress.step),
+               peak_tflops=peak_tflops(device, cfg.peak_tflops))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or continue) the training cfg describes; returns the loss curves and the last checkpoint.
+    Collective: every process of a torchrun job calls it."""
+    run = setup(cfg)
+    run.log.print(describe(run))  # rank 0: parameters, layout, device, data
+    try:
+        # The loop: steps until max_steps, logging, evaluating and saving every save_every steps.
+        curves = loop(run)
+        # The final checkpoint: Meta's layout (generate.py reads it) + what an exact resume needs.
+        checkpoint = save(run)
+    finally:
+        run.log.close()
+    return {**curves, "checkpoint": str(checkpoint)}
 
 
 def parse_args(argv):
     """[CONFIG.toml] [key=value ...] -> (config path or None, overrides)."""
     if any(a in ("-h", "--help") for a in argv):
-        from llama.train.config import config_help
-
         print(__doc__)
+        print(POLICY_HELP + "\n")
         print("Config keys (key=value on the command line, or in a TOML file), with their defaults:")
         print(config_help())
         sys.exit(0)
@@ -35,16 +88,14 @@ def main(argv=None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(path, overrides)
-        from llama.train.setup import train  # after the config checks: importing torch takes a while
-
+        set_torch_threads()
         result = train(cfg)
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept (resume=true continues from it)", file=sys.stderr)
         return 130
     except USER_ERRORS as e:  # bad config, data, paths or a diverged run: one line; anything else is a bug
         return report(e)
-    if result["checkpoint"]:
-        print(f"done: {result['checkpoint']}  (sample: python generate.py --ckpt-dir {result['checkpoint']})")
+    print(f"done: {result['checkpoint']}  (sample: python generate.py --ckpt-dir {result['checkpoint']})")
     return 0
 
 

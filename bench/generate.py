@@ -1,16 +1,24 @@
 """Generation speed, side by side in one run: llama-ref vs HF transformers vs llama.cpp.
 
-    flock /tmp/llama-bench.lock python bench/generate.py            # the docs/performance.md table (~10 min on 2 cores)
+    flock /tmp/llama-bench.lock python bench/generate.py --repeat 4 --compete 1 --json out.json
     python bench/generate.py --new-tokens 32 --skip hf               # quicker
     python bench/generate.py --device cuda                           # GPU: llama-ref and HF only
 
 Setup: SmolLM2-135M-Instruct (the weights in llama.assets, dequantized once to fp32, so every
-engine runs the very same numbers), greedy, batch 1, `--threads` CPU threads for everyone.
+engine runs the very same numbers), greedy, batch 1, `--threads` CPU threads for everyone
+(default: the CPUs this process may use), OpenMP threads waiting as generate.py's do
+(llama/threads.py; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to compare).
 - prefill: a 512-token prompt, time until the first new token (tokens/s = 512 / time);
 - decode: 128 new tokens after a short prompt (stop tokens ignored), tokens/s over the steps
-  after the first token. Each number is the best of `--repeat` runs (the machine is shared).
-- bandwidth: weight bytes read per decoded token x tokens/s, against the bandwidth of a large fp32
-  matrix-vector product measured here (what a perfect decoder would reach).
+  after the first token. Each number is the best of `--repeat` rounds (the machine is shared).
+- bandwidth: weight bytes read per decoded token x tokens/s, and its share of the bandwidth of a
+  large fp32 matrix-vector product measured here (what a perfect decoder would reach).
+- `--compete N`: N busy-looping processes run during a second decode of every engine in every
+  round (paused otherwise), and each engine's loaded/quiet ratio is reported: how well it shares
+  the CPU.
+What a claim needs to travel is printed first and written by `--json`: the CPU, its vector flags,
+threads and wait policy, versions, the measured bandwidth, and for each compiled engine the
+kernel inductor took for each product shape.
 
 Peers:
 - HF transformers `generate()`, fp32, loading the same GGUF;
@@ -19,22 +27,31 @@ Peers:
   (`llama_model_quantize`) from an F32 GGUF that this script writes from the same weights. If it
   is not installed, its rows are skipped with a message.
 llama-ref runs fp32 and weight-only int8 (--quantize int8), each eager and with torch.compile
-(--compile: max-autotune + freezing on CPU, a few minutes of compiling per engine before timing).
+(--compile: C++ GEMM templates + freezing on CPU, a minute or two of compiling per engine).
 """
 
 import argparse
+import contextlib
 import ctypes
+import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+from llama.threads import describe as thread_policy, set_wait_policy, usable_cpus
 
-from llama.assets import cache_dir, smollm2_gguf
+set_wait_policy()  # before torch loads OpenMP: wait as generate.py does (llama/threads.py)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from llama.assets import cache_dir, smollm2_gguf  # noqa: E402
+from llama.files import write_text  # noqa: E402
 
 PROMPT = "The history of the Roman Empire begins"
 
@@ -222,27 +239,93 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list:
+    """The vector extensions the kernels depend on (Linux: /proc/cpuinfo's flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in VECTOR_FLAGS if f in flags]
+
+
+def host_facts(device: str, threads: int, bandwidth: float) -> dict:
+    """What a measured speed depends on, so that a number can be compared with another host's."""
+    on_gpu = device.startswith("cuda")
+    return {"device": torch.cuda.get_device_name() if on_gpu else cpu_name(), "cpu_flags": cpu_flags(),
+            "usable_cpus": usable_cpus(), "threads": threads, "policy": thread_policy(),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "versions": versions(),
+            "matvec_gbs": round(bandwidth, 2)}
+
+
+class Competitor:
+    """N busy-looping processes, stopped (SIGSTOP) except inside `running()`: a CPU-bound
+    neighbour that turns on for the loaded measurements only."""
+
+    def __init__(self, n: int):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+        self._signal(signal.SIGSTOP)
+
+    def _signal(self, sig):
+        for proc in self.procs:
+            proc.send_signal(sig)
+
+    @contextlib.contextmanager
+    def running(self):
+        self._signal(signal.SIGCONT)
+        time.sleep(0.2)  # let the scheduler see them before the measurement starts
+        try:
+            yield
+        finally:
+            self._signal(signal.SIGSTOP)
+
+    def close(self):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def compiled_kernels(engine) -> dict:
+    """product shape -> kernel inductor took (llama/fast.py KernelRecord); {} if not compiled."""
+    llama = getattr(engine, "llama", None)
+    return dict(getattr(getattr(llama, "_decode", None), "kernels", {}) or {})
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Threads: " + thread_policy() + " (llama/threads.py).")
+    p.add_argument("--threads", type=int, default=usable_cpus(), help="default: the CPUs this process may use")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "compile", "int8"])
+    p.add_argument("--compete", type=int, default=0, metavar="N",
+                   help="also decode with N busy-looping processes running, and report loaded/quiet")
+    p.add_argument("--json", type=Path, help="write the record (host facts, kernels, rows, ratios) here")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 new tokens, 32-token prefill, 1 round")
     args = p.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.prefill_tokens, args.repeat = 8, 32, 1
     torch.set_num_threads(args.threads)
+    # Lower every compiled graph here instead of loading it from inductor's cache, so that the
+    # kernels it chooses are recorded (the C++ it generates is still cached).
+    torch._inductor.config.fx_graph_cache = False
     src = smollm2_gguf()
     from llama.tokenizer import load_tokenizer
 
     tok = load_tokenizer(src)
     text = (PROMPT + " ") * 200
-    prompt_512 = tok.encode(text, bos=False, eos=False)[:512]
+    prompt_long = tok.encode(text, bos=False, eos=False)[:args.prefill_tokens]
     prompt_short = tok.encode(PROMPT, bos=False, eos=False)
     device = args.device
     on_gpu = device.startswith("cuda")
-    bw = matvec_bandwidth(device)
-    print(f"{torch.cuda.get_device_name() if on_gpu else cpu_name()}, {args.threads} threads; "
-          f"{versions()}; fp32 matvec {bw:.1f} GB/s", flush=True)
+    host = host_facts(device, args.threads, matvec_bandwidth(device))
+    print("; ".join(f"{k} {v}" for k, v in host.items()), flush=True)
+    bw = host["matvec_gbs"]
     engines = {("llama-ref", "fp32"): lambda: Ours(src, args)}
     if "compile" not in args.skip:
         engines[("llama-ref + torch.compile", "fp32")] = lambda: Ours(src, args, compile=True)
@@ -264,57 +347,105 @@ def main(argv=None) -> int:
                 path = cache_dir() / f"smollm2-135m-instruct.llamacpp-{weights}.gguf"
                 llamacpp_quantize(f32, path, ftype, args.threads)
                 engines[("llama.cpp (llama-cpp-python)", weights)] = lambda path=path: LlamaCpp(path, args)
+    competitor = Competitor(args.compete) if args.compete else None
+    try:
+        built, best, tokens = measure(engines, args, prompt_long, prompt_short, competitor)
+    finally:
+        if competitor:
+            competitor.close()
+    rows = [{"engine": key[0], "weights": key[1], "prefill_tok_s": round(best[key]["prefill"], 1),
+             "decode_tok_s": round(best[key]["decode"], 2), "mb_per_token": round(built[key].bytes / 1e6, 1),
+             "gbs": round(built[key].bytes * best[key]["decode"] / 1e9, 2),
+             "share_of_matvec": round(built[key].bytes * best[key]["decode"] / 1e9 / bw, 3),
+             "kernels": compiled_kernels(built[key])} for key in built]
+    for row, key in zip(rows, built):
+        if competitor:
+            row["decode_loaded_tok_s"] = round(best[key]["loaded"], 2)
+            row["loaded_over_quiet"] = round(best[key]["loaded"] / best[key]["decode"], 3)
+    reference = tokens[("llama-ref", "fp32")]
+    for key, toks in tokens.items():
+        same = next((i for i, (a, b) in enumerate(zip(toks, reference)) if a != b), len(reference))
+        print(f"{key[0]} {key[1]}: the first {same}/{len(reference)} greedy tokens equal llama-ref fp32's")
+    print_table(rows, host, args)
+    record = {"host": host, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+              "ratios": ratios(rows)}
+    if args.json:
+        write_text(args.json, json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+def measure(engines, args, prompt_long, prompt_short, competitor):
+    """Build and warm every engine, then interleaved rounds, best of each (load from other users
+    hits every engine alike); with a competitor, a second decode per round with it running."""
     built = {}
     for key, make in engines.items():
         built[key] = engine = make()
         # Warm-up (compile, thread pools): a compiled engine compiles its decode step once, for
         # every cache length.
-        engine.prefill(prompt_512), engine.decode(prompt_short, 8)
-    # Interleaved repeats, best of each: load from other users hits every engine alike.
-    best = {key: [0.0, 0.0] for key in built}
+        engine.prefill(prompt_long), engine.decode(prompt_short, 8)
+    best = {key: {"prefill": 0.0, "decode": 0.0, "loaded": 0.0} for key in built}
     tokens = {}
+    steps = args.new_tokens - 1
     for r in range(args.repeat):
         for key, engine in built.items():
-            best[key][0] = max(best[key][0], len(prompt_512) / engine.prefill(prompt_512))
+            best[key]["prefill"] = max(best[key]["prefill"], len(prompt_long) / engine.prefill(prompt_long))
             seconds, tokens[key] = engine.decode(prompt_short, args.new_tokens)
-            best[key][1] = max(best[key][1], (args.new_tokens - 1) / seconds)
-        print(f"round {r + 1}: " + "; ".join(f"{k[0]} {k[1]} {v[1]:.1f} tok/s" for k, v in best.items()), flush=True)
-    rows = [(key[0], key[1], best[key][0], best[key][1], built[key].bytes) for key in built]
-    reference = tokens[("llama-ref", "fp32")]
-    for key, toks in tokens.items():
-        same = next((i for i, (a, b) in enumerate(zip(toks, reference)) if a != b), len(reference))
-        print(f"{key[0]} {key[1]}: the first {same}/{len(reference)} greedy tokens equal llama-ref fp32's")
+            best[key]["decode"] = max(best[key]["decode"], steps / seconds)
+            if competitor:
+                with competitor.running():
+                    seconds, _ = engine.decode(prompt_short, args.new_tokens)
+                best[key]["loaded"] = max(best[key]["loaded"], steps / seconds)
+        print(f"round {r + 1}: " + "; ".join(
+            f"{k[0]} {k[1]} {v['decode']:.1f}" + (f" ({v['loaded']:.1f} loaded)" if competitor else "") + " tok/s"
+            for k, v in best.items()), flush=True)
+    return built, best, tokens
+
+
+def print_table(rows, host, args) -> None:
+    bw, loaded = host["matvec_gbs"], args.compete > 0
+    extra = f" decode with {args.compete} busy (tok/s) | loaded/quiet |" if loaded else ""
+    print(f"\n| engine | weights | prefill {args.prefill_tokens} (tok/s) | decode (tok/s) | MB read/token | GB/s "
+          f"| % of matvec {bw:.1f} GB/s |{extra}")
+    print("|---" * (9 if loaded else 7) + "|")
+    for r in rows:
+        cells = [r["engine"], r["weights"], f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+                 f"{r['mb_per_token']:.0f}", f"{r['gbs']:.1f}", f"{100 * r['share_of_matvec']:.0f}%"]
+        if loaded:
+            cells += [f"{r['decode_loaded_tok_s']:.1f}", f"{r['loaded_over_quiet']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if r["kernels"]:
+            print(f"\n{r['engine']} {r['weights']}: kernels by product (M x K -> N):")
+            for shape, kernel in r["kernels"].items():
+                print(f"  {shape}: {kernel}")
     print()
-    print(f"| engine | weights | prefill 512 (tok/s) | decode (tok/s) | MB read/token | GB/s | % of matvec {bw:.1f} GB/s |")
-    print("|---|---|---|---|---|---|---|")
-    for engine, weights, prefill, decode, nbytes in rows:
-        gbs = nbytes * decode / 1e9
-        print(f"| {engine} | {weights} | {prefill:.0f} | {decode:.1f} | {nbytes / 1e6:.0f} | {gbs:.1f} | {100 * gbs / bw:.0f}% |")
-    ratios(rows)
-    return 0
+    for what, value in ratios(rows).items():
+        print(f"{what}: {value:.2f}x")
 
 
-def ratios(rows) -> None:
-    """The targets: decode >= 1.15x llama.cpp F32 and >= 2x HF; prefill >= 1.5x llama.cpp F32;
-    int8 decode >= 1.0x llama.cpp Q8_0."""
-    by = {(engine, weights): (prefill, decode) for engine, weights, prefill, decode, _ in rows}
-    ours, cpp = by.get(("llama-ref", "fp32")), by.get(("llama.cpp (llama-cpp-python)", "F32"))
-    pairs = [("decode vs llama.cpp F32", ours, cpp, 1), ("prefill vs llama.cpp F32", ours, cpp, 0),
-             ("decode vs HF", ours, by.get(("HF transformers generate()", "fp32")), 1),
-             ("int8 decode vs llama.cpp Q8_0", by.get(("llama-ref --quantize int8", "int8")),
-              by.get(("llama.cpp (llama-cpp-python)", "Q8_0")), 1)]
-    compiled = by.get(("llama-ref + torch.compile", "fp32"))
-    if compiled:
-        pairs[1:1] = [("compiled decode vs llama.cpp F32", compiled, cpp, 1),
-                      ("compiled prefill vs llama.cpp F32", compiled, cpp, 0),
-                      ("compiled decode vs HF", compiled, by.get(("HF transformers generate()", "fp32")), 1)]
-    compiled_int8 = by.get(("llama-ref --quantize int8 + torch.compile", "int8"))
-    if compiled_int8:
-        pairs.append(("compiled int8 decode vs llama.cpp Q8_0", compiled_int8,
-                      by.get(("llama.cpp (llama-cpp-python)", "Q8_0")), 1))
-    for what, a, b, i in pairs:
-        if a and b:
-            print(f"{what}: {a[i] / b[i]:.2f}x")
+CPP = "llama.cpp (llama-cpp-python)"
+
+
+def ratios(rows) -> dict:
+    """Issue 20's targets: compiled fp32 decode >= 0.9x llama.cpp F32, compiled int8 >= 1.0x Q8_0,
+    prefill >= 1.3x llama.cpp F32; under competition, our loaded/quiet >= 0.8x llama.cpp's."""
+    by = {(r["engine"], r["weights"]): r for r in rows}
+    cpp, q8, hf = by.get((CPP, "F32")), by.get((CPP, "Q8_0")), by.get(("HF transformers generate()", "fp32"))
+    eager, compiled = by.get(("llama-ref", "fp32")), by.get(("llama-ref + torch.compile", "fp32"))
+    int8, int8_compiled = by.get(("llama-ref --quantize int8", "int8")), \
+        by.get(("llama-ref --quantize int8 + torch.compile", "int8"))
+    pairs = [("decode vs llama.cpp F32", eager, cpp, "decode_tok_s"),
+             ("compiled decode vs llama.cpp F32", compiled, cpp, "decode_tok_s"),
+             ("prefill vs llama.cpp F32", eager, cpp, "prefill_tok_s"),
+             ("compiled decode vs HF", compiled, hf, "decode_tok_s"),
+             ("decode vs HF", eager, hf, "decode_tok_s"),
+             ("int8 decode vs llama.cpp Q8_0", int8, q8, "decode_tok_s"),
+             ("compiled int8 decode vs llama.cpp Q8_0", int8_compiled, q8, "decode_tok_s"),
+             ("loaded/quiet: compiled vs llama.cpp F32", compiled, cpp, "loaded_over_quiet"),
+             ("loaded/quiet: compiled int8 vs llama.cpp Q8_0", int8_compiled, q8, "loaded_over_quiet"),
+             ("loaded/quiet: eager vs llama.cpp F32", eager, cpp, "loaded_over_quiet")]
+    return {what: round(a[field] / b[field], 3) for what, a, b, field in pairs
+            if a and b and a.get(field) and b.get(field)}
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama.train.batches import IGNORE  # noqa: E402
 from llama.train.config import load_config  # noqa: E402
 from llama.train.metrics import flops_per_token, peak_tflops  # noqa: E402
-from llama.train.setup import setup  # noqa: E402
+from train import setup  # noqa: E402  (the repository root's train.py, not this file)
 from llama.train.loop import lr_at, train_step  # noqa: E402
 
 
@@ -96,23 +96,23 @@ def compare(overrides, rounds: int, steps: int, with_hf: bool = True, warmup: in
     cfg = run.cfg
     sides = {"ours": lambda micro, s: train_step(run, micro, s)}
     if with_hf:
-        hf = hf_twin(run.model, run.device)
+        hf = hf_twin(run.net.model, run.device)
         opt = hf_optimizer(hf, cfg, run.device)
         sides["hf"] = lambda micro, s: hf_step(hf, opt, micro, s, cfg, run.device, run.autocast)
     results = {name: [] for name in sides}
     for name, fn in sides.items():  # warm-up: allocator, compile, first-step costs
-        timed_round(fn, run.batches, 0, warmup, cfg)
+        timed_round(fn, run.data.batches, 0, warmup, cfg)
     for r in range(rounds):
         for name, fn in sides.items():
-            results[name].append(timed_round(fn, run.batches, warmup + r * steps, steps, cfg))
+            results[name].append(timed_round(fn, run.data.batches, warmup + r * steps, steps, cfg))
     out = {name: statistics.median(v) for name, v in results.items()}
     out["rounds"] = results
     if with_hf:  # adjacent rounds see the same background load: the per-round ratio is the robust number
         out["ratio"] = statistics.median(o / h for o, h in zip(results["ours"], results["hf"]))
-    out["flops_per_token"] = flops_per_token(run.model.params, cfg.seq_len)
+    out["flops_per_token"] = flops_per_token(run.net.model.params, cfg.seq_len)
     out["peak_tflops"] = peak_tflops(run.device, cfg.peak_tflops)
-    out["shape"] = {k: getattr(run.model.params, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
-    out["params_M"] = sum(p.numel() for p in run.model.parameters()) / 1e6
+    out["shape"] = {k: getattr(run.net.model.params, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
+    out["params_M"] = sum(p.numel() for p in run.net.model.parameters()) / 1e6
     return out
 
 
@@ -127,12 +127,12 @@ def lora_side(kind: str, rounds: int, steps: int, seq: int, batch: int) -> dict:
     cfg = load_config(None, ["out_dir=out/bench", "eval_every=0", "save_every=0", *LORA_RUN, *shape, *extra])
     run = setup(cfg)
     step = lambda micro, s: train_step(run, micro, s)  # noqa: E731
-    timed_round(step, run.batches, 0, 1, run.cfg)  # warm-up; creates the optimizer state
-    speeds = [timed_round(step, run.batches, 1 + r * steps, steps, run.cfg) for r in range(rounds)]
+    timed_round(step, run.data.batches, 0, 1, run.cfg)  # warm-up; creates the optimizer state
+    speeds = [timed_round(step, run.data.batches, 1 + r * steps, steps, run.cfg) for r in range(rounds)]
     state = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]
     return {"tokens_per_s": statistics.median(speeds), "rounds": speeds,
             "trainable": sum(p.numel() for g in run.optimizer.param_groups for p in g["params"]),
-            "params": sum(p.numel() for p in run.model.parameters()),
+            "params": sum(p.numel() for p in run.net.model.parameters()),
             "optimizer_bytes": sum(t.numel() * t.element_size() for t in state),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -194,7 +194,7 @@ def data_parallel_rank_main(args) -> int:
         cfg = run.cfg
         t0 = time.perf_counter()
         for s in range(start, start + n):
-            train_step(run, run.batches.train_micro_batches(s * cfg.batch_size, cfg.batch_size, cfg.micro_batch_size,
+            train_step(run, run.data.batches.train_micro_batches(s * cfg.batch_size, cfg.batch_size, cfg.micro_batch_size,
                                                             rank, dp), s)
         return n * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)  # global tokens/s
 
@@ -208,11 +208,11 @@ def data_parallel_rank_main(args) -> int:
            "ratio": statistics.median(f / d for f, d in zip(results["fsdp"], results["ddp"]))}
     out["state_bytes"] = {}
     for kind, run in runs.items():  # one more backward so the gradients exist when counted
-        x, y = run.batches.train_micro_batches(0, run.cfg.batch_size, run.cfg.micro_batch_size, rank, dp)[0]
-        loss_sum(run.forward, x, y).backward()
-        out["state_bytes"][kind] = fsdp.state_bytes(run.model, run.optimizer)
+        x, y = run.data.batches.train_micro_batches(0, run.cfg.batch_size, run.cfg.micro_batch_size, rank, dp)[0]
+        loss_sum(run.net.forward, x, y).backward()
+        out["state_bytes"][kind] = fsdp.state_bytes(run.net.model, run.optimizer)
         run.log.close()
-    out["params_M"] = sum(parallel.full_shape(n, p.shape).numel() for n, p in runs["ddp"].model.named_parameters()) / 1e6
+    out["params_M"] = sum(parallel.full_shape(n, p.shape).numel() for n, p in runs["ddp"].net.model.named_parameters()) / 1e6
     if int(os.environ["RANK"]) == 0:
         ddp_b, fsdp_b = (sum(out["state_bytes"][k].values()) for k in ("ddp", "fsdp"))
         print(f"MP=2 x DP=2, {out['params_M']:.1f}M params, fp32, CPU ({torch.get_num_threads()} threads/rank): "

@@ -1,15 +1,18 @@
 """llama-ref: a readable Llama 3.1 you can run, train and read.
 
-The public API. `Llama`, `Tokenizer` and `ChatFormat` are imported on first use so that
-`import llama` stays cheap and `llama.model` never depends on the rest.
+The public API, imported on first use: `import llama` loads nothing else (not even torch), so
+that an entry point can set what must be set before torch starts (llama/threads.py), and so
+that `llama.model` never depends on the rest.
 """
-
-from llama.model import KVCache, ModelArgs, Transformer
 
 __all__ = ["Llama", "ModelArgs", "Transformer", "KVCache", "Tokenizer", "ChatFormat"]
 
 
 def __getattr__(name):
+    if name in ("ModelArgs", "Transformer", "KVCache"):
+        from llama import model
+
+        return getattr(model, name)
     if name == "Llama":
         from llama.generation import Llama
 

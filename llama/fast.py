@@ -1,7 +1,10 @@
 """Opt-in speed machinery for generation (llama/generation.py calls it; nothing here runs on import):
 compiling the decode step, the copies that make compiling safe, and allocator tuning."""
 
+import contextlib
+import math
 import os
+import re
 import sys
 import warnings
 from typing import Optional
@@ -9,7 +12,7 @@ from typing import Optional
 import torch
 
 
-GEMM_CHOICES = ("autotune", "template", "aten")
+GEMM_CHOICES = ("template", "autotune", "aten")
 
 
 def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
@@ -20,20 +23,26 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
     is memory bandwidth. The default compile keeps calling MKL's GEMV, which on small matrices
     (576 x 1536 for SmolLM2) streams at ~8 GB/s on one thread however many it is given. Three
     inductor options fix that:
-    - max_autotune times inductor's own C++ GEMM template against ATen for each shape and keeps
-      the faster; the template splits the output columns across all threads (~19 GB/s here);
+    - inductor's own C++ GEMM template (max_autotune's CPP backend) splits the output columns
+      across all threads (~19 GB/s on 2 cores);
     - freezing treats the weights as constants, so the template stores them pre-blocked in the
       layout its micro-kernel reads (and int8 weights stay int8: see llama/quantize.py);
     - with constant weights, concat-linear joins the products that read the same input (wq, wk,
       wv; w1, w3) into one, so a step runs 4 products per layer instead of 7.
-    The price: the first call of every process takes minutes (each shape is timed; ~2.5 min for
-    SmolLM2 on 2 cores), and the weights must not change after compiling (see own_storage).
+    The weights must not change after compiling (see own_storage).
 
-    `gemm` (default: $LLAMA_COMPILE_GEMM, else "autotune") picks the products: "autotune" as above;
-    "template" always takes the C++ template, untimed: the same frozen, pre-blocked weights in a
-    fraction of the compile time (what the tests use); "aten" keeps ATen's products (freezing still on).
+    `gemm` (default: $LLAMA_COMPILE_GEMM, else "template") picks the products. "template": every
+    product takes the C++ template, by rule, untimed: a decode step's products have B (batch) rows,
+    bandwidth-bound at any B a generation batch has, where the template's split across threads wins.
+    The same shapes get the same kernels on every run and host. "autotune" times the template
+    against ATen per shape and keeps the faster: minutes of compiling, and on a shared CPU the
+    timings are noise (a 2-thread template waits for a descheduled thread; MKL's single-threaded
+    GEMV does not): on a loaded machine it took MKL for every product, so the step ran at MKL's
+    one-thread speed (docs/performance.md). "aten" keeps ATen's products (freezing still on).
+    The returned function's `kernels` maps each product's shape to the implementation inductor
+    took (see KernelRecord).
     """
-    gemm = gemm or os.environ.get("LLAMA_COMPILE_GEMM", "autotune")
+    gemm = gemm or os.environ.get("LLAMA_COMPILE_GEMM", "template")
     if gemm not in GEMM_CHOICES:
         raise ValueError(f"gemm={gemm!r} (LLAMA_COMPILE_GEMM): choose one of {', '.join(GEMM_CHOICES)}")
     if device.type != "cpu":
@@ -52,12 +61,73 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
         # Autotuning prints a timing table per product to stderr, from every rank: keep the CLI clean.
         "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
     }
+    record = KernelRecord()
 
     def run(*args):
-        with inductor_config.patch(settings):
+        with inductor_config.patch(settings), record.listening():
             return compiled(*args)
 
+    run.kernels = record.kernels
     return run
+
+
+class KernelRecord:
+    """Which implementation inductor takes for each product while it compiles: "M x K -> N dtype"
+    -> "cpp template (CppMicroGemmFP32Vec)", "aten _mkl_linear", ... (the bench prints it).
+    Empty when the graph came from inductor's cache (nothing was lowered: run with
+    TORCHINDUCTOR_FX_GRAPH_CACHE=0 to see it) or this torch has no selection hooks."""
+
+    def __init__(self):
+        self.kernels = {}
+
+    @contextlib.contextmanager
+    def listening(self):
+        from torch._inductor import select_algorithm
+
+        selector = getattr(select_algorithm, "get_algorithm_selector_cache", lambda: None)()
+        hooks = [(getattr(selector, "preprocessing_fns", None), self._candidates),
+                 (getattr(selector, "feedback_saver_fns", None), self._timed)]
+        hooks = [(fns, fn) for fns, fn in hooks if fns is not None]
+        for fns, fn in hooks:
+            fns.append(fn)
+        try:
+            yield
+        finally:
+            for fns, fn in hooks:
+                fns.remove(fn)
+
+    def _candidates(self, choices):  # called before every selection, with what may be chosen
+        if len(choices) == 1:  # taken without timing
+            self._note(choices[0], kernel_name(choices[0]))
+        return choices
+
+    def _timed(self, timings, *_):  # called after autotuning with each candidate's time
+        if timings:
+            best = min(timings, key=timings.get)
+            self._note(best, f"{kernel_name(best)} (autotuned)")
+
+    def _note(self, choice, kernel: str) -> None:
+        try:
+            self.kernels[product_shape(choice)] = kernel
+        except Exception:  # a record must never break compiling (an unexpected input layout)
+            self.kernels.setdefault("unrecorded shapes", kernel)
+
+
+def product_shape(choice) -> str:
+    """"M x K -> N activation-dtype/weight-dtype" of a product inductor chooses a kernel for (the
+    weight: the largest other input, whatever layout the kernel wants it in). A dynamic size
+    prints as its symbol."""
+    x, *others = choice.input_nodes
+    m, k = (str(s) for s in x.get_size()[-2:])
+    w = max(others, key=lambda node: math.prod(int(s) if str(s).isdigit() else 1 for s in node.get_size()),
+            default=None)
+    dtypes = "/".join(str(node.get_dtype()).removeprefix("torch.") for node in [x, w] if node is not None)
+    return f"{m}x{k}->{choice.layout.size[-1]} {dtypes}"
+
+
+def kernel_name(choice) -> str:
+    name = re.sub(r"_\d+$", "", choice.name)  # inductor numbers each candidate it makes
+    return f"cpp template ({name.removeprefix('cpp_')})" if name.startswith("cpp_") else f"aten {name}"
 
 
 @torch.no_grad()

@@ -17,13 +17,15 @@ import torch
 from llama.dtypes import DTYPES, parse_dtype
 from llama.errors import USER_ERRORS, ArgumentError, report as report_error
 from llama.sampling import check_sampling_args
+from llama.threads import POLICY_HELP, set_torch_threads
 
 DEMO_PROMPTS = ["I believe the meaning of life is", "Simply put, the theory of relativity states that"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a Llama checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every default shown
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every default shown
+                                epilog=POLICY_HELP)
     p.add_argument("--ckpt-dir", help="Meta dir, HF dir or .gguf file (None: SmolLM2-135M-Instruct, fetched once)")
     p.add_argument("--tokenizer-path", help="None: the tokenizer found beside the weights")
     p.add_argument("--prompt", action="append", help="a prompt to complete (repeat for a batch; None: two demo "
@@ -207,6 +209,7 @@ def main(argv=None) -> int:
         from llama.generation import Llama
 
         keep_freed_memory()  # this process only generates: reuse freed activation memory (llama/fast.py)
+        set_torch_threads()  # the CPUs this process may use, unless OMP_NUM_THREADS says (llama/threads.py)
         if args.ckpt_dir is None:
             from llama.assets import smollm2_gguf
 

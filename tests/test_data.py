@@ -11,12 +11,6 @@ from llama.train import data
 from llama.train.batches import IGNORE, Batches
 from llama.train.data import DataError, encode_dialog, prepare, read_meta
 from llama.tokenizer import load_tokenizer
-from tests.helpers import tiny_corpus
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="session")

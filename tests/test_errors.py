@@ -346,11 +346,10 @@ def raise_bug(*args, **kwargs):
 @pytest.mark.parametrize("cli", ["generate", "train", "convert", "data", "plan", "tokenizer"])
 def test_a_genuine_bug_keeps_its_traceback(cli, monkeypatch, tmp_path, tiny_dir):
     from llama import generation
-    from llama.train import setup as train_setup
 
     calls = {
         "generate": (generation.Llama, "build", lambda: generate_cli.main(["--ckpt-dir", str(tiny_dir), "--prompt", "Hi"])),
-        "train": (train_setup, "train", lambda: train_script.main([f"out_dir={tmp_path / 'o'}"])),
+        "train": (train_script, "setup", lambda: train_script.main([f"out_dir={tmp_path / 'o'}"])),
         "convert": (checkpoint, "load_model", lambda: convert.main([str(tiny_dir), str(tmp_path / "o"), "--to", "hf"])),
         "data": (data, "prepare", lambda: data.main(["prepare", "stdlib", "--out", str(tmp_path / "d"),
                                                      "--tokenizer", str(tiny_dir / "tokenizer.model")])),

@@ -350,7 +350,7 @@ def test_model_parallel_equals_one_process(tiny_ckpts):
 def test_training_logs_eval_data_perplexity(tmp_path):
     from llama.generation import Llama
     from llama.train.config import ConfigError
-    from llama.train.setup import train
+    from train import train
     from tests.helpers import read_metrics, tiny_config, tiny_corpus
 
     data_dir, _ = tiny_corpus(tmp_path / "corpus")

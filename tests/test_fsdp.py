@@ -19,22 +19,11 @@ from llama.train import fsdp
 from llama.model import ModelArgs
 from llama.train.config import DEFAULT_MODEL, ConfigError, check_layout, load_config
 from tests.helpers import free_port, run_distributed
-from tests.helpers import ROOT, TINY_TRAIN, cli, read_metrics, tiny_config, tiny_corpus
+from tests.helpers import ROOT, TINY_TRAIN, cli, read_metrics, tiny_config, tiny_train as train
 
 # Five steps of 8 sequences in micro-batches of 2 (accumulation on every layout), clipping active.
 COMMON = ["max_steps=5", "micro_batch_size=2", "save_every=5", "grad_clip=0.5"]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def train(data_dir, out_dir, *overrides):
-    from llama.train.setup import train as run
-
-    return run(tiny_config(data_dir, out_dir, *overrides))
 
 
 # ---------------------------------------------------------------------------- config (fast)
@@ -84,17 +73,17 @@ def layouts_worker(data_dir, root):
 
 def measure_state(data_dir, out_dir, *overrides):
     """Parameters + gradients + AdamW states on this rank after one step (tensor bytes)."""
-    from llama.train.setup import setup
+    from train import setup
     from llama.train.loop import loss_sum, train_step
 
     run = setup(tiny_config(data_dir, out_dir, *overrides))
     dp, rank = parallel.data_parallel_size(), parallel.data_parallel_rank()
-    micro = run.batches.train_micro_batches(0, run.cfg.batch_size, run.cfg.micro_batch_size, rank, dp)
+    micro = run.data.batches.train_micro_batches(0, run.cfg.batch_size, run.cfg.micro_batch_size, rank, dp)
     train_step(run, micro, 0)  # AdamW's moments exist from here on
     x, y = micro[0]
-    loss_sum(run.forward, x, y).backward()  # and gradients
+    loss_sum(run.net.forward, x, y).backward()  # and gradients
     run.log.close()
-    return fsdp.state_bytes(run.model, run.optimizer)
+    return fsdp.state_bytes(run.net.model, run.optimizer)
 
 
 def fsdp_worker(data_dir, out_dir, overrides):

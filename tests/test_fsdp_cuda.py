@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
 
 # bf16 keeps 8 bits of mantissa: per-step losses of this tiny model move by ~1e-2 (the CPU
-# autocast test in tests/test_train.py allows 0.05 too).
+# autocast test in tests/test_train_loop.py allows 0.05 too).
 BF16_TOLERANCE = 0.05
 
 

@@ -153,7 +153,7 @@ def test_model_parallel_logits_and_adapter_grads_match_one_process(mp):
 
 
 def train(data_dir, out_dir, *overrides):
-    from llama.train.setup import train as run
+    from train import train as run
 
     return run(tiny_config(data_dir, out_dir, "lora_rank=4", "lora_alpha=8.0", "lr=1e-2", *overrides))
 
@@ -247,7 +247,7 @@ def test_bad_lora_settings_are_one_line_exit_1(corpus, tmp_path, override, words
 
 
 def test_bf16_base_without_autocast_is_refused(corpus, tmp_path):
-    from llama.train.setup import setup
+    from train import setup
 
     data_dir, _ = corpus
     with pytest.raises(lora.LoRAError, match="dtype=bfloat16"):

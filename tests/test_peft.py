@@ -121,7 +121,7 @@ def test_lora_checkpoint_loads_in_build_and_generate(tmp_path):
     """Train 2 LoRA steps on a real base dir; Llama.build(out_dir) (base found through lora.json),
     Llama.build(base, lora=...) and generate.py --lora give the unmerged model's logits."""
     from llama.generation import Llama
-    from llama.train.setup import train
+    from train import train
 
     data_dir, tok = tiny_corpus(tmp_path / "corpus")
     base_model = Transformer(ModelArgs(**{**ARGS, "vocab_size": 640}))
@@ -262,7 +262,7 @@ def test_smollm2_adapters_against_hf_peft_both_ways(smollm2_gguf, tmp_path):
 @pytest.mark.slow
 def test_lora_on_smollm2_lowers_the_held_out_sft_loss(tmp_path):
     from llama.train.loop import evaluate, loop
-    from llama.train.setup import setup
+    from train import setup
 
     cfg = load_config(None, ["init_from=smollm2", "data=configs/train/chat_example.jsonl", "sft=true",
                              f"out_dir={tmp_path / 'run'}", f"data_cache={tmp_path / 'data'}", "val_fraction=0.25",

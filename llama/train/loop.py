@@ -8,28 +8,74 @@ One optimizer step:
   3. the loss is a sum over trained target tokens divided by their count over the whole global
      batch, so accumulation, data parallelism and SFT masks all give the single-process mean;
   4. clip by the global gradient norm, set the scheduled learning rate, step AdamW.
-Setup (config -> processes -> data -> model -> optimizer -> resume) lives in llama/train/setup.py.
+`Run` is the state it works on, in typed pieces: the model (`TrainModel`), the data (`Data`), how
+far it got (`Progress`). train.py builds one (config -> processes -> data -> model -> optimizer ->
+resume, with the steps in llama/train/setup.py), runs `loop` and saves the final checkpoint.
 """
 
 import functools
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
-from typing import List, Optional
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from llama import parallel
+from llama import lora, parallel
+from llama.model import Transformer
 from llama.train import fsdp
-from llama.train.batches import IGNORE
+from llama.train.batches import IGNORE, Batches
 from llama.eval.perplexity import perplexity
 from llama.train.config import TrainConfig
 from llama.train.lora import base_pointer, save_adapter_checkpoint
-from llama.train.metrics import flops_per_token, memory_gb
+from llama.train.metrics import MetricsLog, flops_per_token, memory_gb
 from llama.train.state import latest_checkpoint, rng_state, save_checkpoint
 from llama.errors import UserError
+
+MicroBatch = Tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T) int64
+
+
+@dataclass
+class TrainModel:
+    """The model as the training step runs it."""
+    model: Transformer  # this rank's shard (FSDP-sharded in place under fsdp): names, saving, evaluation
+    forward: Callable[..., torch.Tensor]  # what the step calls: model, DDP(model), or their compiled form
+    ddp: Optional[torch.nn.parallel.DistributedDataParallel]  # the DDP wrapper (for no_sync), else None
+
+
+@dataclass
+class Data:
+    """Where the tokens come from."""
+    dir: Path  # the prepared data (meta.json + uint32 shards)
+    tokenizer_path: Optional[str]  # copied into every checkpoint
+    batches: Batches  # the memory-mapped sequences; each data-parallel rank reads its rows of a batch
+    val: Optional[List[MicroBatch]]  # the fixed held-out micro-batches; None when the run does not evaluate
+
+
+@dataclass
+class Progress:
+    """How far the run got (step and consumed go into every checkpoint and come back on resume)."""
+    step: int = 0  # optimizer steps done
+    consumed: int = 0  # training sequences consumed so far: the data position
+    first_step: int = 0  # the step this process started at (a resumed run: the checkpoint's)
+    saved_any: bool = False  # has this process saved a checkpoint yet
+
+
+@dataclass
+class Run:
+    """Everything the loop reads and updates, built by train.py's setup()."""
+    cfg: TrainConfig
+    device: torch.device
+    autocast: Callable[[], ContextManager]  # () -> bf16/fp16 autocast on CUDA, or a no-op
+    data: Data
+    net: TrainModel
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    log: MetricsLog
+    peak_tflops: Optional[float]  # the device's peak, for MFU (None: unknown, no MFU)
 
 
 class TrainingError(UserError, RuntimeError):
@@ -48,14 +94,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on the matrices (embeddings, projections) and none on the RMSNorm
-    gains: decaying a gain towards 0 would shrink activations, not regularise."""
+    gains: decaying a gain towards 0 would shrink activations, not regularise. Only parameters that
+    train: with LoRA, the adapters alone (the frozen base needs no optimizer state)."""
     matrices, vectors = [], []
     for p in model.parameters():  # a tied output/embedding weight is listed once
         if p.requires_grad:
             (matrices if p.ndim >= 2 else vectors).append(p)
     groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                  fused=device.type == "cuda")
+    if cfg.lora_rank:
+        lora.check_only_adapters_train(model, optimizer)
+    return optimizer
 
 
 def global_grad_norm(model) -> torch.Tensor:
@@ -124,16 +174,16 @@ def _head_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return parallel.vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
 
 
-def grad_sync(run, sync: bool):
+def grad_sync(net: TrainModel, sync: bool) -> ContextManager:
     """Reduce gradients over the data-parallel group on this micro-batch? DDP: no_sync() around
     the forward; FSDP: a flag its backward reads (no reduce-scatter until the last micro-batch)."""
-    if fsdp.is_sharded(run.model):
-        run.model.set_requires_gradient_sync(sync)
+    if fsdp.is_sharded(net.model):
+        net.model.set_requires_gradient_sync(sync)
         return nullcontext()
-    return run.ddp.no_sync() if run.ddp is not None and not sync else nullcontext()
+    return net.ddp.no_sync() if net.ddp is not None and not sync else nullcontext()
 
 
-def train_step(run, micro_batches: List, step: int):
+def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[float, float, float]:
     """One optimizer step over this rank's micro-batches; returns (loss, grad norm, lr) as floats."""
     device, dp = run.device, parallel.data_parallel_size()
     count = dp_all_reduce(sum((y != IGNORE).sum() for _, y in micro_batches).to(device, torch.float32))
@@ -142,20 +192,20 @@ def train_step(run, micro_batches: List, step: int):
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with grad_sync(run, sync), run.autocast():
-            summed = loss_sum(run.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                              run.model, run.cfg.loss_chunks)
+        with grad_sync(run.net, sync), run.autocast():
+            summed = loss_sum(run.net.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                              run.net.model, run.cfg.loss_chunks)
         (summed * scale).backward()
         total += summed.detach()
     loss = (dp_all_reduce(total) / count.clamp(min=1.0)).item()
-    norm = global_grad_norm(run.model)
+    norm = global_grad_norm(run.net.model)
     if not (math.isfinite(loss) and torch.isfinite(norm).item()):
-        kept = latest_checkpoint(run.cfg.out_dir) if run.saved_any else None
+        kept = latest_checkpoint(run.cfg.out_dir) if run.progress.saved_any else None
         raise TrainingError(
             f"loss is {loss} (grad norm {norm.item()}) at step {step + 1}: stopping without saving; "
             f"the last good checkpoint is {kept or 'none (no checkpoint was saved in this run)'}; "
             f"lower lr or check the data")
-    clip_gradients(run.model, norm, run.cfg.grad_clip)
+    clip_gradients(run.net.model, norm, run.cfg.grad_clip)
     lr = lr_at(step, run.cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -165,17 +215,18 @@ def train_step(run, micro_batches: List, step: int):
 
 
 @torch.no_grad()
-def evaluate(run) -> Optional[float]:
+def evaluate(run: Run) -> Optional[float]:
     """Mean loss over the fixed held-out batches (every rank gets the same number), or None."""
-    if run.val_batches is None:
+    if run.data.val is None:
         return None
-    run.model.eval()
+    model = run.net.model
+    model.eval()
     sums = torch.zeros(2, device=run.device)  # (summed loss, trained tokens)
-    for x, y in run.val_batches:
+    for x, y in run.data.val:
         with run.autocast():
-            sums[0] += loss_sum(run.model, x.to(run.device), y.to(run.device))
+            sums[0] += loss_sum(model, x.to(run.device), y.to(run.device))
         sums[1] += (y != IGNORE).sum()
-    run.model.train()
+    model.train()
     dp_all_reduce(sums)
     return (sums[0] / sums[1]).item() if sums[1] > 0 else None
 
@@ -187,63 +238,68 @@ def _eval_text(path: str, tokenizer_path: str):
     return open(path, encoding="utf-8").read(), load_tokenizer(tokenizer_path)
 
 
-def eval_text_perplexity(run) -> float:
+def eval_text_perplexity(run: Run) -> float:
     """Perplexity of cfg.eval_data (llama.eval's strided windows: seq_len tokens, half overlap).
     Every rank runs it (model-parallel layers communicate); data-parallel ranks get the same number."""
-    text, tokenizer = _eval_text(run.cfg.eval_data, str(run.tokenizer_path))
-    run.model.eval()
+    text, tokenizer = _eval_text(run.cfg.eval_data, str(run.data.tokenizer_path))
+    model = run.net.model
+    model.eval()
     with run.autocast():
-        res = perplexity(run.model, tokenizer, text, run.cfg.seq_len, max(1, run.cfg.seq_len // 2),
+        res = perplexity(model, tokenizer, text, run.cfg.seq_len, max(1, run.cfg.seq_len // 2),
                          batch_size=run.cfg.micro_batch_size)
-    run.model.train()
+    model.train()
     return res.perplexity
 
 
-def save(run, step: int) -> None:
-    state = {"step": step, "consumed": run.consumed, "rng": rng_state(),
+def save(run: Run) -> Path:
+    """A checkpoint of the run at its current step (collective: every rank calls it)."""
+    step = run.progress.step
+    state = {"step": step, "consumed": run.progress.consumed, "rng": rng_state(),
              "model_parallel_size": parallel.model_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
-             "data": str(run.data_dir), "tokenizer": str(run.tokenizer_path)}
+             "data": str(run.data.dir), "tokenizer": str(run.data.tokenizer_path)}
     sharded = run.cfg.data_parallel == "fsdp"  # the optimizer goes to a DCP directory, sharded
     if not sharded:
         state["optimizer"] = run.optimizer.state_dict()
     if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
-        path = save_adapter_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path,
-                                       run.cfg.keep_last, base_pointer(run.cfg, run.model),
+        path = save_adapter_checkpoint(run.cfg.out_dir, step, run.net.model, state, run.data.tokenizer_path,
+                                       run.cfg.keep_last, base_pointer(run.cfg, run.net.model),
                                        run.optimizer if sharded else None)
     else:
         write_shards = functools.partial(fsdp.write_shards, optimizer=run.optimizer) if sharded else None
-        path = save_checkpoint(run.cfg.out_dir, step, run.model, state, run.tokenizer_path, run.cfg.keep_last,
-                               write_shards)
-    run.saved_any = True
+        path = save_checkpoint(run.cfg.out_dir, step, run.net.model, state, run.data.tokenizer_path,
+                               run.cfg.keep_last, write_shards)
+    run.progress.saved_any = True
     run.log.print(f"saved {path}")
+    return path
 
 
-def _record(run, step: int, loss: float, norm: float, lr: float, window: dict) -> dict:
+def _record(run: Run, step: int, loss: float, norm: float, lr: float, window: dict) -> dict:
     """The logged numbers for `step`; window holds the tokens and training seconds since the last
     log (the step's .item() calls synchronise with the GPU, so the seconds are real)."""
     tokens_per_s = window["tokens"] / max(window["seconds"], 1e-9)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    tflops = flops_per_token(run.model.params, run.cfg.seq_len) * tokens_per_s / world / 1e12  # per device
+    tflops = flops_per_token(run.net.model.params, run.cfg.seq_len) * tokens_per_s / world / 1e12  # per device
     window.update(seconds=0.0, tokens=0)
-    return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s,
-            "tflops": tflops, "mfu": tflops / run.peak if run.peak else None, "memory_gb": memory_gb(run.device)}
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "tflops": tflops,
+            "mfu": tflops / run.peak_tflops if run.peak_tflops else None, "memory_gb": memory_gb(run.device)}
 
 
-def loop(run) -> dict:
-    """Steps run.step .. max_steps; logs, evaluates and saves on schedule. Returns the curves."""
-    cfg = run.cfg
+def loop(run: Run) -> dict:
+    """Steps run.progress.step .. max_steps; logs, evaluates and saves on schedule (the final
+    checkpoint is the caller's: train.py saves it after the loop). Returns the curves."""
+    cfg, progress = run.cfg, run.progress
     losses, val_losses = [], {}
     window = {"seconds": 0.0, "tokens": 0}
-    for step in range(run.step, cfg.max_steps):
+    for step in range(progress.step, cfg.max_steps):
         start = time.perf_counter()
-        micro = run.batches.train_micro_batches(run.consumed, cfg.batch_size, cfg.micro_batch_size,
-                                                parallel.data_parallel_rank(), parallel.data_parallel_size())
+        micro = run.data.batches.train_micro_batches(progress.consumed, cfg.batch_size, cfg.micro_batch_size,
+                                                     parallel.data_parallel_rank(), parallel.data_parallel_size())
         loss, norm, lr = train_step(run, micro, step)
         window["seconds"] += time.perf_counter() - start
         window["tokens"] += sum(x.numel() for x, _ in micro) * parallel.data_parallel_size()
-        run.consumed += cfg.batch_size
-        done = step + 1
+        progress.step, progress.consumed = step + 1, progress.consumed + cfg.batch_size
+        done = progress.step
         losses.append(loss)
         run.log.advance()
         record = None
@@ -258,7 +314,6 @@ def loop(run) -> dict:
                 record = dict(record or {"step": done}, eval_ppl=eval_text_perplexity(run))
         if record is not None:
             run.log.log(record)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-            save(run, done)
-    return {"losses": losses, "val_losses": val_losses, "first_step": run.first_step,
-            "checkpoint": str(latest_checkpoint(cfg.out_dir)) if run.saved_any else None}
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            save(run)
+    return {"losses": losses, "val_losses": val_losses, "first_step": progress.first_step}

@@ -1,4 +1,4 @@
-"""Setting up a training run: checks first, then processes, data, model, optimizer, resume.
+"""The steps of a training run that train.py takes in order: checks, processes, data, model, resume.
 
 Everything that can be checked without work is checked before any (config keys, paths, the
 model-parallel size against the world size and the model's shape), so a bad run fails in a second
@@ -9,10 +9,9 @@ import dataclasses
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,30 +25,8 @@ from llama import lora
 from llama.tokenizer import tokenizer_file
 from llama.train import lora as train_lora
 from llama.train.config import TrainConfig, asset_path, check_device, check_layout
-from llama.train.metrics import MetricsLog, peak_tflops
+from llama.train.loop import Data, Progress, Run, TrainModel, enable_activation_checkpointing
 from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
-from llama.train.loop import enable_activation_checkpointing, loop, make_optimizer
-
-
-@dataclass
-class Run:
-    cfg: TrainConfig
-    model: torch.nn.Module  # the Transformer itself (this rank's shard): names, saving, eval
-    forward: object  # what the training step calls: model, DDP(model), or their compiled form
-    ddp: Optional[object]  # the DDP wrapper when data-parallel (for no_sync), else None
-    optimizer: torch.optim.Optimizer
-    batches: Batches
-    val_batches: Optional[list]
-    device: torch.device
-    autocast: object  # () -> context manager
-    data_dir: Path
-    tokenizer_path: Optional[str]
-    log: MetricsLog
-    peak: Optional[float]
-    step: int = 0
-    consumed: int = 0  # training sequences consumed so far: the data position
-    first_step: int = 0
-    saved_any: bool = False
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -96,7 +73,7 @@ def tokenizer_for(cfg: TrainConfig) -> Optional[str]:
     return None
 
 
-def resolve_data(cfg: TrainConfig, vocab_size: int):
+def resolve_data(cfg: TrainConfig, vocab_size: int) -> Tuple[Path, Optional[str]]:
     """(prepared data dir, tokenizer path): tokenizes raw data (and trains a BPE when no tokenizer is
     given) into cfg.data_cache the first time; later runs, and the other ranks, find it there."""
     tok = tokenizer_for(cfg)
@@ -126,7 +103,7 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device):
+def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], ContextManager]:
     dtype = compute_dtype(cfg, device)
     if dtype == torch.float32:
         return nullcontext
@@ -134,7 +111,10 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
 
 
 def build_model(cfg: TrainConfig, args: ModelArgs, device: torch.device) -> Transformer:
-    """fp32 master weights: from the checkpoint to fine-tune (this rank's shard), or initialised."""
+    """fp32 master weights: from the checkpoint to fine-tune (this rank's shard), or initialised.
+    Under FSDP it is built on the CPU: sharding moves each block's shard to `device`, never the whole model."""
+    if cfg.data_parallel == "fsdp":
+        device = torch.device("cpu")
     if cfg.init_from:
         from llama.checkpoint import load_model
 
@@ -145,7 +125,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device: torch.device) -> Tran
     return model.to(device)
 
 
-def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool):
+def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool) -> Tuple[Path, Optional[str]]:
     """Global rank 0 tokenizes (once, cached); the others wait, then find the cache."""
     if is_first:
         data_dir, tok = resolve_data(cfg, args.vocab_size)
@@ -161,7 +141,19 @@ def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool):
     return data_dir, tok
 
 
-def setup(cfg: TrainConfig) -> Run:
+
+
+def is_first_rank() -> bool:
+    """Global rank 0 (or the only process): the one that prints, logs and prepares the data."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ---------------------------------------------------------------- the steps, in train.py's order
+
+
+def check_run(cfg: TrainConfig) -> Tuple[TrainConfig, ModelArgs]:
+    """(the config with its paths resolved and the micro-batch fitted to the world size, the model's
+    shape): every check that needs no work (no process group, no data, no weights)."""
     # tokenizer= may name an asset, a file or a checkpoint dir: resolved as data prepare --tokenizer is
     tok = str(tokenizer_file(cfg.tokenizer, flag="tokenizer=")) if cfg.tokenizer else ""
     cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=tok)
@@ -175,57 +167,43 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.lora_rank:  # LoRA: the rank against the layers' shapes, before any work
         lora.check_model(args, cfg.lora_rank, cfg.lora_targets, cfg.model_parallel_size)
     check_data(cfg)
+    return cfg, args
+
+
+def start_processes(cfg: TrainConfig) -> torch.device:
+    """Join the torchrun job as model-parallel x data-parallel groups (one process: nothing to join),
+    pick this rank's device, seed the RNG; rank 0 makes out_dir. Returns the device."""
     parallel.init_distributed(cfg.model_parallel_size)
     device = pick_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    is_first = not dist.is_initialized() or dist.get_rank() == 0
-    if is_first:
+    if is_first_rank():
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    data_dir, tok = _prepare_data(cfg, args, is_first)
+    return device
+
+
+def load_data(cfg: TrainConfig, args: ModelArgs) -> Data:
+    """The prepared data (tokenized once, cached), its tokenizer, and this data-parallel rank's
+    memory-mapped batches; the fixed validation micro-batches when the run evaluates."""
+    data_dir, tok = _prepare_data(cfg, args, is_first_rank())
     batches = Batches(data_dir, cfg.seq_len, cfg.seed)
-    sharded = cfg.data_parallel == "fsdp"  # FSDP moves each block's shard to the device itself
-    model = build_model(cfg, args, torch.device("cpu") if sharded else device)
-    if cfg.lora_rank:  # adapters on a frozen base (llama/train/lora.py)
-        train_lora.attach(cfg, model, device)
+    val = None
+    if cfg.eval_every and batches.counts["val"]:
+        val = batches.val_micro_batches(cfg.eval_batches, cfg.batch_size, cfg.micro_batch_size,
+                                        parallel.data_parallel_rank(), parallel.data_parallel_size())
+    return Data(dir=data_dir, tokenizer_path=tok, batches=batches, val=val)
+
+
+def distribute(cfg: TrainConfig, model: Transformer, device: torch.device) -> TrainModel:
+    """The model as the training step runs it: logits kept split for the vocabulary-parallel loss,
+    FSDP-sharded or DDP-replicated over the data-parallel group, blocks recomputed in backward
+    (activation_checkpointing), compiled (compile)."""
     model.train()
     parallel.keep_logits_split(model)  # the loss is vocabulary-parallel
-    if sharded:
+    if cfg.data_parallel == "fsdp":  # each block's shard moves to the device as it is sharded
         model = fsdp.shard_model(model, device, cfg.reshard_after_forward, compute_dtype(cfg, device))
-    optimizer = make_optimizer(model, cfg, device)
-    if cfg.lora_rank:
-        lora.check_only_adapters_train(model, optimizer)
-    step, consumed = _maybe_resume(cfg, model, optimizer, device, is_first)
-    return _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed, is_first)
-
-
-def _maybe_resume(cfg, model, optimizer, device, is_first):
-    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if not cfg.resume and is_first and (Path(cfg.out_dir) / "latest").is_file():
-        print(f"warning: {cfg.out_dir} holds checkpoints of an earlier run; this run starts at step 0 and "
-              f"replaces them as it saves (resume=true would continue it)", file=sys.stderr)
-    if checkpoint is None:
-        if cfg.resume and is_first:
-            print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
-        return 0, 0
-    if cfg.lora_rank:
-        state = train_lora.load_adapter_checkpoint(checkpoint, model, optimizer, device,
-                                                   train_lora.base_pointer(cfg, model))
-    elif cfg.data_parallel == "fsdp" or fsdp.is_fsdp_checkpoint(checkpoint):
-        state = fsdp.load_checkpoint(checkpoint, model, optimizer, device)
-    else:
-        state = load_checkpoint(checkpoint, model, device)
-        optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    if is_first:
-        print(f"resumed from {checkpoint} (step {state['step']})", file=sys.stderr)
-    return state["step"], state["consumed"]
-
-
-def _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed, is_first) -> Run:
-    """Activation checkpointing, DDP over the data-parallel group, compile; the validation set."""
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     ddp = None
@@ -238,29 +216,44 @@ def _wrap(cfg, model, optimizer, batches, device, data_dir, tok, step, consumed,
             process_group=parallel.data_parallel_group())
     if cfg.compile:
         forward = torch.compile(forward)
-    val = batches.val_micro_batches(cfg.eval_batches, cfg.batch_size, cfg.micro_batch_size,
-                                    parallel.data_parallel_rank(), parallel.data_parallel_size())
-    log = MetricsLog(cfg.out_dir, is_first, cfg.max_steps, step)
-    return Run(cfg=cfg, model=model, forward=forward, ddp=ddp, optimizer=optimizer, batches=batches,
-               val_batches=val if cfg.eval_every and batches.counts["val"] else None, device=device,
-               autocast=autocast_for(cfg, device), data_dir=data_dir, tokenizer_path=tok, log=log,
-               peak=peak_tflops(device, cfg.peak_tflops), step=step, consumed=consumed, first_step=step)
+    return TrainModel(model=model, forward=forward, ddp=ddp)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or continue) the training described by cfg; returns the loss curves and the last
-    checkpoint. Collective: every process of a torchrun job calls it."""
-    run = setup(cfg)
-    mp, dp = parallel.model_parallel_size(), parallel.data_parallel_size()
-    n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in run.model.named_parameters())
-    run.log.print(f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
-                  f"{run.device} | data {run.data_dir} ({len(run.batches)} sequences of {cfg.seq_len})")
+def resume(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer, device: torch.device) -> Progress:
+    """resume=true: load the latest checkpoint's weights (or adapters), optimizer, RNG and data
+    position into this run. Otherwise (or with nothing to resume) a run at step 0."""
+    is_first = is_first_rank()
+    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if not cfg.resume and is_first and (Path(cfg.out_dir) / "latest").is_file():
+        print(f"warning: {cfg.out_dir} holds checkpoints of an earlier run; this run starts at step 0 and "
+              f"replaces them as it saves (resume=true would continue it)", file=sys.stderr)
+    if checkpoint is None:
+        if cfg.resume and is_first:
+            print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
+        return Progress()
     if cfg.lora_rank:
-        trainable = sum(parallel.full_shape(n, p.shape).numel() for n, p in lora.trainable_parameters(run.model).items())
-        run.log.print(f"LoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
-                      f"parameters ({100 * trainable / n_params:.2f}%), base frozen")
-    try:
-        result = loop(run)
-    finally:
-        run.log.close()
-    return result
+        state = train_lora.load_adapter_checkpoint(checkpoint, model, optimizer, device,
+                                                   train_lora.base_pointer(cfg, model))
+    elif cfg.data_parallel == "fsdp" or fsdp.is_fsdp_checkpoint(checkpoint):
+        state = fsdp.load_checkpoint(checkpoint, model, optimizer, device)
+    else:
+        state = load_checkpoint(checkpoint, model, device)
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    if is_first:
+        print(f"resumed from {checkpoint} (step {state['step']})", file=sys.stderr)
+    return Progress(step=state["step"], consumed=state["consumed"], first_step=state["step"])
+
+
+def describe(run: Run) -> str:
+    """One line for the log: parameters, the parallel layout, the device and data (and LoRA's share)."""
+    model, cfg = run.net.model, run.cfg
+    mp, dp = parallel.model_parallel_size(), parallel.data_parallel_size()
+    n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in model.named_parameters())
+    line = (f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
+            f"{run.device} | data {run.data.dir} ({len(run.data.batches)} sequences of {cfg.seq_len})")
+    if cfg.lora_rank:
+        trainable = sum(parallel.full_shape(n, p.shape).numel() for n, p in lora.trainable_parameters(model).items())
+        line += (f"\nLoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
+                 f"parameters ({100 * trainable / n_params:.2f}%), base frozen")
+    return line
