@@ -23,8 +23,9 @@ hook adds the LoRA term to the projection's output; model.py is unchanged. Mergi
 (`merge_lora`) folds W += (alpha/r) B A into each rank's own shard, which is local: a column
 rank's B rows times the full A, a row rank's full B times its A columns.
 
-FSDP: the adapters are ordinary parameters of each block, so `fully_shard(block)` wraps them with
-the frozen base; FSDP2 keeps requires_grad per parameter. Not built or tested here (see docs/lora.md).
+FSDP: the adapters are ordinary parameters of each block, attached before `fully_shard(block)`,
+which shards them with the frozen base; FSDP2 keeps requires_grad per parameter and reduces only
+the adapters' gradients (llama/train/lora.py, docs/lora.md).
 """
 
 import math

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 def export(model, out, base_path=None):
     cfg = model.lora
-    peft_io.save_peft(out, peft_io.export_training_adapter(model), model.params, cfg["rank"], cfg["alpha"],
+    peft_io.save_peft(out, peft_io.export_training_adapter(lora.adapter_state(model)), model.params, cfg["rank"], cfg["alpha"],
                       cfg["dropout"], cfg["targets"],
                       {"path": base_path, "params_sha256": peft_io.params_sha256(model.params)})
     return out

@@ -256,6 +256,7 @@ def merge_adapter(model, path, base_label) -> Adapter:
     return adapter
 
 
-def export_training_adapter(model) -> Dict[str, torch.Tensor]:
-    """Full adapter tensors gathered from every model-parallel rank (a collective)."""
-    return {n: parallel.gather(n, p.detach()) for n, p in model.named_parameters() if ".lora_" in n}
+def export_training_adapter(local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Full adapter tensors gathered from every model-parallel rank's shard (a collective):
+    `local` is this rank's (llama.lora.adapter_state, or the FSDP pieces gathered first)."""
+    return {n: parallel.gather(n, t) for n, t in local.items()}

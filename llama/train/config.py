@@ -276,9 +276,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data_parallel_size < 0:
         raise ConfigError(f"config key 'data_parallel_size' must not be negative, got {cfg.data_parallel_size}")
     check_lora_config(cfg)
-    if cfg.lora_rank and cfg.data_parallel == "fsdp":
-        raise ConfigError("lora_rank with data_parallel=\"fsdp\" is not composed yet: train LoRA with "
-                          "data_parallel=\"ddp\" (the adapters are small; base_dtype=bfloat16 halves the frozen base)")
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")

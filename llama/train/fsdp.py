@@ -105,20 +105,23 @@ def _writer() -> bool:
 
 
 @torch.no_grad()
-def gathered_state_dict(model, keep: bool) -> dict:
+def gathered_state_dict(model, keep: bool, select=None, device="cpu") -> dict:
     """This model-parallel rank's state dict (Meta's keys and shard layout), all-gathered over the
-    data-parallel group one tensor at a time and moved to the CPU; ranks with keep=False take
-    part in the gathers and get {}. (get_model_state_dict(full_state_dict=True) would keep the
-    result on global rank 0 only, losing the other model-parallel ranks' shards.)"""
+    data-parallel group one tensor at a time and moved to `device`; ranks with keep=False take
+    part in the gathers and get {}. select(name) picks the tensors (LoRA: the adapters only).
+    (get_model_state_dict(full_state_dict=True) would keep the result on global rank 0 only,
+    losing the other model-parallel ranks' shards.)"""
     state, seen = {}, {}
     for name, t in model.state_dict().items():
+        if select is not None and not select(name):
+            continue
         if id(t) in seen:  # a tied weight: one tensor under two names, gathered once
             state[name] = state.get(seen[id(t)])
             continue
         seen[id(t)] = name
         full = t.full_tensor() if isinstance(t, DTensor) else t
         if keep:
-            state[name] = full.detach().to("cpu", copy=True)
+            state[name] = full.detach().to(device, copy=True)
         del full
     return state if keep else {}
 
@@ -132,10 +135,25 @@ def write_shards(tmp: Path, model, train_state: dict, optimizer) -> None:
         atomic_write(tmp / f"consolidated.{mp_rank:02d}.pth", lambda f: torch.save(weights, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
     weights.clear()  # the gathered copy goes before DCP writes the optimizer
+    save_optimizer(tmp, model, optimizer)
+
+
+def save_optimizer(tmp: Path, model, optimizer) -> None:
+    """Collective over the data-parallel group: every rank writes its piece of the AdamW state to
+    optimizer.NN/ (a DCP directory per model-parallel rank; LoRA: the adapters' state only)."""
     with _one_process_is_fine():
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=tmp / f"optimizer.{mp_rank:02d}", process_group=parallel.data_parallel_group(),
-                 no_dist=not dist.is_initialized())
+                 checkpoint_id=tmp / f"optimizer.{parallel.model_parallel_rank():02d}",
+                 process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
+
+
+def load_optimizer(path: Path, model, optimizer) -> None:
+    """The AdamW state from optimizer.NN/, resharded by DCP to this run's data-parallel size."""
+    optim_state = get_optimizer_state_dict(model, optimizer)  # the template DCP fills in (sharded here)
+    with _one_process_is_fine():
+        dcp.load({"optimizer": optim_state}, checkpoint_id=path / f"optimizer.{parallel.model_parallel_rank():02d}",
+                 process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, optim_state)
 
 
 @contextmanager
@@ -151,17 +169,24 @@ def is_fsdp_checkpoint(path: Path) -> bool:
     return (Path(path) / "optimizer.00").is_dir()
 
 
-@torch.no_grad()
 def load_full_weights(model, weights: dict) -> None:
     """Copy a model-parallel shard's full tensors (a consolidated.NN.pth) into the model, each
     data-parallel rank keeping only its FSDP piece (cut locally: no communication)."""
-    names = dict(model.named_parameters())  # a tied weight is listed once
     missing = [n for n in model.state_dict() if n not in weights]
     extra = [n for n in weights if n not in model.state_dict()]
     if missing or extra:
         raise FSDPError(f"checkpoint tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, p in names.items():
-        full = weights[name].to(device=p.device, dtype=p.dtype)
+    copy_full_tensors(model, weights)
+
+
+@torch.no_grad()
+def copy_full_tensors(model, tensors: dict) -> None:
+    """Copy the named parameters' full tensors (this model-parallel rank's) into the model, sharded
+    or not: each data-parallel rank keeps only its FSDP piece. Parameters not named are left alone."""
+    for name, p in model.named_parameters():  # a tied weight is listed once
+        if name not in tensors:
+            continue
+        full = tensors[name].to(device=p.device, dtype=p.dtype)
         if isinstance(p, DTensor):
             full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
         local(p).copy_(full)
@@ -185,9 +210,5 @@ def load_checkpoint(path: Path, model, optimizer, device) -> dict:
     weights = torch.load(path / f"consolidated.{mp_rank:02d}.pth", map_location="cpu", weights_only=True, mmap=True)
     load_full_weights(model, weights)
     del weights
-    optim_state = get_optimizer_state_dict(model, optimizer)  # the template DCP fills in (sharded here)
-    with _one_process_is_fine():
-        dcp.load({"optimizer": optim_state}, checkpoint_id=path / f"optimizer.{mp_rank:02d}",
-                 process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
-    set_optimizer_state_dict(model, optimizer, optim_state)
+    load_optimizer(path, model, optimizer)
     return train_state

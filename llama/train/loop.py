@@ -258,16 +258,15 @@ def save(run: Run) -> Path:
              "model_parallel_size": parallel.model_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
              "data": str(run.data.dir), "tokenizer": str(run.data.tokenizer_path)}
-    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
+    sharded = run.cfg.data_parallel == "fsdp"  # the optimizer goes to a DCP directory, sharded
+    if not sharded:
         state["optimizer"] = run.optimizer.state_dict()
+    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
         path = save_adapter_checkpoint(run.cfg.out_dir, step, run.net.model, state, run.data.tokenizer_path,
-                                       run.cfg.keep_last, base_pointer(run.cfg, run.net.model))
+                                       run.cfg.keep_last, base_pointer(run.cfg, run.net.model),
+                                       run.optimizer if sharded else None)
     else:
-        write_shards = None
-        if run.cfg.data_parallel == "fsdp":  # the optimizer goes to a DCP directory, sharded
-            write_shards = functools.partial(fsdp.write_shards, optimizer=run.optimizer)
-        else:
-            state["optimizer"] = run.optimizer.state_dict()
+        write_shards = functools.partial(fsdp.write_shards, optimizer=run.optimizer) if sharded else None
         path = save_checkpoint(run.cfg.out_dir, step, run.net.model, state, run.data.tokenizer_path,
                                run.cfg.keep_last, write_shards)
     run.progress.saved_any = True

@@ -6,6 +6,8 @@
       lora.json                  the base: its path and the sha256 of its params (checked on resume/merge)
       adapter.NN.pth             model-parallel rank NN's adapter shard, fp32: what resume loads
       train_state.NN.pth         optimizer (adapters only), step, data position, RNG, config
+      optimizer.NN/              data_parallel="fsdp": the adapters' AdamW state, a DCP directory
+                                 (llama/train/fsdp.py) in place of the one in train_state
       params.json, tokenizer.model   the base's shape and tokenizer, as in a full checkpoint
 
 Megabytes, not gigabytes: the base is read again from its own files. The directory is built in a
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from llama import lora, parallel
 from llama.checkpoint import peft
 from llama.files import atomic_write
+from llama.train import fsdp
 from llama.train.state import save_checkpoint
 
 
@@ -47,27 +50,32 @@ def attach(cfg, model, device: torch.device) -> None:
 
 
 def save_adapter_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path, keep_last: int,
-                            base: dict) -> Path:
+                            base: dict, optimizer=None) -> Path:
     """Collective over all ranks: train/state.py's atomic save, with the adapters (and the PEFT pair,
-    whose export gathers the full adapters over model parallel) in place of the weights."""
+    whose export gathers the full adapters over model parallel) in place of the weights. With
+    `optimizer` (FSDP) its state goes to optimizer.NN/ through DCP instead of train_state."""
     return save_checkpoint(out_dir, step, model, train_state, tokenizer_path, keep_last,
-                           write_shards=functools.partial(write_adapter_shards, base=base))
+                           write_shards=functools.partial(write_adapter_shards, base=base, optimizer=optimizer))
 
 
-def write_adapter_shards(tmp: Path, model, train_state: dict, base: dict) -> None:
-    full = peft.export_training_adapter(model)  # every rank takes part in the gathers
+def write_adapter_shards(tmp: Path, model, train_state: dict, base: dict, optimizer=None) -> None:
+    device = fsdp.local(next(model.parameters())).device  # gathers stay on the device (NCCL)
+    local = fsdp.gathered_state_dict(model, keep=True, select=lora.is_lora_name, device=device)  # whole over DP
+    full = peft.export_training_adapter(local)  # every rank takes part in the gathers
     if parallel.data_parallel_rank() == 0:
         mp_rank = parallel.model_parallel_rank()
-        local = {k: v.clone() for k, v in lora.adapter_state(model).items()}
         atomic_write(tmp / f"adapter.{mp_rank:02d}.pth", lambda f: torch.save(local, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
+    if optimizer is not None:
+        fsdp.save_optimizer(tmp, model, optimizer)
     if not dist.is_initialized() or dist.get_rank() == 0:
         cfg = model.lora
         peft.save_peft(tmp, full, model.params, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"], base)
 
 
-def load_adapter_checkpoint(path: Path, model, device, base: dict) -> dict:
-    """Load this rank's adapter shard in place (after checking the base); return its training state."""
+def load_adapter_checkpoint(path: Path, model, optimizer, device, base: dict) -> dict:
+    """Load this rank's adapter shard (each FSDP rank keeps its piece) and the optimizer state in
+    place, after checking the base; return the training state."""
     mp_rank, mp = parallel.model_parallel_rank(), parallel.model_parallel_size()
     shard = path / f"adapter.{mp_rank:02d}.pth"
     if not shard.is_file():
@@ -86,5 +94,9 @@ def load_adapter_checkpoint(path: Path, model, device, base: dict) -> dict:
     if missing:
         raise lora.LoRAError(f"{path}: its adapters do not match this run's lora_targets/rank "
                              f"(e.g. {sorted(missing)[0]}): resume with the run's LoRA settings")
-    model.load_state_dict(state, strict=False)  # the base came from init_from; adapters only here
+    fsdp.copy_full_tensors(model, state)  # the base came from init_from; adapters only here
+    if fsdp.is_fsdp_checkpoint(path):  # resharded by DCP to this run's data-parallel size
+        fsdp.load_optimizer(path, model, optimizer)
+    else:
+        optimizer.load_state_dict(train_state["optimizer"])
     return train_state

@@ -232,8 +232,8 @@ def resume(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimize
             print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
         return Progress()
     if cfg.lora_rank:
-        state = train_lora.load_adapter_checkpoint(checkpoint, model, device, train_lora.base_pointer(cfg, model))
-        optimizer.load_state_dict(state["optimizer"])
+        state = train_lora.load_adapter_checkpoint(checkpoint, model, optimizer, device,
+                                                   train_lora.base_pointer(cfg, model))
     elif cfg.data_parallel == "fsdp" or fsdp.is_fsdp_checkpoint(checkpoint):
         state = fsdp.load_checkpoint(checkpoint, model, optimizer, device)
     else:
