@@ -35,8 +35,12 @@ import numpy as np
 import torch
 
 from llama.assets import cache_dir, smollm2_gguf
+from llama.quantize import DEFAULT_GROUP_SIZE
 
 PROMPT = "The history of the Roman Empire begins"
+# llama-ref's quantized engines: (scheme, group size, weights column); group 0 = one int8 scale per row
+QUANTIZED = [("int8", DEFAULT_GROUP_SIZE["int8"], f"int8 group {DEFAULT_GROUP_SIZE['int8']}"),
+             ("int8", 0, "int8 per row"), ("int4", DEFAULT_GROUP_SIZE["int4"], f"int4 group {DEFAULT_GROUP_SIZE['int4']}")]
 
 
 def write_f32_gguf(src: Path, dst: Path) -> Path:
@@ -115,13 +119,13 @@ def decode_bytes_ours(model) -> int:
 
 
 class Ours:
-    def __init__(self, path, args, quantize=None, compile=False):
+    def __init__(self, path, args, quantize=None, compile=False, group_size=None):
         from llama.fast import keep_freed_memory
         from llama.generation import Llama
 
         keep_freed_memory()  # as generate.py does: the allocator setting is opt-in
         self.llama = Llama.build(path, max_seq_len=1024, max_batch_size=1, device=args.device, compile=compile,
-                                 quantize=quantize)
+                                 quantize=quantize, group_size=group_size)
         self.llama.tokenizer.stop_tokens = set()  # always n tokens, like min_new_tokens / ignore_eos
         self.bytes = decode_bytes_ours(self.llama.model)
 
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "compile", "int8"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "compile", "int8", "int4"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = smollm2_gguf()
@@ -246,11 +250,13 @@ def main(argv=None) -> int:
     engines = {("llama-ref", "fp32"): lambda: Ours(src, args)}
     if "compile" not in args.skip:
         engines[("llama-ref + torch.compile", "fp32")] = lambda: Ours(src, args, compile=True)
-    if "int8" not in args.skip:
-        engines[("llama-ref --quantize int8", "int8")] = lambda: Ours(src, args, quantize="int8")
-        if "compile" not in args.skip:
-            engines[("llama-ref --quantize int8 + torch.compile", "int8")] = \
-                lambda: Ours(src, args, quantize="int8", compile=True)
+    for method, group, weights in QUANTIZED:
+        if method not in args.skip:
+            flags = f"--quantize {method} --group-size {group}"
+            engines[(f"llama-ref {flags}", weights)] = lambda m=method, g=group: Ours(src, args, m, group_size=g)
+            if "compile" not in args.skip:
+                engines[(f"llama-ref {flags} + torch.compile", weights)] = \
+                    lambda m=method, g=group: Ours(src, args, m, compile=True, group_size=g)
     if "hf" not in args.skip:
         engines[("HF transformers generate()", "fp32")] = lambda: HF(src, args)
     if "llamacpp" not in args.skip and not on_gpu:
@@ -260,7 +266,8 @@ def main(argv=None) -> int:
             print("llama.cpp skipped: `pip install llama-cpp-python` to include it (builds from source)")
         else:
             f32 = write_f32_gguf(src, cache_dir() / "smollm2-135m-instruct.f32.gguf")
-            for weights, ftype in (("F32", "LLAMA_FTYPE_ALL_F32"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0")):
+            for weights, ftype in (("F32", "LLAMA_FTYPE_ALL_F32"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+                                   ("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")):
                 path = cache_dir() / f"smollm2-135m-instruct.llamacpp-{weights}.gguf"
                 llamacpp_quantize(f32, path, ftype, args.threads)
                 engines[("llama.cpp (llama-cpp-python)", weights)] = lambda path=path: LlamaCpp(path, args)
@@ -296,22 +303,23 @@ def main(argv=None) -> int:
 
 def ratios(rows) -> None:
     """The targets: decode >= 1.15x llama.cpp F32 and >= 2x HF; prefill >= 1.5x llama.cpp F32;
-    int8 decode >= 1.0x llama.cpp Q8_0."""
+    quantized decode >= 1.0x llama.cpp's Q8_0 (int8) and Q4_0 (int4), compiled."""
     by = {(engine, weights): (prefill, decode) for engine, weights, prefill, decode, _ in rows}
     ours, cpp = by.get(("llama-ref", "fp32")), by.get(("llama.cpp (llama-cpp-python)", "F32"))
     pairs = [("decode vs llama.cpp F32", ours, cpp, 1), ("prefill vs llama.cpp F32", ours, cpp, 0),
-             ("decode vs HF", ours, by.get(("HF transformers generate()", "fp32")), 1),
-             ("int8 decode vs llama.cpp Q8_0", by.get(("llama-ref --quantize int8", "int8")),
-              by.get(("llama.cpp (llama-cpp-python)", "Q8_0")), 1)]
+             ("decode vs HF", ours, by.get(("HF transformers generate()", "fp32")), 1)]
     compiled = by.get(("llama-ref + torch.compile", "fp32"))
     if compiled:
         pairs[1:1] = [("compiled decode vs llama.cpp F32", compiled, cpp, 1),
                       ("compiled prefill vs llama.cpp F32", compiled, cpp, 0),
                       ("compiled decode vs HF", compiled, by.get(("HF transformers generate()", "fp32")), 1)]
-    compiled_int8 = by.get(("llama-ref --quantize int8 + torch.compile", "int8"))
-    if compiled_int8:
-        pairs.append(("compiled int8 decode vs llama.cpp Q8_0", compiled_int8,
-                      by.get(("llama.cpp (llama-cpp-python)", "Q8_0")), 1))
+    for method, group, weights in QUANTIZED:
+        peer = by.get(("llama.cpp (llama-cpp-python)", "Q8_0" if method == "int8" else "Q4_0"))
+        name = "Q8_0" if method == "int8" else "Q4_0"
+        for suffix, label in (("", ""), (" + torch.compile", "compiled ")):
+            ours_q = by.get((f"llama-ref --quantize {method} --group-size {group}{suffix}", weights))
+            pairs += [(f"{label}{weights} {what} vs llama.cpp {name}", ours_q, peer, i)
+                      for what, i in (("decode", 1), ("prefill", 0))]
     for what, a, b, i in pairs:
         if a and b:
             print(f"{what}: {a[i] / b[i]:.2f}x")
