@@ -44,9 +44,9 @@ def windows_of(ids, window):
     return [ids[b:e] for b, e, _ in strided_windows(len(ids), window, window)]
 
 
-def ours_logprobs(path, windows, quantize=None, group_size=None, dtype=None):
+def ours_logprobs(path, windows, quantize=None, group_size=None):
     llama = Llama.build(path, max_seq_len=max(map(len, windows)), max_batch_size=1, quantize=quantize,
-                        group_size=group_size, dtype=dtype)
+                        group_size=group_size)
     with torch.inference_mode():
         for w in windows:
             yield llama.model(torch.tensor([w]))[0, :-1].float().log_softmax(-1)  # (T - 1, vocab)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     windows = [w for w in windows if len(w) > 1]
     start = time.perf_counter()
     reference = list(ours_logprobs(src, windows))
-    engines = {("llama-ref", "fp32"): reference, ("llama-ref", "bf16"): ours_logprobs(src, windows, dtype="bf16")}
+    engines = {("llama-ref", "fp32"): reference}
     for method, group in OURS:
         engines[("llama-ref", f"{method} group {group or 'row'}")] = ours_logprobs(src, windows, method, group)
     if "llamacpp" not in args.skip:

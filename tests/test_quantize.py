@@ -85,7 +85,7 @@ def test_smollm2_teacher_forced_agreement_floor(smollm2_gguf):
 
 
 MP_ARGS = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64,
-               rope_theta=10000.0)  # FFN 192: each of 2 ranks holds 96 input columns of w2
+               rope_theta=10000.0)  # 2 ranks hold 32 input columns of wo each, 96 of w2
 
 
 def quantized_logits(method, group_size, mp=None):
@@ -109,8 +109,8 @@ def test_quantized_model_parallel_equals_one_process():
     """Each rank quantizes its shard; groups inside a row-parallel shard are the single process's
     groups, so the two gloo ranks' scales are exactly one process's, split, and the logits equal one
     process's within the kernel's bf16 output rounding (each rank's partial product is rounded
-    before the all-reduce: 2^-9 relative). Group 64 does not divide w2's 96 columns per rank: one
-    line naming the layer and a size that fits."""
+    before the all-reduce: 2^-9 relative). Group 64 does not divide wo's 32 columns per rank (64 in
+    one process): one line naming the layer and a size that fits."""
     for method, group in [("int8", 32), ("int4", 32)]:
         one, one_scales = quantized_logits(method, group)
         ranks = run_distributed(quantized_logits, 2, method, group, 2)
@@ -122,9 +122,9 @@ def test_quantized_model_parallel_equals_one_process():
         for got, _ in ranks:
             assert (got - one).abs().max() <= 2 ** -7 * one.abs().max()
     messages = run_distributed(quantized_logits, 2, "int4", 64, 2)
-    assert all("w2's input width 96 (its share on each of 2 model-parallel ranks): use --group-size 32" in m
+    assert all("layers.0.attention.wo's input width 32 (its share on each of 2 model-parallel ranks): use --group-size 32" in m
                for m in messages), messages
-    assert isinstance(quantized_logits("int4", 64)[0], torch.Tensor)  # one process: 192 columns, fine
+    assert isinstance(quantized_logits("int4", 64)[0], torch.Tensor)  # one process: 64 and 192 columns, fine
 
 
 def cli(argv):
