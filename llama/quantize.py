@@ -93,6 +93,19 @@ def int8_codes(w: torch.Tensor, group_size: int, dtype: torch.dtype):
     return q.reshape(w.shape).to(torch.int32), scale
 
 
+@torch.library.custom_op("llama::int4_mm", mutates_args=())
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """torch's int4 kernel as an opaque op: under compile inductor calls it as it is. Its own lowering
+    offers only its C++ template on AVX-512 CPUs, so with the template as the only GEMM backend
+    (LLAMA_COMPILE_GEMM=template) an AVX2 CPU had no way to run the product at all."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+
+
+@int4_mm.register_fake
+def _(x, packed, group_size, scales_and_zeros):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as 4-bit codes in the int4 kernel's packed layout (out, in / 2 bytes) and,
     per group of `group_size` inputs, a scale and a zero: `scales_and_zeros` (in / group_size, out, 2)."""
@@ -116,7 +129,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = self.kernel_input(x.reshape(-1, self.in_features).to(self.compute_dtype))  # (N, in)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+        y = int4_mm(flat, self.weight, self.group_size, self.scales_and_zeros)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
