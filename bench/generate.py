@@ -52,8 +52,12 @@ import torch  # noqa: E402
 
 from llama.assets import cache_dir, smollm2_gguf  # noqa: E402
 from llama.files import write_text  # noqa: E402
+from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
 
 PROMPT = "The history of the Roman Empire begins"
+# llama-ref's quantized engines: (scheme, group size, weights column); group 0 = one int8 scale per row
+QUANTIZED = [("int8", DEFAULT_GROUP_SIZE["int8"], f"int8 group {DEFAULT_GROUP_SIZE['int8']}"),
+             ("int8", 0, "int8 per row"), ("int4", DEFAULT_GROUP_SIZE["int4"], f"int4 group {DEFAULT_GROUP_SIZE['int4']}")]
 
 
 def write_f32_gguf(src: Path, dst: Path) -> Path:
@@ -132,13 +136,13 @@ def decode_bytes_ours(model) -> int:
 
 
 class Ours:
-    def __init__(self, path, args, quantize=None, compile=False):
+    def __init__(self, path, args, quantize=None, compile=False, group_size=None):
         from llama.fast import keep_freed_memory
         from llama.generation import Llama
 
         keep_freed_memory()  # as generate.py does: the allocator setting is opt-in
         self.llama = Llama.build(path, max_seq_len=1024, max_batch_size=1, device=args.device, compile=compile,
-                                 quantize=quantize)
+                                 quantize=quantize, group_size=group_size)
         self.llama.tokenizer.stop_tokens = set()  # always n tokens, like min_new_tokens / ignore_eos
         self.bytes = decode_bytes_ours(self.llama.model)
 
@@ -302,7 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "compile", "int8"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "compile", "int8", "int4"])
     p.add_argument("--compete", type=int, default=0, metavar="N",
                    help="also decode with N busy-looping processes running, and report loaded/quiet")
     p.add_argument("--json", type=Path, help="write the record (host facts, kernels, rows, ratios) here")
@@ -329,11 +333,13 @@ def main(argv=None) -> int:
     engines = {("llama-ref", "fp32"): lambda: Ours(src, args)}
     if "compile" not in args.skip:
         engines[("llama-ref + torch.compile", "fp32")] = lambda: Ours(src, args, compile=True)
-    if "int8" not in args.skip:
-        engines[("llama-ref --quantize int8", "int8")] = lambda: Ours(src, args, quantize="int8")
-        if "compile" not in args.skip:
-            engines[("llama-ref --quantize int8 + torch.compile", "int8")] = \
-                lambda: Ours(src, args, quantize="int8", compile=True)
+    for method, group, weights in QUANTIZED:
+        if method not in args.skip:
+            flags = f"--quantize {method} --group-size {group}"
+            engines[(f"llama-ref {flags}", weights)] = lambda m=method, g=group: Ours(src, args, m, group_size=g)
+            if "compile" not in args.skip:
+                engines[(f"llama-ref {flags} + torch.compile", weights)] = \
+                    lambda m=method, g=group: Ours(src, args, m, compile=True, group_size=g)
     if "hf" not in args.skip:
         engines[("HF transformers generate()", "fp32")] = lambda: HF(src, args)
     if "llamacpp" not in args.skip and not on_gpu:
@@ -343,7 +349,8 @@ def main(argv=None) -> int:
             print("llama.cpp skipped: `pip install llama-cpp-python` to include it (builds from source)")
         else:
             f32 = write_f32_gguf(src, cache_dir() / "smollm2-135m-instruct.f32.gguf")
-            for weights, ftype in (("F32", "LLAMA_FTYPE_ALL_F32"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0")):
+            for weights, ftype in (("F32", "LLAMA_FTYPE_ALL_F32"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+                                   ("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")):
                 path = cache_dir() / f"smollm2-135m-instruct.llamacpp-{weights}.gguf"
                 llamacpp_quantize(f32, path, ftype, args.threads)
                 engines[("llama.cpp (llama-cpp-python)", weights)] = lambda path=path: LlamaCpp(path, args)
@@ -427,23 +434,27 @@ CPP = "llama.cpp (llama-cpp-python)"
 
 
 def ratios(rows) -> dict:
-    """Issue 20's targets: compiled fp32 decode >= 0.9x llama.cpp F32, compiled int8 >= 1.0x Q8_0,
-    prefill >= 1.3x llama.cpp F32; under competition, our loaded/quiet >= 0.8x llama.cpp's."""
+    """The targets: compiled fp32 decode >= 0.9x llama.cpp F32; prefill >= 1.3x llama.cpp F32;
+    compiled quantized decode >= 1.0x llama.cpp's Q8_0 (int8) and Q4_0 (int4); under competition,
+    our loaded/quiet >= 0.8x llama.cpp's."""
     by = {(r["engine"], r["weights"]): r for r in rows}
-    cpp, q8, hf = by.get((CPP, "F32")), by.get((CPP, "Q8_0")), by.get(("HF transformers generate()", "fp32"))
+    cpp, hf = by.get((CPP, "F32")), by.get(("HF transformers generate()", "fp32"))
     eager, compiled = by.get(("llama-ref", "fp32")), by.get(("llama-ref + torch.compile", "fp32"))
-    int8, int8_compiled = by.get(("llama-ref --quantize int8", "int8")), \
-        by.get(("llama-ref --quantize int8 + torch.compile", "int8"))
     pairs = [("decode vs llama.cpp F32", eager, cpp, "decode_tok_s"),
              ("compiled decode vs llama.cpp F32", compiled, cpp, "decode_tok_s"),
              ("prefill vs llama.cpp F32", eager, cpp, "prefill_tok_s"),
              ("compiled decode vs HF", compiled, hf, "decode_tok_s"),
              ("decode vs HF", eager, hf, "decode_tok_s"),
-             ("int8 decode vs llama.cpp Q8_0", int8, q8, "decode_tok_s"),
-             ("compiled int8 decode vs llama.cpp Q8_0", int8_compiled, q8, "decode_tok_s"),
              ("loaded/quiet: compiled vs llama.cpp F32", compiled, cpp, "loaded_over_quiet"),
-             ("loaded/quiet: compiled int8 vs llama.cpp Q8_0", int8_compiled, q8, "loaded_over_quiet"),
              ("loaded/quiet: eager vs llama.cpp F32", eager, cpp, "loaded_over_quiet")]
+    for method, group, weights in QUANTIZED:
+        name = "Q8_0" if method == "int8" else "Q4_0"
+        peer = by.get((CPP, name))
+        for suffix, label in (("", ""), (" + torch.compile", "compiled ")):
+            ours = by.get((f"llama-ref --quantize {method} --group-size {group}{suffix}", weights))
+            pairs += [(f"{label}{weights} decode vs llama.cpp {name}", ours, peer, "decode_tok_s"),
+                      (f"{label}{weights} prefill vs llama.cpp {name}", ours, peer, "prefill_tok_s"),
+                      (f"loaded/quiet: {label}{weights} vs llama.cpp {name}", ours, peer, "loaded_over_quiet")]
     return {what: round(a[field] / b[field], 3) for what, a, b, field in pairs
             if a and b and a.get(field) and b.get(field)}
 

@@ -16,6 +16,7 @@ import torch
 
 from llama.dtypes import DTYPES, parse_dtype
 from llama.errors import USER_ERRORS, ArgumentError, report as report_error
+from llama.quantize import check_quantize
 from llama.sampling import check_sampling_args
 from llama.threads import POLICY_HELP, set_torch_threads
 
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="keep the end of prompts longer than the context")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: ~2x faster decoding on CPU after minutes of compiling")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (single process; None: off)")
+    p.add_argument("--quantize", help="weight-only int8 or int4 (None: off)")
+    p.add_argument("--group-size", type=int, help="weights per scale, 32-256 (int8 also 0: one per row; "
+                   "None: 64 for int8, 32 for int4)")
     p.add_argument("--lora", metavar="ADAPTER", help="merge a LoRA adapter (PEFT dir or LoRA training checkpoint) at load")
     return p
 
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """Fail fast, before loading any weights (ArgumentError: one line naming the flag and the fix)."""
     check_sampling_args(args.temperature, args.top_p, args.top_k)
+    check_quantize(args.quantize, args.group_size)
     if args.max_gen_len < 1:
         raise ArgumentError(f"--max-gen-len {args.max_gen_len}: generate at least 1 token")
     if args.max_seq_len < 2:
@@ -218,7 +222,8 @@ def main(argv=None) -> int:
         llama = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size or max(len(prompts), 1), seed=args.seed,
                             device=args.device, dtype=parse_dtype(args.dtype), compile=args.compile,
-                            quantize=args.quantize, lora=args.lora)
+                            quantize=args.quantize, lora=args.lora,
+                            group_size=args.group_size)
         stats = chat(llama, args, say) if args.chat else run_prompts(llama, prompts, args, say)
         report(stats, say)
         return 0

@@ -27,6 +27,7 @@ from llama.api_checks import check_dialogs, check_max_gen_len, check_prompts, ch
 from llama.dtypes import parse_dtype
 from llama.errors import ArgumentError
 from llama.fast import compile_decode_step, mark_cache_dynamic, own_storage
+from llama.quantize import check_quantize, quantize_model
 from llama.sampling import alternatives, check_sampling_args, sample
 
 
@@ -71,16 +72,19 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               model_parallel_size: Optional[int] = None, seed: int = 1, device=None, dtype=None,
-              compile: bool = False, quantize: Optional[str] = None, lora: Optional[str] = None) -> "Llama":
+              compile: bool = False, quantize: Optional[str] = None, lora: Optional[str] = None,
+              group_size: Optional[int] = None) -> "Llama":
         """Load a Meta dir, an HF dir or a .gguf file (and its tokenizer) onto `device`. Under torchrun
         the model is split over `model_parallel_size` ranks (default: all of them). `lora`: a LoRA
         adapter (PEFT dir or LoRA training checkpoint) merged into the weights at load; a LoRA
-        checkpoint given as ckpt_dir loads its recorded base with it."""
+        checkpoint given as ckpt_dir loads its recorded base with it. `quantize` ("int8", "int4") with
+        `group_size` (None: its default): weight-only quantization, see llama/quantize.py."""
         from llama.checkpoint import CheckpointError, default_tokenizer_path, detect_format, load_model
         from llama.checkpoint.peft import find_adapter, merge_adapter, recorded_base
         from llama.tokenizer import check_vocab, load_tokenizer
 
         check_sizes(max_seq_len, max_batch_size)  # bad arguments fail here, before any file is read
+        check_quantize(quantize, group_size)
         dtype = parse_dtype(dtype)
         if lora is None and recorded_base(ckpt_dir) is not None:  # out/lora: adapters + a pointer to the base
             lora, ckpt_dir = ckpt_dir, recorded_base(ckpt_dir)
@@ -101,9 +105,7 @@ class Llama:
             merge_adapter(model, lora, ckpt_dir)
         check_vocab(tokenizer, model.params.vocab_size)
         if quantize is not None:
-            from llama.quantize import quantize_model
-
-            quantize_model(model, quantize)
+            quantize_model(model, quantize, group_size)
         llama = Llama(model, tokenizer, seed=seed, compile=compile)
         llama.load_s = time.perf_counter() - start
         return llama

@@ -263,6 +263,31 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_model_parallel_region(h)
 
 
+PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear)
+
+
+class LocalProduct(nn.Module):
+    """A column- or row-parallel layer whose local product x W_shard^T is another module (a quantized
+    linear: llama/quantize.py), with the same communication around it. Inference only."""
+
+    def __init__(self, layer: nn.Module, local: nn.Module):
+        super().__init__()
+        self.row = isinstance(layer, RowParallelLinear)
+        self.gather_output = getattr(layer, "gather_output", False)
+        self.local = local
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row:  # x is this rank's slice of the features: partial products summed
+            return reduce_from_model_parallel_region(self.local(x))
+        y = self.local(x)
+        return gather_from_model_parallel_region(y) if self.gather_output else y
+
+
+def with_local_product(layer: nn.Module, local: nn.Module) -> nn.Module:
+    """`local` in place of `layer`: itself for a plain nn.Linear, wrapped in LocalProduct for a parallel one."""
+    return LocalProduct(layer, local) if isinstance(layer, PARALLEL_LINEARS) else local
+
+
 def column_parallel_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
     if model_parallel_size() == 1:
         return nn.Linear(in_features, out_features, bias=False)

@@ -71,6 +71,13 @@ GRAD_BYTES = 2  # bf16 gradients
 OPTIM_BYTES = 12  # fp32 master copy + AdamW's fp32 m and v
 KV_BYTES = 2  # bf16 KV cache
 HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentation and temporaries
+# A laptop's CPU and RAM, for --gpu laptop: 16 GiB of dual-channel DDR5-5600 (2 x 8 bytes x 5.6e9 =
+# 89.6 GB/s peak); about 1 TFLOPs from 8 cores of AVX2 FMAs (prefill only). Not in the GPU table of
+# llama/flops.py: no CUDA device reports this name.
+DEVICES = {**GPUS, "laptop": GPU("laptop", "(cpu)", 16, 1.0, 0.0896)}
+# Bytes per matmul weight as llama/quantize.py stores them (the embedding table stays in the model's
+# dtype): int8 in groups of 64 with a bf16 scale and zero per 4-bit half; int4 in groups of 32.
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 8 / 64, "int4": 0.5 + 4 / 32}
 
 
 class PlanError(UserError):
@@ -179,8 +186,8 @@ class Plan:
 def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="h100", zero=0, mfu=0.4,
               cp=1, lora=0, loss_chunks=1) -> Plan:
     """Everything the CLI prints, as numbers (bytes, seconds) a notebook can plot."""
-    if gpu not in GPUS:
-        raise PlanError(f"--gpu {gpu!r} is not known: choose one of {', '.join(GPUS)}")
+    if gpu not in DEVICES:
+        raise PlanError(f"--gpu {gpu!r} is not known: choose one of {', '.join(DEVICES)}")
     for flag, value in (("--dp", dp), ("--cp", cp), ("--seq", seq), ("--batch", batch)):
         if value < 1:
             raise PlanError(f"{flag} {value}: must be at least 1")
@@ -195,7 +202,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
     train = train or lora > 0
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu {mfu}: a fraction in (0, 1], e.g. 0.4")
-    g = GPUS[gpu]
+    g = DEVICES[gpu]
     counts = parameter_counts(args, mp)
     n_local = counts["total_per_rank"]
     memory, speed = {}, {}
@@ -234,6 +241,12 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         read = counts["matmul_per_rank"] * PARAM_BYTES + memory["KV cache"]
         speed["decode tokens/s (per replica, full cache)"] = (batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
         speed["decode tokens/s (all replicas)"] = (dp * batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
+        for precision, nbytes in WEIGHT_BYTES.items():  # --quantize: what fewer bytes per weight buy
+            embedding = counts["total_per_rank"] - counts["matmul_per_rank"]  # stays bf16 (a lookup reads a row)
+            weights = counts["matmul_per_rank"] * nbytes + embedding * max(nbytes, PARAM_BYTES)
+            memory[f"weights {precision}"] = int(weights)
+            speed[f"decode tokens/s, {precision} weights"] = \
+                (batch * g.bandwidth_tbs * 1e12 / (counts["matmul_per_rank"] * nbytes + memory["KV cache"]), "tok/s")
     fits = total <= HEADROOM * g.memory_gib * GiB
     return Plan(args, g, mp, dp, seq, batch, train, zero, cp, mfu, counts, memory, total, fits, speed, lora,
                 loss_chunks)
@@ -318,7 +331,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
     ap.add_argument("--batch", type=int, default=1, help="sequences per replica")
     ap.add_argument("--train", action="store_true", help="plan a training step instead of inference")
-    ap.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)}")
+    ap.add_argument("--gpu", default="h100", help=f"one of {', '.join(DEVICES)}")
     ap.add_argument("--zero", type=int, default=0, help="ZeRO stage across dp ranks (0: plain DDP)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     ap.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA fine-tuning at rank R (implies --train)")

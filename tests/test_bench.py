@@ -12,7 +12,7 @@ from tests.helpers import ROOT
 @pytest.mark.slow
 def test_generate_bench_records_host_bandwidth_and_loaded_ratio(tmp_path, smollm2_gguf):
     out = tmp_path / "record.json"
-    run = subprocess.run([sys.executable, "bench/generate.py", "--quick", "--skip", "hf", "llamacpp", "compile", "int8",
+    run = subprocess.run([sys.executable, "bench/generate.py", "--quick", "--skip", "hf", "llamacpp", "compile", "int8", "int4",
                           "--compete", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(out.read_text())

@@ -128,12 +128,13 @@ def _cli_on_rank(argv):
 
 
 @pytest.mark.slow
-def test_int8_under_model_parallel_is_refused_in_one_line(tiny_dir):
-    """int8 has no model-parallel layers: two ranks each end with one line naming the fix (the
-    compiled model-parallel step is compared with eager in tests/test_generation_parallel.py)."""
-    argv = ["--ckpt-dir", str(tiny_dir), "--prompt", "Hi", "--quantize", "int8", "--max-gen-len", "2"]
+def test_int8_per_row_under_model_parallel_is_refused_in_one_line(tiny_dir):
+    """Groups work under model parallelism (tests/test_quantize.py); one int8 scale per row does not
+    (a row-parallel layer's rows are split): two ranks each end, rank 0 with one line naming the fix."""
+    argv = ["--ckpt-dir", str(tiny_dir), "--prompt", "Hi", "--quantize", "int8", "--group-size", "0",
+            "--max-gen-len", "2"]
     for rank, (code, err) in enumerate(run_distributed(_cli_on_rank, 2, argv)):
         if rank == 0:
-            assert_one_line_error(code, err, "int8", "single process", "2 model-parallel ranks", "drop --quantize")
+            assert_one_line_error(code, err, "--group-size 0", "2 model-parallel ranks", "use a group size")
         else:  # only rank 0 prints
             assert code != 0 and err == ""

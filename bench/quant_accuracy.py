@@ -1,0 +1,121 @@
+"""What quantization costs in accuracy: ours (int8, int4, by group size) beside llama.cpp's Q8_0/Q4_0.
+
+    python bench/quant_accuracy.py                     # the docs/quantization.md table (~10 min on 2 cores)
+    python bench/quant_accuracy.py --tokens 1024 --skip llamacpp
+
+Teacher-forced over real text (KJV Genesis, the evaluation text of bench/eval.py) in disjoint windows of
+--window tokens, each starting with the tokenizer's prefix token: every quantized model reads the same
+tokens as the fp32 model, and at each position its next-token distribution q is compared with the fp32
+one p: top-1 agreement (argmax q == argmax p), mean KL(p || q) in nats, and the perplexity of the text
+(exp of the mean -log q(next token): the disjoint-window protocol of llama/eval/perplexity.py).
+
+Weights: SmolLM2-135M-Instruct from llama.assets, dequantized once to fp32; llama.cpp's Q8_0, Q4_0 and
+Q4_1 files are made by its own quantizer (llama_model_quantize) from an F32 GGUF of those same weights
+(bench/generate.py's helpers), and its logits come through llama-cpp-python with logits_all=True.
+Note: that GGUF ships as Q4_1 (4-bit groups of 32 with a min and a scale), so "fp32" here is a 4-bit
+model dequantized: a 4-bit scheme whose groups line up with those blocks (our int4 with group 32, and
+llama.cpp's Q4_1) re-finds the same grid and looks nearly free; other group sizes show the real cost.
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama import assets
+from llama.eval.data import kjv_genesis
+from llama.eval.perplexity import prefix_token, strided_windows
+from llama.generation import Llama
+from llama.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import llamacpp_quantize, write_f32_gguf  # noqa: E402  (bench/generate.py)
+
+OURS = [("int8", 32), ("int8", 64), ("int8", 0), ("int4", 32), ("int4", 64)]
+LLAMACPP = [("F32", "LLAMA_FTYPE_ALL_F32"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+            ("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("Q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1")]
+
+
+def windows_of(ids, window):
+    return [ids[b:e] for b, e, _ in strided_windows(len(ids), window, window)]
+
+
+def ours_logprobs(path, windows, quantize=None, group_size=None):
+    llama = Llama.build(path, max_seq_len=max(map(len, windows)), max_batch_size=1, quantize=quantize,
+                        group_size=group_size)
+    with torch.inference_mode():
+        for w in windows:
+            yield llama.model(torch.tensor([w]))[0, :-1].float().log_softmax(-1)  # (T - 1, vocab)
+
+
+def llamacpp_logprobs(path, windows, threads):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(map(len, windows)), n_batch=512, n_ubatch=512,
+                          logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        yield torch.from_numpy(np.array(llm.scores[: len(w) - 1], dtype=np.float32)).log_softmax(-1)
+
+
+def compare(reference, logprobs, windows):
+    """(top-1 agreement, mean KL(p || q), perplexity) of one engine against the fp32 log-probs."""
+    agree = kl = nll = 0.0
+    count = 0
+    for p, q, w in zip(reference, logprobs, windows):
+        agree += float((p.argmax(-1) == q.argmax(-1)).sum())
+        kl += float((p.exp() * (p - q)).sum())
+        nll -= float(q.gather(-1, torch.tensor(w[1:])[:, None]).sum())
+        count += len(w) - 1
+    return agree / count, kl / count, math.exp(nll / count)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=3072, help="text tokens scored (prefix tokens added per window)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip", nargs="*", default=[], choices=["llamacpp"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    src = assets.smollm2_gguf()
+    tok = load_tokenizer(src)
+    text = tok.encode(kjv_genesis(50), bos=False, eos=False)[: args.tokens]
+    step = args.window - 1  # each window: the prefix token, then the next window - 1 text tokens
+    windows = [[prefix_token(tok)] + text[i : i + step] for i in range(0, len(text), step)]
+    windows = [w for w in windows if len(w) > 1]
+    start = time.perf_counter()
+    reference = list(ours_logprobs(src, windows))
+    engines = {("llama-ref", "fp32"): reference}
+    for method, group in OURS:
+        engines[("llama-ref", f"{method} group {group or 'row'}")] = ours_logprobs(src, windows, method, group)
+    if "llamacpp" not in args.skip:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp skipped: `pip install llama-cpp-python` to include it")
+        else:
+            f32 = write_f32_gguf(src, assets.cache_dir() / "smollm2-135m-instruct.f32.gguf")
+            for name, ftype in LLAMACPP:
+                path = assets.cache_dir() / f"smollm2-135m-instruct.llamacpp-{name}.gguf"
+                engines[("llama.cpp", name)] = llamacpp_logprobs(llamacpp_quantize(f32, path, ftype, args.threads),
+                                                                 windows, args.threads)
+    scored = sum(len(w) - 1 for w in windows)
+    print(f"SmolLM2-135M-Instruct, KJV Genesis: {scored} tokens teacher-forced in {len(windows)} windows of "
+          f"<= {args.window}; torch {torch.__version__}")
+    print("\n| engine | weights | top-1 agreement with fp32 | mean KL(fp32 ‖ q), nats | perplexity |")
+    print("|---|---|---|---|---|")
+    for (engine, weights), logprobs in engines.items():
+        agree, kl, ppl = compare(reference, logprobs, windows)
+        print(f"| {engine} | {weights} | {100 * agree:.2f}% | {kl:.5f} | {ppl:.3f} |", flush=True)
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Weight-only quantization (llama/quantize.py): the kernels multiply by exactly the quantized weights,
+SmolLM2 stays close to its fp32 self, model parallelism gives one process's logits, and bad input
+ends in one line."""
+
+import contextlib
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import parallel, quantize
+from llama.eval.data import kjv_genesis
+from llama.generate_cli import main
+from llama.generation import Llama
+from llama.model import ModelArgs, Transformer
+from llama.quantize import GroupInt8Linear, Int4Linear, int4_codes, int8_codes, quantize_model
+from tests.helpers import run_distributed
+from tests.test_generate_cli import assert_one_line_error
+from tests.test_generation import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, llama3_tokenizer_path):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_quant"), llama3_tokenizer_path)
+
+
+def dequantized(method: str, w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The weights each scheme stores, rebuilt from its codes in float64 (independently of the kernel)."""
+    groups = (w.shape[0], -1, group_size)
+    if method == "int4":
+        q, scale, zero = int4_codes(w, group_size, torch.bfloat16)
+        return ((q.double().view(groups) - 8) * scale.double()[..., None] + zero.double()[..., None]).view(w.shape)
+    q, scale = int8_codes(w, group_size, torch.bfloat16)
+    return (q.double().view(groups) * scale.double()[..., None]).view(w.shape)
+
+
+@pytest.mark.parametrize("method, cls", [("int8", GroupInt8Linear), ("int4", Int4Linear)])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size):
+    """Within 1% of the largest output of x W_q^T in float64 (the kernel takes bf16 activations: a
+    relative error of 2^-9 each), and not the fp32 product: the quantized weights are what it reads."""
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 256) * 0.05, torch.randn(5, 256)
+    w[3, 7] = 1.0  # an outlier spoils only its own group
+    layer = cls(w, group_size)
+    wq = dequantized(method, w, group_size)
+    groups = w.double().view(96, -1, group_size)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15 if method == "int4" else groups.abs().amax(-1) / 127
+    assert ((wq - w.double()).view(96, -1, group_size).abs().amax(-1) <= 0.51 * step).all()  # rounding: half a step
+    exact = x.double() @ wq.T
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (5, 96)
+    assert (got - exact).abs().max() < 1e-2 * exact.abs().max()
+    assert not torch.equal(got, F.linear(x, w))
+    error_fp32 = (exact - x.double() @ w.double().T).abs().max()  # what quantizing the weights costs
+    assert error_fp32 > 0 and (got - exact).abs().max() < (4 if method == "int8" else 0.5) * error_fp32
+
+
+def test_int8_halves_rebuild_every_code():
+    """Each int8 code q (-127..127) is stored as 4-bit halves hi, lo with q = 16 hi + lo: a weight that
+    holds every code comes back exactly (float64 product with one-hot inputs, no activation rounding)."""
+    codes = torch.arange(-127, 128, dtype=torch.float32).repeat(16)[: 16 * 8 * 31].view(16, 8, 31)
+    w = torch.cat([torch.full((16, 8, 1), 127.0), codes], -1).view(16, 256)  # each group: 127 (scale 1), 31 codes
+    layer = GroupInt8Linear(w, 32, compute_dtype=torch.float32)
+    got = layer(torch.eye(256))  # column k = W[:, k]
+    assert torch.equal(got.t(), w)
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_forced_agreement_floor(smollm2_gguf):
+    """SmolLM2 quantized with the defaults keeps its fp32 top-1 choice at >= 95% (int8 group 64) and
+    >= 85% (int4 group 32) of 511 teacher-forced positions of KJV Genesis (measured: see
+    docs/quantization.md; a regression guard, not the benchmark)."""
+    fp32 = Llama.build(smollm2_gguf, max_seq_len=512, max_batch_size=1)
+    ids = [fp32.tokenizer.eos_id] + fp32.tokenizer.encode(kjv_genesis(3), bos=False, eos=False)[:511]
+    with torch.inference_mode():
+        ref = fp32.model(torch.tensor([ids]))[0]
+        for method, floor in [("int8", 0.95), ("int4", 0.85)]:
+            model = Llama.build(smollm2_gguf, max_seq_len=512, max_batch_size=1, quantize=method).model
+            logits = model(torch.tensor([ids]))[0]
+            assert not torch.equal(logits, ref)
+            agreement = (logits.argmax(-1) == ref.argmax(-1)).float().mean()
+            assert agreement >= floor, (method, float(agreement))
+
+
+MP_ARGS = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64,
+               rope_theta=10000.0)  # 2 ranks hold 32 input columns of wo each, 96 of w2
+
+
+def quantized_logits(method, group_size, mp=None):
+    """Logits of the MP_ARGS model quantized, and each layer's scales (rank's shard), or the error's line."""
+    if mp:
+        parallel.init_distributed(mp)
+    model = Transformer(ModelArgs(**MP_ARGS))
+    model.init_weights(seed=7)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    try:
+        quantize_model(model, method, group_size)
+    except ValueError as e:
+        return str(e)
+    with torch.no_grad():
+        scales = {name.replace(".local", ""): buf for name, buf in model.named_buffers() if "scales" in name}
+        return model(tokens), scales
+
+
+@pytest.mark.slow
+def test_quantized_model_parallel_equals_one_process():
+    """Each rank quantizes its shard; groups inside a row-parallel shard are the single process's
+    groups, so the two gloo ranks' scales are exactly one process's, split, and the logits equal one
+    process's within the kernel's bf16 output rounding (each rank's partial product is rounded
+    before the all-reduce: 2^-9 relative). Group 64 does not divide wo's 32 columns per rank (64 in
+    one process): one line naming the layer and a size that fits."""
+    for method, group in [("int8", 32), ("int4", 32)]:
+        one, one_scales = quantized_logits(method, group)
+        ranks = run_distributed(quantized_logits, 2, method, group, 2)
+        halves = 2 if method == "int8" else 1  # int8: (hi groups | lo groups, out, 2)
+        for name, full in one_scales.items():  # row-parallel layers split the groups, column ones the rows
+            split = 1 if parallel.shard_dim(name.replace("scales_and_zeros", "weight")) == 1 else 2
+            pieces = [scales[name].view(halves, -1, *scales[name].shape[1:]) for _, scales in ranks]
+            assert torch.equal(torch.cat(pieces, dim=split).view(full.shape), full), name
+        for got, _ in ranks:
+            assert (got - one).abs().max() <= 2 ** -7 * one.abs().max()
+    messages = run_distributed(quantized_logits, 2, "int4", 64, 2)
+    assert all("layers.0.attention.wo's input width 32 (its share on each of 2 model-parallel ranks): use --group-size 32" in m
+               for m in messages), messages
+    assert isinstance(quantized_logits("int4", 64)[0], torch.Tensor)  # one process: 64 and 192 columns, fine
+
+
+def cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_quantize_int4_and_int8_groups(tiny_dir):
+    for flags in (["--quantize", "int4", "--group-size", "32"], ["--quantize", "int8", "--group-size", "64"]):
+        code, out, err = cli(["--ckpt-dir", str(tiny_dir), "--prompt", "Hi", "--max-gen-len", "3",
+                              "--temperature", "0", *flags])
+        assert code == 0, err
+        assert "Hi" in out
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--quantize", "int3"], ["--quantize int3", "unknown scheme", "int8, int4"]),
+    (["--quantize", "int4", "--group-size", "48"], ["--group-size 48", "32, 64, 128, 256"]),
+    (["--quantize", "int4", "--group-size", "0"], ["--group-size 0 for int4"]),
+    (["--group-size", "32"], ["--group-size 32", "add --quantize"]),
+    (["--quantize", "int4", "--group-size", "128"],  # the tiny model's width is 64
+     ["group size 128", "layers.0.attention.wq", "input width 64", "use --group-size 64"]),
+])
+def test_cli_bad_quantize_flags_fail_in_one_line(tiny_dir, flags, words):
+    code, _, err = cli(["--ckpt-dir", str(tiny_dir), "--prompt", "Hi", "--max-gen-len", "2", *flags])
+    assert code == 1
+    assert_one_line_error(code, err, *words)
+
+
+def test_int4_without_the_kernel_fails_in_one_line(tiny_dir, monkeypatch):
+    """A torch without aten._weight_int4pack_mm_for_cpu (older versions, other builds): one line, exit 1,
+    before any weights load; int8 with one scale per row still runs."""
+    monkeypatch.setattr(quantize, "int4_kernel_available", lambda: False)
+    for method in ("int4", "int8"):
+        code, _, err = cli(["--ckpt-dir", str(tiny_dir), "--prompt", "Hi", "--quantize", method])
+        assert code == 1
+        assert_one_line_error(code, err, f"--quantize {method}", "_weight_int4pack_mm_for_cpu", "--group-size 0")
+    code, _, err = cli(["--ckpt-dir", str(tiny_dir), "--prompt", "Hi", "--max-gen-len", "2", "--quantize", "int8",
+                        "--group-size", "0"])
+    assert code == 0, err
