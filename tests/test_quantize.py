@@ -17,7 +17,7 @@ from llama.model import ModelArgs, Transformer
 from llama.quantize import GroupInt8Linear, Int4Linear, int4_codes, int8_codes, quantize_model
 from tests.helpers import run_distributed
 from tests.test_generate_cli import assert_one_line_error
-from tests.test_generation import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
