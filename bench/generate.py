@@ -23,21 +23,16 @@ kernel inductor took for each product shape.
 Peers:
 - HF transformers `generate()`, fp32, loading the same GGUF;
 - llama.cpp through llama-cpp-python, `pip install llama-cpp-python` (builds llama.cpp from source,
-  about an hour on 2 cores). Its F32 and Q8_0 files are made by its own quantize function
+  about an hour on 2 cores). Its F32, Q8_0 and Q4_0 files are made by its own quantize function
   (`llama_model_quantize`) from an F32 GGUF that this script writes from the same weights. If it
   is not installed, its rows are skipped with a message.
-llama-ref runs fp32 and weight-only int8 (--quantize int8), each eager and with torch.compile
+llama-ref runs fp32, int8 (group 64 and per row) and int4 (group 32), each eager and with torch.compile
 (--compile: C++ GEMM templates + freezing on CPU, a minute or two of compiling per engine).
 """
 
 import argparse
-import contextlib
 import ctypes
 import json
-import os
-import platform
-import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -53,6 +48,8 @@ import torch  # noqa: E402
 from llama.assets import cache_dir, smollm2_gguf  # noqa: E402
 from llama.files import write_text  # noqa: E402
 from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
+
+from host import Competitor, host_facts, matvec_bandwidth, sync  # noqa: E402  (bench/host.py)
 
 PROMPT = "The history of the Roman Empire begins"
 # llama-ref's quantized engines: (scheme, group size, weights column); group 0 = one int8 scale per row
@@ -96,24 +93,6 @@ def llamacpp_quantize(src: Path, dst: Path, ftype_name: str, threads: int) -> Pa
         if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
             raise RuntimeError(f"llama_model_quantize failed for {dst}")
     return dst
-
-
-def matvec_bandwidth(device: str, repeat: int = 20) -> float:
-    """GB/s of y = W x with a 256 MB fp32 W: the memory-bound kernel a decoder is made of."""
-    w = torch.randn(8192, 8192, device=device)
-    x = torch.randn(8192, 1, device=device)
-    best = float("inf")
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        (w @ x).sum().item()
-        best = min(best, time.perf_counter() - start)
-    return w.numel() * 4 / best / 1e9
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def decode_bytes_ours(model) -> int:
@@ -221,75 +200,6 @@ class LlamaCpp:
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def versions() -> str:
-    out = [f"torch {torch.__version__}"]
-    for name in ("transformers", "llama_cpp"):
-        try:
-            out.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
-            pass
-    return ", ".join(out)
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> list:
-    """The vector extensions the kernels depend on (Linux: /proc/cpuinfo's flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in VECTOR_FLAGS if f in flags]
-
-
-def host_facts(device: str, threads: int, bandwidth: float) -> dict:
-    """What a measured speed depends on, so that a number can be compared with another host's."""
-    on_gpu = device.startswith("cuda")
-    return {"device": torch.cuda.get_device_name() if on_gpu else cpu_name(), "cpu_flags": cpu_flags(),
-            "usable_cpus": usable_cpus(), "threads": threads, "policy": thread_policy(),
-            "load_average": [round(x, 2) for x in os.getloadavg()], "versions": versions(),
-            "matvec_gbs": round(bandwidth, 2)}
-
-
-class Competitor:
-    """N busy-looping processes, stopped (SIGSTOP) except inside `running()`: a CPU-bound
-    neighbour that turns on for the loaded measurements only."""
-
-    def __init__(self, n: int):
-        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-        self._signal(signal.SIGSTOP)
-
-    def _signal(self, sig):
-        for proc in self.procs:
-            proc.send_signal(sig)
-
-    @contextlib.contextmanager
-    def running(self):
-        self._signal(signal.SIGCONT)
-        time.sleep(0.2)  # let the scheduler see them before the measurement starts
-        try:
-            yield
-        finally:
-            self._signal(signal.SIGSTOP)
-
-    def close(self):
-        for proc in self.procs:
-            proc.kill()
-            proc.wait()
 
 
 def compiled_kernels(engine) -> dict:
