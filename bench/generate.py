@@ -49,7 +49,7 @@ from llama.assets import cache_dir, smollm2_gguf  # noqa: E402
 from llama.files import write_text  # noqa: E402
 from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
 
-from host import Competitor, host_facts, matvec_bandwidth, sync  # noqa: E402  (bench/host.py)
+from _host import Competitor, host_facts, matvec_bandwidth, sync  # noqa: E402  (bench/_host.py)
 
 PROMPT = "The history of the Roman Empire begins"
 # llama-ref's quantized engines: (scheme, group size, weights column); group 0 = one int8 scale per row
