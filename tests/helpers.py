@@ -185,3 +185,22 @@ def cli(*args, env=None, timeout=300):
 
 def state_dicts_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_until_killed(args, out_dir, step: int) -> int:
+    """Run train.py in its own process with `args` (+ out_dir, no step limit), SIGKILL it once a
+    checkpoint at `step` or later is complete, and return the step of the last complete checkpoint."""
+    import signal
+    import subprocess
+    import time
+
+    latest = Path(out_dir) / "latest"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out_dir}", "max_steps=100000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.is_file() and latest.read_text() >= f"step_{step:06d}"):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return int(latest.read_text().split("_")[1])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llama import lora, parallel
 from llama.model import ModelArgs, Transformer
 from tests.helpers import run_distributed
-from tests.helpers import ROOT, TINY_TRAIN, cli, tiny_config, tiny_corpus
+from tests.helpers import TINY_TRAIN, cli, tiny_config, tiny_corpus, train_until_killed
 
 ARGS = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64,
             rope_theta=10000.0)
@@ -197,24 +197,10 @@ def test_lora_with_activation_checkpointing_and_mp2_dp2_matches_one_process(corp
 
 @pytest.mark.slow
 def test_sigkill_mid_lora_run_resumes_to_the_uninterrupted_losses(corpus, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     data_dir, _ = corpus
     out = tmp_path / "killed"
     args = TINY_TRAIN + [f"data={data_dir}", "decay_steps=40", "save_every=3", "lora_rank=4", "lora_alpha=8.0", "lr=1e-2"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}", "max_steps=100000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 240
-    while time.time() < deadline and not ((out / "latest").is_file() and (out / "latest").read_text() >= "step_000006"):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = int((out / "latest").read_text().split("_")[1])
+    saved = train_until_killed(args, out, 6)
     assert saved >= 6
     extra = ["decay_steps=40", "save_every=3", f"max_steps={saved + 2}"]
     resumed = train(data_dir, out, *extra, "resume=true")

@@ -3,16 +3,14 @@ configuration; checkpoint saves that touch only their own directories."""
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import train as train_script
-from tests.helpers import ROOT, TINY_TRAIN, read_metrics, tiny_train as train
+from tests.helpers import ROOT, TINY_TRAIN, read_metrics, tiny_train as train, train_until_killed
 
 
 def test_resume_is_exact(corpus, tmp_path):
@@ -86,15 +84,7 @@ def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(corpus, tmp_
     data_dir, _ = corpus
     out = tmp_path / "killed"
     base = TINY_TRAIN + [f"data={data_dir}", "decay_steps=40", "save_every=4"]  # schedule independent of max_steps
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, f"out_dir={out}", "max_steps=100000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 240
-    while time.time() < deadline and not ((out / "latest").is_file() and (out / "latest").read_text() >= "step_000008"):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = int((out / "latest").read_text().split("_")[1])
+    saved = train_until_killed(base, out, 8)
     assert saved >= 8
     resumed = train(data_dir, out, "decay_steps=40", "save_every=4", f"max_steps={saved + 3}", "resume=true")
     reference = train(data_dir, tmp_path / "reference", "decay_steps=40", f"max_steps={saved + 3}")
