@@ -6,23 +6,28 @@ arithmetic: fewer bytes per weight is more tokens per second, and quantization i
 Q4_0 keep one per 32) follows the weights' local size far better than one per row: an outlier spoils
 only its own group. docs/quantization.md measures each choice against the fp32 model and llama.cpp.
 
-- int4 (`Int4Linear`): each group maps [min, max] onto the codes 0..15, w = (q - 8) * scale + zero
-  (asymmetric, like llama.cpp's Q4_1). The product is torch's own kernel,
-  `aten._weight_int4pack_mm_for_cpu`, which unpacks the codes inside the matrix product: the 4-bit
-  weights are all it reads.
-- int8 (`GroupInt8Linear`): each group maps its largest |weight| onto 127 (absmax, as Q8_0). torch has no
-  group-wise int8 kernel, so each code is split into two 4-bit halves, q = 16 * hi + lo, and the int4
-  kernel multiplies both at once: [x, x] [16 hi s | lo s]^T = x (q s)^T, exactly the int8 weights.
+- int8 (`GroupInt8Linear`): each group maps its largest |weight| onto 127 (absmax, as Q8_0), w = q * scale.
+- int4 (`Int4Linear`): each group maps [min, max] onto the codes 0..15, w = q * scale + min
+  (asymmetric, as llama.cpp's Q4_1), two codes per byte.
+  Both products are our own kernel (llama/csrc/quantized.cpp, compiled for the host on first use):
+  torch has no group-wise int8 kernel, and its int4 one computes in bf16, which AVX2 CPUs have no
+  instructions for. The kernel turns each block of 32 codes into fp32 in registers and multiplies
+  it with the activations there: the codes are all it reads. A prefill chunk (many rows) is
+  compute-bound instead, and takes the fp32 GEMM on the weights dequantized once.
 - `--group-size 0` with int8 (`Int8Linear`): one scale per row through `torch._weight_int8pack_mm`,
-  which inductor (compile=True) lowers to its C++ GEMM template: the fastest compiled decode, the
-  least accurate.
-Activations stay in floating point (bf16 for an fp32 model on the CPU: the kernels' fp32 path is
-many times slower there); only the weights are quantized.
+  which inductor (compile=True) lowers to its C++ GEMM template; the least accurate scheme.
+Activations stay in floating point (fp32 in the group-wise kernels); only the weights are quantized.
 
 Under model parallelism each rank quantizes its own shard: a row-parallel layer holds a slice of the
 input features, so the group size must divide that slice (checked, one line otherwise).
 """
 
+import functools
+import hashlib
+import os
+import platform
+import shutil
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -33,19 +38,54 @@ from llama import parallel
 from llama.errors import ArgumentError, UserError
 
 QUANTIZE_CHOICES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
+GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's block of 32 weights
 DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"
+PREFILL_ROWS = 8  # more activation rows than this: dequantize and use the fp32 GEMM (docs/quantization.md)
 
 
-def int4_kernel_available() -> bool:
-    """Whether this torch has the CPU int4 kernel that int4 and group-wise int8 use."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
-        hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+def host_signature() -> str:
+    """The build is tuned for this CPU (-march=native): a home directory shared by different hosts
+    (a cluster) must not hand one host's build to another."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+@functools.cache
+def kernels():
+    """torch.ops.llama_quantized: the group-wise kernels, compiled for this host by torch's extension
+    builder on first use (cached under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)."""
+    from torch.utils import cpp_extension
+    compiler = os.environ.get("CXX", "c++")
+    missing = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(f"the int8/int4 kernels ({KERNEL_SOURCE.name}) are built on first use and need a C++ compiler "
+                        f"and ninja: {' and '.join(missing)} not found; install g++ or clang (or set CXX) and "
+                        "`pip install ninja`, or use --quantize int8 --group-size 0")
+    try:
+        cpp_extension.load(f"llama_quantized_{host_signature()}", [str(KERNEL_SOURCE)],
+                           extra_cflags=["-O3", "-march=native"], is_python_module=False)
+    except (RuntimeError, OSError, ImportError) as e:
+        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        raise UserError(f"could not build the int8/int4 kernels ({KERNEL_SOURCE.name}) with {compiler}: "
+                        f"{last[0][:160]}; or use --quantize int8 --group-size 0") from None
+    # Output shapes for torch.compile, which calls the kernels as they are (opaque ops).
+    for name in ("int8_mm", "int4_mm"):
+        torch.library.register_fake(f"llama_quantized::{name}", lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
+    for name, codes_per_byte in (("int8_dequantize", 1), ("int4_dequantize", 2)):
+        torch.library.register_fake(f"llama_quantized::{name}", lambda codes, *_, per=codes_per_byte: codes.new_empty(
+            codes.shape[0], codes.shape[1] * per, dtype=torch.float32))
+    return torch.ops.llama_quantized
 
 
 def compute_dtype_for(weight: torch.Tensor) -> torch.dtype:
-    """The kernels want activations and scales in one floating dtype. On the CPU their bf16 path is
-    several times faster than their fp32 one, so fp32 models compute these products in bf16 there."""
+    """torch's int8 kernel wants activations and scales in one floating dtype. On the CPU its bf16 path is
+    faster than its fp32 one, so fp32 models compute the per-row int8 product in bf16 there."""
     return torch.bfloat16 if weight.device.type == "cpu" and weight.dtype == torch.float32 else weight.dtype
 
 
@@ -74,87 +114,94 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def int4_codes(w: torch.Tensor, group_size: int, dtype: torch.dtype):
-    """(out, in) floats -> codes (out, in) in 0..15 and scales, zeros (out, in / group_size) in `dtype`,
-    with w ~ (q - 8) * scale + zero. The codes are rounded against the stored (rounded) scale and zero."""
+def int8_codes(w: torch.Tensor, group_size: int):
+    """(out, in) floats -> int8 codes (out, in) in -127..127 and bf16 scales (out, in / group_size),
+    w ~ q * scale. The codes are rounded against the stored (bf16) scale."""
+    groups = w.reshape(w.shape[0], -1, group_size)  # (out, G, group)
+    scale = (groups.abs().amax(-1) / 127).clamp_min(1e-12).bfloat16()
+    q = torch.round(groups / scale.float()[..., None]).clamp(-127, 127)
+    return q.reshape(w.shape).to(torch.int8), scale
+
+
+def int4_codes(w: torch.Tensor, group_size: int):
+    """(out, in) floats -> codes (out, in) in 0..15 and bf16 scales, mins (out, in / group_size), with
+    w ~ q * scale + min. The codes are rounded against the stored (rounded) scale and min."""
     groups = w.reshape(w.shape[0], -1, group_size)  # (out, G, group)
     lo, hi = groups.amin(-1), groups.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-12).to(dtype).float()
-    zero = (lo + 8 * scale).to(dtype).float()
-    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
-    return q.reshape(w.shape).to(torch.int32), scale, zero
+    scale, low = ((hi - lo) / 15).clamp_min(1e-12).bfloat16(), lo.bfloat16()
+    q = torch.round((groups - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
+    return q.reshape(w.shape).to(torch.uint8), scale, low
 
 
-def int8_codes(w: torch.Tensor, group_size: int, dtype: torch.dtype):
-    """(out, in) floats -> int8 codes (out, in) in -127..127 and scales (out, in / group_size), w ~ q * scale."""
-    groups = w.reshape(w.shape[0], -1, group_size)  # (out, G, group)
-    scale = (groups.abs().amax(-1) / 127).clamp_min(1e-12).to(dtype).float()
-    q = torch.round(groups / scale[..., None]).clamp(-127, 127)
-    return q.reshape(w.shape).to(torch.int32), scale
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes 0..15 -> (out, in / 2) bytes in the kernel's layout: in each block of 32 weights,
+    byte l holds weight l in its low 4 bits and weight l + 16 in its high ones."""
+    blocks = q.reshape(q.shape[0], -1, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
 
-@torch.library.custom_op("llama::int4_mm", mutates_args=())
-def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """torch's int4 kernel as an opaque op: under compile inductor calls it as it is. Its own lowering
-    offers only its C++ template on AVX-512 CPUs, so with the template as the only GEMM backend
-    (LLAMA_COMPILE_GEMM=template) an AVX2 CPU had no way to run the product at all."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4."""
+    blocks = packed.reshape(packed.shape[0], -1, 16)
+    return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
-@int4_mm.register_fake
-def _(x, packed, group_size, scales_and_zeros):
-    return x.new_empty(x.shape[0], packed.shape[0])
+class GroupLinear(nn.Module):
+    """y = x W^T with W in groups of `group_size` input weights: the codes (buffer `weight`) and a bf16
+    scale per group (`scales`), multiplied by the group-wise kernel in fp32."""
 
-
-class Int4Linear(nn.Module):
-    """y = x W^T with W stored as 4-bit codes in the int4 kernel's packed layout (out, in / 2 bytes) and,
-    per group of `group_size` inputs, a scale and a zero: `scales_and_zeros` (in / group_size, out, 2)."""
-
-    def __init__(self, weight: torch.Tensor, group_size: int, compute_dtype=None):
+    def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
-        self.compute_dtype = compute_dtype or compute_dtype_for(weight)
-        q, scale, zero = int4_codes(weight.detach().float(), group_size, self.compute_dtype)
-        self._store(q, scale, zero)
-
-    def _store(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1)
-                             .to(self.compute_dtype).contiguous())
-
-    def kernel_input(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat
+        kernels()  # built and loaded: torch.ops.llama_quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self.kernel_input(x.reshape(-1, self.in_features).to(self.compute_dtype))  # (N, in)
-        y = int4_mm(flat, self.weight, self.group_size, self.scales_and_zeros)
+        flat = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
+        if flat.shape[0] > PREFILL_ROWS:  # compute-bound: one pass to dequantize, then the fp32 GEMM
+            y = F.linear(flat, self.dequantized())
+        else:
+            y = self.product(flat)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class GroupInt8Linear(Int4Linear):
-    """int8 weights with a scale per group, multiplied by the int4 kernel as two halves: each code
-    q = 16 * hi + lo (hi in -8..7, lo in 0..15) is stored as two 4-bit codes side by side on the input
-    axis, hi with scale 16 s and zero 0, lo with scale s and zero 8 s; the input is repeated to match."""
+class GroupInt8Linear(GroupLinear):
+    """int8 codes (out, in), w = q * scale."""
 
-    def __init__(self, weight: torch.Tensor, group_size: int, compute_dtype=None):
-        nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
-        self.group_size = group_size
-        self.compute_dtype = compute_dtype or compute_dtype_for(weight)
-        q, scale = int8_codes(weight.detach().float(), group_size, self.compute_dtype)
-        lo = q & 15  # two's complement: q = 16 * (q >> 4) + (q & 15)
-        hi = (q - lo) // 16
-        self._store(torch.cat([hi + 8, lo], dim=1), torch.cat([16 * scale, scale], dim=1),
-                    torch.cat([torch.zeros_like(scale), 8 * scale], dim=1))
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        super().__init__(weight, group_size)
+        q, scale = int8_codes(weight.detach().float(), group_size)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scale)
 
-    def kernel_input(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.cat([flat, flat], dim=-1)  # (N, 2 in): one input copy per half
+    def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
+        return torch.ops.llama_quantized.int8_mm(x, self.weight, self.scales, self.group_size, simd)
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.ops.llama_quantized.int8_dequantize(self.weight, self.scales, self.group_size)
+
+
+class Int4Linear(GroupLinear):
+    """4-bit codes packed two per byte (out, in / 2: `pack_int4`), w = q * scale + min."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        super().__init__(weight, group_size)
+        q, scale, low = int4_codes(weight.detach().float(), group_size)
+        self.register_buffer("weight", pack_int4(q))
+        self.register_buffer("scales", scale)
+        self.register_buffer("mins", low)
+
+    def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
+        """x (rows, in) float32 -> (rows, out); simd=False: the portable loops a CPU without AVX2 runs."""
+        return torch.ops.llama_quantized.int4_mm(x, self.weight, self.scales, self.mins, self.group_size, simd)
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.ops.llama_quantized.int4_dequantize(self.weight, self.scales, self.mins, self.group_size)
 
 
 def check_quantize(method: Optional[str], group_size: Optional[int]) -> None:
-    """Fail before loading anything: a known scheme, a group size the kernels take, and a kernel to run it."""
+    """Fail before loading anything: a known scheme, a group size the kernels take, and a kernel to run it
+    (the group-wise kernels are built here, once per host)."""
     if method is None:
         if group_size is not None:
             raise ArgumentError(f"--group-size {group_size} sets the quantization groups: add --quantize int8 or int4")
@@ -167,26 +214,21 @@ def check_quantize(method: Optional[str], group_size: Optional[int]) -> None:
         zero = " (int8 also takes 0: one scale per row)" if method == "int8" else ""
         raise ArgumentError(f"--group-size {group_size} for {method}: choose one of "
                             f"{', '.join(map(str, GROUP_SIZES))}{zero}")
-    if group_size and not int4_kernel_available():
-        raise ArgumentError(f"--quantize {method} needs torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), "
-                            f"which torch {torch.__version__} lacks: upgrade torch (>= 2.6) or use --quantize int8 "
-                            "--group-size 0")
+    if group_size:
+        kernels()
 
 
 def quantized_linear(weight: torch.Tensor, method: str, group_size: int, name: str) -> nn.Module:
     """The quantized replacement of one (local) weight, after checking its shape fits the kernel."""
     if group_size == 0:
         return Int8Linear(weight)
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
     mp = parallel.model_parallel_size()
     if in_features % group_size:
         per_rank = f" (its share on each of {mp} model-parallel ranks)" if mp > 1 else ""
         divisors = [g for g in GROUP_SIZES if in_features % g == 0]
         fix = f"use --group-size {divisors[-1]}" if divisors else "no group size divides it: drop --quantize"
         raise UserError(f"group size {group_size} does not divide {name}'s input width {in_features}{per_rank}: {fix}")
-    if out_features % 16:
-        raise UserError(f"{name} has {out_features} output rows; {method} needs a multiple of 16 (the int4 kernel's "
-                        "packing): drop --quantize for this model")
     return (GroupInt8Linear if method == "int8" else Int4Linear)(weight, group_size)
 
 
@@ -206,8 +248,8 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: Optional[
                         f"ranks: use a group size, e.g. --group-size {DEFAULT_GROUP_SIZE[method]}")
     device = targets[0][1].weight.device
     if group_size and device.type != "cpu":
-        raise UserError(f"--quantize {method} with groups runs on the CPU here (torch's int4 kernel for {device.type} "
-                        "packs differently): use --device cpu, or --quantize int8 --group-size 0")
+        raise UserError(f"--quantize {method} with groups runs on the CPU (its kernel is C++ for the CPU), not "
+                        f"{device.type}: use --device cpu, or --quantize int8 --group-size 0")
     layers = [(name, child, quantized_linear(child.weight, method, group_size, name))
               for name, child in targets]  # every shape is checked before the model changes
     for name, child, quantized in layers:
