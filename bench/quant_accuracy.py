@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from llama import assets
+from llama import quantize as quantize_module
 from llama.eval.data import kjv_genesis
 from llama.eval.perplexity import prefix_token, strided_windows
 from llama.generation import Llama
@@ -44,12 +45,20 @@ def windows_of(ids, window):
     return [ids[b:e] for b, e, _ in strided_windows(len(ids), window, window)]
 
 
-def ours_logprobs(path, windows, quantize=None, group_size=None):
+def ours_logprobs(path, windows, quantize=None, group_size=None, kernel=False):
+    """kernel=True: every row through the group-wise decode kernel (activations rounded to int8 per
+    block), as decoding runs; otherwise a window's many rows take the prefill path (the weights
+    dequantized, fp32 GEMM): the weights' error alone."""
     llama = Llama.build(path, max_seq_len=max(map(len, windows)), max_batch_size=1, quantize=quantize,
                         group_size=group_size)
     with torch.inference_mode():
         for w in windows:
-            yield llama.model(torch.tensor([w]))[0, :-1].float().log_softmax(-1)  # (T - 1, vocab)
+            prefill_rows, quantize_module.PREFILL_ROWS = quantize_module.PREFILL_ROWS, (1 << 30 if kernel else 0)
+            try:
+                logits = llama.model(torch.tensor([w]))[0, :-1]
+            finally:
+                quantize_module.PREFILL_ROWS = prefill_rows
+            yield logits.float().log_softmax(-1)  # (T - 1, vocab)
 
 
 def llamacpp_logprobs(path, windows, threads):
@@ -93,7 +102,10 @@ def main(argv=None) -> int:
     reference = list(ours_logprobs(src, windows))
     engines = {("llama-ref", "fp32"): reference}
     for method, group in OURS:
-        engines[("llama-ref", f"{method} group {group or 'row'}")] = ours_logprobs(src, windows, method, group)
+        name = f"{method} group {group or 'row'}"
+        engines[("llama-ref", name + (", weights" if group else ""))] = ours_logprobs(src, windows, method, group)
+        if group:  # the decode kernel's numbers too (per row: torch's kernel, bf16 activations, weights only here)
+            engines[("llama-ref", name + ", decode kernel")] = ours_logprobs(src, windows, method, group, kernel=True)
     if "llamacpp" not in args.skip:
         try:
             import llama_cpp  # noqa: F401

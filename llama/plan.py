@@ -76,8 +76,8 @@ HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentatio
 # llama/flops.py: no CUDA device reports this name.
 DEVICES = {**GPUS, "laptop": GPU("laptop", "(cpu)", 16, 1.0, 0.0896)}
 # Bytes per matmul weight as llama/quantize.py stores them (the embedding table stays in the model's
-# dtype): int8 in groups of 64 with a bf16 scale and zero per 4-bit half; int4 in groups of 32.
-WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 8 / 64, "int4": 0.5 + 4 / 32}
+# dtype): int8 in groups of 64 with a bf16 scale; int4 in groups of 32 with a bf16 scale and min.
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 2 / 64, "int4": 0.5 + 4 / 32}
 
 
 class PlanError(UserError):

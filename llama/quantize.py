@@ -7,7 +7,7 @@ Q4_0 keep one per 32) follows the weights' local size far better than one per ro
 only its own group. docs/quantization.md measures each choice against the fp32 model and llama.cpp.
 
 - int8 (`GroupInt8Linear`): each group maps its largest |weight| onto 127 (absmax, as Q8_0), w = q * scale.
-- int4 (`Int4Linear`): each group maps [min, max] onto the codes 0..15, w = q * scale + min
+- int4 (`Int4Linear`): each group maps [min, max] onto the codes 0..15, w = (q - 8) * scale + zero
   (asymmetric, as llama.cpp's Q4_1), two codes per byte.
   Both products are our own kernel (llama/csrc/quantized.cpp, compiled for the host on first use):
   torch has no group-wise int8 kernel, and its int4 one computes in bf16, which AVX2 CPUs have no
@@ -71,9 +71,10 @@ def kernels():
         cpp_extension.load(f"llama_quantized_{host_signature()}", [str(KERNEL_SOURCE)],
                            extra_cflags=["-O3", "-march=native"], is_python_module=False)
     except (RuntimeError, OSError, ImportError) as e:
-        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # the compiler's first error
         raise UserError(f"could not build the int8/int4 kernels ({KERNEL_SOURCE.name}) with {compiler}: "
-                        f"{last[0][:160]}; or use --quantize int8 --group-size 0") from None
+                        f"{reason[:200]}; or use --quantize int8 --group-size 0") from None
     # Output shapes for torch.compile, which calls the kernels as they are (opaque ops).
     for name in ("int8_mm", "int4_mm"):
         torch.library.register_fake(f"llama_quantized::{name}", lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
@@ -124,13 +125,15 @@ def int8_codes(w: torch.Tensor, group_size: int):
 
 
 def int4_codes(w: torch.Tensor, group_size: int):
-    """(out, in) floats -> codes (out, in) in 0..15 and bf16 scales, mins (out, in / group_size), with
-    w ~ q * scale + min. The codes are rounded against the stored (rounded) scale and min."""
+    """(out, in) floats -> codes (out, in) in 0..15 and bf16 scales, zeros (out, in / group_size), with
+    w ~ (q - 8) * scale + zero: each group's [min, max] onto 0..15, the zero its middle. The codes are
+    rounded against the stored (rounded) scale and zero."""
     groups = w.reshape(w.shape[0], -1, group_size)  # (out, G, group)
     lo, hi = groups.amin(-1), groups.amax(-1)
-    scale, low = ((hi - lo) / 15).clamp_min(1e-12).bfloat16(), lo.bfloat16()
-    q = torch.round((groups - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
-    return q.reshape(w.shape).to(torch.uint8), scale, low
+    scale = ((hi - lo) / 15).clamp_min(1e-12).bfloat16()
+    zero = (lo + 8 * scale.float()).bfloat16()
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    return q.reshape(w.shape).to(torch.uint8), scale, zero
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -182,21 +185,21 @@ class GroupInt8Linear(GroupLinear):
 
 
 class Int4Linear(GroupLinear):
-    """4-bit codes packed two per byte (out, in / 2: `pack_int4`), w = q * scale + min."""
+    """4-bit codes packed two per byte (out, in / 2: `pack_int4`), w = (q - 8) * scale + zero."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__(weight, group_size)
-        q, scale, low = int4_codes(weight.detach().float(), group_size)
+        q, scale, zero = int4_codes(weight.detach().float(), group_size)
         self.register_buffer("weight", pack_int4(q))
         self.register_buffer("scales", scale)
-        self.register_buffer("mins", low)
+        self.register_buffer("zeros", zero)
 
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         """x (rows, in) float32 -> (rows, out); simd=False: the portable loops a CPU without AVX2 runs."""
-        return torch.ops.llama_quantized.int4_mm(x, self.weight, self.scales, self.mins, self.group_size, simd)
+        return torch.ops.llama_quantized.int4_mm(x, self.weight, self.scales, self.zeros, self.group_size, simd)
 
     def dequantized(self) -> torch.Tensor:
-        return torch.ops.llama_quantized.int4_dequantize(self.weight, self.scales, self.mins, self.group_size)
+        return torch.ops.llama_quantized.int4_dequantize(self.weight, self.scales, self.zeros, self.group_size)
 
 
 def check_quantize(method: Optional[str], group_size: Optional[int]) -> None:

@@ -29,18 +29,41 @@ def dequantized(method: str, w: torch.Tensor, group_size: int) -> torch.Tensor:
     """The weights each scheme stores, rebuilt from its codes in float64 (independently of the kernel)."""
     groups = (w.shape[0], -1, group_size)
     if method == "int4":
-        q, scale, low = int4_codes(w, group_size)
-        return (q.double().view(groups) * scale.double()[..., None] + low.double()[..., None]).view(w.shape)
+        q, scale, zero = int4_codes(w, group_size)
+        return ((q.double().view(groups) - 8) * scale.double()[..., None] + zero.double()[..., None]).view(w.shape)
     q, scale = int8_codes(w, group_size)
     return (q.double().view(groups) * scale.double()[..., None]).view(w.shape)
+
+
+LEVELS = {"int8": 32767, "int4": 127}  # the activations' largest integer per scheme
+
+
+def decode_reference(method: str, layer, x: torch.Tensor) -> torch.Tensor:
+    """What the decode kernel computes, in float64 from the layer's codes: activations rounded per block
+    of 32 to int16 for int8 weights, int8 for int4 (step = max |x| / LEVELS in float32, round half to
+    even), products per block times the weights' scale and the block's step, plus int4's zero times
+    the group's sum of x."""
+    blocks = x.view(x.shape[0], -1, 32)
+    step = blocks.abs().amax(-1) / LEVELS[method]  # float32, as the kernel
+    xq = torch.where(step[..., None] > 0, torch.round(blocks / step[..., None]), 0).double()  # (M, K/32, 32)
+    codes = quantize.unpack_int4(layer.weight).double() - 8 if method == "int4" else layer.weight
+    codes = codes.double().view(codes.shape[0], -1, 32)  # (N, K/32, 32)
+    per_group = layer.group_size // 32
+    scale = layer.scales.double().repeat_interleave(per_group, dim=1)  # (N, K/32)
+    y = torch.einsum("mbl,nbl,nb,mb->mn", xq, codes, scale, step.double())
+    if method == "int4":
+        y += x.double().view(x.shape[0], -1, layer.group_size).sum(-1) @ layer.zeros.double().T
+    return y
 
 
 @pytest.mark.parametrize("method, cls", [("int8", GroupInt8Linear), ("int4", Int4Linear)])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size):
-    """A decode step's few rows (the kernel, SIMD and portable loops) and a prefill chunk's many (fp32
-    GEMM on the dequantized weights) both give x W_q^T of float64 within fp32 rounding, and not the
-    fp32 product: the quantized weights are what they read. Each weight is off by at most half a step."""
+    """A prefill chunk's many rows (fp32 GEMM on the dequantized weights) give x W_q^T of float64 within
+    fp32 rounding; a decode step's few rows (the kernel, SIMD and portable loops) give the same product
+    with the activations rounded per block of 32 (decode_reference: int16 for int8, int8 for int4) within fp32 rounding, so
+    within what half a rounding step per activation can move x W_q^T. Neither is the fp32 product: the quantized weights are what they read. Each
+    weight is off by at most half a step."""
     torch.manual_seed(0)
     w = torch.randn(96, 256) * 0.05
     w[3, 7] = 1.0  # an outlier spoils only its own group
@@ -50,27 +73,35 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size):
     step = (groups.amax(-1) - groups.amin(-1)) / 15 if method == "int4" else groups.abs().amax(-1) / 127
     assert ((wq - w.double()).view(96, -1, group_size).abs().amax(-1) <= 0.51 * step).all()  # rounding: half a step
     assert torch.equal(layer.dequantized().double(), wq)
-    for rows in (1, 3, 5, quantize.PREFILL_ROWS + 4):  # 5: one block of 4 rows + 1 row; 12: the GEMM
+    for rows in (1, 3, 5, quantize.PREFILL_ROWS + 4):  # 5: one pass of 4 rows + 1 row; 12: the GEMM
         x = torch.randn(rows, 256)
+        x[0, :32] = 0  # a block of zeros: step 0
         exact = x.double() @ wq.T
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 96)
-        assert (got - exact).abs().max() < 1e-5 * exact.abs().max(), rows
         error_fp32 = (exact - x.double() @ w.double().T).abs().max()  # what quantizing the weights costs
-        assert error_fp32 > 100 * (got - exact).abs().max()
-        if rows <= quantize.PREFILL_ROWS:
-            portable = layer.product(x, simd=False)  # what a CPU without AVX2 runs
-            assert (portable - exact).abs().max() < 1e-5 * exact.abs().max(), rows
+        if rows > quantize.PREFILL_ROWS:
+            assert (got - exact).abs().max() < 1e-5 * exact.abs().max(), rows
+            assert error_fp32 > 100 * (got - exact).abs().max()
+            continue
+        kernel = decode_reference(method, layer, x)
+        half_steps = (x.view(rows, -1, 32).abs().amax(-1) / (2 * LEVELS[method])).double().repeat_interleave(32, dim=1)  # (M, K)
+        rounding = half_steps @ wq.abs().T  # the most that rounding each x by half a step can move x W_q^T
+        assert 0 < (kernel - exact).abs().max() and ((kernel - exact).abs() <= rounding * 1.001).all()
+        for simd in (True, False):  # False: the portable loops a CPU without AVX2 runs
+            got = layer.product(x, simd=simd)
+            assert (got - kernel).abs().max() < 1e-5 * kernel.abs().max(), (rows, simd)
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model: fp32 inside, its dtype out
 
 
 def test_every_code_comes_back_exactly():
-    """One-hot inputs read single weights: each int8 code -127..127 (scale 1) and each int4 code 0..15
-    (scale 1, min -8) comes back exactly through the kernel, so packing and unpacking lose nothing."""
+    """One-hot inputs read single weights (a one-hot row rounds to itself: step 1/127, code 127): each
+    int8 code -127..127 (scale 1) and each int4 code 0..15 (scale 1, zero 0) comes back exactly through
+    the kernel, so packing and unpacking lose nothing."""
     codes = torch.arange(-127, 128, dtype=torch.float32).repeat(16)[: 16 * 8 * 31].view(16, 8, 31)
     w8 = torch.cat([torch.full((16, 8, 1), 127.0), codes], -1).view(16, 256)  # each group: 127 (scale 1), 31 codes
     nibbles = torch.arange(16, dtype=torch.float32).repeat(16 * 16)[torch.randperm(16 * 256)].view(16, 8, 32)
-    nibbles[:, :, 0], nibbles[:, :, 1] = 0, 15  # each group spans 0..15: scale 1, min -8
+    nibbles[:, :, 0], nibbles[:, :, 1] = 0, 15  # each group spans -8..7: scale 1, zero 0
     w4 = nibbles.view(16, 256) - 8
     for w, layer in ((w8, GroupInt8Linear(w8, 32)), (w4, Int4Linear(w4, 32))):
         for rows in (1, 4):  # the one-row and the four-row loops
@@ -125,7 +156,7 @@ def quantized_logits(method, group_size, mp=None):
         return str(e)
     with torch.no_grad():
         scales = {name.replace(".local", ""): buf for name, buf in model.named_buffers()
-                  if name.endswith(("scales", "mins"))}
+                  if name.endswith(("scales", "zeros"))}
         return model(tokens), scales
 
 
@@ -139,7 +170,7 @@ def test_quantized_model_parallel_equals_one_process():
         one, one_scales = quantized_logits(method, group)
         ranks = run_distributed(quantized_logits, 2, method, group, 2)
         for name, full in one_scales.items():  # (out, groups): row-parallel layers split the groups, column ones the rows
-            split = parallel.shard_dim(name.replace("scales", "weight").replace("mins", "weight"))
+            split = parallel.shard_dim(name.replace("scales", "weight").replace("zeros", "weight"))
             assert torch.equal(torch.cat([scales[name] for _, scales in ranks], dim=split), full), name
         for got, _ in ranks:
             assert (got - one).abs().max() <= 1e-5 * one.abs().max()  # fp32 partial sums, reduced in another order
