@@ -50,14 +50,19 @@ inline float bf16_to_float(uint16_t bits) {  // bf16 is the top half of a float3
 // Integer products are exact; each block's int32 sum becomes a float once and is multiplied by the
 // block's weight scale times its activation step.
 
-struct Int8Weights {
+// One weight matrix: codes, bf16 scales (and zeros) per group, K inputs per row.
+template <typename Code>
+struct GroupWeights {
+  const Code* codes;
+  const uint16_t* scales;
+  const uint16_t* zeros;  // int4 only
+  int64_t K, group_size;
+};
+
+struct Int8Weights : GroupWeights<int8_t> {
   using Activation = int16_t;
   static constexpr float kActivationMax = 32767;
   static constexpr bool kHasZero = false;
-  const int8_t* codes;
-  const uint16_t* scales;
-  const uint16_t* zeros;  // none
-  int64_t K, group_size;
 
   const int8_t* block(int64_t n, int64_t k) const { return codes + n * K + k; }
   void codes_as_ints(int64_t n, int64_t k, int32_t* c) const {  // the 32 codes from input k of row n
@@ -79,14 +84,10 @@ struct Int8Weights {
 #endif
 };
 
-struct Int4Weights {
+struct Int4Weights : GroupWeights<uint8_t> {
   using Activation = int8_t;
   static constexpr float kActivationMax = 127;
   static constexpr bool kHasZero = true;
-  const uint8_t* codes;
-  const uint16_t* scales;
-  const uint16_t* zeros;
-  int64_t K, group_size;
 
   const uint8_t* block(int64_t n, int64_t k) const { return codes + (n * K + k) / 2; }
   void codes_as_ints(int64_t n, int64_t k, int32_t* c) const {  // code - 8: centred, -8..7
@@ -260,7 +261,7 @@ void check_x(const at::Tensor& x, int64_t K) {
 Int8Weights int8_weights(const at::Tensor& codes, const at::Tensor& scales, int64_t group_size) {
   const int64_t K = codes.size(1);
   check(codes, scales, K, group_size, at::kChar);
-  return {codes.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()), nullptr, K, group_size};
+  return {{codes.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()), nullptr, K, group_size}};
 }
 
 Int4Weights int4_weights(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size) {
@@ -268,8 +269,8 @@ Int4Weights int4_weights(const at::Tensor& codes, const at::Tensor& scales, cons
   check(codes, scales, K, group_size, at::kByte);
   TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == at::kBFloat16 && zeros.is_contiguous(),
               "zeros: like scales");
-  return {codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-          reinterpret_cast<const uint16_t*>(zeros.data_ptr()), K, group_size};
+  return {{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+           reinterpret_cast<const uint16_t*>(zeros.data_ptr()), K, group_size}};
 }
 
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t group_size,
