@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "compile", "int8", "int4"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "compile", "fp32", "int8", "int4"],
+                   help="fp32: the fp32 engines (ours and llama.cpp F32): a quantized-only run")
     p.add_argument("--compete", type=int, default=0, metavar="N",
                    help="also decode with N busy-looping processes running, and report loaded/quiet")
     p.add_argument("--json", type=Path, help="write the record (host facts, kernels, rows, ratios) here")
@@ -240,9 +241,11 @@ def main(argv=None) -> int:
     host = host_facts(device, args.threads, matvec_bandwidth(device))
     print("; ".join(f"{k} {v}" for k, v in host.items()), flush=True)
     bw = host["matvec_gbs"]
-    engines = {("llama-ref", "fp32"): lambda: Ours(src, args)}
-    if "compile" not in args.skip:
-        engines[("llama-ref + torch.compile", "fp32")] = lambda: Ours(src, args, compile=True)
+    engines = {}
+    if "fp32" not in args.skip:
+        engines[("llama-ref", "fp32")] = lambda: Ours(src, args)
+        if "compile" not in args.skip:
+            engines[("llama-ref + torch.compile", "fp32")] = lambda: Ours(src, args, compile=True)
     for method, group, weights in QUANTIZED:
         if method not in args.skip:
             flags = f"--quantize {method} --group-size {group}"
@@ -261,6 +264,8 @@ def main(argv=None) -> int:
             f32 = write_f32_gguf(src, cache_dir() / "smollm2-135m-instruct.f32.gguf")
             for weights, ftype in (("F32", "LLAMA_FTYPE_ALL_F32"), ("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
                                    ("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")):
+                if weights == "F32" and "fp32" in args.skip:
+                    continue
                 path = cache_dir() / f"smollm2-135m-instruct.llamacpp-{weights}.gguf"
                 llamacpp_quantize(f32, path, ftype, args.threads)
                 engines[("llama.cpp (llama-cpp-python)", weights)] = lambda path=path: LlamaCpp(path, args)
@@ -279,8 +284,8 @@ def main(argv=None) -> int:
         if competitor:
             row["decode_loaded_tok_s"] = round(best[key]["loaded"], 2)
             row["loaded_over_quiet"] = round(best[key]["loaded"] / best[key]["decode"], 3)
-    reference = tokens[("llama-ref", "fp32")]
-    for key, toks in tokens.items():
+    reference = tokens.get(("llama-ref", "fp32"), [])
+    for key, toks in tokens.items() if reference else ():
         same = next((i for i, (a, b) in enumerate(zip(toks, reference)) if a != b), len(reference))
         print(f"{key[0]} {key[1]}: the first {same}/{len(reference)} greedy tokens equal llama-ref fp32's")
     print_table(rows, host, args)
