@@ -44,7 +44,7 @@ def hf_from_gguf(path: Path) -> Path:
                                                                   dtype=torch.float32)
         with atomic_dir(cached, overwrite=True) as tmp:  # another session may be writing it too
             tokenizer.save_pretrained(tmp / "tokenizer")
-            del model.config.quantization_config  # the weights saved are plain fp32: HF's dequantized ones
+            vars(model.config).pop("quantization_config", None)  # the weights saved are HF's dequantized fp32
             model.config.save_pretrained(tmp / "model")
             safetensors.torch.save_model(model, str(tmp / "model" / "model.safetensors"))  # tied: saved once
     return cached
