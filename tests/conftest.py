@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama import assets
-from tests.helpers import tiny_checkpoint
+from tests.helpers import hf_from_gguf, tiny_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -38,22 +38,29 @@ def llama3_tokenizer_path():
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2(smollm2_gguf):
-    """HF transformers' own load of the same GGUF: the independent reference (fp32, eval mode)."""
-    transformers = pytest.importorskip("transformers")
+def hf_smollm2_dir(smollm2_gguf):
+    """HF transformers' own conversion of the same GGUF (model/ and tokenizer/): the independent reference,
+    converted once per machine and kept in the user cache (tests/helpers.hf_from_gguf)."""
+    pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-        )
-    return model.eval()
+        return hf_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2_tokenizer(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+def hf_smollm2(hf_smollm2_dir):
+    """HF's model (fp32, eval mode)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_smollm2_dir / "model", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(hf_smollm2_dir):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(hf_smollm2_dir / "tokenizer")
 
 
 @pytest.fixture(scope="session")

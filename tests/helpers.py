@@ -14,10 +14,41 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from llama import assets
 from llama.checkpoint import save_meta
+from llama.files import atomic_dir
 from llama.model import ModelArgs, Transformer
 from llama.train.config import load_config
 from llama.train.data import bpe_dataset, stdlib_files
+
+# ---------------------------------------------------------------- HF transformers, the reference
+
+
+def hf_from_gguf(path: Path) -> Path:
+    """A folder with `model/` and `tokenizer/` as HF transformers converts the GGUF `path` (its fp32
+    weights, its tokenizer files): the independent reference. Converting parses the file's metadata
+    (SmolLM2's 49,152 tokens) and dequantizes every tensor, tens of seconds on two cores; so HF's result
+    is kept under the user cache, keyed by the file and by the transformers and gguf versions that
+    converted it, and later sessions load those exact tensors and files in about a second each."""
+    from importlib.metadata import version
+
+    import safetensors.torch
+    import transformers
+
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}-gguf{version('gguf')}"
+    cached = assets.cache_dir() / "hf-from-gguf" / key
+    if not cached.is_dir():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32)
+        with atomic_dir(cached, overwrite=True) as tmp:  # another session may be writing it too
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            vars(model.config).pop("quantization_config", None)  # the weights saved are HF's dequantized fp32
+            model.config.save_pretrained(tmp / "model")
+            safetensors.torch.save_model(model, str(tmp / "model" / "model.safetensors"))  # tied: saved once
+    return cached
+
 
 # ---------------------------------------------------------------- tiny models and checkpoints
 
@@ -181,6 +212,25 @@ def cli(*args, env=None, timeout=300):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def run_main(main, *args, cwd=None):
+    """Call a command line's main(argv) in this process, in `cwd`, as its fresh interpreter would run
+    it; returns a CompletedProcess (exit status, stdout, stderr). A new interpreter spends seconds
+    importing torch, so each test file keeps one real process for the exit status and the absence of a
+    traceback, and runs its other cases here; an unexpected exception here fails the test as a
+    traceback there would."""
+    import contextlib
+    import io
+    import subprocess
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd or ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's refusals and --help
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def state_dicts_equal(a: dict, b: dict) -> bool:

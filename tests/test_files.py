@@ -18,7 +18,9 @@ import torch
 
 from llama import checkpoint, files
 from llama.files import OutputExistsError, atomic_dir, atomic_write, check_output_dir
-from tests.helpers import tiny_model
+from llama.checkpoint.convert import main as convert_main
+from llama.train.data import main as data_main
+from tests.helpers import run_main, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,8 +138,18 @@ def workspace(tmp_path, llama3_tokenizer_path):
     return tmp_path
 
 
-def prepare_cli(*args, cwd):
-    return run("-m", "llama.data", "prepare", *args, cwd=cwd)
+def prepare_cli(*args, cwd, real=False):
+    """`python -m llama.data prepare ARGS` in `cwd`: a real process, or its main() in this one."""
+    if real:
+        return run("-m", "llama.data", "prepare", *args, cwd=cwd)
+    return run_main(data_main, "prepare", *args, cwd=cwd)
+
+
+def convert_cli(*args, cwd, real=False):
+    """`python -m llama.convert ARGS` in `cwd`: a real process, or its main() in this one."""
+    if real:
+        return run("-m", "llama.convert", *args, cwd=cwd)
+    return run_main(convert_main, *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("case", ["existing-out", "out-is-input", "out-is-parent", "out-is-cwd", "bad-fraction",
@@ -157,7 +169,7 @@ def test_prepare_refuses_and_keeps_every_file(workspace, case):
                               ["--tokenizer nope.model does not exist", "llama3"]),
     }[case]
     before = tree(ws)
-    proc = prepare_cli(*args, cwd=cwd)
+    proc = prepare_cli(*args, cwd=cwd, real=case == "existing-out")
     assert_one_error_line(proc, *words)
     assert tree(ws) == before and temporaries(ws) == []
 
@@ -227,19 +239,18 @@ def two_checkpoints(tmp_path):
 def test_convert_refuses_an_existing_checkpoint_and_cleans_up_failures(two_checkpoints):
     ws = two_checkpoints
     before = tree(ws)
-    assert_one_error_line(run("-m", "llama.convert", "src", "dst", "--to", "hf", cwd=ws), "dst", "--overwrite")
+    assert_one_error_line(convert_cli("src", "dst", "--to", "hf", cwd=ws, real=True), "dst", "--overwrite")
     assert tree(ws) == before
     # a convert that fails half-way (3 shards do not divide the heads) leaves nothing behind
-    assert_one_error_line(run("-m", "llama.convert", "src", "new", "--to", "meta", "--shards", "3", cwd=ws),
+    assert_one_error_line(convert_cli("src", "new", "--to", "meta", "--shards", "3", cwd=ws), "shards")
+    assert_one_error_line(convert_cli("src", "dst", "--to", "meta", "--shards", "3", "--overwrite", cwd=ws),
                           "shards")
-    assert_one_error_line(run("-m", "llama.convert", "src", "dst", "--to", "meta", "--shards", "3", "--overwrite",
-                              cwd=ws), "shards")
     assert tree(ws) == before and temporaries(ws) == [] and not (ws / "new").exists()
-    assert_one_error_line(run("-m", "llama.convert", "src/..", ".", "--to", "meta", "--overwrite",
-                              cwd=ws / "src"), "current directory")
+    assert_one_error_line(convert_cli("src/..", ".", "--to", "meta", "--overwrite", cwd=ws / "src"),
+                          "current directory")
     assert tree(ws) == before
     # --overwrite replaces the folder as a whole: no file of the earlier run stays mixed in
-    assert run("-m", "llama.convert", "src", "dst", "--to", "hf", "--overwrite", cwd=ws).returncode == 0
+    assert convert_cli("src", "dst", "--to", "hf", "--overwrite", cwd=ws).returncode == 0
     assert sorted(os.listdir(ws / "dst")) == ["config.json", "model.safetensors"]
     assert temporaries(ws) == []
 

@@ -19,7 +19,7 @@ from llama.train import fsdp
 from llama.model import ModelArgs
 from llama.train.config import DEFAULT_MODEL, ConfigError, check_layout, load_config
 from tests.helpers import free_port, run_distributed
-from tests.helpers import ROOT, TINY_TRAIN, cli, read_metrics, tiny_config, tiny_train as train
+from tests.helpers import ROOT, TINY_TRAIN, read_metrics, run_main, tiny_config, tiny_train as train
 
 # Five steps of 8 sequences in micro-batches of 2 (accumulation on every layout), clipping active.
 COMMON = ["max_steps=5", "micro_batch_size=2", "save_every=5", "grad_clip=0.5"]
@@ -30,6 +30,8 @@ TOL = 1e-5
 
 
 def test_bad_combinations_are_one_line_errors(tmp_path, monkeypatch):
+    import train as train_script
+
     with pytest.raises(ConfigError, match='data_parallel=\'zero\': use "ddp" or "fsdp"'):
         load_config(None, ["data_parallel=zero"])
     with pytest.raises(ConfigError, match='reshard_after_forward=false .* needs data_parallel="fsdp"'):
@@ -40,7 +42,8 @@ def test_bad_combinations_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(fsdp, "fully_shard", None)  # what a torch without it leaves
     with pytest.raises(fsdp.FSDPError, match=r"needs torch.distributed.fsdp.fully_shard \(torch >= 2.6"):
         fsdp.require_fully_shard()
-    done = cli("reshard_after_forward=false", f"out_dir={tmp_path / 'out'}")
+    done = run_main(train_script.main, "reshard_after_forward=false", f"out_dir={tmp_path / 'out'}")  # the real
+    # process's exit status is tested once, in test_train_config
     assert done.returncode == 1 and done.stderr.startswith("error: reshard_after_forward=false"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 

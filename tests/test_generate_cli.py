@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama.generate_cli import build_parser, chat, main
-from tests.helpers import run_distributed
-from tests.helpers import tiny_checkpoint
+from tests.helpers import run_distributed, run_main, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,9 +22,9 @@ def mismatched_dir(tmp_path_factory, llama3_tokenizer_path):
     return tiny_checkpoint(tmp_path_factory.mktemp("mismatch"), llama3_tokenizer_path, vocab_size=1000)
 
 
-def run_cli(*args, stdin=None, timeout=300):
+def run_cli(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], input=stdin,
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -71,11 +70,12 @@ def test_bad_inputs_that_need_the_checkpoint(tiny_dir, mismatched_dir, capsys):
 
 
 def test_real_process_exit_status_and_no_traceback(tiny_dir):
+    """A fresh interpreter for the refusal; main() in this one for the run (importing torch again costs seconds)."""
     out = run_cli("--ckpt-dir", tiny_dir / "nope")
     assert_one_line_error(out.returncode, out.stderr, "nope")
     assert out.stdout == ""
-    out = run_cli("--ckpt-dir", tiny_dir, "--prompt", "Hello", "--max-gen-len", "6", "--temperature", "0",
-                  "--show-probs", "3")
+    out = run_main(main, "--ckpt-dir", tiny_dir, "--prompt", "Hello", "--max-gen-len", "6", "--temperature", "0",
+                   "--show-probs", "3")
     assert out.returncode == 0, out.stderr
     token_lines = out.stdout.strip().splitlines()[1:]
     assert len(token_lines) == 6 and all("|" in line for line in token_lines), out.stdout
@@ -100,9 +100,9 @@ def test_chat_repl_two_turns_through_stdin(smollm2, monkeypatch, capsys):
     assert first["content"] != second["content"]
 
 
-def test_chat_process_reads_stdin(tiny_dir):
-    out = run_cli("--ckpt-dir", tiny_dir, "--chat", "--max-gen-len", "4", "--temperature", "0",
-                  stdin="hello\n/reset\nagain\n")
+def test_chat_command_reads_stdin(tiny_dir, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nagain\n"))
+    out = run_main(main, "--ckpt-dir", tiny_dir, "--chat", "--max-gen-len", "4", "--temperature", "0")
     assert out.returncode == 0, out.stderr
     # prompts for: hello (answered), /reset (no reply), again (answered), end of input
     assert out.stdout.count("> ") == 4 and len(out.stdout.strip().splitlines()) == 3, out.stdout

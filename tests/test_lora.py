@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llama import lora, parallel
 from llama.model import ModelArgs, Transformer
 from tests.helpers import run_distributed
-from tests.helpers import TINY_TRAIN, cli, tiny_config, tiny_corpus, train_until_killed
+from tests.helpers import TINY_TRAIN, cli, run_main, tiny_config, tiny_corpus, train_until_killed
 
 ARGS = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64,
             rope_theta=10000.0)
@@ -221,9 +221,13 @@ def test_sigkill_mid_lora_run_resumes_to_the_uninterrupted_losses(corpus, tmp_pa
     ("base_dtype=int8", ["base_dtype"]),
 ])
 def test_bad_lora_settings_are_one_line_exit_1(corpus, tmp_path, override, words):
+    """The first case runs the real command (a fresh interpreter); the others call its main()."""
+    import train as train_script
+
     data_dir, _ = corpus
     out = tmp_path / "out"
-    proc = cli(*TINY_TRAIN, f"data={data_dir}", f"out_dir={out}", "lora_rank=4", override, timeout=120)
+    args = [*TINY_TRAIN, f"data={data_dir}", f"out_dir={out}", "lora_rank=4", override]
+    proc = cli(*args, timeout=120) if override == "lora_rank=-1" else run_main(train_script.main, *args)
     assert proc.returncode == 1, proc.stderr[-1500:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

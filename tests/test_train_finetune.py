@@ -62,18 +62,16 @@ def _tiny_gguf_with_smollm2_tokenizer(path, smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def fine_tune_sources(tmp_path_factory, corpus, smollm2_gguf, llama3_tokenizer_path):
+def fine_tune_sources(tmp_path_factory, corpus, smollm2_gguf, hf_smollm2_tokenizer, llama3_tokenizer_path):
     """The four kinds of checkpoint a fine-tune starts from, each a tiny model with a real tokenizer."""
     from llama import checkpoint
 
     root = tmp_path_factory.mktemp("sources")
     sources = {"gguf": _tiny_gguf_with_smollm2_tokenizer(root / "smol.gguf", smollm2_gguf)}
     # HF: transformers' own tokenizer files for SmolLM2 (tokenizer.json, tokenizer_config.json, template)
-    transformers = pytest.importorskip("transformers")
     small = checkpoint.load_model(sources["gguf"], max_seq_len=16)
     checkpoint.save_hf(small.state_dict(), small.params, root / "hf")
-    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    tok.save_pretrained(root / "hf")
+    hf_smollm2_tokenizer.save_pretrained(root / "hf")
     sources["hf"] = root / "hf"
     for name, tokenizer, vocab in [("meta", llama3_tokenizer_path, 128256), ("bpe", corpus[1], 640)]:
         args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=vocab, hidden_dim=64,
