@@ -10,6 +10,7 @@ import json
 import mmap
 import pickle
 import re
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -94,7 +95,8 @@ def load_pth(file: Path) -> dict:
                 f"such a file can run code when unpickled. Get the weights from a source you trust"
             ) from None
         raise CheckpointError(f"{file}: corrupt or truncated checkpoint (not a torch pickle): download it again") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+            OverflowError, struct.error) as e:  # a damaged legacy (non-zip) pickle fails in any of these ways
         raise CheckpointError(
             f"{file}: corrupt or truncated checkpoint ({str(e).strip().splitlines()[0][:160]}): download it again"
         ) from None
