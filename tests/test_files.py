@@ -203,10 +203,18 @@ def interrupt_when(proc, appears, timeout=120):
     return err
 
 
+def terminal_signals():
+    """In the child before exec: SIGINT as a command started from a terminal has it (default, not
+    blocked). An ignored or blocked SIGINT is inherited through exec, and something earlier in a full
+    pytest session can leave this process so; the command would then never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def popen(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=terminal_signals)
 
 
 @pytest.mark.slow
@@ -277,9 +285,10 @@ def test_a_lost_keyboard_interrupt_still_stops_the_commit(tmp_path, capsys):
         pass
 
     final = tmp_path / "out"
-    # Python's own handler, as a fresh command has it: in the full quick run something earlier in this
-    # process left SIGINT ignored (not found which), and atomic_dir rightly keeps an ignored SIGINT ignored
+    # SIGINT as a fresh command has it (handled, not blocked): in full runs something earlier in this
+    # process left it otherwise (see terminal_signals), and atomic_dir rightly keeps an ignored one ignored
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     with pytest.raises(KeyboardInterrupt):
         with files.atomic_dir(final) as tmp:
             (tmp / "half").write_text("x")
@@ -291,3 +300,4 @@ def test_a_lost_keyboard_interrupt_still_stops_the_commit(tmp_path, capsys):
     assert "Exception ignored" not in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     signal.signal(signal.SIGINT, previous)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
