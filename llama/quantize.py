@@ -11,12 +11,13 @@ only its own group. docs/quantization.md measures each choice against the fp32 m
   (asymmetric, as llama.cpp's Q4_1), two codes per byte.
   Both products are our own kernel (llama/csrc/quantized.cpp, compiled for the host on first use):
   torch has no group-wise int8 kernel, and its int4 one computes in bf16, which AVX2 CPUs have no
-  instructions for. The kernel turns each block of 32 codes into fp32 in registers and multiplies
-  it with the activations there: the codes are all it reads. A prefill chunk (many rows) is
-  compute-bound instead, and takes the fp32 GEMM on the weights dequantized once.
+  instructions for. The kernel rounds the activations per block of 32 (int16 for int8 weights: no
+  measurable cost; int8 for int4, as llama.cpp) and multiplies them with the codes in integers: the
+  codes are all it reads. A prefill chunk (many rows) is compute-bound instead, and takes the fp32
+  GEMM on the weights dequantized once.
 - `--group-size 0` with int8 (`Int8Linear`): one scale per row through `torch._weight_int8pack_mm`,
   which inductor (compile=True) lowers to its C++ GEMM template; the least accurate scheme.
-Activations stay in floating point (fp32 in the group-wise kernels); only the weights are quantized.
+The model's activations stay in floating point; only the weights are stored quantized.
 
 Under model parallelism each rank quantizes its own shard: a row-parallel layer holds a slice of the
 input features, so the group size must divide that slice (checked, one line otherwise).
@@ -151,7 +152,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 class GroupLinear(nn.Module):
     """y = x W^T with W in groups of `group_size` input weights: the codes (buffer `weight`) and a bf16
-    scale per group (`scales`), multiplied by the group-wise kernel in fp32."""
+    scale per group (`scales`), multiplied by the group-wise kernel (llama/csrc/quantized.cpp)."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__()
