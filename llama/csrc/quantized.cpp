@@ -2,11 +2,12 @@
 //
 // Decoding multiplies a few rows of activations by every weight once, so its speed is the speed at
 // which the weights stream from memory, provided turning codes into numbers costs less than reading
-// them. So the inner loop does the least per weight: it turns 8 codes into 8 floats (AVX2 registers)
-// and multiplies them into the running sum of x * code for their group; the group's scale is
-// applied once per block, and int4's zero once per group through the sum of x over the group.
+// them. So the inner loop does the least per weight: it multiplies each block of 32 codes with the
+// activations rounded to integers (below) in a few integer instructions, turns the block's sum into
+// a float once and applies the weight scale times the activation step; int4's zero comes in once
+// per group through the sum of x over the group.
 // Threads split the output features (at::parallel_for: torch's own thread pool and thread count).
-// Without AVX2 the same loops run on plain floats (tested too: simd=False).
+// Without AVX2 the same arithmetic runs in plain loops (tested too: simd=False).
 //
 // Layouts, per weight row n (output feature) and group j of `group_size` inputs:
 //   int8: codes int8 (N, K), w = code * scale[n, j]                               (absmax, as Q8_0)
@@ -141,6 +142,16 @@ RoundedRows<typename Weights::Activation> round_rows(const float* x, int64_t M, 
   return rows;
 }
 
+// int4's zero times the sum of x over each group, for weight row n and activation row m; 0 for int8.
+template <typename Weights, typename X>
+float zero_term(const Weights& weights, const X& x, int64_t n, int64_t m) {
+  if (!Weights::kHasZero) return 0.0f;
+  const int64_t G = weights.K / weights.group_size;
+  float sum = 0;
+  for (int64_t j = 0; j < G; ++j) sum += bf16_to_float(weights.zeros[n * G + j]) * x.sums[m * G + j];
+  return sum;
+}
+
 // y[m, n] for R rows of x at once (R known at compile time, so the accumulators stay in registers;
 // the rows share each block's load) and the output features [n0, n1). Plain loops: any CPU.
 template <int R, typename Weights, typename X>
@@ -161,10 +172,8 @@ void rows_portable(const X& x, int64_t m, float* y, int64_t N, int64_t n0, int64
           total[r] += scale * x.step[((m + r) * K + k) / kBlock] * float(dot);
         }
       }
-      if (Weights::kHasZero)
-        for (int r = 0; r < R; ++r) total[r] += bf16_to_float(weights.zeros[n * G + j]) * x.sums[(m + r) * G + j];
     }
-    for (int r = 0; r < R; ++r) y[(m + r) * N + n] = total[r];
+    for (int r = 0; r < R; ++r) y[(m + r) * N + n] = total[r] + zero_term(weights, x, n, m + r);
   }
 }
 
@@ -195,11 +204,9 @@ void rows_avx2(const X& x, int64_t m, float* y, int64_t N, int64_t n0, int64_t n
     }
     if (k < K) block(k, 0);
     for (int r = 0; r < R; ++r) {
-      float lanes[8], sum = 0;
+      float lanes[8], sum = zero_term(weights, x, n, m + r);
       _mm256_storeu_ps(lanes, _mm256_add_ps(total[r][0], total[r][1]));
       for (int l = 0; l < 8; ++l) sum += lanes[l];
-      if (Weights::kHasZero)
-        for (int64_t j = 0; j < G; ++j) sum += bf16_to_float(weights.zeros[n * G + j]) * x.sums[(m + r) * G + j];
       y[(m + r) * N + n] = sum;
     }
   }
@@ -248,7 +255,8 @@ at::Tensor dequantize(int64_t N, const Weights& weights) {
 
 void check(const at::Tensor& codes, const at::Tensor& scales, int64_t K, int64_t group_size, at::ScalarType code_type) {
   TORCH_CHECK(codes.scalar_type() == code_type && codes.is_contiguous() && codes.dim() == 2, "codes: contiguous 2-D ", code_type);
-  TORCH_CHECK(group_size % kBlock == 0 && K % group_size == 0, "group size must be a multiple of 32 dividing ", K);
+  TORCH_CHECK(group_size >= kBlock && (group_size & (group_size - 1)) == 0 && K % group_size == 0,
+              "group size must be a power of 2 >= 32 dividing ", K);  // the SIMD loop finds a block's group by a shift
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.size(0) == codes.size(0) &&
                   scales.size(1) == K / group_size, "scales: contiguous bf16 (N, K / group_size)");
 }
