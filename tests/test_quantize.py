@@ -57,15 +57,15 @@ def decode_reference(method: str, layer, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method, cls", [("int8", GroupInt8Linear), ("int4", Int4Linear)])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size):
+@pytest.mark.parametrize("group_size, K", [(32, 256), (32, 288), (64, 256), (128, 256)])  # 288: 9 blocks, odd
+def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K):
     """A prefill chunk's many rows (fp32 GEMM on the dequantized weights) give x W_q^T of float64 within
     fp32 rounding; a decode step's few rows (the kernel, SIMD and portable loops) give the same product
     with the activations rounded per block of 32 (decode_reference: int16 for int8, int8 for int4) within fp32 rounding, so
     within what half a rounding step per activation can move x W_q^T. Neither is the fp32 product: the quantized weights are what they read. Each
     weight is off by at most half a step."""
     torch.manual_seed(0)
-    w = torch.randn(96, 256) * 0.05
+    w = torch.randn(96, K) * 0.05
     w[3, 7] = 1.0  # an outlier spoils only its own group
     layer = cls(w, group_size)
     wq = dequantized(method, w, group_size)
@@ -74,7 +74,7 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size):
     assert ((wq - w.double()).view(96, -1, group_size).abs().amax(-1) <= 0.51 * step).all()  # rounding: half a step
     assert torch.equal(layer.dequantized().double(), wq)
     for rows in (1, 3, 5, quantize.PREFILL_ROWS + 4):  # 5: one pass of 4 rows + 1 row; 12: the GEMM
-        x = torch.randn(rows, 256)
+        x = torch.randn(rows, K)
         x[0, :32] = 0  # a block of zeros: step 0
         exact = x.double() @ wq.T
         got = layer(x)
@@ -104,7 +104,7 @@ def test_every_code_comes_back_exactly():
     nibbles[:, :, 0], nibbles[:, :, 1] = 0, 15  # each group spans -8..7: scale 1, zero 0
     w4 = nibbles.view(16, 256) - 8
     for w, layer in ((w8, GroupInt8Linear(w8, 32)), (w4, Int4Linear(w4, 32))):
-        for rows in (1, 4):  # the one-row and the four-row loops
+        for rows in (1, 4):  # the portable loops take 4 rows at a time, then 1
             got = torch.cat([layer(torch.eye(256)[k:k + rows]) for k in range(0, 256, rows)])  # row k = W[:, k]
             assert torch.equal(got.t(), w)
     assert torch.equal(quantize.unpack_int4(quantize.pack_int4(nibbles.view(16, 256).to(torch.uint8))),

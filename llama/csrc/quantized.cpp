@@ -5,8 +5,9 @@
 // them. So the inner loop does the least per weight: it multiplies each block of 32 codes with the
 // activations rounded to integers (below) in a few integer instructions, turns the block's sum into
 // a float once and applies the weight scale times the activation step; int4's zero comes in once
-// per group through the sum of x over the group.
-// Threads split the output features (at::parallel_for: torch's own thread pool and thread count).
+// per group through the sum of x over the group. The loop asks for the weights ahead of use
+// (prefetch), and threads split the output features only where each gets ~1M weights or more
+// (at::parallel_for: torch's own thread pool and thread count).
 // Without AVX2 the same arithmetic runs in plain loops (tested too: simd=False).
 //
 // Layouts, per weight row n (output feature) and group j of `group_size` inputs:
@@ -51,6 +52,10 @@ inline float bf16_to_float(uint16_t bits) {  // bf16 is the top half of a float3
 // Integer products are exact; each block's int32 sum becomes a float once and is multiplied by the
 // block's weight scale times its activation step.
 
+// Rows of output per thread chunk: each chunk reads at least ~1M weights, so a layer of a small model
+// stays on one thread (waking another costs more than it saves, on virtual machines most of all).
+inline int64_t grain(int64_t K) { return std::max<int64_t>(16, (int64_t(1) << 20) / K); }
+
 // One weight matrix: codes, bf16 scales (and zeros) per group, K inputs per row.
 template <typename Code>
 struct GroupWeights {
@@ -69,20 +74,6 @@ struct Int8Weights : GroupWeights<int8_t> {
   void codes_as_ints(int64_t n, int64_t k, int32_t* c) const {  // the 32 codes from input k of row n
     for (int64_t l = 0; l < kBlock; ++l) c[l] = block(n, k)[l];
   }
-#ifdef LLAMA_AVX2
-  struct Loaded { __m256i low, high; };  // codes 0..15 and 16..31 as int16
-  Loaded load(int64_t n, int64_t k) const {
-    const int8_t* q = block(n, k);
-    return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))),
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))};
-  }
-  // 8 int32 lanes, each the sum of 4 products: |code| <= 127, |x| <= 32767 keep it below 2^24 (exact as a float).
-  static __m256i dot(const Loaded& w, const int16_t* x) {
-    const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-    const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
-    return _mm256_add_epi32(_mm256_madd_epi16(w.low, x_low), _mm256_madd_epi16(w.high, x_high));
-  }
-#endif
 };
 
 struct Int4Weights : GroupWeights<uint8_t> {
@@ -98,22 +89,6 @@ struct Int4Weights : GroupWeights<uint8_t> {
       c[l + kBlock / 2] = (q[l] >> 4) - 8;
     }
   }
-#ifdef LLAMA_AVX2
-  using Loaded = __m256i;  // 32 codes - 8 as bytes
-  Loaded load(int64_t n, int64_t k) const {  // 16 bytes: the low halves are codes 0..15, the high 16..31
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block(n, k)));
-    const __m128i low = _mm_set1_epi8(15);
-    const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-    return _mm256_sub_epi8(codes, _mm256_set1_epi8(8));
-  }
-  // The instruction multiplies unsigned by signed bytes, so |code| times x with code's sign moved onto
-  // x; its 16-bit pair sums cannot overflow: |code| <= 8, |x| <= 127.
-  static __m256i dot(const Loaded& w, const int8_t* x) {
-    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-  }
-#endif
 };
 
 // Activations rounded per block of 32: x ~ q * step.
@@ -178,59 +153,175 @@ void rows_portable(const X& x, int64_t m, float* y, int64_t N, int64_t n0, int64
 }
 
 #ifdef LLAMA_AVX2
-// The same with AVX2 integer instructions (compilers do not find them for the loop above).
-template <int R, typename Weights, typename X>
-void rows_avx2(const X& x, int64_t m, float* y, int64_t N, int64_t n0, int64_t n1, const Weights& weights) {
-  const int64_t K = weights.K, G = K / weights.group_size;
-  const int shift = __builtin_ctzll(weights.group_size);  // k >> shift: the group of input k (a power of 2)
+// The same with AVX2 integer instructions (compilers do not find them for the loops above). Each
+// weight row is read once however many activation rows there are (they stay in the first-level cache).
+
+// Weights stream from memory once per token, too fast for the hardware prefetcher alone to keep up:
+// ask for the codes ~1 KB ahead and for the scales (and zeros) of the row 8 rows ahead. Prefetching
+// past the end of a tensor is harmless (a hint, not a load). docs/quantization.md has the measurements.
+constexpr int64_t kBytesAhead = 1024, kRowsAhead = 8;
+
+inline void prefetch_row(const uint16_t* row, int64_t G) {  // a row of G bf16 scales: its first and last bytes
+  _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(row + G - 1), _MM_HINT_T0);
+}
+
+inline __m256 bf16x8(const uint16_t* p) {  // 8 bf16 -> 8 floats
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// sum over groups of coefficient (bf16, one weight row) times x's sum over the group: int4's zero term
+inline float group_dot(const uint16_t* coefficient, const float* sums, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= G; j += 8) acc = _mm256_fmadd_ps(bf16x8(coefficient + j), _mm256_loadu_ps(sums + j), acc);
+  float sum = hsum(acc);
+  for (; j < G; ++j) sum += bf16_to_float(coefficient[j]) * sums[j];
+  return sum;
+}
+
+// int8 x int16, block by block: 8 int32 lanes of 4 products each, scaled by the group's scale times
+// the block's step. Two sums (even and odd blocks) so each multiply-add need not wait for the last.
+void int8_rows_avx2(const RoundedRows<int16_t>& x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1,
+                    const Int8Weights& weights) {
+  const int64_t K = weights.K, G = K / weights.group_size, B = K / kBlock;
+  const int shift = __builtin_ctzll(weights.group_size / kBlock);  // b >> shift: the group of block b
   for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* codes = weights.block(n, 0);
     const uint16_t* scales = weights.scales + n * G;
-    // Two sums per row, for even and odd blocks: each block's multiply-add need not wait for the last.
-    __m256 total[R][2];
-    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
-    auto block = [&](int64_t k, int half) {  // block k into sum `half`
-      const typename Weights::Loaded w = weights.load(n, k);
-      const float scale = bf16_to_float(scales[k >> shift]);
-      for (int r = 0; r < R; ++r) {
-        const int64_t at = (m + r) * K + k;
-        const __m256 dot = _mm256_cvtepi32_ps(Weights::dot(w, x.q.data() + at));
-        total[r][half] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale * x.step[at / kBlock]), total[r][half]);
+    prefetch_row(scales + kRowsAhead * G, G);
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* xq = x.q.data() + m * K;
+      const float* step = x.step.data() + m * B;
+      auto block = [&](int64_t b, __m256 total) {
+        const __m128i* q = reinterpret_cast<const __m128i*>(codes + b * kBlock);
+        _mm_prefetch(reinterpret_cast<const char*>(codes + b * kBlock + kBytesAhead), _MM_HINT_T0);
+        const __m256i* xb = reinterpret_cast<const __m256i*>(xq + b * kBlock);
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(q)), _mm256_loadu_si256(xb)),
+                                             _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(q + 1)), _mm256_loadu_si256(xb + 1)));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(bf16_to_float(scales[b >> shift]) * step[b]), total);
+      };
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + 1 < B; b += 2) {
+        even = block(b, even);
+        odd = block(b + 1, odd);
       }
-    };
-    int64_t k = 0;
-    for (; k + 2 * kBlock <= K; k += 2 * kBlock) {
-      block(k, 0);
-      block(k + kBlock, 1);
+      if (b < B) even = block(b, even);
+      y[m * N + n] = hsum(_mm256_add_ps(even, odd));
     }
-    if (k < K) block(k, 0);
-    for (int r = 0; r < R; ++r) {
-      float lanes[8], sum = zero_term(weights, x, n, m + r);
-      _mm256_storeu_ps(lanes, _mm256_add_ps(total[r][0], total[r][1]));
-      for (int l = 0; l < 8; ++l) sum += lanes[l];
-      y[(m + r) * N + n] = sum;
+  }
+}
+
+// int4 x int8, two blocks at a time: the 32 bytes of blocks b, b + 1 hold their codes 0..15 in the low
+// halves and 16..31 in the high halves, so the activations are laid out to match once per call:
+// [b: 0..15, b+1: 0..15, b: 16..31, b+1: 16..31]. `vpmaddubsw` multiplies the unsigned codes 0..15
+// by the signed activations; each int32 lane then holds 4 + 4 products of one block, from which 8 times
+// the activations it covers is taken away: exactly the products with code - 8.
+struct PairedRows {
+  std::vector<int8_t> q;        // (M, pairs, 64), laid out as above
+  std::vector<float> step;      // (M, pairs, 8): block b's step in lanes 0..3, b + 1's in 4..7
+  std::vector<int32_t> eights;  // (M, pairs, 8): 8 x the activations each lane's products cover
+};
+
+PairedRows pair_rows(const RoundedRows<int8_t>& x, int64_t M, int64_t K) {
+  const int64_t B = K / kBlock, P = (B + 1) / 2;
+  PairedRows rows{std::vector<int8_t>(M * P * 64), std::vector<float>(M * P * 8), std::vector<int32_t>(M * P * 8)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) {  // block b is the first (lanes 0..3) or second (4..7) of its pair
+      const int64_t p = m * P + b / 2, half = b % 2;
+      const int8_t* from = x.q.data() + (m * K + b * kBlock);
+      std::memcpy(&rows.q[p * 64 + half * 16], from, 16);
+      std::memcpy(&rows.q[p * 64 + 32 + half * 16], from + 16, 16);
+      for (int l = 0; l < 4; ++l) rows.step[p * 8 + half * 4 + l] = x.step[m * B + b];
+    }
+  const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  for (int64_t p = 0; p < M * P; ++p) {  // the same lanes as the products in int4_rows_avx2
+    const __m256i* xq = reinterpret_cast<const __m256i*>(&rows.q[p * 64]);
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(eight, _mm256_loadu_si256(xq)),
+                                           _mm256_maddubs_epi16(eight, _mm256_loadu_si256(xq + 1)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&rows.eights[p * 8]), _mm256_madd_epi16(pairs, ones));
+  }
+  return rows;
+}
+
+void int4_rows_avx2(const RoundedRows<int8_t>& x, const PairedRows& paired, int64_t M, float* y, int64_t N,
+                    int64_t n0, int64_t n1, const Int4Weights& weights) {
+  const int64_t K = weights.K, G = K / weights.group_size, B = K / kBlock, P = (B + 1) / 2;
+  const int shift = __builtin_ctzll(weights.group_size);  // k >> shift: the group of input k (a power of 2)
+  const __m256i low_bits = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i lane_block = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* codes = weights.block(n, 0);
+    const uint16_t* scales = weights.scales + n * G;
+    prefetch_row(scales + kRowsAhead * G, G);
+    prefetch_row(weights.zeros + (n + kRowsAhead) * G, G);
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xq = paired.q.data() + m * P * 64;
+      const float* step = paired.step.data() + m * P * 8;
+      const int32_t* eights = paired.eights.data() + m * P * 8;
+      auto pair = [&](int64_t p, __m256i bytes, __m256 scale, __m256 total) {
+        const __m256i* xp = reinterpret_cast<const __m256i*>(xq + p * 64);
+        const __m256i products = _mm256_add_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(bytes, low_bits), _mm256_loadu_si256(xp)),
+            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_bits), _mm256_loadu_si256(xp + 1)));
+        const __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(products, ones),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eights + p * 8)));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(scale, _mm256_loadu_ps(step + p * 8)), total);
+      };
+      auto full_pair = [&](int64_t p, __m256 total) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + p * 32 + kBytesAhead), _MM_HINT_T0);
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32));
+        if (shift != 5) return pair(p, bytes, _mm256_set1_ps(bf16_to_float(scales[(p * 2 * kBlock) >> shift])), total);
+        uint32_t two;  // group 32: the two blocks' own scales, into lanes 0..3 and 4..7
+        std::memcpy(&two, scales + 2 * p, sizeof two);
+        const __m128i floats = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(int(two)));
+        return pair(p, bytes, _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(_mm256_castsi128_si256(floats), lane_block)), total);
+      };
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two sums: each multiply-add need not wait for the last
+      int64_t p = 0;
+      for (; p + 1 < B / 2; p += 2) {
+        even = full_pair(p, even);
+        odd = full_pair(p + 1, odd);
+      }
+      if (p < B / 2) even = full_pair(p++, even);
+      if (p < P)  // an odd number of blocks: the last one alone (its partner's activations are 0)
+        odd = pair(p, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + p * 32))),
+                   _mm256_set1_ps(bf16_to_float(scales[(p * 2 * kBlock) >> shift])), odd);
+      y[m * N + n] = hsum(_mm256_add_ps(even, odd)) + group_dot(weights.zeros + n * G, x.sums.data() + m * G, G);
     }
   }
 }
 #endif
 
-template <int R, typename Weights, typename X>
-void rows(bool simd, const X& x, int64_t m, float* y, int64_t N, int64_t n0, int64_t n1, const Weights& weights) {
-#ifdef LLAMA_AVX2
-  if (simd) return rows_avx2<R>(x, m, y, N, n0, n1, weights);
-#endif
-  rows_portable<R>(x, m, y, N, n0, n1, weights);
-}
-
 template <typename Weights>
 at::Tensor matmul(const at::Tensor& x, int64_t N, const Weights& weights, bool simd) {
-  const int64_t M = x.size(0);
+  const int64_t M = x.size(0), K = weights.K;
   at::Tensor y = at::empty({M, N}, x.options());
-  const auto rows_x = round_rows<Weights>(x.data_ptr<float>(), M, weights.K, weights.group_size);
+  const auto rows_x = round_rows<Weights>(x.data_ptr<float>(), M, K, weights.group_size);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#ifdef LLAMA_AVX2
+  if (simd) {
+    if constexpr (Weights::kHasZero) {
+      const PairedRows paired = pair_rows(rows_x, M, K);
+      at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) { int4_rows_avx2(rows_x, paired, M, yp, N, n0, n1, weights); });
+    } else {
+      at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) { int8_rows_avx2(rows_x, M, yp, N, n0, n1, weights); });
+    }
+    return y;
+  }
+#endif
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
     int64_t m = 0;  // four rows at a time share each block's load; the rest one by one
-    for (; m + 4 <= M; m += 4) rows<4>(simd, rows_x, m, yp, N, n0, n1, weights);
-    for (; m < M; ++m) rows<1>(simd, rows_x, m, yp, N, n0, n1, weights);
+    for (; m + 4 <= M; m += 4) rows_portable<4>(rows_x, m, yp, N, n0, n1, weights);
+    for (; m < M; ++m) rows_portable<1>(rows_x, m, yp, N, n0, n1, weights);
   });
   return y;
 }
