@@ -157,9 +157,9 @@ void rows_portable(const X& x, int64_t m, float* y, int64_t N, int64_t n0, int64
 // weight row is read once however many activation rows there are (they stay in the first-level cache).
 
 // Weights stream from memory once per token, too fast for the hardware prefetcher alone to keep up:
-// ask for the codes ~1 KB ahead and for the scales (and zeros) of the row 8 rows ahead. Prefetching
+// ask for the codes 4 KB ahead and for the scales (and zeros) of the row 8 rows ahead. Prefetching
 // past the end of a tensor is harmless (a hint, not a load). docs/quantization.md has the measurements.
-constexpr int64_t kBytesAhead = 1024, kRowsAhead = 8;
+constexpr int64_t kBytesAhead = 4096, kRowsAhead = 8;
 
 inline void prefetch_row(const uint16_t* row, int64_t G) {  // a row of G bf16 scales: its first and last bytes
   _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
