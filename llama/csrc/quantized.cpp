@@ -293,7 +293,7 @@ void int4_rows_avx2(const RoundedRows<int8_t>& x, const PairedRows& paired, int6
       }
       if (p < B / 2) even = full_pair(p++, even);
       if (p < P)  // an odd number of blocks: the last one alone (its partner's activations are 0)
-        odd = pair(p, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + p * 32))),
+        odd = pair(p, _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + p * 32)), 0),
                    _mm256_set1_ps(bf16_to_float(scales[(p * 2 * kBlock) >> shift])), odd);
       y[m * N + n] = hsum(_mm256_add_ps(even, odd)) + group_dot(weights.zeros + n * G, x.sums.data() + m * G, G);
     }
