@@ -187,8 +187,8 @@ inline float group_dot(const uint16_t* coefficient, const float* sums, int64_t G
   return sum;
 }
 
-// int8 x int16, block by block: 8 int32 lanes of 4 products each, scaled by the group's scale times
-// the block's step. Two sums (even and odd blocks) so each multiply-add need not wait for the last.
+// int8 x int16, block by block: 8 int32 lanes of 4 products each (|code| <= 127, |x| <= 32767 keep a
+// lane below 2^24: exact as a float), scaled by the group's scale times the block's step. Two sums (even and odd blocks) so each multiply-add need not wait for the last.
 void int8_rows_avx2(const RoundedRows<int16_t>& x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1,
                     const Int8Weights& weights) {
   const int64_t K = weights.K, G = K / weights.group_size, B = K / kBlock;
@@ -223,8 +223,9 @@ void int8_rows_avx2(const RoundedRows<int16_t>& x, int64_t M, float* y, int64_t 
 // int4 x int8, two blocks at a time: the 32 bytes of blocks b, b + 1 hold their codes 0..15 in the low
 // halves and 16..31 in the high halves, so the activations are laid out to match once per call:
 // [b: 0..15, b+1: 0..15, b: 16..31, b+1: 16..31]. `vpmaddubsw` multiplies the unsigned codes 0..15
-// by the signed activations; each int32 lane then holds 4 + 4 products of one block, from which 8 times
-// the activations it covers is taken away: exactly the products with code - 8.
+// by the signed activations (pair sums <= 2 * 15 * 127, the low and high halves' sum below 2^15: no
+// saturation); each int32 lane then holds 4 + 4 products of one block, from which 8 times the
+// activations it covers is taken away: exactly the products with code - 8.
 struct PairedRows {
   std::vector<int8_t> q;        // (M, pairs, 64), laid out as above
   std::vector<float> step;      // (M, pairs, 8): block b's step in lanes 0..3, b + 1's in 4..7
