@@ -60,6 +60,10 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
         "freezing": True, "cpp.enable_concat_linear": True,  # read outside `options`: patched per call
         # Autotuning prints a timing table per product to stderr, from every rank: keep the CLI clean.
         "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
+        # A loop kernel (norms, RoPE, activations, attention) splits across threads only with >= 64K
+        # elements per thread (inductor's default: 512): a decode step's are a few thousand, and each
+        # split costs a thread wake-up (docs/quantization.md measures it).
+        "cpp.min_chunk_size": 65536,
     }
     record = KernelRecord()
 
