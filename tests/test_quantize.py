@@ -65,20 +65,20 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
     within what half a rounding step per activation can move x W_q^T. Neither is the fp32 product: the quantized weights are what they read. Each
     weight is off by at most half a step."""
     torch.manual_seed(0)
-    w = torch.randn(96, K) * 0.05
+    w = torch.randn(97, K) * 0.05  # 97 rows: odd, so the int8 loop's two halves differ by one
     w[3, 7] = 1.0  # an outlier spoils only its own group
     layer = cls(w, group_size)
     wq = dequantized(method, w, group_size)
-    groups = w.double().view(96, -1, group_size)
+    groups = w.double().view(97, -1, group_size)
     step = (groups.amax(-1) - groups.amin(-1)) / 15 if method == "int4" else groups.abs().amax(-1) / 127
-    assert ((wq - w.double()).view(96, -1, group_size).abs().amax(-1) <= 0.51 * step).all()  # rounding: half a step
+    assert ((wq - w.double()).view(97, -1, group_size).abs().amax(-1) <= 0.51 * step).all()  # rounding: half a step
     assert torch.equal(layer.dequantized().double(), wq)
     for rows in (1, 3, 5, quantize.PREFILL_ROWS + 4):  # 5: one pass of 4 rows + 1 row; 12: the GEMM
         x = torch.randn(rows, K)
         x[0, :32] = 0  # a block of zeros: step 0
         exact = x.double() @ wq.T
         got = layer(x)
-        assert got.dtype == torch.float32 and got.shape == (rows, 96)
+        assert got.dtype == torch.float32 and got.shape == (rows, 97)
         error_fp32 = (exact - x.double() @ w.double().T).abs().max()  # what quantizing the weights costs
         if rows > quantize.PREFILL_ROWS:
             assert (got - exact).abs().max() < 1e-5 * exact.abs().max(), rows
