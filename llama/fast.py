@@ -55,13 +55,9 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
     options = {"aten": {}, "autotune": {"max_autotune": True},
                # one candidate per product: inductor takes it without timing anything
                "template": {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}}[gemm]
-    # Dynamo checks guards before every call: on the whole module tree behind `step` (the Llama and
-    # its model) they are ~6,700 checks, ~2 ms of a SmolLM2 step. Frozen weights already make the
-    # graph valid only for the model as it was when compiled, so those guards protect nothing; the
-    # guards on the step's arguments (batch size, cache dtype and layout) stay. The entries are kept
-    # per compiled step, so a second Llama compiles its own graph instead of passing the first's
-    # guards with its weights dropped from them.
-    options["guard_filter_fn"] = keep_argument_guards
+    # Every compiled Llama compiles the same function (Llama._decode_step): kept apart, each one's
+    # graphs are the only ones Dynamo checks when it is called (shared, a call could run through
+    # the guards of every other engine's graphs before reaching its own: docs/quantization.md).
     compiled = torch.compile(step, dynamic=False, options=options, isolate_recompiles=True)
     settings = {
         "freezing": True, "cpp.enable_concat_linear": True,  # read outside `options`: patched per call
@@ -80,12 +76,6 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
 
     run.kernels = record.kernels
     return run
-
-
-def keep_argument_guards(guards) -> list:
-    """guard_filter_fn for compile_decode_step: keep the guards on a bound method's arguments and
-    on globals; drop those inside `self` (what the frozen graph already fixed)."""
-    return [not guard.name.startswith("self.") for guard in guards]
 
 
 class KernelRecord:
