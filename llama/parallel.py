@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -228,7 +229,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # identity forward, all-reduce of the input's gradient backward
         y = F.linear(copy_to_model_parallel_region(x), self.weight)
-        return gather_from_model_parallel_region(y) if self.gather_output else y
+        return gather_last_dim(y) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
@@ -242,7 +243,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x is already this rank's slice of the features (the column layer before produced it)
-        return reduce_from_model_parallel_region(F.linear(x, self.weight))
+        return all_reduce(F.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -260,10 +261,29 @@ class VocabParallelEmbedding(nn.Module):
         outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
         local_ids = (tokens - self.vocab_start).masked_fill(outside, 0)
         h = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_model_parallel_region(h)
+        return all_reduce(h)
 
 
 PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the model-parallel ranks (the gradient passes through unchanged).
+
+    Under torch.compile without autograd (compiled decoding) this is a functional collective,
+    which Dynamo traces into the graph; fairscale's (an in-place all-reduce in an autograd.Function
+    that marks its input dirty) makes Dynamo break the graph at every call: ~2 breaks per layer,
+    each resumed in a frame of its own."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return funcol.all_reduce(x, "sum", model_parallel_group())
+    return reduce_from_model_parallel_region(x)
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's x along the last dimension (rank order); traceable like all_reduce."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, model_parallel_group())
+    return gather_from_model_parallel_region(x)
 
 
 class LocalProduct(nn.Module):
@@ -278,9 +298,9 @@ class LocalProduct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row:  # x is this rank's slice of the features: partial products summed
-            return reduce_from_model_parallel_region(self.local(x))
+            return all_reduce(self.local(x))
         y = self.local(x)
-        return gather_from_model_parallel_region(y) if self.gather_output else y
+        return gather_last_dim(y) if self.gather_output else y
 
 
 def with_local_product(layer: nn.Module, local: nn.Module) -> nn.Module:

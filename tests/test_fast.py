@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama.fast import mark_cache_dynamic
+from llama.fast import compile_decode_step, keep_argument_guards, mark_cache_dynamic
 from llama.generation import Llama, cache_slot
 from tests.helpers import tiny_model
 
@@ -39,3 +39,56 @@ def test_compiled_step_takes_the_same_kernel_per_product_every_time(monkeypatch)
     assert all(shape.endswith(" float32/float32") for shape in first), first
     second, _ = compiled_step_kernels(tiny_model(vocab_size=256)[0])  # another model, the same shapes:
     assert second == first  # compiled anew (a graph is tied to its model), the same kernels
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        torch._dynamo.graph_break()  # as fairscale's in-place all-reduce did under model parallelism
+        return torch.tanh(y)
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Layer() for _ in range(3))
+
+    def step(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_dropped_guards_never_let_one_layer_run_anothers_frozen_weights():
+    """After a graph break Dynamo resumes in _Layer.forward's own frame, code shared by every layer:
+    only the guards on `self` tell layer 0 from layer 2 there, so the guard filter keeps them (with
+    them dropped, every layer ran the first one's frozen weights)."""
+    stack = _Stack()
+    compiled = compile_decode_step(stack.step, torch.device("cpu"), gemm="aten")
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), stack.step(x))
+        torch.testing.assert_close(compiled(2 * x), stack.step(2 * x))
+
+
+def test_guard_filter_drops_only_the_steps_own_attributes():
+    """In the step's frame (its `self` is the engine) the guards inside `self` go and the guards on the
+    arguments stay; in any other frame every guard stays."""
+    from torch._dynamo.types import GuardFilterEntry
+
+    engine, layer = _Stack(), _Layer()
+
+    def entry(name, value=None):
+        return GuardFilterEntry(name=name, has_value=value is not None, value=value, guard_type="TYPE_MATCH",
+                                derived_guard_types=(), is_global=False, orig_guard=None)
+
+    names = ["self", "self.layers", "self.layers[0].weight", "tokens", "cache.k"]
+    keep = keep_argument_guards(engine)
+    assert keep([entry(n, engine if n == "self" else None) for n in names]) == [True, False, False, True, True]
+    assert keep([entry(n, layer if n == "self" else None) for n in names]) == [True] * 5  # a resumed frame
+    assert keep([entry(n) for n in names[3:]]) == [True, True]
+    assert keep_argument_guards(None)([entry(n, engine if n == "self" else None) for n in names]) == [True] * 5
