@@ -269,7 +269,7 @@ def harness_worker(ckpt: str, tok: str, root: str) -> None:
         res = perplexity_of_tokens(llama.model, ids, len(doc.encode()), 64, 64)
         nll, n_bytes = nll + res.nll, n_bytes + res.bytes
     out = simple_evaluate(model=LlamaRefLM(llama=llama, batch_size=2), tasks=list(TASKS),
-                          task_manager=TaskManager(include_path=root), log_samples=False)
+                          task_manager=TaskManager(include_path=root, include_defaults=False), log_samples=False)
     theirs = {name: {k.split(",")[0]: v for k, v in r.items() if "stderr" not in k and "," in k}
               for name, r in out["results"].items()}
     ours = {"ref_choice": {"acc": ours_choice["acc"], "acc_bytes": ours_choice["acc_norm"]},
@@ -303,7 +303,7 @@ def test_lm_eval_reproduces_our_scorer_offline(tiny_ckpts, tmp_path):
             assert result["theirs"][task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
 
 
-@pytest.mark.slow  # lm_eval's CLI imports datasets, evaluate, ...: about a minute here
+@pytest.mark.slow  # lm_eval's CLI imports datasets, evaluate, ...
 def test_lm_eval_unknown_model_arg_is_one_line(tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'llama-ref[eval]'")
     from llama.eval.lm_eval_adapter import LlamaRefLM
@@ -315,6 +315,10 @@ def test_lm_eval_unknown_model_arg_is_one_line(tmp_path, capsys):
     # lm-eval logs its own INFO lines first; ours is the last line, with no traceback
     assert code == 1 and err.splitlines()[-1].startswith("error: unknown llama-ref model arg(s) colour"), err
     assert "Traceback" not in err
+    # lm-eval's other spelling (space-separated, short flag): refused the same way, before any task is read
+    code, out, err = run_cli(["harness", "--model=llama-ref", "-a", "ckpt_dir=x", "colour=blue", "--tasks",
+                              "no_such_task"], capsys)
+    assert code == 1 and err.splitlines()[-1].startswith("error: unknown llama-ref model arg(s) colour"), err
 
 
 # ---------------------------------------------------------------------------- model parallel

@@ -106,12 +106,39 @@ class LlamaRefLM(TemplateLM):
         return out
 
 
+def check_model_args(argv: List[str]) -> None:
+    """Refuse an unknown llama-ref model arg before lm-eval indexes its ~15,000 task configs (seconds
+    to minutes); LlamaRefLM's constructor checks the same when the model is built. Only the
+    `k=v,k=v` form is read here: other forms (JSON) reach the constructor's check."""
+    model, values, i = None, [], 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag == "--model":
+            model = inline or (argv[i + 1] if i + 1 < len(argv) else None)
+        elif flag in ("--model_args", "-a"):
+            if inline:
+                values.append(inline)
+            else:
+                while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                    values.append(argv[i + 1])
+                    i += 1
+        i += 1
+    if model != "llama-ref":
+        return
+    keys = {part.split("=", 1)[0].strip() for v in values if not v.lstrip().startswith("{")
+            for part in v.split(",") if "=" in part}
+    unknown = keys - set(MODEL_ARGS) - {"max_batch_size"}
+    if unknown:
+        raise EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(unknown))}: use {', '.join(MODEL_ARGS)}")
+
+
 def harness_main(argv: List[str]) -> int:
     """lm_eval's command line with llama-ref registered; a UserError prints one line, exit 1."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
     try:
+        check_model_args(argv)
         cli_evaluate()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
