@@ -63,6 +63,7 @@ class _Stack(torch.nn.Module):
         return x
 
 
+@pytest.mark.slow  # compiles
 def test_dropped_guards_never_let_one_layer_run_anothers_frozen_weights():
     """After a graph break Dynamo resumes in _Layer.forward's own frame, code shared by every layer:
     only the guards on `self` tell layer 0 from layer 2 there, so the guard filter keeps them (with
