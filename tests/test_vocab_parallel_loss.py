@@ -1,4 +1,4 @@
-"""llama/parallel.py vocab_parallel_cross_entropy: the loss from each rank's vocabulary slice equals
+"""llama/train/vocab_loss.py vocab_parallel_cross_entropy: the loss from each rank's vocabulary slice equals
 F.cross_entropy on the gathered logits (values and gradients), SFT masks included."""
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import parallel
+from llama.train.vocab_loss import vocab_parallel_cross_entropy
 from tests.helpers import run_distributed
 
 IGNORE = -100
@@ -32,7 +33,7 @@ def slice_worker(mp: int):
     logits, targets, weights = make_case()
     rank, per = parallel.model_parallel_rank(), logits.shape[1] // mp
     z = logits[:, rank * per:(rank + 1) * per].clone().requires_grad_()
-    loss = parallel.vocab_parallel_cross_entropy(z, targets, IGNORE)
+    loss = vocab_parallel_cross_entropy(z, targets, IGNORE)
     (loss * weights).sum().backward()
     return loss.detach(), z.grad
 
@@ -51,5 +52,5 @@ def test_vocab_parallel_loss_equals_gathered(mp):
 
 def test_one_process_is_plain_cross_entropy():
     logits, targets, weights = make_case()
-    torch.testing.assert_close(parallel.vocab_parallel_cross_entropy(logits, targets, IGNORE),
+    torch.testing.assert_close(vocab_parallel_cross_entropy(logits, targets, IGNORE),
                                F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none"))

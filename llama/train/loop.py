@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from llama import lora, parallel
+from llama.train.vocab_loss import vocab_parallel_cross_entropy
 from llama.model import Transformer
 from llama.train import fsdp
 from llama.train.batches import IGNORE, Batches
@@ -161,7 +162,7 @@ def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, model=None, c
     recomputed in backward, so only one slice's logits are ever alive. Same sum, same gradients."""
     if chunks <= 1:
         logits = forward(inputs)  # (B, T, V / model-parallel size) float32
-        return parallel.vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
+        return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
     h = forward(inputs, hidden=True)  # (B, T, D)
     total = torch.zeros((), device=h.device)
     for h_slice, y_slice in zip(h.chunk(chunks, dim=1), targets.chunk(chunks, dim=1)):
@@ -171,7 +172,7 @@ def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, model=None, c
 
 def _head_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = model.output(model.norm(h)).float()  # (B, T/chunks, V / model-parallel size)
-    return parallel.vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
+    return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
 
 
 def grad_sync(net: TrainModel, sync: bool) -> ContextManager:

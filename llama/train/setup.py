@@ -27,6 +27,7 @@ from llama.train import lora as train_lora
 from llama.train.config import TrainConfig, asset_path, check_device, check_layout
 from llama.train.loop import Data, Progress, Run, TrainModel, enable_activation_checkpointing
 from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
+from llama.train.vocab_loss import keep_logits_split
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -201,7 +202,7 @@ def distribute(cfg: TrainConfig, model: Transformer, device: torch.device) -> Tr
     FSDP-sharded or DDP-replicated over the data-parallel group, blocks recomputed in backward
     (activation_checkpointing), compiled (compile)."""
     model.train()
-    parallel.keep_logits_split(model)  # the loss is vocabulary-parallel
+    keep_logits_split(model)  # the loss is vocabulary-parallel
     if cfg.data_parallel == "fsdp":  # each block's shard moves to the device as it is sharded
         model = fsdp.shard_model(model, device, cfg.reshard_after_forward, compute_dtype(cfg, device))
     if cfg.activation_checkpointing:
