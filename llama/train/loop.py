@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from llama import lora, parallel
-from llama.train.vocab_loss import vocab_parallel_cross_entropy
 from llama.model import Transformer
 from llama.train import fsdp
 from llama.train.batches import IGNORE, Batches
+from llama.train.vocab_loss import vocab_parallel_cross_entropy
 from llama.eval.perplexity import perplexity
 from llama.train.config import TrainConfig
 from llama.train.lora import base_pointer, save_adapter_checkpoint
