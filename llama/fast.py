@@ -93,8 +93,8 @@ def keep_argument_guards(owner):
     owner = weakref.ref(owner) if owner is not None else (lambda: None)
 
     def keep(guards):
-        in_step = owner() is not None and any(
-            g.name == "self" and g.has_value and g.value is owner() for g in guards)
+        engine = owner()
+        in_step = engine is not None and any(g.name == "self" and g.has_value and g.value is engine for g in guards)
         return [not (in_step and g.name.startswith("self.")) for g in guards]
 
     return keep

@@ -268,6 +268,11 @@ class VocabParallelEmbedding(nn.Module):
 PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear)
 
 
+def _traced_inference() -> bool:
+    """Being compiled with no autograd: the collectives below can be functional ones."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum x over the model-parallel ranks (the gradient passes through unchanged).
 
@@ -275,14 +280,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     which Dynamo traces into the graph; fairscale's (an in-place all-reduce in an autograd.Function
     that marks its input dirty) makes Dynamo break the graph at every call: ~2 breaks per layer,
     each resumed in a frame of its own."""
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+    if _traced_inference():
         return funcol.all_reduce(x, "sum", model_parallel_group())
     return reduce_from_model_parallel_region(x)
 
 
 def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along the last dimension (rank order); traceable like all_reduce."""
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+    if _traced_inference():
         return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, model_parallel_group())
     return gather_from_model_parallel_region(x)
 

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -167,8 +168,6 @@ def _worker(rank, world_size, port, out_dir, fn, args, environ, cwd):
 def run_distributed(fn, world_size: int, *args):
     """fn(*args) on `world_size` processes (forked from a server with torch imported); returns
     [result of rank 0, rank 1, ...]."""
-    import multiprocessing
-
     multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, dict(os.environ), os.getcwd()),

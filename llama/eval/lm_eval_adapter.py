@@ -38,8 +38,7 @@ class LlamaRefLM(TemplateLM):
         is an already built Llama, for use from Python."""
         super().__init__()
         if unknown:
-            raise EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(unknown))}: "
-                            f"use {', '.join(MODEL_ARGS)}")
+            raise unknown_model_args(unknown)
         if dtype is not None and dtype not in DTYPES:
             raise EvalError(f"dtype={dtype}: choose {CHOICES}")
         if llama is None:
@@ -129,7 +128,11 @@ def check_model_args(argv: List[str]) -> None:
             for part in v.split(",") if "=" in part}
     unknown = keys - set(MODEL_ARGS) - {"max_batch_size"}
     if unknown:
-        raise EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(unknown))}: use {', '.join(MODEL_ARGS)}")
+        raise unknown_model_args(unknown)
+
+
+def unknown_model_args(names) -> EvalError:
+    return EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(names))}: use {', '.join(MODEL_ARGS)}")
 
 
 def harness_main(argv: List[str]) -> int:
