@@ -28,6 +28,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -69,8 +70,12 @@ def kernels():
                         f"and ninja: {' and '.join(missing)} not found; install g++ or clang (or set CXX) and "
                         "`pip install ninja`, or use --quantize int8 --group-size 0")
     try:
+        # OpenMP: at::parallel_for splits a product across torch's threads only in a build with it (g++
+        # links the libgomp torch has already loaded: one runtime, one thread count). Elsewhere the
+        # kernels run on the calling thread.
+        openmp = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
         cpp_extension.load(f"llama_quantized_{host_signature()}", [str(KERNEL_SOURCE)],
-                           extra_cflags=["-O3", "-march=native"], is_python_module=False)
+                           extra_cflags=["-O3", "-march=native"] + openmp, extra_ldflags=openmp, is_python_module=False)
     except (RuntimeError, OSError, ImportError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # the compiler's first error

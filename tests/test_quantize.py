@@ -4,6 +4,7 @@ ends in one line."""
 
 import contextlib
 import io
+import sys
 
 import pytest
 import torch
@@ -92,6 +93,28 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
             got = layer.product(x, simd=simd)
             assert (got - kernel).abs().max() < 1e-5 * kernel.abs().max(), (rows, simd)
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model: fp32 inside, its dtype out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernels are built with OpenMP on Linux only")
+def test_kernel_threads_split_large_products():
+    """A product of >= 2M weights splits across 2 threads (the first builds had no -fopenmp: torch's
+    at::parallel_for then ran every product on the calling thread, whatever the thread count), and
+    the split gives the one-thread result exactly: each thread computes whole output features."""
+    ops = quantize.kernels()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ops.parallel_chunks(1000, 100) == 2 and ops.parallel_chunks(1000, 1000) == 1
+        torch.manual_seed(0)
+        x = torch.randn(1, 576)
+        layers = [GroupInt8Linear(torch.randn(4000, 576), 64), Int4Linear(torch.randn(4000, 576), 32)]
+        split = [layer.product(x) for layer in layers]
+        torch.set_num_threads(1)
+        assert ops.parallel_chunks(1000, 100) == 1
+        for layer, y in zip(layers, split):
+            assert torch.equal(layer.product(x), y)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_every_code_comes_back_exactly():

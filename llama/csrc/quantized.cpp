@@ -7,7 +7,9 @@
 // a float once and applies the weight scale times the activation step; int4's zero comes in once
 // per group through the sum of x over the group. The loop asks for the weights ahead of use
 // (prefetch), and threads split the output features only where each gets ~1M weights or more
-// (at::parallel_for: torch's own thread pool and thread count).
+// (at::parallel_for: torch's own OpenMP threads and thread count. It splits only in a build with
+// -fopenmp, which llama/quantize.py passes on Linux; without it, it runs the whole range on the
+// calling thread).
 // Without AVX2 the same arithmetic runs in plain loops (tested too: simd=False).
 //
 // Layouts, per weight row n (output feature) and group j of `group_size` inputs:
@@ -22,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -401,6 +404,14 @@ at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& scales, co
   return dequantize(codes.size(0), int4_weights(codes, scales, zeros, group_size));
 }
 
+// How many chunks at::parallel_for makes of `items` with this grain: > 1 only in a build whose threads
+// really split the work (tests/test_quantize.py checks the build does).
+int64_t parallel_chunks(int64_t items, int64_t grain_size) {
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, items, grain_size, [&](int64_t, int64_t) { ++chunks; });
+  return chunks;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_quantized, m) {
@@ -408,6 +419,7 @@ TORCH_LIBRARY(llama_quantized, m) {
   m.def("int4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group_size, bool simd=True) -> Tensor");
   m.def("int8_dequantize(Tensor codes, Tensor scales, int group_size) -> Tensor");
   m.def("int4_dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  m.def("parallel_chunks(int items, int grain_size) -> int");
 }
 
 TORCH_LIBRARY_IMPL(llama_quantized, CPU, m) {
@@ -416,3 +428,5 @@ TORCH_LIBRARY_IMPL(llama_quantized, CPU, m) {
   m.impl("int8_dequantize", int8_dequantize);
   m.impl("int4_dequantize", int4_dequantize);
 }
+
+TORCH_LIBRARY_IMPL(llama_quantized, CompositeExplicitAutograd, m) { m.impl("parallel_chunks", parallel_chunks); }
