@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from llama import parallel
 
 GEMM_CHOICES = ("template", "autotune", "aten")
 
@@ -73,6 +74,10 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
         # elements per thread (inductor's default: 512): a decode step's are a few thousand, and each
         # split costs a thread wake-up (docs/quantization.md measures it).
         "cpp.min_chunk_size": 65536,
+        # The step's ~500 kernel and op calls go through a C++ wrapper, not a Python one (~0.8 ms less
+        # per SmolLM2 step in-process: docs/quantization.md). Not under model parallelism: its
+        # wrapper cannot pass the collectives' process-group argument (inductor: "arg type Any").
+        "cpp_wrapper": parallel.model_parallel_size() == 1,
     }
     record = KernelRecord()
 
