@@ -4,7 +4,6 @@ ends in one line."""
 
 import contextlib
 import io
-import sys
 
 import pytest
 import torch
@@ -95,8 +94,7 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model: fp32 inside, its dtype out
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
-                    reason="the kernels are built with OpenMP on Linux, with a torch that has it")
+@pytest.mark.skipif(not quantize.OPENMP_BUILD, reason="the kernels are built with OpenMP on Linux, with a torch that has it")
 def test_kernel_threads_split_large_products():
     """A product of >= 2M weights splits across 2 threads (the first builds had no -fopenmp: torch's
     at::parallel_for then ran every product on the calling thread, whatever the thread count), and
