@@ -28,7 +28,6 @@ import hashlib
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -43,8 +42,6 @@ QUANTIZE_CHOICES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's block of 32 weights
 DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"
-# Built with OpenMP (at::parallel_for then splits a product across torch's threads): Linux, a torch with it.
-OPENMP_BUILD = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
 PREFILL_ROWS = 8  # more activation rows than this: dequantize and use the fp32 GEMM (docs/quantization.md)
 
 
@@ -72,12 +69,8 @@ def kernels():
                         f"and ninja: {' and '.join(missing)} not found; install g++ or clang (or set CXX) and "
                         "`pip install ninja`, or use --quantize int8 --group-size 0")
     try:
-        # OpenMP: at::parallel_for splits a product across torch's threads only in a build with it (g++
-        # links the libgomp torch has already loaded: one runtime, one thread count). Elsewhere the
-        # kernels run on the calling thread.
-        openmp = ["-fopenmp"] if OPENMP_BUILD else []
         cpp_extension.load(f"llama_quantized_{host_signature()}", [str(KERNEL_SOURCE)],
-                           extra_cflags=["-O3", "-march=native"] + openmp, extra_ldflags=openmp, is_python_module=False)
+                           extra_cflags=["-O3", "-march=native"], is_python_module=False)
     except (RuntimeError, OSError, ImportError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # the compiler's first error

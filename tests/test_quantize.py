@@ -4,6 +4,9 @@ ends in one line."""
 
 import contextlib
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,26 +97,47 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model: fp32 inside, its dtype out
 
 
-@pytest.mark.skipif(not quantize.OPENMP_BUILD, reason="the kernels are built with OpenMP on Linux, with a torch that has it")
 def test_kernel_threads_split_large_products():
-    """A product of >= 2M weights splits across 2 threads (the first builds had no -fopenmp: torch's
-    at::parallel_for then ran every product on the calling thread, whatever the thread count), and
-    the split gives the one-thread result exactly: each thread computes whole output features."""
+    """At 2 threads a large product runs on two threads (the kernels' own helpers: the first builds
+    used at::parallel_for without -fopenmp and ran every product on the calling thread), a small one
+    and any product at 1 thread on one; and the split gives the one-thread result exactly: each
+    thread computes whole output features."""
     ops = quantize.kernels()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert ops.parallel_chunks(1000, 100) == 2 and ops.parallel_chunks(1000, 1000) == 1
+        assert ops.product_threads(1000, 576) == 2 and ops.product_threads(8, 576) == 1
         torch.manual_seed(0)
-        x = torch.randn(1, 576)
+        x = torch.randn(3, 576)
         layers = [GroupInt8Linear(torch.randn(4000, 576), 64), Int4Linear(torch.randn(4000, 576), 32)]
         split = [layer.product(x) for layer in layers]
         torch.set_num_threads(1)
-        assert ops.parallel_chunks(1000, 100) == 1
+        assert ops.product_threads(1000, 576) == 1
         for layer, y in zip(layers, split):
             assert torch.equal(layer.product(x), y)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_kernel_threads_survive_fork():
+    """A process forked after a product ran on two threads (a DataLoader worker, multiprocessing)
+    has none of its parent's helper threads: its own products must still finish, on new helpers."""
+    code = ("import os, torch\n"
+            "from llama.quantize import Int4Linear, kernels\n"
+            "torch.set_num_threads(2)\n"
+            "layer, x = Int4Linear(torch.randn(1000, 576), 32), torch.randn(1, 576)\n"
+            "y = layer.product(x)\n"
+            "assert kernels().product_threads(1000, 576) == 2\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    ok = torch.equal(layer.product(x), y) and kernels().product_threads(1000, 576) == 2\n"
+            "    os._exit(0 if ok else 3)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "assert os.waitstatus_to_exitcode(status) == 0, status\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_every_code_comes_back_exactly():

@@ -6,10 +6,8 @@
 // activations rounded to integers (below) in a few integer instructions, turns the block's sum into
 // a float once and applies the weight scale times the activation step; int4's zero comes in once
 // per group through the sum of x over the group. The loop asks for the weights ahead of use
-// (prefetch), and threads split the output features only where each gets ~1M weights or more
-// (at::parallel_for: torch's own OpenMP threads and thread count. It splits only in a build with
-// -fopenmp, which llama/quantize.py passes on Linux; without it, it runs the whole range on the
-// calling thread).
+// (prefetch), and the product's output features are split between the calling thread and helper
+// threads of this file's own (below: why not torch's OpenMP threads).
 // Without AVX2 the same arithmetic runs in plain loops (tested too: simd=False).
 //
 // Layouts, per weight row n (output feature) and group j of `group_size` inputs:
@@ -25,10 +23,21 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define LLAMA_FORK_SAFE 1
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -55,9 +64,120 @@ inline float bf16_to_float(uint16_t bits) {  // bf16 is the top half of a float3
 // Integer products are exact; each block's int32 sum becomes a float once and is multiplied by the
 // block's weight scale times its activation step.
 
-// Rows of output per thread chunk: each chunk reads at least ~1M weights, so a layer of a small model
-// stays on one thread (waking another costs more than it saves, on virtual machines most of all).
-inline int64_t grain(int64_t K) { return std::max<int64_t>(16, (int64_t(1) << 20) / K); }
+// ---------------------------------------------------------------- threads
+// A decode step makes ~200 products back to back, each tens of microseconds, and on one core the
+// loops below are limited by arithmetic, not by memory: a second core nearly halves a product. torch's
+// OpenMP threads could split them (at::parallel_for), but the command lines make OpenMP threads sleep
+// as soon as they wait (OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads starve other processes,
+// docs/performance.md), so each product would first wake a sleeping thread, which on a virtual machine
+// costs more than half a small product saves. So the products have helper threads of their own, which
+// poll for the next product for kPoll after each one and only then sleep: awake through a decode
+// step, asleep between requests, never polling longer than kPoll at a time. The thread count is
+// torch's (torch.set_num_threads; 1 under torchrun), and every output feature is computed whole by one
+// thread, so a product gives the same bits however it is split.
+constexpr auto kPoll = std::chrono::microseconds(200);
+constexpr int64_t kChunkWeights = int64_t(1) << 15;  // the least work worth another thread: ~2-4 us here
+
+inline void relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+class Helpers {
+ public:
+  static Helpers& get() {  // one per process; a forked child makes its own (its parent's threads are gone)
+    static std::once_flag once;
+    std::call_once(once, [] {
+#ifdef LLAMA_FORK_SAFE
+      pthread_atfork(nullptr, nullptr, [] { instance = new Helpers(); });
+#endif
+    });
+    return *instance;
+  }
+
+  // work(c) for each chunk c in [0, chunks): chunk 0 on the calling thread, the others on helpers.
+  // work must not throw. A call made while another runs (another Python thread) runs alone.
+  void run(int64_t chunks, const std::function<void(int64_t)>& work) {
+    std::unique_lock<std::mutex> mine(calls, std::try_to_lock);
+    if (chunks <= 1 || !mine.owns_lock()) {
+      for (int64_t c = 0; c < chunks; ++c) work(c);
+      return;
+    }
+    while (int64_t(boxes.size()) < chunks - 1) {
+      boxes.push_back(std::make_unique<Mailbox>());  // never freed: a helper may outlive main at exit
+      std::thread(&Helpers::serve, boxes.back().get()).detach();
+    }
+    for (int64_t c = 1; c < chunks; ++c) boxes[c - 1]->post(&work, c);
+    work(0);
+    for (int64_t c = 1; c < chunks; ++c) boxes[c - 1]->wait_done();
+  }
+
+ private:
+  struct alignas(64) Mailbox {
+    std::atomic<uint64_t> ticket{0}, done{0};
+    std::atomic<bool> sleeping{false};
+    const std::function<void(int64_t)>* work = nullptr;
+    int64_t chunk = 0;
+    std::mutex mutex;
+    std::condition_variable wake;
+
+    void post(const std::function<void(int64_t)>* w, int64_t c) {
+      work = w, chunk = c;
+      ticket.store(ticket.load() + 1);  // seq_cst, as are the loads of `sleeping` and `ticket` below:
+      if (sleeping.load()) {            // either the helper sees the new ticket or we see it sleeping
+        std::lock_guard<std::mutex> lock(mutex);
+        wake.notify_one();
+      }
+    }
+    void wait_done() {
+      const auto deadline = std::chrono::steady_clock::now() + kPoll;
+      for (int64_t spins = 0; done.load(std::memory_order_acquire) != ticket.load(std::memory_order_relaxed); ++spins) {
+        if (spins < 64 || std::chrono::steady_clock::now() < deadline) relax();
+        else std::this_thread::yield();  // the helper lost its core: let it have ours
+      }
+    }
+  };
+
+  static void serve(Mailbox* box) {
+    for (uint64_t seen = 0;;) {
+      auto deadline = std::chrono::steady_clock::now() + kPoll;
+      for (int64_t spins = 1; box->ticket.load(std::memory_order_acquire) == seen; ++spins) {
+        relax();
+        if (spins % 64 == 0 && std::chrono::steady_clock::now() > deadline) {
+          std::unique_lock<std::mutex> lock(box->mutex);
+          box->sleeping.store(true);
+          box->wake.wait(lock, [&] { return box->ticket.load() != seen; });
+          box->sleeping.store(false);
+          deadline = std::chrono::steady_clock::now() + kPoll;
+        }
+      }
+      seen = box->ticket.load(std::memory_order_acquire);
+      (*box->work)(box->chunk);
+      box->done.store(seen, std::memory_order_release);
+    }
+  }
+
+  static Helpers* instance;
+  std::mutex calls;
+  std::vector<std::unique_ptr<Mailbox>> boxes;
+};
+Helpers* Helpers::instance = new Helpers();  // never freed, for the same reason
+
+// How many threads share a product of N output features of K weights each.
+inline int64_t chunk_count(int64_t N, int64_t K) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  return std::max<int64_t>(1, std::min({threads, N, N * K / kChunkWeights}));
+}
+
+// Rows [n0, n1) of N split in `chunks` nearly equal parts: work(n0, n1) for each, on the helpers.
+template <typename Work>
+void split_rows(int64_t N, int64_t K, const Work& rows) {
+  const int64_t chunks = chunk_count(N, K);
+  Helpers::get().run(chunks, [&](int64_t c) { rows(N * c / chunks, N * (c + 1) / chunks); });
+}
 
 // One weight matrix: codes, bf16 scales (and zeros) per group, K inputs per row.
 template <typename Code>
@@ -320,14 +440,14 @@ at::Tensor matmul(const at::Tensor& x, int64_t N, const Weights& weights, bool s
   if (simd) {
     if constexpr (Weights::kHasZero) {
       const PairedRows paired = pair_rows(rows_x, M, K);
-      at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) { int4_rows_avx2(rows_x, paired, M, yp, N, n0, n1, weights); });
+      split_rows(N, K, [&](int64_t n0, int64_t n1) { int4_rows_avx2(rows_x, paired, M, yp, N, n0, n1, weights); });
     } else {
-      at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) { int8_rows_avx2(rows_x, M, yp, N, n0, n1, weights); });
+      split_rows(N, K, [&](int64_t n0, int64_t n1) { int8_rows_avx2(rows_x, M, yp, N, n0, n1, weights); });
     }
     return y;
   }
 #endif
-  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+  split_rows(N, K, [&](int64_t n0, int64_t n1) {
     int64_t m = 0;  // four rows at a time share each block's load; the rest one by one
     for (; m + 4 <= M; m += 4) rows_portable<4>(rows_x, m, yp, N, n0, n1, weights);
     for (; m < M; ++m) rows_portable<1>(rows_x, m, yp, N, n0, n1, weights);
@@ -340,7 +460,7 @@ at::Tensor dequantize(int64_t N, const Weights& weights) {
   at::Tensor w = at::empty({N, weights.K}, at::TensorOptions().dtype(at::kFloat));
   float* wp = w.data_ptr<float>();
   const int64_t K = weights.K, G = K / weights.group_size;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  split_rows(N, weights.K, [&](int64_t n0, int64_t n1) {
     int32_t c[kBlock];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t k = 0; k < K; k += kBlock) {
@@ -404,12 +524,13 @@ at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& scales, co
   return dequantize(codes.size(0), int4_weights(codes, scales, zeros, group_size));
 }
 
-// How many chunks at::parallel_for makes of `items` with this grain: > 1 only in a build whose threads
-// really split the work (tests/test_quantize.py checks the build does).
-int64_t parallel_chunks(int64_t items, int64_t grain_size) {
-  std::atomic<int64_t> chunks{0};
-  at::parallel_for(0, items, grain_size, [&](int64_t, int64_t) { ++chunks; });
-  return chunks;
+// How many threads run a product of N features of K weights each at this thread count: each chunk
+// records the thread that ran it (tests/test_quantize.py checks that a large product uses two).
+int64_t product_threads(int64_t N, int64_t K) {
+  std::vector<std::thread::id> ran(chunk_count(N, K));
+  Helpers::get().run(int64_t(ran.size()), [&](int64_t c) { ran[c] = std::this_thread::get_id(); });
+  std::sort(ran.begin(), ran.end());
+  return std::unique(ran.begin(), ran.end()) - ran.begin();
 }
 
 }  // namespace
@@ -419,7 +540,7 @@ TORCH_LIBRARY(llama_quantized, m) {
   m.def("int4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group_size, bool simd=True) -> Tensor");
   m.def("int8_dequantize(Tensor codes, Tensor scales, int group_size) -> Tensor");
   m.def("int4_dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size) -> Tensor");
-  m.def("parallel_chunks(int items, int grain_size) -> int");
+  m.def("product_threads(int rows, int row_weights) -> int");
 }
 
 TORCH_LIBRARY_IMPL(llama_quantized, CPU, m) {
@@ -429,4 +550,4 @@ TORCH_LIBRARY_IMPL(llama_quantized, CPU, m) {
   m.impl("int4_dequantize", int4_dequantize);
 }
 
-TORCH_LIBRARY_IMPL(llama_quantized, CompositeExplicitAutograd, m) { m.impl("parallel_chunks", parallel_chunks); }
+TORCH_LIBRARY_IMPL(llama_quantized, CompositeExplicitAutograd, m) { m.impl("product_threads", product_threads); }
