@@ -112,18 +112,30 @@ class Helpers {
     }
     for (int64_t c = 1; c < chunks; ++c) boxes[c - 1]->post(&work, c);
     work(0);
-    for (int64_t c = 1; c < chunks; ++c) boxes[c - 1]->wait_done();
+    // A chunk its helper has not started (on a busy CPU a helper may wait for a core) this thread
+    // takes back and runs itself, rather than wait.
+    for (int64_t c = 1; c < chunks; ++c) {
+      Mailbox& box = *boxes[c - 1];
+      if (box.claim(box.ticket.load(std::memory_order_relaxed)))
+        work(c);
+      else
+        box.wait_done();
+    }
   }
 
  private:
   struct alignas(64) Mailbox {
-    std::atomic<uint64_t> ticket{0}, done{0};
+    std::atomic<uint64_t> ticket{0}, claimed{0}, done{0};  // the last ticket posted, taken, finished
     std::atomic<bool> sleeping{false};
     const std::function<void(int64_t)>* work = nullptr;
     int64_t chunk = 0;
     std::mutex mutex;
     std::condition_variable wake;
 
+    bool claim(uint64_t t) {  // ticket t's chunk is run by whoever claims it first
+      uint64_t before = t - 1;
+      return claimed.compare_exchange_strong(before, t);
+    }
     void post(const std::function<void(int64_t)>* w, int64_t c) {
       work = w, chunk = c;
       ticket.store(ticket.load() + 1);  // seq_cst, as are the loads of `sleeping` and `ticket` below:
@@ -155,6 +167,7 @@ class Helpers {
         }
       }
       seen = box->ticket.load(std::memory_order_acquire);
+      if (!box->claim(seen)) continue;  // the caller ran it: it, work and chunk may be gone
       (*box->work)(box->chunk);
       box->done.store(seen, std::memory_order_release);
     }
@@ -525,10 +538,19 @@ at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& scales, co
 }
 
 // How many threads run a product of N features of K weights each at this thread count: each chunk
-// records the thread that ran it (tests/test_quantize.py checks that a large product uses two).
+// records the thread that ran it, and the calling thread's chunk waits (up to a second) for the
+// helpers to start theirs, which it would otherwise take back (tests/test_quantize.py: a large
+// product uses two threads).
 int64_t product_threads(int64_t N, int64_t K) {
   std::vector<std::thread::id> ran(chunk_count(N, K));
-  Helpers::get().run(int64_t(ran.size()), [&](int64_t c) { ran[c] = std::this_thread::get_id(); });
+  std::atomic<int64_t> started{0};
+  Helpers::get().run(int64_t(ran.size()), [&](int64_t c) {
+    ran[c] = std::this_thread::get_id();
+    if (c > 0) ++started;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    while (c == 0 && started < int64_t(ran.size()) - 1 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::yield();
+  });
   std::sort(ran.begin(), ran.end());
   return std::unique(ran.begin(), ran.end()) - ran.begin();
 }
