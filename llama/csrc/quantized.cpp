@@ -72,7 +72,8 @@ inline float bf16_to_float(uint16_t bits) {  // bf16 is the top half of a float3
 // docs/performance.md), so each product would first wake a sleeping thread, which on a virtual machine
 // costs more than half a small product saves. So the products have helper threads of their own, which
 // poll for the next product for kPoll after each one and only then sleep: awake through a decode
-// step, asleep between requests, never polling longer than kPoll at a time. The thread count is
+// step, asleep between requests, never polling longer than kPoll at a time; a chunk whose helper has
+// not started it (waiting for a core) the caller takes back. The thread count is
 // torch's (torch.set_num_threads; 1 under torchrun), and every output feature is computed whole by one
 // thread, so a product gives the same bits however it is split.
 constexpr auto kPoll = std::chrono::microseconds(200);
