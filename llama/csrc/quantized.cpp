@@ -102,8 +102,8 @@ class Helpers {
   // work(c) for each chunk c in [0, chunks): chunk 0 on the calling thread, the others on helpers.
   // work must not throw. A call made while another runs (another Python thread) runs alone.
   void run(int64_t chunks, const std::function<void(int64_t)>& work) {
-    std::unique_lock<std::mutex> mine(calls, std::try_to_lock);
-    if (chunks <= 1 || !mine.owns_lock()) {
+    std::unique_lock<std::mutex> mine(calls, std::defer_lock);
+    if (chunks <= 1 || !mine.try_lock()) {  // most small products: no lock taken at all
       for (int64_t c = 0; c < chunks; ++c) work(c);
       return;
     }
