@@ -1,12 +1,12 @@
-"""Sample from a Llama checkpoint: `python generate.py --help`. The work is in llama/generate_cli.py."""
+"""Sample from a Llama checkpoint: `python generate.py --help`. The work is in llama/generation/cli.py."""
 
 import sys
 
-from llama.threads import set_wait_policy
+from llama.common.threads import set_wait_policy
 
-set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/threads.py)
+set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/common/threads.py)
 
-from llama.generate_cli import main  # noqa: E402
+from llama.generation.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

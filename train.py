@@ -12,13 +12,13 @@ Then: python generate.py --ckpt-dir out/default/step_000200
 
 import sys
 
-from llama.threads import POLICY_HELP, set_torch_threads, set_wait_policy
+from llama.common.threads import POLICY_HELP, set_torch_threads, set_wait_policy
 
 if __name__ == "__main__":
-    set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/threads.py)
+    set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/common/threads.py)
 
-from llama.errors import USER_ERRORS, report  # noqa: E402
-from llama.train import lora
+from llama.common.errors import USER_ERRORS, report  # noqa: E402
+from llama.train import adapters
 from llama.train.config import TrainConfig, config_help, load_config
 from llama.train.loop import Run, loop, make_optimizer, save
 from llama.train.metrics import MetricsLog, peak_tflops
@@ -41,7 +41,7 @@ def setup(cfg: TrainConfig) -> Run:
     # (under FSDP it stays on the CPU until it is sharded).
     model = build_model(cfg, args, device)
     if cfg.lora_rank:  # LoRA: small trainable adapters beside a frozen (optionally bf16) base
-        lora.attach(cfg, model, device)
+        adapters.attach(cfg, model, device)
     # Data parallel: FSDP shards it over the data-parallel group, or DDP keeps a replica per rank;
     # plus activation checkpointing and torch.compile when the config asks.
     net = distribute(cfg, model, device)

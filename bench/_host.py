@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llama.threads import describe as thread_policy, usable_cpus
+from llama.common.threads import describe as thread_policy, usable_cpus
 
 
 def matvec_bandwidth(device: str, repeat: int = 20) -> float:

@@ -4,8 +4,8 @@ strided loop (its perplexity guide: one window per forward, loss over every posi
     flock /tmp/llama-bench.lock python bench/eval.py                 # docs/evaluation.md's numbers
     python bench/eval.py --tokens 4096 --max-length 512 --stride 256 --batch-size 8
 
-Setup: SmolLM2-135M-Instruct from llama.assets (the same GGUF for both, fp32), the text is the
-default prose set (KJV Genesis, llama.eval.data) cut to --tokens tokens, the same token ids for both.
+Setup: SmolLM2-135M-Instruct from llama.common.assets (the same GGUF for both, fp32), the text is the
+default prose set (KJV Genesis, llama.eval.datasets) cut to --tokens tokens, the same token ids for both.
 tokens/s = tokens scored / seconds of scoring (loading excluded). Each engine runs --repeat times
 and keeps its best time (the machine is shared); the two runs alternate, so load hits both alike.
 The perplexities must agree (printed): a fast wrong scorer is no use.
@@ -18,9 +18,9 @@ import warnings
 
 import torch
 
-from llama import assets
+from llama.common import assets
 from llama.checkpoint import load_model
-from llama.eval.data import kjv_genesis
+from llama.eval.datasets import kjv_genesis
 from llama.eval.perplexity import perplexity_of_tokens, prefix_token
 from llama.tokenizer import load_tokenizer
 

@@ -4,10 +4,10 @@
     python bench/generate.py --new-tokens 32 --skip hf               # quicker
     python bench/generate.py --device cuda                           # GPU: llama-ref and HF only
 
-Setup: SmolLM2-135M-Instruct (the weights in llama.assets, dequantized once to fp32, so every
+Setup: SmolLM2-135M-Instruct (the weights in llama.common.assets, dequantized once to fp32, so every
 engine runs the very same numbers), greedy, batch 1, `--threads` CPU threads for everyone
 (default: the CPUs this process may use), OpenMP threads waiting as generate.py's do
-(llama/threads.py; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to compare).
+(llama/common/threads.py; set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to compare).
 - prefill: a 512-token prompt, time until the first new token (tokens/s = 512 / time);
 - decode: 128 new tokens after a short prompt (stop tokens ignored), tokens/s over the steps
   after the first token. Each number is the best of `--repeat` rounds (the machine is shared).
@@ -38,16 +38,16 @@ import time
 import warnings
 from pathlib import Path
 
-from llama.threads import describe as thread_policy, set_wait_policy, usable_cpus
+from llama.common.threads import describe as thread_policy, set_wait_policy, usable_cpus
 
-set_wait_policy()  # before torch loads OpenMP: wait as generate.py does (llama/threads.py)
+set_wait_policy()  # before torch loads OpenMP: wait as generate.py does (llama/common/threads.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from llama.assets import cache_dir, smollm2_gguf  # noqa: E402
-from llama.files import write_text  # noqa: E402
-from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
+from llama.common.assets import cache_dir, smollm2_gguf  # noqa: E402
+from llama.common.files import write_text  # noqa: E402
+from llama.generation.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
 
 from _host import Competitor, host_facts, matvec_bandwidth, sync  # noqa: E402  (bench/_host.py)
 
@@ -116,7 +116,7 @@ def decode_bytes_ours(model) -> int:
 
 class Ours:
     def __init__(self, path, args, quantize=None, compile=False, group_size=None):
-        from llama.fast import keep_freed_memory
+        from llama.generation.compile import keep_freed_memory
         from llama.generation import Llama
 
         keep_freed_memory()  # as generate.py does: the allocator setting is opt-in
@@ -203,14 +203,14 @@ class LlamaCpp:
 
 
 def compiled_kernels(engine) -> dict:
-    """product shape -> kernel inductor took (llama/fast.py KernelRecord); {} if not compiled."""
+    """product shape -> kernel inductor took (llama/generation/compile.py KernelRecord); {} if not compiled."""
     llama = getattr(engine, "llama", None)
     return dict(getattr(getattr(llama, "_decode", None), "kernels", {}) or {})
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                epilog="Threads: " + thread_policy() + " (llama/threads.py).")
+                                epilog="Threads: " + thread_policy() + " (llama/common/threads.py).")
     p.add_argument("--threads", type=int, default=usable_cpus(), help="default: the CPUs this process may use")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)

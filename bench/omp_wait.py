@@ -1,4 +1,4 @@
-"""What OpenMP's wait policy costs, quiet and beside a CPU-bound neighbour (llama/threads.py).
+"""What OpenMP's wait policy costs, quiet and beside a CPU-bound neighbour (llama/common/threads.py).
 
     python bench/omp_wait.py                      # 3 rounds of each policy, quiet and with 1 busy loop
     python bench/omp_wait.py --compete 2 --rounds 5

@@ -9,7 +9,7 @@ tokens as the fp32 model, and at each position its next-token distribution q is 
 one p: top-1 agreement (argmax q == argmax p), mean KL(p || q) in nats, and the perplexity of the text
 (exp of the mean -log q(next token): the disjoint-window protocol of llama/eval/perplexity.py).
 
-Weights: SmolLM2-135M-Instruct from llama.assets, dequantized once to fp32; llama.cpp's Q8_0, Q4_0 and
+Weights: SmolLM2-135M-Instruct from llama.common.assets, dequantized once to fp32; llama.cpp's Q8_0, Q4_0 and
 Q4_1 files are made by its own quantizer (llama_model_quantize) from an F32 GGUF of those same weights
 (bench/generate.py's helpers), and its logits come through llama-cpp-python with logits_all=True.
 Note: that GGUF ships as Q4_1 (4-bit groups of 32 with a min and a scale), so "fp32" here is a 4-bit
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama import assets
-from llama import quantize as quantize_module
-from llama.eval.data import kjv_genesis
+from llama.common import assets
+from llama.generation import quantize as quantize_module
+from llama.eval.datasets import kjv_genesis
 from llama.eval.perplexity import prefix_token, strided_windows
 from llama.generation import Llama
 from llama.tokenizer import load_tokenizer

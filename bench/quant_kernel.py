@@ -1,4 +1,4 @@
-"""The group-wise decode kernel alone (llama/csrc/quantized.cpp): a SmolLM2-135M decode step's 211
+"""The group-wise decode kernel alone (llama/generation/csrc/quantized.cpp): a SmolLM2-135M decode step's 211
 matrix-vector products, each on its own random weights (so they stream from memory as in a real step,
 ~84-139 MB), one activation row, no model around them. Prints ms per step and GB/s per kind and thread
 count, beside a 256 MB fp32 matrix-vector product (the memory's speed as MKL's GEMV reaches it), all
@@ -13,13 +13,13 @@ attention, the Python that calls each kernel), which is why a step takes longer 
 import argparse
 import time
 
-from llama.threads import set_wait_policy
+from llama.common.threads import set_wait_policy
 
 set_wait_policy()  # as generate.py: before torch loads OpenMP
 
 import torch  # noqa: E402
 
-from llama import quantize  # noqa: E402
+from llama.generation import quantize  # noqa: E402
 
 # SmolLM2-135M: (out, in) of wq, wk, wv, wo, w1, w3, w2 per layer, 30 layers, then the output layer
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]

@@ -1,7 +1,7 @@
 """llama-ref: a readable Llama 3.1 you can run, train and read.
 
 The public API, imported on first use: `import llama` loads nothing else (not even torch), so
-that an entry point can set what must be set before torch starts (llama/threads.py), and so
+that an entry point can set what must be set before torch starts (llama/common/threads.py), and so
 that `llama.model` never depends on the rest.
 """
 

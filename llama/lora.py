@@ -25,7 +25,7 @@ rank's B rows times the full A, a row rank's full B times its A columns.
 
 FSDP: the adapters are ordinary parameters of each block, attached before `fully_shard(block)`,
 which shards them with the frozen base; FSDP2 keeps requires_grad per parameter and reduces only
-the adapters' gradients (llama/train/lora.py, docs/lora.md).
+the adapters' gradients (llama/train/adapters.py, docs/lora.md).
 """
 
 import math
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import parallel
-from llama.errors import UserError
+from llama.common.errors import UserError
 
 # Meta's projection names and where they live in a TransformerBlock.
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -17,9 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import parallel
-from llama.kv_cache import KVCache  # (B, K, S, Dh) per layer; the caller owns it
-from llama.model_args import ModelArgs  # the shape: Meta's params.json keys
-from llama.model_args_check import ModelArgsError
+from llama.model_args import ModelArgs, ModelArgsError  # the shape: Meta's params.json keys
 
 
 class RMSNorm(nn.Module):
@@ -66,6 +64,34 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     a, b = x.float().reshape(B, T, H, Dh // 2, 2).unbind(-1)  # (B, T, H, Dh/2)
     cos, sin = freqs_cis.unsqueeze(-3).unbind(-1)  # (.., T, 1, Dh/2)
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
+
+
+# Owned by the caller (Transformer.make_cache, sized to the request) and passed in: the same forward
+# trains and decodes. Not a module: compile takes k, v as inputs checked by shape (docs/generation.md).
+class KVCache:
+    """Keys and values of one layer, (B, K, S, Dh): batch, K/V heads, slots, head width."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, K, S, Dh): what SDPA wants
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start_pos, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, K, T, Dh) at [start_pos, start_pos+T); return all keys/values so far. A
+        tensor start_pos (B,) puts each sequence at its own position and returns every slot (a fixed
+        shape; the caller masks the rest)."""
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos.view(-1, 1) + torch.arange(k.shape[2], device=k.device)  # (B, T)
+            rows = torch.arange(k.shape[0], device=k.device).view(-1, 1)  # (B, 1)
+            self.k[rows, :, pos] = k.transpose(1, 2)  # the indexed slots are (B, T, K, Dh)
+            self.v[rows, :, pos] = v.transpose(1, 2)
+            return self.k, self.v
+        end = start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} does not fit")
+        self.k[: k.shape[0], :, start_pos:end] = k
+        self.v[: v.shape[0], :, start_pos:end] = v
+        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
 
 
 class Attention(nn.Module):

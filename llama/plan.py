@@ -31,7 +31,7 @@ The assumptions, each a constant below:
   block's activations are rebuilt at a time during backward;
 - the loss head keeps fp32 logits (held by the training loop) and their softmax (saved by the
   cross-entropy): 8 bytes * vocab / mp per token (training never gathers the vocabulary: the loss
-  is vocabulary-parallel, llama/parallel.py), / N with `--loss-chunks N` (train.py's loss_chunks:
+  is vocabulary-parallel, llama/parallel/__init__.py), / N with `--loss-chunks N` (train.py's loss_chunks:
   one slice of the sequence at a time); the final RMSNorm adds 8*D + 4 like the others;
 - LoRA (`--lora R`) on all seven projections: a frozen bf16 base without gradients or optimizer
   state; fp32 adapters with fp32 gradients and AdamW moments (16 bytes per adapter parameter); the
@@ -40,7 +40,7 @@ The assumptions, each a constant below:
   keeps only the last position's logits, so its activations are small next to the cache;
 - decode is memory-bound: each step reads every matmul weight once plus the whole KV cache, so
   tokens/s <= batch * bandwidth / bytes; prefill and training are compute-bound at an assumed MFU;
-- FLOPs: llama/flops.py's count, the one the training loop reports MFU with: 6*N + 12*L*H*Dh*T per
+- FLOPs: llama/common/flops.py's count, the one the training loop reports MFU with: 6*N + 12*L*H*Dh*T per
   training token (PaLM's convention: N counts the matmul weights; attention's full T x T square,
   although the causal mask halves the work a flash kernel does), a third of it for a forward pass.
   Recomputation under checkpointing is not "model" FLOPs: the MFU figure absorbs it.
@@ -58,10 +58,10 @@ import torch
 
 from llama import parallel
 from llama.lora import count_lora_parameters
-from llama.flops import GPU, GPUS, flops_per_token
+from llama.common.flops import GPU, GPUS, flops_per_token
 from llama.model import ModelArgs, Transformer
-from llama.errors import UserError
-from llama.model_args_check import ModelArgsError
+from llama.common.errors import UserError
+from llama.model_args import ModelArgsError
 from llama.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"  # the official shapes (in a checkout)
@@ -73,9 +73,9 @@ KV_BYTES = 2  # bf16 KV cache
 HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentation and temporaries
 # A laptop's CPU and RAM, for --gpu laptop: 16 GiB of dual-channel DDR5-5600 (2 x 8 bytes x 5.6e9 =
 # 89.6 GB/s peak); about 1 TFLOPs from 8 cores of AVX2 FMAs (prefill only). Not in the GPU table of
-# llama/flops.py: no CUDA device reports this name.
+# llama/common/flops.py: no CUDA device reports this name.
 DEVICES = {**GPUS, "laptop": GPU("laptop", "(cpu)", 16, 1.0, 0.0896)}
-# Bytes per matmul weight as llama/quantize.py stores them (the embedding table stays in the model's
+# Bytes per matmul weight as llama/generation/quantize.py stores them (the embedding table stays in the model's
 # dtype): int8 in groups of 64 with a bf16 scale; int4 in groups of 32 with a bf16 scale and min.
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 2 / 64, "int4": 0.5 + 4 / 32}
 
@@ -158,7 +158,7 @@ def activation_bytes_per_token(args: ModelArgs, mp: int = 1) -> int:
 
 
 def training_flops(args: ModelArgs, batch: int, seq: int) -> float:
-    """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens (llama/flops.py)."""
+    """Model FLOPs for one forward+backward over `batch` sequences of `seq` tokens (llama/common/flops.py)."""
     return flops_per_token(args, seq) * batch * seq
 
 

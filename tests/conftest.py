@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from llama import assets
+from llama.common import assets
 from tests.helpers import hf_from_gguf, tiny_checkpoint
 
 

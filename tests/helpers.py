@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from llama import assets
+from llama.common import assets
 from llama.checkpoint import save_meta
-from llama.files import atomic_dir
+from llama.common.files import atomic_dir
 from llama.model import ModelArgs, Transformer
 from llama.train.config import load_config
-from llama.train.data import bpe_dataset, stdlib_files
+from llama.data.prepare import bpe_dataset, stdlib_files
 
 # ---------------------------------------------------------------- HF transformers, the reference
 

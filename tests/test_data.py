@@ -1,4 +1,4 @@
-"""llama/train/data.py and llama/train/batches.py: prepare, shards, splits, per-rank batches, SFT masks."""
+"""llama/data/prepare.py and llama/train/batches.py: prepare, shards, splits, per-rank batches, SFT masks."""
 
 import json
 from pathlib import Path
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from llama.train import data
+from llama.data import prepare as data
 from llama.train.batches import IGNORE, Batches
-from llama.train.data import DataError, encode_dialog, prepare, read_meta
+from llama.data.prepare import DataError, encode_dialog, prepare, read_meta
 from llama.tokenizer import load_tokenizer
 
 

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 import train as train_script
-from llama import checkpoint, generate_cli, plan, tokenizer
+from llama import checkpoint, plan, tokenizer
+from llama.generation import cli as generate_cli
 from llama.checkpoint import convert
-from llama.train import data
-from llama.dtypes import parse_dtype
-from llama.errors import ArgumentError, UserError
+from llama.data import prepare as data
+from llama.common.dtypes import parse_dtype
+from llama.common.errors import ArgumentError, UserError
 from llama.model import ModelArgs
-from llama.model_args_check import ModelArgsError
+from llama.model_args import ModelArgsError
 from llama.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

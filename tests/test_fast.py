@@ -1,9 +1,9 @@
-"""llama/fast.py: the compiled decode step takes its kernels by rule and says which it took."""
+"""llama/generation/compile.py: the compiled decode step takes its kernels by rule and says which it took."""
 
 import pytest
 import torch
 
-from llama.fast import compile_decode_step, keep_argument_guards, mark_cache_dynamic
+from llama.generation.compile import compile_decode_step, keep_argument_guards, mark_cache_dynamic
 from llama.generation import Llama, cache_slot
 from tests.helpers import tiny_model
 

@@ -1,4 +1,4 @@
-"""llama/files.py and the commands that write directories: a user's files are never lost.
+"""llama/common/files.py and the commands that write directories: a user's files are never lost.
 
 Every data-loss case asserts that each pre-existing file is byte-for-byte intact afterwards (a hash of
 the whole tree before and after), that the command exits non-zero with one `error:` line naming the
@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import checkpoint, files
-from llama.files import OutputExistsError, atomic_dir, atomic_write, check_output_dir
+from llama import checkpoint
+from llama.common import files
+from llama.common.files import OutputExistsError, atomic_dir, atomic_write, check_output_dir
 from llama.checkpoint.convert import main as convert_main
-from llama.train.data import main as data_main
+from llama.data.prepare import main as data_main
 from tests.helpers import run_main, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,15 +55,15 @@ def assert_one_error_line(proc, *words):
 
 
 def test_only_files_py_renames_or_moves():
-    """Every write goes through llama/files.py: no other module renames files into place or moves
+    """Every write goes through llama/common/files.py: no other module renames files into place or moves
     them, and only files.py (temporaries) and train_state.py (its own checkpoints) remove trees."""
     pattern = re.compile(r"os\.(replace|rename)\(|shutil\.move\(|\.rename\(|\.replace\(tmp")
     for path in sorted((ROOT / "llama").glob("*.py")):
         text = path.read_text()
         if path.name != "files.py":
-            assert not pattern.search(text), f"{path.name} renames files itself: use llama.files"
+            assert not pattern.search(text), f"{path.name} renames files itself: use llama.common.files"
         if path.name not in ("files.py", "train_state.py"):
-            assert "rmtree" not in text, f"{path.name} removes a directory tree: use llama.files"
+            assert "rmtree" not in text, f"{path.name} removes a directory tree: use llama.common.files"
 
 
 def test_atomic_write_keeps_the_old_file_on_error_and_ctrl_c(tmp_path):
@@ -186,7 +187,7 @@ def test_prepare_overwrite_tokenizer_names_and_checkpoint_dirs(workspace, llama3
     (ws / "ckpt/tokenizer.model").write_bytes(llama3_tokenizer_path.read_bytes())
     proc = prepare_cli("corpus", "--tokenizer", "ckpt", "--out", "out2", cwd=ws)
     assert proc.returncode == 0, proc.stderr
-    from llama.train.data import read_meta
+    from llama.data.prepare import read_meta
 
     assert read_meta(ws / "out")["n_tokens"] == read_meta(ws / "out2")["n_tokens"]
     assert temporaries(ws) == []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llama import parallel
-from llama.errors import UserError
+from llama.common.errors import UserError
 from llama.train import fsdp
 from llama.model import ModelArgs
 from llama.train.config import DEFAULT_MODEL, ConfigError, check_layout, load_config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.generate_cli import build_parser, chat, main
+from llama.generation.cli import build_parser, chat, main
 from tests.helpers import run_distributed, run_main, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""llama/generation.py: Meta's API on real SmolLM2 weights against HF transformers (teacher-forced),
+"""llama/generation/generator.py: Meta's API on real SmolLM2 weights against HF transformers (teacher-forced),
 ragged batches against single-sequence runs, stopping, streaming, and requests refused with the fix.
 Sampling: test_sampling.py; compile, int8 and memory: test_generation_speed.py; model parallel:
 test_generation_parallel.py. Shared fixtures (smollm2, hf_smollm2, tiny_dir): conftest.py."""

@@ -1,4 +1,4 @@
-"""Generation's opt-in speed and memory machinery (llama/fast.py, llama/quantize.py through
+"""Generation's opt-in speed and memory machinery (llama/generation/compile.py, llama/generation/quantize.py through
 Llama.build): int8 weights, compiled decoding against eager, the prefill's allocator reuse and its
 peak memory on a long prompt."""
 
@@ -18,7 +18,7 @@ from tests.helpers import tiny_checkpoint
 
 
 def test_int8_weights_keep_the_model_close(tiny_dir):
-    from llama.quantize import Int8Linear
+    from llama.generation.quantize import Int8Linear
 
     llama = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=2)
     prompts = [[128000, 791, 6864, 315, 9822], [128000, 40]]
@@ -38,7 +38,7 @@ def test_int8_weights_keep_the_model_close(tiny_dir):
 def test_int8_linear_takes_the_float_gemm_for_many_rows():
     """Both paths compute x (W_int8 * scale)^T: a prefill chunk (> 32 fp32 rows) exactly, through
     a dequantized fp32 GEMM; a decode step through the int8 kernel, with bf16 activations."""
-    from llama.quantize import Int8Linear
+    from llama.generation.quantize import Int8Linear
 
     torch.manual_seed(0)
     layer = Int8Linear(torch.nn.Linear(96, 80, bias=False).weight)
@@ -157,7 +157,7 @@ def test_prefill_reuses_activation_memory(smollm2):
     reuse the freed blocks."""
     import resource
 
-    from llama.fast import keep_freed_memory
+    from llama.generation.compile import keep_freed_memory
 
     assert keep_freed_memory()  # opt-in (generate.py and bench/ turn it on): a library import changes nothing
     prompt = list(range(1000, 1512))

@@ -1,4 +1,4 @@
-"""LoRA (llama/lora.py, llama/train/lora.py): the math, model parallelism against one process, the
+"""LoRA (llama/lora.py, llama/train/adapters.py): the math, model parallelism against one process, the
 training contract (adapters only, exact resume), and bad input."""
 
 import json
@@ -245,7 +245,7 @@ def test_bf16_base_without_autocast_is_refused(corpus, tmp_path):
 
 
 def test_lora_errors_are_user_errors():
-    from llama.errors import UserError
+    from llama.common.errors import UserError
 
     assert issubclass(lora.LoRAError, UserError)
     with pytest.raises(lora.LoRAError, match="model_parallel_size=8 > n_kv_heads=4"):

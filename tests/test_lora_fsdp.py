@@ -1,4 +1,4 @@
-"""LoRA x FSDP (llama/train/lora.py, llama/train/fsdp.py): adapters attached before fully_shard, the
+"""LoRA x FSDP (llama/train/adapters.py, llama/train/fsdp.py): adapters attached before fully_shard, the
 frozen base sharded with them, the optimizer over the adapters only, adapter-only checkpoints with
 the AdamW state in DCP, and FSDP x model parallel against one process."""
 

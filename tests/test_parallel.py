@@ -201,7 +201,7 @@ def test_callers_of_the_kv_head_rule_agree(n_heads, n_kv, mp, monkeypatch):
     answer for each (n_heads, n_kv_heads, mp): the rule is llama.parallel.check_model_parallel."""
     from llama import plan
     from llama.checkpoint import meta as meta_io
-    from llama.errors import UserError
+    from llama.common.errors import UserError
     from llama.train.config import TrainConfig, check_layout
 
     args = ModelArgs(dim=16 * n_heads, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=48 * 8,

@@ -141,7 +141,7 @@ def test_lora_checkpoint_loads_in_build_and_generate(tmp_path):
         expected = unmerged(x)
         for llama in (Llama.build(str(tmp_path / "run"), max_seq_len=64), Llama.build(str(base), lora=str(ckpt))):
             torch.testing.assert_close(llama.model(x), expected, atol=1e-5, rtol=1e-5)
-    from llama.generate_cli import main as generate_main
+    from llama.generation.cli import main as generate_main
 
     assert generate_main(["--ckpt-dir", str(base), "--lora", str(ckpt), "--prompt", "def", "--max-gen-len", "4",
                           "--temperature", "0", "--max-seq-len", "64"]) == 0

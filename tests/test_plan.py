@@ -184,7 +184,7 @@ def test_speed_estimates_by_hand():
 def test_plan_and_training_metrics_count_the_same_flops(name):
     """One FLOPs count and one GPU table: the planner's step time is the training loop's FLOPs per
     token (what its MFU divides by) at the table's peak, and the matmul weights agree."""
-    from llama import flops
+    from llama.common import flops
     from llama.train import metrics as train_metrics
 
     args = args_of(name)

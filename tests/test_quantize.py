@@ -1,4 +1,4 @@
-"""Weight-only quantization (llama/quantize.py): the kernels multiply by exactly the quantized weights,
+"""Weight-only quantization (llama/generation/quantize.py): the kernels multiply by exactly the quantized weights,
 SmolLM2 stays close to its fp32 self, model parallelism gives one process's logits, and bad input
 ends in one line."""
 
@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 
-from llama import parallel, quantize
-from llama.eval.data import kjv_genesis
-from llama.generate_cli import main
+from llama import parallel
+from llama.generation import quantize
+from llama.eval.datasets import kjv_genesis
+from llama.generation.cli import main
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
-from llama.quantize import GroupInt8Linear, Int4Linear, int4_codes, int8_codes, quantize_model
+from llama.generation.quantize import GroupInt8Linear, Int4Linear, int4_codes, int8_codes, quantize_model
 from tests.helpers import run_distributed, tiny_model
 from tests.test_fast import compiled_step_kernels
 from tests.test_generate_cli import assert_one_line_error
@@ -124,7 +125,7 @@ def test_kernel_threads_survive_fork():
     """A process forked after a product ran on two threads (a DataLoader worker, multiprocessing)
     has none of its parent's helper threads: its own products must still finish, on new helpers."""
     code = ("import os, torch\n"
-            "from llama.quantize import Int4Linear, kernels\n"
+            "from llama.generation.quantize import Int4Linear, kernels\n"
             "torch.set_num_threads(2)\n"
             "layer, x = Int4Linear(torch.randn(1000, 576), 32), torch.randn(1, 576)\n"
             "y = layer.product(x)\n"

@@ -51,14 +51,14 @@ def test_tour_reading_order():
     orders = [o for o, _ in numbered]
     assert orders == list(range(1, len(orders) + 1)), f"tour order numbers should be 1, 2, 3, ...: {orders}"
     position = {path: o for o, path in numbered}
-    spine = ["llama/model.py", "llama/generation.py", "llama/parallel.py", "train.py"]
+    spine = ["llama/model.py", "llama/generation/generator.py", "llama/parallel/__init__.py", "train.py"]
     for path in spine:
         assert path in position, f"the reading order must include {path}"
     assert [position[p] for p in spine] == sorted(position[p] for p in spine), (
         "reading order must be model.py -> generation.py -> parallel.py -> train.py"
     )
     named = {path for _, path, _, _ in rows}
-    for path in ["llama/checkpoint/load.py", "llama/tokenizer/__init__.py", "llama/train/data.py", "llama/train/loop.py", "llama/plan.py"]:
+    for path in ["llama/checkpoint/load.py", "llama/tokenizer/__init__.py", "llama/data/prepare.py", "llama/train/loop.py", "llama/plan.py"]:
         assert path in named, f"the tour should list {path}"
 
 

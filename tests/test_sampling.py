@@ -1,11 +1,11 @@
-"""llama/sampling.py, and sampling through Llama.generate: seeded runs repeat, temperature 0 is the
+"""llama/generation/sampling.py, and sampling through Llama.generate: seeded runs repeat, temperature 0 is the
 argmax, top-p and top-k keep exactly the promised support with the promised frequencies."""
 
 import pytest
 import torch
 
 from llama.generation import Llama
-from llama.sampling import restrict, sample
+from llama.generation.sampling import restrict, sample
 
 
 def test_seeded_sampling_is_reproducible(tiny_dir):

@@ -1,4 +1,4 @@
-"""llama/threads.py: the entry points (generate.py, train.py) set OpenMP's wait policy before torch
+"""llama/common/threads.py: the entry points (generate.py, train.py) set OpenMP's wait policy before torch
 loads it, only when the user set none; importing the library sets nothing. libgomp itself is
 asked what it runs with (OMP_DISPLAY_ENV=verbose prints its settings when it loads)."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llama.threads import WAIT_POLICY, set_torch_threads, set_wait_policy, usable_cpus
+from llama.common.threads import WAIT_POLICY, set_torch_threads, set_wait_policy, usable_cpus
 from tests.helpers import ROOT
 
 
@@ -44,7 +44,7 @@ def test_entry_points_keep_the_users_wait_policy(user):
 
 def test_importing_the_library_changes_nothing_process_wide():
     code = ("import os, sys, torch\ndefault = torch.get_num_threads()\n"
-            "import llama, llama.generation, llama.fast, llama.threads, llama.train.setup\n"
+            "import llama, llama.generation, llama.generation.compile, llama.common.threads, llama.train.setup\n"
             "assert 'OMP_WAIT_POLICY' not in os.environ and torch.get_num_threads() == default\nprint('ok')")
     spins, out = gomp_spincount(code)
     assert spins == LIBGOMP_DEFAULT and out.strip() == "ok"
@@ -69,7 +69,7 @@ def test_usable_cpus_follows_affinity_and_cgroup_quota(tmp_path):
     (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU of time: one thread
     assert usable_cpus(tmp_path) == 1
     code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n" \
-           "from llama.threads import usable_cpus; print(usable_cpus())"
+           "from llama.common.threads import usable_cpus; print(usable_cpus())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "1", out.stderr

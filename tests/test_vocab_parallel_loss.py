@@ -1,4 +1,4 @@
-"""llama/train/vocab_loss.py vocab_parallel_cross_entropy: the loss from each rank's vocabulary slice equals
+"""llama/parallel/loss.py vocab_parallel_cross_entropy: the loss from each rank's vocabulary slice equals
 F.cross_entropy on the gathered logits (values and gradients), SFT masks included."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import parallel
-from llama.train.vocab_loss import vocab_parallel_cross_entropy
+from llama.parallel.loss import vocab_parallel_cross_entropy
 from tests.helpers import run_distributed
 
 IGNORE = -100

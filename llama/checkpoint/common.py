@@ -6,9 +6,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 from llama.model import ModelArgs
-from llama.model_args_check import ModelArgsError
+from llama.model_args import ModelArgsError
 
 
 class CheckpointError(UserError):

@@ -21,16 +21,16 @@ from pathlib import Path
 
 from llama import checkpoint
 from llama.checkpoint import peft
-from llama.dtypes import DTYPES, parse_dtype
-from llama.errors import USER_ERRORS, report
-from llama.files import atomic_dir, copy_file
+from llama.common.dtypes import DTYPES, parse_dtype
+from llama.common.errors import USER_ERRORS, report
+from llama.common.files import atomic_dir, copy_file
 from llama.tokenizer import save_tokenizer
 
 
 def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = False, lora=None) -> Path:
     """Load `src` (any format), merge the LoRA adapter `lora` if given, write `dst` as `to` ('meta'/'hf').
 
-    dst is built in a temporary sibling and renamed into place (llama/files.py): a failure or Ctrl-C
+    dst is built in a temporary sibling and renamed into place (llama/common/files.py): a failure or Ctrl-C
     leaves no partial files and an existing dst as it was. An existing non-empty dst is refused
     unless `overwrite`, and even then never when it is (or contains) src or the working directory."""
     src, dst = checkpoint.resolve(src), Path(dst)

@@ -30,8 +30,8 @@ import torch
 import gguf
 
 from llama.model import ModelArgs, rope_frequencies
-from llama.errors import UserError
-from llama.model_args_check import ModelArgsError
+from llama.common.errors import UserError
+from llama.model_args import ModelArgsError
 from llama.checkpoint.common import CheckpointError
 
 # Metadata value types: type id -> struct format (STRING=8 and ARRAY=9 are handled separately).

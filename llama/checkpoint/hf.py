@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from llama.checkpoint.common import CheckpointError, model_args_from_dict
-from llama.files import atomic_write, write_text
+from llama.common.files import atomic_write, write_text
 from llama.model import ModelArgs
 
 # Meta key (with {} for the layer) <-> HF key.

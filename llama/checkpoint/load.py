@@ -24,8 +24,8 @@ from typing import List, Optional
 import torch
 
 from llama import parallel
-from llama.api_checks import check_context_fits, check_sizes
-from llama.dtypes import parse_dtype
+from llama.common.checks import check_context_fits, check_sizes
+from llama.common.dtypes import parse_dtype
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer.errors import TokenizerError
 from llama.tokenizer.paths import tokenizer_file

@@ -19,7 +19,7 @@ import torch
 
 from llama import parallel
 from llama.checkpoint.common import CheckpointError, model_args_from_dict, params_json
-from llama.files import atomic_write, write_text
+from llama.common.files import atomic_write, write_text
 from llama.model import ModelArgs
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")

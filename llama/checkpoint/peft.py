@@ -28,7 +28,7 @@ from llama import parallel
 from llama.checkpoint.common import CheckpointError, params_dict
 from llama.checkpoint.hf import from_rotate_half, hf_name, meta_name, to_rotate_half
 from llama.checkpoint.load import resolve
-from llama.files import write_bytes, write_text
+from llama.common.files import write_bytes, write_text
 from llama.lora import MODULES, TARGETS, LoRAError, check_targets, projection_shapes
 
 ADAPTER_CONFIG = "adapter_config.json"

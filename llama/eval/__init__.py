@@ -10,7 +10,7 @@ perplexity.py, choice.py, data.py (offline data from PyPI wheels), lm_eval_adapt
 See docs/evaluation.md.
 """
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 
 
 class EvalError(UserError):

@@ -14,9 +14,9 @@ Bad input ends the program with one line on stderr ("error: ...") and exit statu
 import argparse
 import sys
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 from llama.eval import EvalError, commands, compare
-from llama.dtypes import DTYPES
+from llama.common.dtypes import DTYPES
 from llama.eval.perplexity import check_window
 
 

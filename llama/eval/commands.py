@@ -7,17 +7,17 @@ from typing import Optional
 
 import torch
 
-from llama.eval import EvalError, data
+from llama.eval import EvalError, datasets
 from llama.eval.choice import read_items, score_items, write_per_item
 from llama.eval.perplexity import conditional_perplexity, perplexity
-from llama.dtypes import parse_dtype
+from llama.common.dtypes import parse_dtype
 
 
 
 def load(ckpt_dir: Optional[str], args, max_seq_len: int, lora: Optional[str] = None):
     """A Llama (model + tokenizer) for ckpt_dir, with a LoRA adapter merged in; SmolLM2-135M-Instruct
     when none is given. A LoRA run's out_dir as ckpt_dir finds its own base."""
-    from llama import assets
+    from llama.common import assets
     from llama.generation import Llama
 
     dtype = parse_dtype(args.dtype, "--dtype")
@@ -33,16 +33,16 @@ def say(text: str = "") -> None:
 
 def score_text(llama, source: str, args) -> dict:
     """Perplexity of a text file or named set; humaneval scores solutions given their prompts."""
-    if source in data.PAIR_SETS:
-        res = conditional_perplexity(llama.model, llama.tokenizer, data.humaneval_pairs(), args.batch_size)
+    if source in datasets.PAIR_SETS:
+        res = conditional_perplexity(llama.model, llama.tokenizer, datasets.humaneval_pairs(), args.batch_size)
     else:
-        text = data.read_text(source)
+        text = datasets.read_text(source)
         res = perplexity(llama.model, llama.tokenizer, text, args.max_length, args.stride, args.batch_size)
     return {"data": source, **res.as_dict()}
 
 
 def choice_items(source: str):
-    return data.mmlu_smoke() if source in data.CHOICE_SETS else read_items(source)
+    return datasets.mmlu_smoke() if source in datasets.CHOICE_SETS else read_items(source)
 
 
 def print_perplexity(r: dict) -> None:
@@ -56,8 +56,8 @@ def print_perplexity(r: dict) -> None:
 
 def perplexity_command(args) -> dict:
     source = args.data
-    if source not in data.PAIR_SETS:
-        data.read_text(source)  # a missing or empty file fails before the weights load
+    if source not in datasets.PAIR_SETS:
+        datasets.read_text(source)  # a missing or empty file fails before the weights load
     llama = load(args.ckpt_dir, args, args.max_seq_len, args.lora)
     result = score_text(llama, source, args)
     print_perplexity(result)

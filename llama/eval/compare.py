@@ -13,7 +13,7 @@ import torch
 from llama.eval import EvalError
 from llama.eval.choice import score_items
 from llama.eval.commands import check_file, choice_items, load, say, score_text
-from llama.eval.data import CHOICE_SETS, PAIR_SETS, TEXT_SETS
+from llama.eval.datasets import CHOICE_SETS, PAIR_SETS, TEXT_SETS
 from llama.eval.scoring import greedy_completions
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]

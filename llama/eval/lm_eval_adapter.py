@@ -18,10 +18,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 from llama.eval import EvalError
 from llama.eval.choice import loglikelihood_requests
-from llama.dtypes import CHOICES, DTYPES, parse_dtype
+from llama.common.dtypes import CHOICES, DTYPES, parse_dtype
 from llama.eval.perplexity import prefix_token
 from llama.eval.scoring import greedy_completions, score_requests
 
@@ -42,7 +42,7 @@ class LlamaRefLM(TemplateLM):
         if dtype is not None and dtype not in DTYPES:
             raise EvalError(f"dtype={dtype}: choose {CHOICES}")
         if llama is None:
-            from llama import assets
+            from llama.common import assets
             from llama.generation import Llama
 
             llama = Llama.build(ckpt_dir or str(assets.smollm2_gguf()), tokenizer_path, max_seq_len=int(max_seq_len),

@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 
 from llama.checkpoint.gguf import GGUFFile
-from llama.errors import USER_ERRORS, report
+from llama.common.errors import USER_ERRORS, report
 from llama.tokenizer.bpe import ByteLevelBPETokenizer, gguf_to_hf_json, load_hf_json
 from llama.tokenizer.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
 from llama.tokenizer.errors import TokenizerError
@@ -33,7 +33,7 @@ from llama.tokenizer.llama3 import Tokenizer
 from llama.tokenizer.paths import TOKENIZER_ASSETS, tokenizer_file
 from llama.tokenizer.stream import StreamDecoder
 from llama.tokenizer.train import train_bpe
-from llama.files import copy_file, write_text
+from llama.common.files import copy_file, write_text
 
 __all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
            "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",

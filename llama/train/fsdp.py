@@ -1,5 +1,5 @@
 """Sharded data parallelism: PyTorch's FSDP2 (`fully_shard`) over the data-parallel group,
-composed with the Fairscale tensor parallelism of llama/parallel.py.
+composed with the Fairscale tensor parallelism of llama/parallel/__init__.py.
 
 With `data_parallel = "ddp"` every data-parallel rank keeps all of its model-parallel shard's fp32
 weights, gradients and both AdamW moments: 16 bytes per parameter, however many GPUs there are.
@@ -39,8 +39,8 @@ except ImportError:
     FSDPModule = MixedPrecisionPolicy = fully_shard = None
 
 from llama import parallel
-from llama.errors import UserError
-from llama.files import atomic_write
+from llama.common.errors import UserError
+from llama.common.files import atomic_write
 
 
 class FSDPError(UserError):

@@ -28,13 +28,13 @@ from llama import lora, parallel
 from llama.model import Transformer
 from llama.train import fsdp
 from llama.train.batches import IGNORE, Batches
-from llama.train.vocab_loss import vocab_parallel_cross_entropy
+from llama.parallel.loss import vocab_parallel_cross_entropy
 from llama.eval.perplexity import perplexity
 from llama.train.config import TrainConfig
-from llama.train.lora import base_pointer, save_adapter_checkpoint
+from llama.train.adapters import base_pointer, save_adapter_checkpoint
 from llama.train.metrics import MetricsLog, flops_per_token, memory_gb
 from llama.train.state import latest_checkpoint, rng_state, save_checkpoint
-from llama.errors import UserError
+from llama.common.errors import UserError
 
 MicroBatch = Tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T) int64
 
@@ -262,7 +262,7 @@ def save(run: Run) -> Path:
     sharded = run.cfg.data_parallel == "fsdp"  # the optimizer goes to a DCP directory, sharded
     if not sharded:
         state["optimizer"] = run.optimizer.state_dict()
-    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/lora.py)
+    if run.cfg.lora_rank:  # the adapters only, plus a pointer to the base (llama/train/adapters.py)
         path = save_adapter_checkpoint(run.cfg.out_dir, step, run.net.model, state, run.data.tokenizer_path,
                                        run.cfg.keep_last, base_pointer(run.cfg, run.net.model),
                                        run.optimizer if sharded else None)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-# The FLOPs count and the GPU peaks live in llama/flops.py, shared with the planner.
-from llama.flops import flops_per_token, matmul_params, peak_tflops  # noqa: F401
+# The FLOPs count and the GPU peaks live in llama/common/flops.py, shared with the planner.
+from llama.common.flops import flops_per_token, matmul_params, peak_tflops  # noqa: F401
 
 def memory_gb(device: torch.device) -> float:
     """Peak memory: allocated by torch on a GPU; the process's peak resident set on CPU."""

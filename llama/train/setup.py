@@ -19,15 +19,15 @@ import torch.distributed as dist
 from llama import parallel
 from llama.train import fsdp
 from llama.train.batches import Batches
-from llama.train.data import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
+from llama.data.prepare import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
 from llama import lora
 from llama.tokenizer import tokenizer_file
-from llama.train import lora as train_lora
+from llama.train import adapters as train_adapters
 from llama.train.config import TrainConfig, asset_path, check_device, check_layout
 from llama.train.loop import Data, Progress, Run, TrainModel, enable_activation_checkpointing
 from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
-from llama.train.vocab_loss import keep_logits_split
+from llama.parallel.loss import keep_logits_split
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -233,8 +233,8 @@ def resume(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimize
             print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
         return Progress()
     if cfg.lora_rank:
-        state = train_lora.load_adapter_checkpoint(checkpoint, model, optimizer, device,
-                                                   train_lora.base_pointer(cfg, model))
+        state = train_adapters.load_adapter_checkpoint(checkpoint, model, optimizer, device,
+                                                   train_adapters.base_pointer(cfg, model))
     elif cfg.data_parallel == "fsdp" or fsdp.is_fsdp_checkpoint(checkpoint):
         state = fsdp.load_checkpoint(checkpoint, model, optimizer, device)
     else:

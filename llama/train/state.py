@@ -12,7 +12,7 @@
       metrics.jsonl
 
 A save goes to `.step_000300.tmp/`; every file in it is written under a temporary name, fsynced
-and renamed (llama/files.py); then the directory is renamed into place and only then is `latest`
+and renamed (llama/common/files.py); then the directory is renamed into place and only then is `latest`
 replaced (itself a temp file + fsync + rename). A crash at any moment leaves `latest` naming a
 complete checkpoint. Only directories this module made are ever removed (temporaries carry a
 marker; pruning and re-saving touch only step_NNNNNN directories holding a training state).
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from llama import parallel
 from llama.checkpoint import CheckpointError, params_json
-from llama.files import (atomic_write, fsync_dir, make_temp_dir, remove_stale_temps, remove_temp_dir, replace_dir,
+from llama.common.files import (atomic_write, fsync_dir, make_temp_dir, remove_stale_temps, remove_temp_dir, replace_dir,
                          write_text)
 from llama.tokenizer import save_tokenizer
 

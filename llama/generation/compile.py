@@ -1,4 +1,4 @@
-"""Opt-in speed machinery for generation (llama/generation.py calls it; nothing here runs on import):
+"""Opt-in speed machinery for generation (llama/generation/generator.py calls it; nothing here runs on import):
 compiling the decode step, the copies that make compiling safe, and allocator tuning."""
 
 import contextlib
@@ -28,7 +28,7 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
     - inductor's own C++ GEMM template (max_autotune's CPP backend) splits the output columns
       across all threads (~19 GB/s on 2 cores);
     - freezing treats the weights as constants, so the template stores them pre-blocked in the
-      layout its micro-kernel reads (and int8 weights stay int8: see llama/quantize.py);
+      layout its micro-kernel reads (and int8 weights stay int8: see llama/generation/quantize.py);
     - with constant weights, concat-linear joins the products that read the same input (wq, wk,
       wv; w1, w3) into one, so a step runs 4 products per layer instead of 7.
     The weights must not change after compiling (see own_storage).

@@ -25,8 +25,8 @@ from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
 
-from llama.errors import USER_ERRORS, UserError, report
-from llama.files import atomic_dir, write_text
+from llama.common.errors import USER_ERRORS, UserError, report
+from llama.common.files import atomic_dir, write_text
 
 META = "meta.json"
 FORMAT = "llama-ref tokens v1"
@@ -198,7 +198,7 @@ def prepare(inputs: List[str], out_dir, tokenizer_path=None, *, sft: bool = Fals
             vocab_size: int = 2048, overwrite: bool = False) -> Path:
     """Tokenize `inputs` into `out_dir` with the tokenizer at `tokenizer_path` (None: train a BPE of
     `vocab_size` tokens on the inputs, kept as out_dir/tokenizer.model). The directory is built under
-    a temporary name and renamed at the end (llama/files.py): an error or Ctrl-C leaves no half
+    a temporary name and renamed at the end (llama/common/files.py): an error or Ctrl-C leaves no half
     directory and the previous one as it was. An existing non-empty out_dir is refused unless
     `overwrite` (and even then never an input, the working directory or a parent of either)."""
     if not 0.0 <= val_fraction < 1.0:

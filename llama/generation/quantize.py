@@ -9,7 +9,7 @@ only its own group. docs/quantization.md measures each choice against the fp32 m
 - int8 (`GroupInt8Linear`): each group maps its largest |weight| onto 127 (absmax, as Q8_0), w = q * scale.
 - int4 (`Int4Linear`): each group maps [min, max] onto the codes 0..15, w = (q - 8) * scale + zero
   (asymmetric, as llama.cpp's Q4_1), two codes per byte.
-  Both products are our own kernel (llama/csrc/quantized.cpp, compiled for the host on first use):
+  Both products are our own kernel (llama/generation/csrc/quantized.cpp, compiled for the host on first use):
   torch has no group-wise int8 kernel, and its int4 one computes in bf16, which AVX2 CPUs have no
   instructions for. The kernel rounds the activations per block of 32 (int16 for int8 weights: no
   measurable cost; int8 for int4, as llama.cpp) and multiplies them with the codes in integers: the
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import parallel
-from llama.errors import ArgumentError, UserError
+from llama.common.errors import ArgumentError, UserError
 
 QUANTIZE_CHOICES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's block of 32 weights
@@ -152,7 +152,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 class GroupLinear(nn.Module):
     """y = x W^T with W in groups of `group_size` input weights: the codes (buffer `weight`) and a bf16
-    scale per group (`scales`), multiplied by the group-wise kernel (llama/csrc/quantized.cpp)."""
+    scale per group (`scales`), multiplied by the group-wise kernel (llama/generation/csrc/quantized.cpp)."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__()

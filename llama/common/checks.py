@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from llama.errors import ArgumentError
+from llama.common.errors import ArgumentError
 
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
 

@@ -31,7 +31,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from llama.errors import UserError
+from llama.common.errors import UserError
 
 import fairscale.nn.model_parallel.initialize as fs_init
 from fairscale.nn.model_parallel.mappings import (
@@ -72,7 +72,7 @@ def shard_dim(name: str) -> Optional[int]:
     for suffix, dim in SHARD_DIM.items():
         if name == suffix or name.endswith("." + suffix):
             return dim
-    raise KeyError(f"{name!r} is not a Llama parameter name (see llama/parallel.py SHARD_DIM)")
+    raise KeyError(f"{name!r} is not a Llama parameter name (see llama/parallel/__init__.py SHARD_DIM)")
 
 
 # ---------------------------------------------------------------------------- process groups
@@ -294,7 +294,7 @@ def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 class LocalProduct(nn.Module):
     """A column- or row-parallel layer whose local product x W_shard^T is another module (a quantized
-    linear: llama/quantize.py), with the same communication around it. Inference only."""
+    linear: llama/generation/quantize.py), with the same communication around it. Inference only."""
 
     def __init__(self, layer: nn.Module, local: nn.Module):
         super().__init__()
