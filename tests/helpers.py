@@ -84,6 +84,32 @@ def tiny_checkpoint(out_dir, tokenizer_path, vocab_size=128256, seed=0, **overri
     return out_dir
 
 
+def scripted_checkpoint(out_dir, tokenizer_path, chain, vocab_size=128256):
+    """A real Llama-architecture checkpoint (Meta layout, the tokenizer beside it) whose greedy reply
+    to any prompt ending in chain[0] is chain[1:]: with every block's output projections zero the
+    residual stream is the last token's embedding, so the logits depend on that token alone. Token
+    chain[i] embeds as basis vector i and output row chain[i+1] reads it (RMSNorm scales it to
+    sqrt(dim)), so its logit is 10 * sqrt(dim) against 0 for every other token. Used where a test
+    needs a model that calls a tool with Llama 3's real special tokens."""
+    assert len(set(chain)) == len(chain) and len(chain) <= 33, "chain tokens must be distinct, at most 33"
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=32,
+                     rope_theta=10000.0)
+    model = Transformer(args)
+    model.init_weights(0)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        model.tok_embeddings.weight.zero_()
+        model.output.weight.zero_()
+        for i, (a, b) in enumerate(zip(chain, chain[1:])):
+            model.tok_embeddings.weight[a, i] = 1.0
+            model.output.weight[b, i] = 10.0
+    save_meta(model.state_dict(), args, out_dir)
+    shutil.copy(tokenizer_path, out_dir / "tokenizer.model")
+    return out_dir
+
+
 def tokens(batch: int = 2, length: int = 20, vocab: int = 128, seed: int = 0):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

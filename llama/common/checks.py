@@ -43,7 +43,8 @@ def check_prompts(prompts) -> None:
 
 
 def check_dialogs(dialogs) -> None:
-    """chat_completion's dialogs: a list of dialogs, each a list of {"role", "content"} messages."""
+    """chat_completion's dialogs: a list of dialogs, each a list of {"role", "content"} messages (an
+    assistant message with "tool_calls" may have no content, as in OpenAI's API)."""
     example = '[[{"role": "user", "content": "Hi"}]]'
     if not isinstance(dialogs, (list, tuple)):
         raise ArgumentError(f"dialogs is a {type(dialogs).__name__}: pass a list of dialogs, e.g. {example}")
@@ -56,13 +57,14 @@ def check_dialogs(dialogs) -> None:
             if not isinstance(message, dict):
                 raise ArgumentError(f"{where} is a {type(message).__name__}: a message is a dict with 'role' "
                                     f"and 'content'")
-            missing = [k for k in ("role", "content") if k not in message]
+            calls = message.get("role") == "assistant" and message.get("tool_calls")
+            missing = [k for k in ("role", "content") if k not in message and not (k == "content" and calls)]
             if missing:
                 raise ArgumentError(f"{where} has no {missing[0]!r}: a message is "
                                     f'{{"role": "user", "content": "..."}}')
             if message["role"] not in CHAT_ROLES:
                 raise ArgumentError(f"{where} has role {message['role']!r}: use one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(message["content"], str):
+            if not isinstance(message.get("content"), str) and not (calls and message.get("content") is None):
                 raise ArgumentError(f"{where}'s content is a {type(message['content']).__name__}: it must be a str")
 
 

@@ -259,22 +259,30 @@ class Llama:
                  ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Meta's generate: (tokens, logprobs) per sequence, new tokens only (prompt too with echo),
         cut before the first stop token. With echo, the first prompt token's logprob is 0, as in Meta's."""
+        tokens, lps, _ = self._generate_until_stop(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p,
+                                                   top_k=top_k, logprobs=logprobs, echo=echo)
+        return tokens, lps
+
+    def _generate_until_stop(self, prompt_tokens, max_gen_len, *, temperature, top_p, top_k, logprobs, echo):
+        """generate()'s work, plus the stop token that ended each sequence (None: its length limit)."""
         B = len(prompt_tokens)
         prompt_lp = [[0.0] for _ in range(B)] if (logprobs and echo) else None
         out = [list(p) if echo else [] for p in prompt_tokens]
         out_lp = [[] for _ in range(B)]
         stop = self.stop_tokens
-        ended = [False] * B
+        ended: List[Optional[int]] = [None] * B  # the stop token each sequence ended with
         for tok in self.generate_tokens(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p,
                                         top_k=top_k, logprobs=logprobs, prompt_logprobs=prompt_lp):
-            if tok.id in stop or ended[tok.seq]:
-                ended[tok.seq] = True
+            if ended[tok.seq] is not None:
+                continue
+            if tok.id in stop:
+                ended[tok.seq] = tok.id
                 continue
             out[tok.seq].append(tok.id)
             out_lp[tok.seq].append(tok.logprob)
         if not logprobs:
-            return out, None
-        return out, [(prompt_lp[b] if echo else []) + out_lp[b] for b in range(B)]
+            return out, None, ended
+        return out, [(prompt_lp[b] if echo else []) + out_lp[b] for b in range(B)], ended
 
     def _encode(self, text: str) -> List[int]:
         return self.tokenizer.encode(text, bos=getattr(self.tokenizer, "add_bos", True), eos=False)
@@ -309,27 +317,53 @@ class Llama:
 
     def chat_completion(self, dialogs: List[List[dict]], *, max_gen_len: Optional[int] = None,
                         temperature: float = 0.6, top_p: float = 0.9, top_k: int = 0, logprobs: bool = False,
-                        truncate: bool = False) -> List[dict]:
-        """[{"generation": {"role": "assistant", "content": str}}] per dialog, in the model's chat format."""
+                        truncate: bool = False, tools: Optional[list] = None, tool_prompt_format: str = "json",
+                        today: Optional[str] = None) -> List[dict]:
+        """[{"generation": {"role": "assistant", "content": str, "tool_calls": [...], "stop_reason": str}}]
+        per dialog, in the model's chat format. `tools` (Llama 3.1: built-in names, Meta's or OpenAI's
+        definitions; see llama/tokenizer/tools.py), `tool_prompt_format` ("json", "function_tag") and
+        `today` ("21 September 2024") make the system block of Meta's prompt format. A reply that calls
+        a tool has it in tool_calls (OpenAI's shape) and stop_reason "end_of_message" when the model
+        awaits the result (Meta's names; also "end_of_turn", "out_of_tokens"). Append the reply and a
+        {"role": "tool", "tool_call_id": ..., "content": result} message to continue the dialog."""
         check_dialogs(dialogs)
         check_max_gen_len(max_gen_len)
         max_gen_len = self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self.encode_dialog(d) for d in dialogs]
+        tool_args = dict(tools=tools, tool_prompt_format=tool_prompt_format, today=today)
+        prompt_tokens = [self.encode_dialog(d, **tool_args) for d in dialogs]
         if truncate:
             prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    logprobs=logprobs)
+        tokens, lps, stops = self._generate_until_stop(prompt_tokens, max_gen_len, temperature=temperature,
+                                                       top_p=top_p, top_k=top_k, logprobs=logprobs, echo=False)
         results = []
         for i, t in enumerate(tokens):
-            result = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
+            result = {"generation": self.decode_reply(t, stops[i], bool(tools))}
             if logprobs:
                 result.update(tokens=[self.tokenizer.decode([x]) for x in t], logprobs=lps[i])
             results.append(result)
         return results
 
-    def encode_dialog(self, dialog: List[dict]) -> List[int]:
-        encoded = self.tokenizer.chat_format.encode_dialog_prompt(dialog)
+    def encode_dialog(self, dialog: List[dict], tools=None, tool_prompt_format: str = "json",
+                      today: Optional[str] = None) -> List[int]:
+        """The dialog's prompt ids in the model's chat format (tool arguments: Llama 3 formats only)."""
+        fmt = self.tokenizer.chat_format
+        if tools is None and today is None and tool_prompt_format == "json":
+            encoded = fmt.encode_dialog_prompt(dialog)
+        elif hasattr(fmt, "decode_assistant_message"):
+            encoded = fmt.encode_dialog_prompt(dialog, tools=tools, tool_prompt_format=tool_prompt_format, today=today)
+        else:
+            raise ArgumentError(f"this model's chat format ({type(fmt).__name__}) has no tool calling: tools, "
+                                "tool_prompt_format and today need a Llama 3.1 model (its chat format)")
         return list(getattr(encoded, "tokens", encoded))  # llama-models returns an object with .tokens
+
+    def decode_reply(self, tokens: List[int], stop_token: Optional[int], tools: bool = False) -> dict:
+        """A generated reply -> {"role": "assistant", "content", "tool_calls", "stop_reason"}; calls are
+        read where the chat format has them (Llama 3) and tools were offered or <|python_tag|> opens it."""
+        fmt = self.tokenizer.chat_format
+        if hasattr(fmt, "decode_assistant_message"):
+            return fmt.decode_assistant_message(tokens, stop_token, parse_calls=tools)
+        return {"role": "assistant", "content": self.tokenizer.decode(tokens), "tool_calls": [],
+                "stop_reason": "out_of_tokens" if stop_token is None else "end_of_turn"}
 
     # ------------------------------------------------------------------ streaming
 

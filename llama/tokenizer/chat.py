@@ -112,8 +112,8 @@ class ChatFormat:
         parse_calls=False (no tools were offered) only a reply opening with <|python_tag|> is read."""
         tokens = list(tokens)
         python_tag = bool(tokens) and tokens[0] == self.special.get("<|python_tag|>")
-        content = self.tokenizer.decode(tokens[1:] if python_tag else tokens).strip(" ")
-        call = parse_tool_call(content, python_tag) if (python_tag or parse_calls) else None
+        content = self.tokenizer.decode(tokens[1:] if python_tag else tokens)  # as written (streaming shows this)
+        call = parse_tool_call(content.strip(" "), python_tag) if (python_tag or parse_calls) else None
         return {"role": "assistant", "content": "" if call else content,
                 "tool_calls": [openai_tool_call(*call)] if call else [], "stop_reason": self.stop_reason(stop_token)}
 
