@@ -62,7 +62,10 @@ def main(argv=None) -> int:
                                 log_level="warning")
         server = uvicorn.Server(config)
         print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn shuts down, then passes Ctrl-C on: the way to stop a server
+            pass
         engine.stop()
         return 0
     except USER_ERRORS as e:
