@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.generation.cli import build_parser, chat, main
+from llama.generation.cli import build_parser, chat, check_args, main
 from tests.helpers import run_distributed, run_main, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,3 +138,28 @@ def test_int8_per_row_under_model_parallel_is_refused_in_one_line(tiny_dir):
             assert_one_line_error(code, err, "--group-size 0", "2 model-parallel ranks", "use a group size")
         else:  # only rank 0 prints
             assert code != 0 and err == ""
+
+
+def test_chat_repl_shows_a_tool_call_and_sends_the_pasted_result(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
+    """--chat --tools: a reply that calls a tool is printed as one (never run), the pasted result goes
+    back as a tool message, and the model's next prompt is the library's encoding of that dialog."""
+    from llama.generation import Llama
+    from llama.tokenizer import load_tokenizer
+    from tests.helpers import scripted_checkpoint
+
+    tok = load_tokenizer(llama3_tokenizer_path)
+    call = tok.encode('brave_search.call(query="gold price")', bos=False, eos=False)
+    chain = [271, tok.special_tokens["<|python_tag|>"], *call, tok.eom_id]
+    llama = Llama.build(scripted_checkpoint(tmp_path, llama3_tokenizer_path, chain), max_seq_len=256,
+                        max_batch_size=1, device="cpu")
+    args = build_parser().parse_args(["--chat", "--temperature", "0", "--tools", "brave_search", "--today", "1 May 2025"])
+    check_args(args)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What does gold cost?\n2650 USD\n\n"))
+    stats = chat(llama, args, lambda text="", end="\n", err=False: print(text, end=end, file=sys.stderr if err else sys.stdout))
+    shown = capsys.readouterr().out
+    assert shown.count('[tool call] brave_search({"query": "gold price"})') == 2 and "python_tag" not in shown
+    first = llama.chat_completion([[{"role": "user", "content": "What does gold cost?"}]], tools=["brave_search"],
+                                  today="1 May 2025", temperature=0)[0]["generation"]
+    dialog = [{"role": "user", "content": "What does gold cost?"}, first,
+              {"role": "tool", "tool_call_id": "x", "content": "2650 USD"}]
+    assert stats[1].prompt_tokens == len(llama.encode_dialog(dialog, tools=["brave_search"], today="1 May 2025"))

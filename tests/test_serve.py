@@ -234,7 +234,46 @@ def test_tool_call_round_trip_through_the_cli(tool_server):
 
 
 def test_serve_cli_refuses_bad_flags_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "llama.serve", "--port", "70000"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-        "error: --port 70000: use 1-65535 (0: any free port)"]
+    from llama.serve.__main__ import main
+    from tests.helpers import run_main
+
+    for flags, words in [(["--port", "70000"], "--port 70000: use 1-65535"), (["--quantize", "int3"], "int3"),
+                         (["--max-seq-len", "1"], "--max-seq-len 1"), (["--max-batch-size", "0"], "--max-batch-size 0")]:
+        out = run_main(main, *flags)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, (flags, out.stderr)
+        assert out.stderr.startswith("error: ") and words in out.stderr, (flags, out.stderr)
+
+
+# ---------------------------------------------------------------------------- the engine under model parallelism
+
+
+def _engine_rank(ckpt, prompts):
+    """One rank: the Engine over a model split in 2; rank 0 submits the requests and collects ids."""
+    from llama.generation import Llama
+    from llama.serve.engine import Request
+
+    llama = Llama.build(ckpt, max_seq_len=64, max_batch_size=2, model_parallel_size=2, device="cpu")
+    engine = Engine(llama)
+    ids = [[] for _ in prompts]
+    if engine.rank0:
+        for i, p in enumerate(prompts + prompts[:1]):  # 3 requests on 2 slots: one waits for a free slot
+            engine.submit(Request(p, 8, temperature=0, emit=lambda e, i=i: ids[i % len(prompts)].append(e.id)
+                                  if i < len(prompts) else None))
+        engine.stop()
+    engine.run()
+    return ids
+
+
+@pytest.mark.slow  # two gloo processes
+def test_engine_under_model_parallel_matches_one_process(tiny_dir, llama3_tokenizer_path):
+    from llama.generation import Llama
+    from llama.tokenizer import load_tokenizer
+    from tests.helpers import run_distributed
+
+    tok = load_tokenizer(llama3_tokenizer_path)
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ("Hello there", "The capital of France is a city")]
+    ranks = run_distributed(_engine_rank, 2, tiny_dir, prompts)
+    reference, _ = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=2, device="cpu").generate(
+        prompts, 8, temperature=0)
+    stop = set(tok.stop_tokens)
+    assert [[t for t in ids if t not in stop] for ids in ranks[0]] == reference

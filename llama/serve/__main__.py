@@ -54,10 +54,13 @@ def main(argv=None) -> int:
         llama = build_llama(args, args.max_batch_size)
         engine = Engine(llama)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            engine.run()  # the other model-parallel ranks follow rank 0's plan until it stops
+            try:
+                engine.run()  # the other model-parallel ranks follow rank 0's plan until it stops
+            except KeyboardInterrupt:  # Ctrl-C reaches every rank under torchrun
+                pass
             return 0
         name = args.model_name or Path(args.ckpt_dir).name
-        engine.start_thread()
+        thread = engine.start_thread()
         config = uvicorn.Config(create_app(llama, engine, name), host=args.host, port=args.port,
                                 log_level="warning")
         server = uvicorn.Server(config)
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:  # uvicorn shuts down, then passes Ctrl-C on: the way to stop a server
             pass
         engine.stop()
+        thread.join(timeout=60)  # under torchrun the other ranks hear the stop from this thread
         return 0
     except USER_ERRORS as e:
         return report(e)

@@ -87,6 +87,7 @@ class Engine:
         self.steps = 0
         self.rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self.failure: Optional[BaseException] = None
+        self.stopping = False
 
     def submit(self, request: Request) -> None:
         if self.failure is not None:
@@ -94,6 +95,7 @@ class Engine:
         self.pending.put(request)
 
     def stop(self) -> None:
+        """End the loop once the requests already submitted are done."""
         self.pending.put(None)
 
     def start_thread(self) -> threading.Thread:
@@ -143,12 +145,15 @@ class Engine:
         admitted = []
         idle = len(free) == self.batch and not cancelled
         while free:
+            if self.stopping and idle and not admitted and self.pending.empty():
+                return None  # stop() was called and everything before it is done
             try:  # block only when there is nothing else to do
-                request = self.pending.get(block=idle and not admitted)
+                request = self.pending.get(block=idle and not admitted and not self.stopping)
             except queue.Empty:
                 break
             if request is None:
-                return None
+                self.stopping = True
+                continue
             if request.cancelled:
                 continue
             admitted.append((free.pop(0), request))
