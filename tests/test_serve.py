@@ -53,11 +53,11 @@ def client(served):
 
 
 def test_greedy_chat_equals_chat_completion(smollm2, client):
-    r = client.chat.completions.create(model="smollm2", messages=DIALOG, temperature=0, max_tokens=24,
+    r = client.chat.completions.create(model="smollm2", messages=DIALOG, temperature=0, max_tokens=12,
                                        logprobs=True, top_logprobs=3)
-    ref = smollm2.chat_completion([DIALOG], temperature=0, max_gen_len=24, logprobs=True)[0]
+    ref = smollm2.chat_completion([DIALOG], temperature=0, max_gen_len=12, logprobs=True)[0]
     prompt = smollm2.encode_dialog(DIALOG)
-    ref_ids, ref_lps = smollm2.generate([prompt], 24, temperature=0, logprobs=True)
+    ref_ids, ref_lps = smollm2.generate([prompt], 12, temperature=0, logprobs=True)
     choice = r.choices[0]
     choice_ids = choice.model_extra["token_ids"]
     assert choice_ids == ref_ids[0] and choice.message.content == ref["generation"]["content"]

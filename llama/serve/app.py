@@ -78,19 +78,14 @@ class Reply:
         return "stop" if self.stop_hit or self.stop_token is not None else "length"
 
 
-def create_app(llama, engine, model_name: str) -> FastAPI:
-    app = FastAPI(title="llama-ref", docs_url=None, redoc_url=None, openapi_url=None)
-    tokenizer, max_seq_len = llama.tokenizer, llama.model.params.max_seq_len
+class API:
+    """The routes' work, over one Llama and its Engine (create_app registers them)."""
 
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+    def __init__(self, llama, engine, model_name: str):
+        self.llama, self.engine, self.model_name = llama, engine, model_name
+        self.tokenizer, self.max_seq_len = llama.tokenizer, llama.model.params.max_seq_len
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):
-        return JSONResponse(APIError(str(e.detail), status=e.status_code).body(), status_code=e.status_code)
-
-    async def read_json(request: HTTPRequest) -> dict:
+    async def read_json(self, request: HTTPRequest) -> dict:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise APIError(f"the request body has {len(body)} bytes; at most {MAX_BODY_BYTES}", status=413)
@@ -102,24 +97,24 @@ def create_app(llama, engine, model_name: str) -> FastAPI:
             raise APIError("the request body must be a JSON object")
         return data
 
-    def check_fits(prompt, s) -> None:
+    def check_fits(self, prompt, s) -> None:
         """Refuse (400) a prompt that leaves no room, or max_tokens past the context."""
         try:
-            llama.check_request([prompt], s.max_tokens or 1)
+            self.llama.check_request([prompt], s.max_tokens or 1)
         except UserError as e:
             raise APIError(str(e), "messages", code="context_length_exceeded") from None
-        if s.max_tokens is not None and len(prompt) + s.max_tokens > max_seq_len:
+        if s.max_tokens is not None and len(prompt) + s.max_tokens > self.max_seq_len:
             raise APIError(f"the prompt has {len(prompt)} tokens and max_tokens is {s.max_tokens}: together more "
-                           f"than the context ({max_seq_len}); lower max_tokens", "max_tokens",
+                           f"than the context ({self.max_seq_len}); lower max_tokens", "max_tokens",
                            code="context_length_exceeded")
 
-    def start(prompt, s, emit_loop, queue) -> Request:
-        request = Request(prompt, s.max_tokens or max_seq_len - len(prompt), s.temperature, s.top_p, 0, s.seed,
+    def start(self, prompt, s, emit_loop, queue) -> Request:
+        request = Request(prompt, s.max_tokens or self.max_seq_len - len(prompt), s.temperature, s.top_p, 0, s.seed,
                           s.top_logprobs, emit=lambda event: emit_loop.call_soon_threadsafe(queue.put_nowait, event))
-        engine.submit(request)
+        self.engine.submit(request)
         return request
 
-    async def events(request: Request, queue: asyncio.Queue):
+    async def events(self, request: Request, queue: asyncio.Queue):
         while True:
             event = await queue.get()
             if isinstance(event, BaseException):
@@ -128,11 +123,11 @@ def create_app(llama, engine, model_name: str) -> FastAPI:
             if event.done:
                 return
 
-    async def run(prompt, s, reply: Reply, on_text=None):
+    async def run(self, prompt, s, reply: Reply, on_text=None):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        request = start(prompt, s, loop, queue)
+        request = self.start(prompt, s, loop, queue)
         try:
-            async for event in events(request, queue):
+            async for event in self.events(request, queue):
                 text = reply.push(event)
                 if on_text is not None:
                     await on_text(text, event)
@@ -141,93 +136,109 @@ def create_app(llama, engine, model_name: str) -> FastAPI:
         finally:
             request.cancelled = True  # a stop string, or the client went away: free the slot
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "llama-ref", "max_model_len": max_seq_len}]}
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "llama-ref", "max_model_len": self.max_seq_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(http: HTTPRequest):
-        body = await read_json(http)
-        prompt_text, s = completion_prompt(body), sampling(body, max_seq_len, 16, chat=False)
-        prompt = llama._encode(prompt_text)
-        check_fits(prompt, s)
+    async def completions(self, http: HTTPRequest):
+        body = await self.read_json(http)
+        prompt_text, s = completion_prompt(body), sampling(body, self.max_seq_len, 16, chat=False)
+        prompt = self.llama._encode(prompt_text)
+        self.check_fits(prompt, s)
         ident = new_id("cmpl")
         if s.stream:
-            return sse(stream_completion(prompt, s, ident))
-        reply = Reply(tokenizer, s.stop, hold_calls=False, chat=False)
-        await run(prompt, s, reply)
+            return sse(self.stream_completion(prompt, s, ident))
+        reply = Reply(self.tokenizer, s.stop, hold_calls=False, chat=False)
+        await self.run(prompt, s, reply)
         choice = {"index": 0, "text": reply.text, "finish_reason": reply.finish_reason(False),
-                  "logprobs": completion_logprobs(tokenizer, reply.events[: len(reply.ids)]) if s.logprobs else None,
+                  "logprobs": completion_logprobs(self.tokenizer, reply.events[: len(reply.ids)]) if s.logprobs else None,
                   "token_ids": reply.ids}
-        return envelope("text_completion", ident, model_name, [choice], usage=usage(len(prompt), len(reply.events)))
+        return envelope("text_completion", ident, self.model_name, [choice], usage=usage(len(prompt), len(reply.events)))
 
-    async def stream_completion(prompt, s, ident):
-        reply, out = Reply(tokenizer, s.stop, hold_calls=False, chat=False), asyncio.Queue()
+    async def stream_completion(self, prompt, s, ident):
+        reply, out = Reply(self.tokenizer, s.stop, hold_calls=False, chat=False), asyncio.Queue()
 
         async def on_text(text, event):
-            lp = completion_logprobs(tokenizer, [event]) if s.logprobs and not event.stopped else None
+            lp = completion_logprobs(self.tokenizer, [event]) if s.logprobs and not event.stopped else None
             if text or lp:
                 await out.put({"index": 0, "text": text, "finish_reason": None, "logprobs": lp})
-        async for choice in pump(run(prompt, s, reply, on_text), out):
-            yield envelope("text_completion", ident, model_name, [choice])
-        yield envelope("text_completion", ident, model_name,
+        async for choice in pump(self.run(prompt, s, reply, on_text), out):
+            yield envelope("text_completion", ident, self.model_name, [choice])
+        yield envelope("text_completion", ident, self.model_name,
                        [{"index": 0, "text": "", "finish_reason": reply.finish_reason(False), "logprobs": None}],
                        **({"usage": usage(len(prompt), len(reply.events))} if s.include_usage else {}))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: HTTPRequest):
-        body = await read_json(http)
-        req = chat_request(body, max_seq_len)
+    async def chat_completions(self, http: HTTPRequest):
+        body = await self.read_json(http)
+        req = chat_request(body, self.max_seq_len)
         try:
             check_dialogs([req.messages])
-            prompt = llama.encode_dialog(req.messages, tools=req.tools)
+            prompt = self.llama.encode_dialog(req.messages, tools=req.tools)
         except UserError as e:
             raise APIError(str(e), "messages") from None
-        check_fits(prompt, req.sampling)
+        self.check_fits(prompt, req.sampling)
         ident = new_id("chatcmpl")
         if req.sampling.stream:
-            return sse(stream_chat(prompt, req, ident))
-        reply = Reply(tokenizer, req.sampling.stop, hold_calls=bool(req.tools))
-        await run(prompt, req.sampling, reply)
-        message = chat_message(reply, req)
+            return sse(self.stream_chat(prompt, req, ident))
+        reply = Reply(self.tokenizer, req.sampling.stop, hold_calls=bool(req.tools))
+        await self.run(prompt, req.sampling, reply)
+        message = self.chat_message(reply, req)
         choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason("tool_calls" in message),
-                  "logprobs": chat_logprobs(tokenizer, reply.events[: len(reply.ids)]) if req.sampling.logprobs
+                  "logprobs": chat_logprobs(self.tokenizer, reply.events[: len(reply.ids)]) if req.sampling.logprobs
                   else None, "token_ids": reply.ids}
-        return envelope("chat.completion", ident, model_name, [choice],
+        return envelope("chat.completion", ident, self.model_name, [choice],
                         usage=usage(len(prompt), len(reply.events)))
 
-    def chat_message(reply: Reply, req) -> dict:
+    def chat_message(self, reply: Reply, req) -> dict:
         """The finished reply as OpenAI's message: tool_calls where it is one, else its text."""
         if not reply.stop_hit:
-            message = llama.decode_reply(reply.ids, reply.stop_token, bool(req.tools))
+            message = self.llama.decode_reply(reply.ids, reply.stop_token, bool(req.tools))
             if message["tool_calls"]:
                 return {"role": "assistant", "content": message["content"] or None,
                         "tool_calls": message["tool_calls"]}
         return {"role": "assistant", "content": reply.text}
 
-    async def stream_chat(prompt, req, ident):
+    async def stream_chat(self, prompt, req, ident):
         s = req.sampling
-        reply, out = Reply(tokenizer, s.stop, hold_calls=bool(req.tools)), asyncio.Queue()
-        yield envelope("chat.completion.chunk", ident, model_name,
+        reply, out = Reply(self.tokenizer, s.stop, hold_calls=bool(req.tools)), asyncio.Queue()
+        yield envelope("chat.completion.chunk", ident, self.model_name,
                        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
 
         async def on_text(text, event):
             if text:
-                lp = chat_logprobs(tokenizer, [event]) if s.logprobs and not event.stopped else None
+                lp = chat_logprobs(self.tokenizer, [event]) if s.logprobs and not event.stopped else None
                 await out.put({"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": lp})
-        async for choice in pump(run(prompt, s, reply, on_text), out):
-            yield envelope("chat.completion.chunk", ident, model_name, [choice])
-        message = chat_message(reply, req)
+        async for choice in pump(self.run(prompt, s, reply, on_text), out):
+            yield envelope("chat.completion.chunk", ident, self.model_name, [choice])
+        message = self.chat_message(reply, req)
         calls = "tool_calls" in message
         if calls:
             delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
         else:  # text held back while it might have been a call
             delta = {"content": message["content"][reply.sent:]} if len(message["content"]) > reply.sent else {}
-        yield envelope("chat.completion.chunk", ident, model_name,
+        yield envelope("chat.completion.chunk", ident, self.model_name,
                        [{"index": 0, "delta": delta, "finish_reason": reply.finish_reason(calls)}])
         if s.include_usage:
-            yield envelope("chat.completion.chunk", ident, model_name, [], usage=usage(len(prompt), len(reply.events)))
+            yield envelope("chat.completion.chunk", ident, self.model_name, [], usage=usage(len(prompt), len(reply.events)))
+
+
+
+
+def create_app(llama, engine, model_name: str) -> FastAPI:
+    """The FastAPI app: OpenAI's routes over `llama` and its running `engine`."""
+    app = FastAPI(title="llama-ref", docs_url=None, redoc_url=None, openapi_url=None)
+    api = API(llama, engine, model_name)
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):  # unknown routes and methods, in OpenAI's error shape
+        return JSONResponse(APIError(str(e.detail), status=e.status_code).body(), status_code=e.status_code)
 
     return app
 
