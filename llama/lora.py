@@ -17,20 +17,28 @@ uses), so every extra collective carries only r numbers per token:
 The split of each tensor is in `parallel.SHARD_DIM` (`...wq.lora_A.weight` etc.), so weight
 init, gradient norms and resharding read the one table like every other weight.
 
-The adapters attach to the existing projection modules (`attention.wq.lora_A`,
-`attention.wq.lora_B`: the state-dict keys PEFT uses, and the base keys stay Meta's), and a forward
-hook adds the LoRA term to the projection's output; model.py is unchanged. Merging
-(`merge_lora`) folds W += (alpha/r) B A into each rank's own shard, which is local: a column
-rank's B rows times the full A, a row rank's full B times its A columns.
+Each adapted projection is replaced by a `LoRALinear` in its place in the module tree (visible in
+`print(model)`): it holds the projection's own weight Parameter (so the base keys stay Meta's,
+`layers.0.attention.wq.weight`), its `lora_A`, `lora_B` (PEFT's keys, `...wq.lora_A.weight`) and a
+`lora_dropout`; model.py is unchanged. Merging (`merge_lora`) folds W += (alpha/r) B A into each
+rank's own shard, which is local (a column rank's B rows times the full A, a row rank's full B
+times its A columns), and puts the plain layer back. Quantizing refuses a model with unmerged
+adapters (`refuse_adapters`); torch.compile traces LoRALinear like any layer.
+
+Dropout (`LoRADropout`) hashes each element's place in the global batch instead of drawing from
+a random stream, so model-parallel ranks, data-parallel ranks and micro-batches all see one
+process's mask (`dropout_rows`, called by the training loop).
 
 FSDP: the adapters are ordinary parameters of each block, attached before `fully_shard(block)`,
 which shards them with the frozen base; FSDP2 keeps requires_grad per parameter and reduces only
 the adapters' gradients (llama/train/adapters.py, docs/lora.md).
 """
 
+import contextlib
+import functools
 import math
 import zlib
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +81,8 @@ def check_settings(rank: int, alpha: float, dropout: float, targets) -> None:
     """What can be checked without the model: run with the other config checks."""
     if rank < 0:
         raise LoRAError(f"lora_rank={rank} must be >= 0 (0 turns LoRA off; 8 or 16 are usual)")
-    if alpha <= 0:
-        raise LoRAError(f"lora_alpha={alpha} must be positive (the usual choice is 2 x lora_rank)")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise LoRAError(f"lora_alpha={alpha} must be positive and finite (the usual choice is 2 x lora_rank)")
     if not 0.0 <= dropout < 1.0:
         raise LoRAError(f"lora_dropout={dropout} must be in [0, 1)")
     check_targets(targets)
@@ -102,74 +110,201 @@ def check_model(args, rank: int, targets, mp: int = 1) -> None:
                         f"supported: use model_parallel_size <= {args.n_kv_heads} or drop wk, wv from lora_targets")
 
 
+# ---------------------------------------------------------------------------- dropout
+
+_MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A 32-bit integer hash (one of Wellons' "hash prospector" mixers), on a Python int or an int64
+    tensor of values below 2^32. Its multipliers are below 2^31, so every product fits in int64:
+    the same bits on any device and in eager or compiled code."""
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    x = x ^ (x >> 12)
+    x = (x * 0x297A2D39) & _MASK32
+    return x ^ (x >> 15)
+
+
+class LoRADropout(nn.Module):
+    """Dropout on an adapter's input whose mask is a function of each element's place in the global
+    batch rather than of a random stream: x[b, t, f] is dropped when hash(key of row b, t, f, this
+    projection) < p * 2^32, and the rest are scaled by 1 / (1 - p) as nn.Dropout does.
+
+    So the layout cannot change the mask: f counts the full input width (a row-parallel rank's
+    slice gets its slice of one process's mask; column ranks agree), and the training loop gives
+    each micro-batch the keys of its rows' places in the run (`dropout_rows`), so data-parallel
+    ranks and micro-batches draw exactly the masks one process draws for those rows. Without keys
+    (another training loop) each forward draws its row keys from torch's generator, which
+    activation checkpointing replays in its recomputation, mixed with the data-parallel rank."""
+
+    def __init__(self, p: float, salt: int, feature_offset: int = 0):
+        super().__init__()
+        self.p, self.salt, self.feature_offset = p, salt, feature_offset
+        self.row_keys: Optional[torch.Tensor] = None  # (B,) int64 below 2^32, set by dropout_rows
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, F_local)
+        B, T, F_local = flat.shape
+        keys = self.row_keys
+        if keys is None:
+            keys = torch.randint(0, 1 << 32, (B,), device=x.device) ^ mix32(parallel.data_parallel_rank() + 1)
+        elif keys.shape != (B,):
+            raise ValueError(f"LoRA dropout keys for {keys.shape[0]} rows, but the input has {B}")
+        arange = functools.partial(torch.arange, device=x.device)
+        row = mix32(keys.to(x.device) ^ self.salt)  # (B,)
+        position = mix32(row[:, None] ^ arange(T))  # (B, T)
+        feature = mix32(arange(self.feature_offset, self.feature_offset + F_local) | (1 << 31))  # (F_local,)
+        keep = mix32(position[:, :, None] ^ feature) >= round(self.p * (1 << 32))  # (B, T, F_local)
+        return (flat * keep * (1.0 / (1.0 - self.p))).reshape(x.shape)
+
+
+def _seed32(seed: int) -> int:
+    return zlib.crc32(f"lora-dropout:{seed}".encode())
+
+
+@contextlib.contextmanager
+def dropout_rows(model, rows: Sequence[int], seed: int):
+    """Inside: LoRA dropout draws the masks of these rows of the run's data (rows[b]: the number of
+    micro-batch row b among the run's training sequences, the same on every layout) under `seed`.
+    Wrap the forward and the backward: activation checkpointing recomputes the forward in backward."""
+    modules = [m for m in model.modules() if isinstance(m, LoRADropout) and m.p > 0]
+    if not modules:
+        yield
+        return
+    g = torch.as_tensor(list(rows), dtype=torch.int64)
+    keys = mix32(mix32((g & _MASK32) ^ _seed32(seed)) ^ (g >> 32))  # (B,)
+    param = next(model.parameters(), None)
+    keys = keys if param is None else keys.to(param.device)
+    for m in modules:
+        m.row_keys = keys
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.row_keys = None
+
+
 # ---------------------------------------------------------------------------- layers
 
 
-def _lora_hook(proj: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook on a projection: out + (alpha/r) B A dropout(x), collectives r wide."""
-    x = proj.lora_dropout(inputs[0])
-    a = F.linear(x, proj.lora_A.weight)  # (B, T, r): full (column) or this rank's partial sum (row)
-    if parallel.model_parallel_size() > 1:
-        if proj.lora_split == "column":  # identity forward; backward sums d/da over the ranks
-            a = parallel.copy_to_model_parallel_region(a)
-        else:  # sum the partial products of the ranks' input slices
-            a = parallel.reduce_from_model_parallel_region(a)
-    return out + proj.lora_scale * F.linear(a, proj.lora_B.weight)  # (B, T, out_local)
+def _split_of(layer: nn.Module, name: str) -> Optional[str]:
+    """How `layer`'s product communicates: None (one process), "column" or "row"."""
+    if isinstance(layer, parallel.ColumnParallelLinear) and not layer.gather_output:
+        return "column"
+    if isinstance(layer, parallel.RowParallelLinear):
+        return "row"
+    if type(layer) is nn.Linear and layer.bias is None:
+        return None
+    what = "already has an adapter: merge_lora first" if isinstance(layer, LoRALinear) else \
+        f"is a {type(layer).__name__}, not a float projection (quantized?): attach adapters before quantizing"
+    raise LoRAError(f"{name} {what}")
 
 
-def _split(name: str) -> str:
-    return "column" if parallel.shard_dim(name) == 0 else "row"
+class LoRALinear(nn.Module):
+    """A frozen projection and its adapter, in the projection's place in the module tree:
+
+        y = W x + scale * B A dropout(x)        scale = alpha / r
+
+    `weight` is the projection's own parameter (this rank's shard of W), so the state-dict keys stay
+    Meta's (`layers.0.attention.wq.weight`) beside PEFT's (`layers.0.attention.wq.lora_A.weight`).
+    `split` is how the base layer's product communicates (module docstring): None, "column", "row".
+    `merged()` gives the plain layer back with B A folded into W."""
+
+    def __init__(self, base: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.split = _split_of(base, name)
+        self.weight = base.weight  # the same Parameter: frozen or not, in the base's dtype
+        out_local, in_local = base.weight.shape
+        linear = functools.partial(nn.Linear, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = linear(in_local, rank)  # (r, in_local): full (column) or this rank's columns (row)
+        self.lora_B = linear(rank, out_local)  # (out_local, r): this rank's rows (column) or full (row)
+        offset = parallel.model_parallel_rank() * in_local if self.split == "row" else 0
+        self.lora_dropout = LoRADropout(dropout, zlib.crc32(name.encode()), offset)
+        self.scale = alpha / rank
+
+    def extra_repr(self) -> str:
+        kind = f"{self.split}-parallel, " if self.split else ""
+        return f"{kind}weight {tuple(self.weight.shape)}, r={self.lora_A.out_features}, scale={self.scale:g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))  # (B, T, r), partial for "row"
+        if self.split == "column":  # as ColumnParallelLinear; a is complete, d(loss)/da sums over ranks
+            y = F.linear(parallel.copy_to_model_parallel_region(x), self.weight)
+            a = parallel.copy_to_model_parallel_region(a)  # identity forward, r-wide all-reduce backward
+        elif self.split == "row":  # as RowParallelLinear; the ranks' partial A x are summed, r wide
+            y = parallel.all_reduce(F.linear(x, self.weight))
+            a = parallel.all_reduce(a)
+        else:
+            y = F.linear(x, self.weight)
+        return y + (self.scale * self.lora_B(a)).to(y.dtype)  # (B, T, out_local)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The plain layer this one wraps, with W += scale B A folded into this rank's shard (local:
+        a column rank's B rows times the full A, a row rank's full B times its A columns)."""
+        delta = self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        (out_local, in_local), mp = self.weight.shape, parallel.model_parallel_size()
+        with torch.device("meta"):  # the factories' own weights: never allocated, replaced below
+            if self.split == "row":
+                layer = parallel.row_parallel_linear(in_local * mp, out_local)
+            else:
+                layer = parallel.column_parallel_linear(in_local, out_local * (mp if self.split else 1))
+        layer.weight = self.weight
+        return layer
 
 
 def lora_modules(model):
-    """(Meta name of the projection, module) for every projection that carries an adapter."""
+    """(name, LoRALinear) for every projection that carries an adapter."""
     for name, module in model.named_modules():
-        if hasattr(module, "lora_A"):
+        if isinstance(module, LoRALinear):
             yield name, module
 
 
 @torch.no_grad()
 def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets: Iterable[str] = TARGETS,
              seed: int = 0) -> None:
-    """Attach fresh adapters (A Kaiming-uniform, B zero) to `targets` in every layer, in fp32 on the
-    base's device. Like init_weights, each logical A is drawn whole from a generator seeded by its
-    name and this rank keeps its shard: every model-parallel layout starts from the same adapter."""
+    """Replace `targets` in every layer by LoRALinear with fresh adapters (A Kaiming-uniform, B zero)
+    in fp32 on the base's device. Like init_weights, each logical A is drawn whole from a generator
+    seeded by its name and this rank keeps its shard: every model-parallel layout starts alike."""
     targets = check_targets(targets)
     check_model(model.params, rank, targets, parallel.model_parallel_size())
     for i, layer in enumerate(model.layers):
         for t in targets:
-            proj = layer.get_submodule(MODULES[t])
-            base = f"layers.{i}.{MODULES[t]}"
-            out_local, in_local = proj.weight.shape
-            device = proj.weight.device
-            proj.lora_A = nn.Linear(in_local, rank, bias=False, device=device, dtype=torch.float32)
-            proj.lora_B = nn.Linear(rank, out_local, bias=False, device=device, dtype=torch.float32)
-            proj.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-            proj.lora_scale = alpha / rank
-            proj.lora_split = _split(f"{base}.weight")
-            name_a = f"{base}.lora_A.weight"
+            name = f"layers.{i}.{MODULES[t]}"
+            parent, _, attr = MODULES[t].rpartition(".")
+            wrapped = LoRALinear(layer.get_submodule(MODULES[t]), name, rank, alpha, dropout)
+            name_a = f"{name}.lora_A.weight"
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name_a}".encode()))
-            full = torch.empty(parallel.full_shape(name_a, proj.lora_A.weight.shape))
+            full = torch.empty(parallel.full_shape(name_a, wrapped.lora_A.weight.shape))
             nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)  # fan_in: the full input width
-            proj.lora_A.weight.copy_(parallel.shard(name_a, full))
-            proj.lora_B.weight.zero_()
-            proj.lora_hook = proj.register_forward_hook(_lora_hook)
+            wrapped.lora_A.weight.copy_(parallel.shard(name_a, full))
+            wrapped.lora_B.weight.zero_()
+            setattr(layer.get_submodule(parent), attr, wrapped)
     model.lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
 
 
-@torch.no_grad()
 def merge_lora(model) -> None:
-    """Fold every adapter into its base weight (W += (alpha/r) B A, on each rank's own shard) and
-    remove it: the model is a plain Transformer again, decoding at no extra cost."""
-    for _, proj in lora_modules(model):
-        delta = proj.lora_scale * (proj.lora_B.weight.float() @ proj.lora_A.weight.float())
-        proj.weight.copy_((proj.weight.float() + delta).to(proj.weight.dtype))
-        proj.lora_hook.remove()
-        for attr in ("lora_A", "lora_B", "lora_dropout"):
-            delattr(proj, attr)
-        for attr in ("lora_scale", "lora_split", "lora_hook"):
-            delattr(proj, attr)
+    """Fold every adapter into its base weight and put the plain layer back in its place: the
+    model is a plain Transformer again (Meta's keys only), decoding at no extra cost."""
+    for name, module in list(lora_modules(model)):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module.merged())
     model.__dict__.pop("lora", None)
+
+
+def refuse_adapters(model, what: str) -> None:
+    """`what` (quantizing, ...) would drop or mangle unmerged adapters: refuse in one line."""
+    names = [name for name, _ in lora_modules(model)]
+    if names:
+        raise LoRAError(f"{what}: the model carries unmerged LoRA adapters ({names[0]} and {len(names) - 1} more): "
+                        f"merge them first (llama.lora.merge_lora(model), or Llama.build(..., lora=ADAPTER))")
 
 
 # ---------------------------------------------------------------------------- training

@@ -74,6 +74,81 @@ def test_merged_weights_give_the_unmerged_logits():
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 
 
+def test_adapters_are_layers_in_the_tree_with_meta_and_peft_keys():
+    """Each target is a LoRALinear in its projection's place (print(model) shows it), holding the base's
+    own weight: the state-dict keys are Meta's plus PEFT's, nothing else; merging puts plain layers back."""
+    base_keys = set(tiny_model(rank=0).state_dict())
+    model = tiny_model()
+    wq = model.layers[1].attention.wq
+    assert isinstance(wq, lora.LoRALinear) and "LoRALinear" in repr(model) and "LoRADropout" in repr(model)
+    adapter_keys = {f"layers.{i}.{m}.lora_{p}.weight" for i in range(2) for m in lora.MODULES.values() for p in "AB"}
+    assert set(model.state_dict()) == base_keys | adapter_keys
+    weight = wq.weight
+    lora.merge_lora(model)
+    assert type(model.layers[1].attention.wq) is torch.nn.Linear and model.layers[1].attention.wq.weight is weight
+    assert not list(lora.lora_modules(model)) and set(model.state_dict()) == base_keys
+    with pytest.raises(lora.LoRAError, match="already has an adapter"):
+        lora.add_lora(tiny_model(), 4, 8.0)
+
+
+def test_quantizing_an_unmerged_model_is_refused_and_the_merged_one_quantizes():
+    """quantize_model replaces linear layers: on unmerged adapters it would quantize A and B as layers and
+    drop the LoRA term, so it refuses in one line; merged first, it quantizes with the adapter in W."""
+    from llama.generation.quantize import quantize_model
+
+    model = tiny_model()
+    with torch.no_grad():
+        expected = model(tokens())
+    with pytest.raises(lora.LoRAError, match=r"quantizing to int8: .*unmerged LoRA adapters \(layers.0.attention.wq "
+                                             r"and 13 more\): merge them first") as e:
+        quantize_model(model, "int8", 0)
+    assert "\n" not in str(e.value)
+    assert isinstance(model.layers[0].attention.wq, lora.LoRALinear)  # nothing changed
+    lora.merge_lora(model)
+    quantize_model(model, "int8", 0)
+    with torch.no_grad():
+        got = model(tokens())
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # int8 per-row: close, not equal
+
+
+# ---------------------------------------------------------------------------- dropout
+
+
+def dropout(p, x, rows, seed=5, salt=11, offset=0, train=True):
+    module = lora.LoRADropout(p, salt, offset).train(train)
+    with lora.dropout_rows(torch.nn.Sequential(module), rows, seed):
+        return module(x)
+
+
+def test_lora_dropout_draws_one_mask_whatever_the_layout():
+    """The mask is a function of (row's place in the run, seed, position, full-width feature, projection):
+    a row-parallel rank's slice of the features and a micro-batch's slice of the rows get exactly their
+    slice of the one-process mask; it drops p of the inputs and scales the rest as nn.Dropout does."""
+    x = torch.randn(4, 32, 96)
+    full = dropout(0.3, x, range(10, 14))
+    kept = full != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.01
+    torch.testing.assert_close(full[kept], x[kept] / 0.7)
+    for rank in range(2):  # model parallel 2: features [48 rank, 48 (rank + 1)) of the same mask
+        part = slice(48 * rank, 48 * (rank + 1))
+        assert torch.equal(dropout(0.3, x[..., part], range(10, 14), offset=48 * rank), full[..., part])
+    for rows in (range(10, 12), range(12, 14)):  # data parallel / micro-batches: their rows of the batch
+        assert torch.equal(dropout(0.3, x[rows.start - 10:rows.stop - 10], rows), full[rows.start - 10:rows.stop - 10])
+    for other in (dict(rows=range(14, 18)), dict(rows=range(10, 14), seed=6), dict(rows=range(10, 14), salt=12)):
+        assert ((dropout(0.3, x, **other) != 0) != kept).float().mean() > 0.3  # another row, seed or projection
+    assert torch.equal(dropout(0.3, x, range(4), train=False), x)
+
+
+def test_lora_dropout_without_row_keys_draws_from_torchs_generator():
+    """Another training loop (no dropout_rows): every forward draws fresh row keys from torch's
+    generator, so the masks change from step to step and a reseeded generator repeats them."""
+    module, x = lora.LoRADropout(0.5, 11), torch.ones(2, 8, 16)
+    torch.manual_seed(0)
+    first, second = module(x), module(x)
+    torch.manual_seed(0)
+    assert not torch.equal(first, second) and torch.equal(module(x), first)
+
+
 def test_only_adapters_get_gradients_and_optimizer_state():
     from llama.train.loop import make_optimizer
 
@@ -182,17 +257,65 @@ def test_lora_run_saves_adapters_only_and_resumes_exactly(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_lora_with_activation_checkpointing_and_mp2_dp2_matches_one_process(corpus, tmp_path):
-    """4 gloo ranks, MP 2 x DP 2, recomputed blocks, chunked loss head: the same losses as one plain process."""
+    """4 gloo ranks, MP 2 x DP 2, recomputed blocks, chunked loss head, LoRA dropout: the same losses as one
+    plain process (each data-parallel rank draws its rows' masks of the global batch, each model-parallel
+    rank its slice of the features, and the recomputation the forward's)."""
     from tests.helpers import train_worker
 
     data_dir, _ = corpus
-    single = train(data_dir, tmp_path / "one", "max_steps=3")
+    single = train(data_dir, tmp_path / "one", "max_steps=3", "lora_dropout=0.05")
+    assert single["losses"][1:] != train(data_dir, tmp_path / "nodrop", "max_steps=3")["losses"][1:]  # it drops
     lora_args = ["lora_rank=4", "lora_alpha=8.0", "lr=1e-2", "max_steps=3", "model_parallel_size=2",
-                 "activation_checkpointing=true", "loss_chunks=2"]
+                 "activation_checkpointing=true", "loss_chunks=2", "lora_dropout=0.05"]
     results = run_distributed(train_worker, 4, data_dir, tmp_path / "four", lora_args)
     for res in results:
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(single["losses"]), atol=2e-5, rtol=1e-5)
     assert (tmp_path / "four/step_000003/adapter.01.pth").is_file()
+
+
+@pytest.mark.slow
+def test_lora_dropout_under_model_parallel_matches_one_process(corpus, tmp_path):
+    """MP 2 with lora_dropout=0.05 (a row-parallel rank drops its slice of one process's mask, not a
+    copy of the other half's): one process's losses within 1e-5, micro-batches of 2 against 4."""
+    from tests.helpers import train_worker
+
+    data_dir, _ = corpus
+    single = train(data_dir, tmp_path / "one", "max_steps=3", "lora_dropout=0.05")
+    args = ["lora_rank=4", "lora_alpha=8.0", "lr=1e-2", "max_steps=3", "lora_dropout=0.05", "model_parallel_size=2",
+            "micro_batch_size=2"]
+    for res in run_distributed(train_worker, 2, data_dir, tmp_path / "two", args):
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(single["losses"]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_lora_training_step_matches_eager():
+    """torch.compile traces LoRALinear and its hashed dropout (aot_eager: Dynamo + AOTAutograd): the loss
+    and every adapter gradient equal eager's, and new rows reuse the graph (the keys are inputs)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    for module in model.modules():
+        if isinstance(module, lora.LoRADropout):
+            module.p = 0.1
+    lora.freeze_base(model)
+    compiled = torch.compile(model, backend="aot_eager")
+
+    def step(forward, rows):
+        model.zero_grad()
+        with lora.dropout_rows(model, rows, seed=1):
+            loss = F.cross_entropy(forward(tokens()[:, :-1]).flatten(0, 1), tokens()[:, 1:].flatten())
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in lora.trainable_parameters(model).items()}
+
+    torch._dynamo.reset()
+    losses = set()
+    for rows in ([0, 1], [2, 3]):
+        (eager, eager_grads), (traced, traced_grads) = step(model, rows), step(compiled, rows)
+        torch.testing.assert_close(traced, eager, atol=1e-6, rtol=1e-6)
+        for name in eager_grads:
+            torch.testing.assert_close(traced_grads[name], eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+        losses.add(eager.item())
+    assert len(losses) == 2 and counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.slow

@@ -221,6 +221,126 @@ def test_unsupported_peft_options_are_refused(tiny, tmp_path, capsys, option, va
     assert not out.exists()
 
 
+# ---------------------------------------------------------------------------- the config allowlist
+
+PROJECTIONS = list(peft_io.HF_MODULES.values())
+
+
+def peft_adapter(hf_dir, out, **options):
+    """An adapter made and saved by `peft` itself on the HF base (random B, so it matters), and
+    `peft`'s logits with it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+        made = peft.get_peft_model(hf, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": PROJECTIONS,
+                                                          **options}))
+        with torch.no_grad():
+            for name, p in made.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+            logits = made.eval()(tokens()).logits
+        made.save_pretrained(str(out))
+    return out, logits
+
+
+def test_the_allowlist_covers_every_option_of_the_installed_peft():
+    """Each LoraConfig field has a rule (implemented, metadata, or refused unless unset): a peft upgrade
+    with new options fails here until someone decides what each means for a merge."""
+    import dataclasses
+
+    from llama.checkpoint.peft_config import CONFIG_RULES
+
+    assert {f.name for f in dataclasses.fields(peft.LoraConfig)} <= set(CONFIG_RULES)
+
+
+@pytest.mark.parametrize("options", [
+    dict(rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"self_attn.v_proj": 3.0}),
+    dict(layers_to_transform=[1]), dict(target_modules="all-linear"), dict(exclude_modules=["o_proj", "up_proj"]),
+    dict(use_rslora=True, r=6), pytest.param(dict(init_lora_weights="gaussian"), marks=pytest.mark.slow),
+    pytest.param(dict(target_modules=r".*\.(q|v)_proj"), marks=pytest.mark.slow),
+], ids=["rank-alpha-patterns", "layers", "all-linear", "exclude", "rslora", "gaussian", "regex"])
+def test_peft_options_we_implement_merge_to_peft_logits(tiny, tmp_path, options):
+    """Adapters peft 0.21 writes with the options the loader implements (every other key at peft's
+    default, metadata included) merge here to peft's own logits."""
+    root, _ = tiny
+    adapter, theirs = peft_adapter(root / "hf", tmp_path / "made", **options)
+    ours = checkpoint.load_model(root / "meta", max_seq_len=64)
+    peft_io.merge_adapter(ours, adapter, root / "meta")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens()), theirs, atol=1e-5, rtol=1e-5)
+
+
+SLOW = pytest.mark.slow  # the same table, more cases: three run in the quick loop
+
+
+@pytest.mark.parametrize("options, key", [
+    (dict(alora_invocation_tokens=[1, 2]), "alora_invocation_tokens"), (dict(use_dora=True), "use_dora"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    pytest.param(dict(use_qalora=True), "use_qalora", marks=SLOW),
+    pytest.param(dict(lora_bias=True), "lora_bias", marks=SLOW),
+    pytest.param(dict(modules_to_save=["lm_head"]), "modules_to_save", marks=SLOW),
+    pytest.param(dict(init_lora_weights="olora"), "init_lora_weights", marks=SLOW),
+    pytest.param(dict(init_lora_weights="mica"), "init_lora_weights", marks=SLOW),
+    pytest.param(dict(target_modules=PROJECTIONS + ["lm_head"]), "target_modules", marks=SLOW),
+    pytest.param(dict(trainable_token_indices=[1, 2]), "trainable_token_indices", marks=SLOW),
+    pytest.param(dict(layer_replication=[[0, 2], [0, 2]]), "layer_replication", marks=SLOW),
+    pytest.param(dict(target_modules=["q_proj"], target_parameters=["mlp.down_proj.weight"]), "target_parameters",
+                 marks=SLOW),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_peft_written_options_we_do_not_implement_are_refused(tiny, tmp_path, options, key):
+    """Adapters peft 0.21 writes with an option the loader does not implement: refused, one line naming it."""
+    root, _ = tiny
+    adapter, _ = peft_adapter(root / "hf", tmp_path / "made", **options)
+    with pytest.raises(lora.LoRAError, match=rf"adapter_config.json: {key}=") as e:
+        peft_io.read_adapter(adapter, ModelArgs(**ARGS), "base")
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def plain_peft_adapter(tiny, tmp_path_factory):
+    return peft_adapter(tiny[0] / "hf", tmp_path_factory.mktemp("plain") / "made")[0]
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("arrow_config", {"top_k": 2}, "Arrow"), ("frobnicate", 1, "not an option this loader implements"),
+    ("r", 8.9, "positive integer"), ("r", True, "positive integer"), ("lora_alpha", float("nan"), "finite"),
+    ("lora_alpha", -8, "positive"), ("lora_dropout", 1.5, "[0, 1)"), ("rank_pattern", {"q_proj": 2.5}, "integer"),
+    ("alpha_pattern", {"q_proj": float("inf")}, "finite"), ("target_modules", "q_proj(", "seven projections"),
+    ("layers_to_transform", [0], "leave out"), ("exclude_modules", ["wo", "o_proj"], "leave out"),
+])
+def test_bad_values_in_a_peft_config_are_one_line_naming_the_key(tiny, plain_peft_adapter, tmp_path, capsys, key,
+                                                                 value, words):
+    """A peft-written adapter with one key changed: one line naming the key (or the tensor it
+    contradicts); the first case through the CLI (exit 1, nothing written)."""
+    root, _ = tiny
+    adapter = shutil.copytree(plain_peft_adapter, tmp_path / "bad")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    if key == "arrow_config":
+        out = tmp_path / "out"
+        capsys.readouterr()  # transformers' progress bars
+        assert convert_main([str(root / "meta"), str(out), "--to", "hf", "--lora", str(adapter)]) == 1
+        line = one_line_error(capsys)
+        assert not out.exists()
+    else:
+        with pytest.raises(lora.LoRAError) as e:
+            peft_io.read_adapter(adapter, ModelArgs(**ARGS), "base")
+        line = str(e.value)
+    assert "\n" not in line and words in line and (key in line or "layers.1" in line or "o_proj" in line), line
+
+
+def test_a_non_finite_adapter_tensor_is_refused(plain_peft_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = shutil.copytree(plain_peft_adapter, tmp_path / "bad")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    tensors[key][3, 1] = float("nan")
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(lora.LoRAError, match=rf"{key} holds non-finite"):
+        peft_io.read_adapter(adapter, ModelArgs(**ARGS), "base")
+
+
 # ---------------------------------------------------------------------------- SmolLM2, a real model
 
 

@@ -11,6 +11,11 @@ HF stores q/k weights in the rotate-half RoPE layout (llama/checkpoint/hf.py). B
 output space as W, so the q/k `lora_B` rows take the same per-head permutation as W's rows (A,
 acting on the input, is unchanged); every other tensor is stored as it is.
 
+Reading an adapter goes through an allowlist (`CONFIG_RULES`): every option of peft 0.21's
+LoraConfig with the values implemented here (plain LoRA, rsLoRA's alpha/sqrt(r), rank_pattern and
+alpha_pattern, layers_to_transform); any other key or value, and a non-finite number in the config
+or the tensors, is refused in one line naming it.
+
 Merging (`merge_adapter`) reads the full tensors, cuts this rank's shard of each by
 `parallel.SHARD_DIM` and adds (alpha/r) B A to the local weight: no communication, any
 model-parallel size, K/V heads duplicated past n_kv_heads ranks like the weights are.
@@ -28,6 +33,7 @@ from llama import parallel
 from llama.checkpoint.common import CheckpointError, params_dict
 from llama.checkpoint.hf import from_rotate_half, hf_name, meta_name, to_rotate_half
 from llama.checkpoint.load import resolve
+from llama.checkpoint.peft_config import HF_MODULES, check_config, module_scales, scale, selected
 from llama.common.files import write_bytes, write_text
 from llama.lora import MODULES, TARGETS, LoRAError, check_targets, projection_shapes
 
@@ -35,8 +41,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_POINTER = "lora.json"
 PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> LlamaForCausalLM
-HF_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-              "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 ROTATED = ("attention.wq.lora_B.weight", "attention.wk.lora_B.weight")
 
 
@@ -109,6 +113,7 @@ class Adapter:
     targets: list
     tensors: Dict[str, torch.Tensor]  # full, Meta keys, Meta's RoPE layout
     base: dict = field(default_factory=dict)  # lora.json, when the adapter was made here
+    modules: Dict[str, tuple] = field(default_factory=dict)  # 'layers.0.attention.wq' -> (rank, scale)
 
 
 def find_adapter(path) -> Path:
@@ -142,26 +147,20 @@ def recorded_base(path) -> Optional[str]:
     return base
 
 
-def _check_options(config: dict, file: Path) -> None:
-    """Refuse what we would silently get wrong: every PEFT option that changes the math."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LoRAError(f"{file}: peft_type {config.get('peft_type')!r} is not supported: only LORA adapters load here")
-    unsupported = [("use_dora", True, "DoRA"), ("fan_in_fan_out", True, "fan_in_fan_out (Conv1D-style weights)")]
-    for key, bad, what in unsupported:
-        if config.get(key) == bad:
-            raise LoRAError(f"{file}: {what} adapters are not supported: merge it with peft instead")
-    if config.get("bias", "none") != "none":
-        raise LoRAError(f"{file}: bias={config['bias']!r} (trained biases) is not supported: Llama has no biases")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication", "lora_bias",
-                "trainable_token_indices", "target_parameters"):
-        if config.get(key):
-            raise LoRAError(f"{file}: {key}={config[key]!r} is not supported: only plain per-projection LoRA loads here")
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        unknown = [t for t in targets if t not in HF_MODULES.values()]
-        if unknown:
-            raise LoRAError(f"{file}: target_modules {unknown} are not supported; "
-                            f"valid: {', '.join(HF_MODULES.values())}")
+def _check_tensors(tensors: Dict[str, torch.Tensor], config: dict, file: Path) -> None:
+    """The tensors against the keys that choose what is adapted (PEFT would not have made others),
+    and every number finite."""
+    layers = config.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    for name, t in tensors.items():
+        module = hf_name(_weight_name(name)).removesuffix(".weight")
+        if not selected(config.get("target_modules"), module, True) or selected(
+                config.get("exclude_modules"), module, False) or layers is not None and int(name.split(".")[1]) not in layers:
+            raise LoRAError(f"{file}: {peft_key(name)} is a module the config's target_modules / exclude_modules / "
+                            f"layers_to_transform leave out: the adapter is inconsistent")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise LoRAError(f"{file}: {peft_key(name)} holds non-finite or non-float values ({t.dtype}): "
+                            f"the adapter is corrupt")
 
 
 def read_adapter(path, args, base_label) -> Adapter:
@@ -174,12 +173,9 @@ def read_adapter(path, args, base_label) -> Adapter:
     cfg_file = path / ADAPTER_CONFIG
     try:
         config = json.loads(cfg_file.read_text())
-        r, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoRAError(f"{cfg_file}: not a PEFT LoRA config ({e})") from None
-    _check_options(config, cfg_file)
-    if r <= 0:
-        raise LoRAError(f"{cfg_file}: r={r} must be positive")
+    check_config(config, cfg_file)
     try:
         raw = load_file(str(path / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -190,13 +186,16 @@ def read_adapter(path, args, base_label) -> Adapter:
         if name is None:
             raise LoRAError(f"{path / ADAPTER_WEIGHTS}: tensor {key} is not a LoRA A/B of a Llama projection: "
                             f"unsupported adapter")
-        tensors[name] = t.float()
+        tensors[name] = t
     if not tensors:
         raise LoRAError(f"{path / ADAPTER_WEIGHTS}: holds no LoRA tensors")
+    _check_tensors(tensors, config, path / ADAPTER_WEIGHTS)
+    tensors = {name: t.float() for name, t in tensors.items()}
     base = json.loads((path / BASE_POINTER).read_text()) if (path / BASE_POINTER).is_file() else {}
-    scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+    r, alpha = config["r"], config["lora_alpha"]
     found = sorted({n.split(".")[-3] for n in tensors}, key=TARGETS.index)
-    adapter = Adapter(path, r, alpha, scale, found, tensors, base)
+    modules = sorted({n.rsplit(".", 2)[0] for n in tensors})
+    adapter = Adapter(path, r, alpha, scale(config, r, alpha), found, tensors, base, module_scales(config, modules))
     check_fits(adapter, args, base_label)
     for name in tensors:
         if name.endswith(ROTATED):  # shapes checked: whole heads
@@ -215,7 +214,8 @@ def check_fits(adapter: Adapter, args, base_label) -> None:
     for name, t in adapter.tensors.items():
         layer, target = int(name.split(".")[1]), name.split(".")[-3]
         out, inp = shapes[target]
-        expected = (adapter.rank, inp) if ".lora_A." in name else (out, adapter.rank)
+        rank = adapter.modules[name.rsplit(".", 2)[0]][0]
+        expected = (rank, inp) if ".lora_A." in name else (out, rank)
         if layer >= args.n_layers or tuple(t.shape) != expected:
             raise LoRAError(f"adapter {adapter.path}: {peft_key(name)} has shape {tuple(t.shape)}, but the base "
                             f"{base_label} ({args.n_layers} layers) needs {expected}: the adapter was made for "
@@ -251,7 +251,7 @@ def merge_adapter(model, path, base_label) -> Adapter:
         weight = model.get_parameter(_weight_name(name))
         local_a = parallel.shard(name, a).to(weight.device)
         local_b = _local_b(b_name, adapter.tensors[b_name], model.params).to(weight.device)
-        delta = adapter.scale * (local_b @ local_a)
+        delta = adapter.modules[name.rsplit(".", 2)[0]][1] * (local_b @ local_a)
         weight.copy_((weight.float() + delta).to(weight.dtype))
     return adapter
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from llama import parallel
 from llama.common.errors import ArgumentError, UserError
+from llama.lora import refuse_adapters
 
 QUANTIZE_CHOICES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's block of 32 weights
@@ -241,6 +242,7 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: Optional[
     ones by their rank's shard) by its quantized version, in place. The embedding table stays as it
     is: a lookup reads one row per token, not the whole table."""
     check_quantize(method, group_size)
+    refuse_adapters(model, f"quantizing to {method}")  # A, B would be quantized as layers, W without them
     group_size = DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
     targets = [(name, child) for name, child in model.named_modules()
                if isinstance(child, (nn.Linear,) + parallel.PARALLEL_LINEARS)]

@@ -102,12 +102,17 @@ class Batches:
             targets[row, :n] = t[1:].masked_fill(torch.from_numpy(mask[1:] == 0), IGNORE)
         return inputs, targets
 
+    @staticmethod
+    def train_rows(consumed: int, batch_size: int, dp_rank: int, dp: int) -> range:
+        """This rank's rows of the global batch that starts after `consumed` sequences, as numbers g
+        in the run's stream of training sequences (the same on every layout)."""
+        per_rank = batch_size // dp
+        return range(consumed + dp_rank * per_rank, consumed + (dp_rank + 1) * per_rank)
+
     def train_micro_batches(self, consumed: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """This rank's micro-batches of the global batch that starts after `consumed` sequences."""
-        per_rank = batch_size // dp
-        first = consumed + dp_rank * per_rank
-        rows = [self._sequence(self._train_index(first + i), "train") for i in range(per_rank)]
-        return [self.collate(rows[i : i + micro]) for i in range(0, per_rank, micro)]
+        rows = [self._sequence(self._train_index(g), "train") for g in self.train_rows(consumed, batch_size, dp_rank, dp)]
+        return [self.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)]
 
     def val_micro_batches(self, n_batches: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """The first n_batches global batches of the held-out split, in order (the same every time);

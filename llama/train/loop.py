@@ -191,12 +191,16 @@ def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[fl
     # DDP and FSDP average gradients over dp ranks; scaling by dp/count makes the result sum/count.
     scale = dp / count.clamp(min=1.0)
     total = torch.zeros((), device=device)
+    rows = run.data.batches.train_rows(run.progress.consumed, run.cfg.batch_size, parallel.data_parallel_rank(), dp)
     for i, (x, y) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with grad_sync(run.net, sync), run.autocast():
-            summed = loss_sum(run.net.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                              run.net.model, run.cfg.loss_chunks)
-        (summed * scale).backward()
+        # LoRA dropout: the masks of these rows' places in the run, on any layout (forward and recompute)
+        with lora.dropout_rows(run.net.model, rows[:len(x)], run.cfg.seed):
+            with grad_sync(run.net, sync), run.autocast():
+                summed = loss_sum(run.net.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                  run.net.model, run.cfg.loss_chunks)
+            (summed * scale).backward()
+        rows = rows[len(x):]
         total += summed.detach()
     loss = (dp_all_reduce(total) / count.clamp(min=1.0)).item()
     norm = global_grad_norm(run.net.model)
