@@ -25,8 +25,8 @@ rank's own shard, which is local (a column rank's B rows times the full A, a row
 times its A columns), and puts the plain layer back. Quantizing refuses a model with unmerged
 adapters (`refuse_adapters`); torch.compile traces LoRALinear like any layer.
 
-Dropout (`LoRADropout`) hashes each element's place in the global batch instead of drawing from
-a random stream, so model-parallel ranks, data-parallel ranks and micro-batches all see one
+Dropout (`LoRADropout`) draws each row's mask whole, from a generator seeded by the row's place in
+the run's data, so model-parallel ranks, data-parallel ranks and micro-batches all see one
 process's mask (`dropout_rows`, called by the training loop).
 
 FSDP: the adapters are ordinary parameters of each block, attached before `fully_shard(block)`,
@@ -112,36 +112,25 @@ def check_model(args, rank: int, targets, mp: int = 1) -> None:
 
 # ---------------------------------------------------------------------------- dropout
 
-_MASK32 = 0xFFFFFFFF
-
-
-def mix32(x):
-    """A 32-bit integer hash (one of Wellons' "hash prospector" mixers), on a Python int or an int64
-    tensor of values below 2^32. Its multipliers are below 2^31, so every product fits in int64:
-    the same bits on any device and in eager or compiled code."""
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _MASK32
-    x = x ^ (x >> 12)
-    x = (x * 0x297A2D39) & _MASK32
-    return x ^ (x >> 15)
-
 
 class LoRADropout(nn.Module):
-    """Dropout on an adapter's input whose mask is a function of each element's place in the global
-    batch rather than of a random stream: x[b, t, f] is dropped when hash(key of row b, t, f, this
-    projection) < p * 2^32, and the rest are scaled by 1 / (1 - p) as nn.Dropout does.
+    """Dropout on an adapter's input whose mask belongs to the data, not to the layout.
 
-    So the layout cannot change the mask: f counts the full input width (a row-parallel rank's
-    slice gets its slice of one process's mask; column ranks agree), and the training loop gives
-    each micro-batch the keys of its rows' places in the run (`dropout_rows`), so data-parallel
-    ranks and micro-batches draw exactly the masks one process draws for those rows. Without keys
-    (another training loop) each forward draws its row keys from torch's generator, which
-    activation checkpointing replays in its recomputation, mixed with the data-parallel rank."""
+    Row b's mask is drawn whole, as a (length, full input width) uniform tensor from a generator
+    seeded by the row's key and this projection's name; x[b, t, f] is kept where the draw is >= p
+    and scaled by 1 / (1 - p), as nn.Dropout does. A row-parallel rank takes its slice of the
+    features, a shorter (padded) micro-batch its first positions. The training loop gives each
+    micro-batch its rows' keys (`dropout_rows`: their numbers among the run's training sequences,
+    the seed) and the sequence length, so model-parallel ranks, data-parallel ranks, micro-batch
+    splits and activation checkpointing's recomputation all draw what one process draws for those
+    rows. Without keys (another training loop) each forward draws row keys from torch's generator,
+    which activation checkpointing replays, mixed with the data-parallel rank."""
 
-    def __init__(self, p: float, salt: int, feature_offset: int = 0):
+    def __init__(self, p: float, salt: int, in_features: int, feature_offset: int = 0):
         super().__init__()
-        self.p, self.salt, self.feature_offset = p, salt, feature_offset
-        self.row_keys: Optional[torch.Tensor] = None  # (B,) int64 below 2^32, set by dropout_rows
+        self.p, self.salt = p, salt  # salt: 32 bits naming the projection
+        self.in_features, self.feature_offset = in_features, feature_offset  # full width; this rank's first
+        self.rows: Optional[tuple] = None  # ([32-bit key per row], length), set by dropout_rows
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -150,44 +139,42 @@ class LoRADropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, F_local)
-        B, T, F_local = flat.shape
-        keys = self.row_keys
-        if keys is None:
-            keys = torch.randint(0, 1 << 32, (B,), device=x.device) ^ mix32(parallel.data_parallel_rank() + 1)
-        elif keys.shape != (B,):
-            raise ValueError(f"LoRA dropout keys for {keys.shape[0]} rows, but the input has {B}")
-        arange = functools.partial(torch.arange, device=x.device)
-        row = mix32(keys.to(x.device) ^ self.salt)  # (B,)
-        position = mix32(row[:, None] ^ arange(T))  # (B, T)
-        feature = mix32(arange(self.feature_offset, self.feature_offset + F_local) | (1 << 31))  # (F_local,)
-        keep = mix32(position[:, :, None] ^ feature) >= round(self.p * (1 << 32))  # (B, T, F_local)
-        return (flat * keep * (1.0 / (1.0 - self.p))).reshape(x.shape)
+        return (flat * self._keep(flat) * (1.0 / (1.0 - self.p))).reshape(x.shape)
 
-
-def _seed32(seed: int) -> int:
-    return zlib.crc32(f"lora-dropout:{seed}".encode())
+    @torch.compiler.disable  # torch.Generator objects: eager, between the compiled graphs
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, F_local = x.shape
+        if self.rows is None:  # another loop: fresh keys from torch's generator, per data-parallel rank
+            salt = zlib.crc32(f"data-parallel rank {parallel.data_parallel_rank()}".encode())
+            keys, length = [k ^ salt for k in torch.randint(0, 1 << 32, (B,)).tolist()], T
+        else:
+            keys, length = self.rows
+        if len(keys) != B or T > length:
+            raise ValueError(f"LoRA dropout keys for {len(keys)} rows of {length} positions; the input is {B} x {T}")
+        masks = []
+        for key in keys:
+            # 32 bits of seed: the CPU's generator (mt19937) reads no more
+            gen = torch.Generator(x.device).manual_seed(zlib.crc32(key.to_bytes(4, "little"), self.salt))
+            draw = torch.rand(length, self.in_features, generator=gen, device=x.device)  # (L, F): one process's
+            masks.append(draw[:T, self.feature_offset:self.feature_offset + F_local] >= self.p)
+        return torch.stack(masks)  # (B, T, F_local) bool
 
 
 @contextlib.contextmanager
-def dropout_rows(model, rows: Sequence[int], seed: int):
+def dropout_rows(model, rows: Sequence[int], seed: int, length: int):
     """Inside: LoRA dropout draws the masks of these rows of the run's data (rows[b]: the number of
-    micro-batch row b among the run's training sequences, the same on every layout) under `seed`.
+    micro-batch row b among the run's training sequences, the same on every layout) under `seed`,
+    each for `length` positions (the run's seq_len: a padded micro-batch uses the first ones).
     Wrap the forward and the backward: activation checkpointing recomputes the forward in backward."""
     modules = [m for m in model.modules() if isinstance(m, LoRADropout) and m.p > 0]
-    if not modules:
-        yield
-        return
-    g = torch.as_tensor(list(rows), dtype=torch.int64)
-    keys = mix32(mix32((g & _MASK32) ^ _seed32(seed)) ^ (g >> 32))  # (B,)
-    param = next(model.parameters(), None)
-    keys = keys if param is None else keys.to(param.device)
+    keys = [zlib.crc32(f"{seed}:{g}".encode()) for g in rows]  # 32 bits per row
     for m in modules:
-        m.row_keys = keys
+        m.rows = (keys, length)
     try:
         yield
     finally:
         for m in modules:
-            m.row_keys = None
+            m.rows = None
 
 
 # ---------------------------------------------------------------------------- layers
@@ -201,9 +188,10 @@ def _split_of(layer: nn.Module, name: str) -> Optional[str]:
         return "row"
     if type(layer) is nn.Linear and layer.bias is None:
         return None
-    what = "already has an adapter: merge_lora first" if isinstance(layer, LoRALinear) else \
-        f"is a {type(layer).__name__}, not a float projection (quantized?): attach adapters before quantizing"
-    raise LoRAError(f"{name} {what}")
+    if isinstance(layer, LoRALinear):
+        raise LoRAError(f"{name} already has an adapter: merge_lora first")
+    raise LoRAError(f"{name} is a {type(layer).__name__}, not a float projection: LoRA attaches to an "
+                    f"unquantized model")
 
 
 class LoRALinear(nn.Module):
@@ -224,8 +212,9 @@ class LoRALinear(nn.Module):
         linear = functools.partial(nn.Linear, bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_A = linear(in_local, rank)  # (r, in_local): full (column) or this rank's columns (row)
         self.lora_B = linear(rank, out_local)  # (out_local, r): this rank's rows (column) or full (row)
-        offset = parallel.model_parallel_rank() * in_local if self.split == "row" else 0
-        self.lora_dropout = LoRADropout(dropout, zlib.crc32(name.encode()), offset)
+        mp, mp_rank = parallel.model_parallel_size(), parallel.model_parallel_rank()
+        in_full, offset = (in_local * mp, in_local * mp_rank) if self.split == "row" else (in_local, 0)
+        self.lora_dropout = LoRADropout(dropout, zlib.crc32(name.encode()), in_full, offset)
         self.scale = alpha / rank
 
     def extra_repr(self) -> str:
@@ -233,7 +222,10 @@ class LoRALinear(nn.Module):
         return f"{kind}weight {tuple(self.weight.shape)}, r={self.lora_A.out_features}, scale={self.scale:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))  # (B, T, r), partial for "row"
+        x_a = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # a bf16 base, fp32 adapters (autocast casts itself)
+            x_a = x_a.to(self.lora_A.weight.dtype)
+        a = self.lora_A(x_a)  # (B, T, r): complete (column), this rank's partial sum (row)
         if self.split == "column":  # as ColumnParallelLinear; a is complete, d(loss)/da sums over ranks
             y = F.linear(parallel.copy_to_model_parallel_region(x), self.weight)
             a = parallel.copy_to_model_parallel_region(a)  # identity forward, r-wide all-reduce backward

@@ -195,7 +195,7 @@ def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[fl
     for i, (x, y) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         # LoRA dropout: the masks of these rows' places in the run, on any layout (forward and recompute)
-        with lora.dropout_rows(run.net.model, rows[:len(x)], run.cfg.seed):
+        with lora.dropout_rows(run.net.model, rows[:len(x)], run.cfg.seed, run.cfg.seq_len):
             with grad_sync(run.net, sync), run.autocast():
                 summed = loss_sum(run.net.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                   run.net.model, run.cfg.loss_chunks)
