@@ -270,12 +270,12 @@ def test_peft_options_we_implement_merge_to_peft_logits(tiny, tmp_path, options)
         torch.testing.assert_close(ours(tokens()), theirs, atol=1e-5, rtol=1e-5)
 
 
-SLOW = pytest.mark.slow  # the same table, more cases: three run in the quick loop
+SLOW = pytest.mark.slow  # the same table, more cases: two run in the quick loop
 
 
 @pytest.mark.parametrize("options, key", [
     (dict(alora_invocation_tokens=[1, 2]), "alora_invocation_tokens"), (dict(use_dora=True), "use_dora"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    pytest.param(dict(init_lora_weights="pissa"), "init_lora_weights", marks=SLOW),
     pytest.param(dict(use_qalora=True), "use_qalora", marks=SLOW),
     pytest.param(dict(lora_bias=True), "lora_bias", marks=SLOW),
     pytest.param(dict(modules_to_save=["lm_head"]), "modules_to_save", marks=SLOW),
