@@ -23,8 +23,8 @@ import re
 import struct
 from pathlib import Path
 
-from llama.checkpoint.gguf import GGUFFile
 from llama.common.errors import USER_ERRORS, report
+from llama.common.gguf_header import GGUFHeader
 from llama.tokenizer.bpe import ByteLevelBPETokenizer, gguf_to_hf_json, load_hf_json
 from llama.tokenizer.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
 from llama.tokenizer.errors import TokenizerError
@@ -73,7 +73,7 @@ def save_tokenizer(source, directory) -> Path:
     source, directory = tokenizer_file(source), Path(directory)
     kind = _detect(source)
     if kind == "gguf":
-        tok_json, config = gguf_to_hf_json(GGUFFile(source).metadata)
+        tok_json, config = gguf_to_hf_json(GGUFHeader(source).metadata)
         write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         return write_text(directory / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False))
     if kind != "hf":
@@ -105,7 +105,7 @@ def load_tokenizer(path):
         if kind == "hf":
             return ByteLevelBPETokenizer.from_hf_json(*load_hf_json(path), path)
         file = sorted(path.glob("*.gguf"))[0] if path.is_dir() else path
-        meta = GGUFFile(file).metadata  # the header only; tensors stay unread in the memory map
+        meta = GGUFHeader(file).metadata  # tensors stay unread in the memory map
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE); "
