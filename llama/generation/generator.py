@@ -29,6 +29,7 @@ from llama.common.errors import ArgumentError
 from llama.generation.compile import compile_decode_step, mark_cache_dynamic, own_storage
 from llama.generation.quantize import check_quantize, quantize_model
 from llama.generation.sampling import alternatives, check_sampling_args, sample
+from llama.tokenizer import encode_text
 
 
 def cache_slot(cache: List[KVCache], b: int) -> List[KVCache]:
@@ -285,7 +286,7 @@ class Llama:
         return out, [(prompt_lp[b] if echo else []) + out_lp[b] for b in range(B)], ended
 
     def _encode(self, text: str) -> List[int]:
-        return self.tokenizer.encode(text, bos=getattr(self.tokenizer, "add_bos", True), eos=False)
+        return encode_text(self.tokenizer, text)  # BOS first where the tokenizer's own rule adds one
 
     def _truncate(self, prompts: List[List[int]], max_gen_len: int) -> List[List[int]]:
         """Keep the end of each over-long prompt (and its BOS), leaving room for max_gen_len tokens

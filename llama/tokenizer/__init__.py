@@ -2,7 +2,7 @@
 default model SmolLM2 (GPT-2-style byte-level BPE, in llama/tokenizer/bpe.py).
 
     tok = load_tokenizer(path)          # tokenizer.model, tokenizer.json (or its dir), or a .gguf
-    ids = tok.encode("Hi", bos=tok.add_bos, eos=False)
+    ids = encode_text(tok, "Hi")        # BOS first exactly when the tokenizer's own rule adds one
     tok.decode(ids); tok.stop_tokens; tok.chat_format.encode_dialog_prompt(dialog)
     stream = StreamDecoder(tok); text = stream.push(token_id) ... + stream.flush()
 
@@ -37,7 +37,7 @@ from llama.common.files import copy_file, write_text
 
 __all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
            "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",
-           "train_bpe"]
+           "train_bpe", "encode_text"]
 
 
 def _detect(path: Path) -> str:
@@ -118,6 +118,15 @@ def load_tokenizer(path):
         raise TokenizerError(message if str(path) in message else f"{path}: {message}") from None
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """`text` as the model's own tokenizer encodes it: BOS first exactly when the tokenizer adds one
+    (`add_bos`: Llama 3 and Llama 2 yes; an HF tokenizer.json by its tokenizer_config add_bos_token,
+    else its post-processor; a GGUF by tokenizer.ggml.add_bos_token: SmolLM2 no), never EOS. Prompts,
+    perplexity and lm-eval's contexts all take their BOS from here, as HF's `tokenizer(text)` and
+    llama.cpp's tokenize(add_special=true) do; a tokenizer object without `add_bos` gets Meta's BOS."""
+    return tokenizer.encode(text, bos=getattr(tokenizer, "add_bos", True), eos=False)
+
+
 def check_vocab(tokenizer, vocab_size: int) -> None:
     """Raise TokenizerError if the tokenizer can produce ids the checkpoint has no embedding for."""
     if tokenizer.n_words > vocab_size:
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
         else:
             tok = load_tokenizer(args.tokenizer)
             try:
-                ids = tok.encode(args.text, bos=tok.add_bos, eos=False)
+                ids = encode_text(tok, args.text)
             except ValueError as e:  # e.g. special-token text a byte-level BPE refuses
                 raise TokenizerError(f"{args.tokenizer}: cannot encode this text: {e}") from None
             print(json.dumps({"ids": ids, "pieces": [tok.decode([i]) for i in ids]}, ensure_ascii=False))
