@@ -346,9 +346,12 @@ def samples_and_metrics(out) -> dict:
 def hf_and_ref_worker(gguf: str, hf_dir: str, root: str) -> None:
     """lm-eval 0.4.13 on the same SmolLM2 weights through its own `hf` model (HF transformers' conversion
     of the GGUF, HF's tokenizer as it comes) and through `llama-ref`; JSON on stdout."""
+    import lm_eval.evaluator
     import lm_eval.models.huggingface  # noqa: F401  registers "hf" (lm-eval registers backends lazily)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    lm_eval.evaluator.add_env_info = lambda results: None  # torch's collect_env: seconds of subprocesses per run
 
     from llama.eval.choice import score_items
     from llama.eval.lm_eval_adapter import LlamaRefLM
