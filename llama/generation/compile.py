@@ -149,9 +149,9 @@ def _count_assignment(*_) -> None:
 class WeightWatch:
     """What a compiled step froze: the model's parameters and buffers, by name, with their version
     counters (which every in-place op bumps) and storages. `change` says what changed, or None.
-    The per-call check reads one version counter per tensor (tens of microseconds for SmolLM2's 273
-    tensors, docs/generation.md) and one counter of assignments, which process-wide hooks keep;
-    the hooks go in with the first compiled step and only count."""
+    The per-call check reads one version counter per tensor (its cost: docs/generation.md) and one
+    counter of assignments, which process-wide hooks keep; the hooks go in with the first compiled
+    step and only count."""
 
     hooks_installed = False
 
