@@ -1,5 +1,6 @@
 """What a speed measurement depends on, recorded beside it (bench/generate.py): the host, its vector
-flags, threads and wait policy, versions, the memory bandwidth measured in the same process; and a
+flags, threads and wait policy, versions, the code revision and date, the memory bandwidth measured
+in the same process; and a
 CPU-bound neighbour to measure how an engine shares the cores."""
 
 import contextlib
@@ -44,6 +45,16 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def code_revision() -> str:
+    """The commit the measured code is at (`git describe --always --dirty`), or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def cpu_name() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -73,7 +84,7 @@ def host_facts(device: str, threads: int, bandwidth: float) -> dict:
     return {"device": torch.cuda.get_device_name() if on_gpu else cpu_name(), "cpu_flags": cpu_flags(),
             "usable_cpus": usable_cpus(), "threads": threads, "policy": thread_policy(),
             "load_average": [round(x, 2) for x in os.getloadavg()], "versions": versions(),
-            "matvec_gbs": round(bandwidth, 2)}
+            "matvec_gbs": round(bandwidth, 2), "revision": code_revision(), "date": time.strftime("%Y-%m-%d")}
 
 
 class Competitor:

@@ -21,8 +21,8 @@ import torch
 from llama.common import assets
 from llama.checkpoint import load_model
 from llama.eval.datasets import kjv_genesis
-from llama.eval.perplexity import perplexity_of_tokens, prefix_token
-from llama.tokenizer import load_tokenizer
+from llama.eval.perplexity import perplexity_of_tokens
+from llama.tokenizer import encode_text, load_tokenizer
 
 
 def hf_strided(model, ids, max_length, stride):
@@ -60,7 +60,7 @@ def main():
 
     gguf = assets.smollm2_gguf()
     tok = load_tokenizer(gguf)
-    ids = ([prefix_token(tok)] + tok.encode(kjv_genesis(50), bos=False, eos=False))[: args.tokens]
+    ids = encode_text(tok, kjv_genesis(50))[: args.tokens]  # the tokenizer's own rule, as HF's tokenizer(text)
     ours = load_model(gguf, max_seq_len=args.max_length, dtype=torch.float32).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

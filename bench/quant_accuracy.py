@@ -29,7 +29,8 @@ import torch
 from llama.common import assets
 from llama.generation import quantize as quantize_module
 from llama.eval.datasets import kjv_genesis
-from llama.eval.perplexity import prefix_token, strided_windows
+from llama.eval.perplexity import strided_windows
+from llama.eval.scoring import prefix_token
 from llama.generation import Llama
 from llama.tokenizer import load_tokenizer
 

@@ -19,6 +19,7 @@ def test_generate_bench_records_host_bandwidth_and_loaded_ratio(tmp_path, smollm
     host = record["host"]
     assert host["device"] and isinstance(host["cpu_flags"], list) and host["matvec_gbs"] > 0
     assert host["threads"] >= 1 and "OMP_WAIT_POLICY=PASSIVE" in host["policy"] and "torch" in host["versions"]
+    assert host["revision"] != "unknown" and len(host["date"]) == 10  # a measurement keeps its code and date
     (row,) = [r for r in record["rows"] if r["engine"] == "llama-ref"]
     assert row["decode_tok_s"] > 0 and row["decode_loaded_tok_s"] > 0
     assert row["gbs"] == pytest.approx(row["mb_per_token"] / 1e3 * row["decode_tok_s"], rel=0.01)

@@ -156,3 +156,28 @@ def test_prepare_cli_trains_a_tokenizer(tmp_path, capsys):
     assert data.main(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "e"), "--tokenizer",
                       str(tmp_path / "d/tokenizer.model")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_prepared_data_trains_only_with_the_tokenizer_that_made_it(bpe, smollm2_gguf, llama3_tokenizer_path, tmp_path):
+    """A prepared dir holds one tokenizer's ids: train.py refuses another tokenizer, and the recorded
+    one once its file has changed; the same tokenizer in another format (a .gguf's tokenizer.json) passes."""
+    import shutil
+
+    from llama.tokenizer import save_tokenizer
+    from llama.train.setup import resolve_data
+    from tests.helpers import tiny_config
+
+    (tmp_path / "t.txt").write_text("Some text to tokenize.\n" * 20)
+    tok = tmp_path / "bpe.model"
+    shutil.copy(bpe, tok)
+    prepared = prepare([str(tmp_path / "t.txt")], tmp_path / "d", tok)
+    assert resolve_data(tiny_config(prepared, tmp_path / "run"), 640) == (prepared, str(tok.resolve()))
+    with pytest.raises(DataError, match=r"d was tokenized by .*bpe\.model, not by .*tokenizer\.model \(another"):
+        resolve_data(tiny_config(prepared, tmp_path / "run", f"tokenizer={llama3_tokenizer_path}"), 128256)
+    tok.write_bytes(Path(llama3_tokenizer_path).read_bytes())  # the file retrained or replaced in place
+    with pytest.raises(DataError, match=r"bpe\.model \(sha256 \w+\), which has changed since, and .*: prepare it again"):
+        resolve_data(tiny_config(prepared, tmp_path / "run"), 640)
+    smol = prepare([str(tmp_path / "t.txt")], tmp_path / "s", smollm2_gguf)
+    (tmp_path / "hf").mkdir()
+    save_tokenizer(smollm2_gguf, tmp_path / "hf")  # the GGUF's tokenizer as tokenizer.json: other bytes, same ids
+    data.check_tokenizer(smol, read_meta(smol), tmp_path / "hf" / "tokenizer.json")

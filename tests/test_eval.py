@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from llama.eval import EvalError
-from llama.eval.perplexity import perplexity, prefix_token, strided_windows
+from llama.eval.perplexity import perplexity, strided_windows
+from llama.eval.scoring import prefix_token
+from llama.tokenizer import encode_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("The old lighthouse stood at the edge of the cliff, its white paint peeling in the salt wind. "
@@ -65,9 +67,10 @@ def test_strided_windows_score_each_token_once():
 
 
 @pytest.mark.parametrize("max_length,stride", [(48, 16), (48, 48), (128, 128)])
-def test_perplexity_matches_hf_strided_loop(smol, smol_tok, hf_smollm2, max_length, stride):
+def test_perplexity_matches_hf_strided_loop(smol, smol_tok, hf_smollm2, hf_smollm2_tokenizer, max_length, stride):
     res = perplexity(smol, smol_tok, TEXT, max_length, stride, batch_size=3)
-    ids = [prefix_token(smol_tok)] + smol_tok.encode(TEXT, bos=False, eos=False)
+    ids = hf_smollm2_tokenizer(TEXT)["input_ids"]  # HF's tokenizer as it comes: SmolLM2's adds no BOS
+    assert ids[0] != smol_tok.bos_id and ids == encode_text(smol_tok, TEXT)
     nll, count = hf_strided_nll(hf_smollm2, ids, max_length, stride)
     assert res.tokens == count and count > 60
     assert res.nll == pytest.approx(nll, rel=1e-4)
@@ -76,12 +79,34 @@ def test_perplexity_matches_hf_strided_loop(smol, smol_tok, hf_smollm2, max_leng
     assert 1 < res.perplexity < 100  # a real model on real prose
 
 
+def test_evaluation_takes_bos_from_the_tokenizers_own_rule(tiny_dir, smol_tok):
+    """Llama 3's tokenizer adds BOS (so a text's first token is scored, given it); SmolLM2's adds none
+    (its first token is context only). Prompts, perplexity and lm-eval contexts share the one rule."""
+    from llama.eval.scoring import encode_pair
+    from llama.generation import Llama
+
+    llama3 = Llama.build(tiny_dir, max_seq_len=64, max_batch_size=1)
+    tok = llama3.tokenizer
+    ids = encode_text(tok, TEXT)
+    assert ids[0] == tok.bos_id == 128000 and ids[1:] == tok.encode(TEXT, bos=False, eos=False)
+    assert llama3._encode(TEXT) == ids
+    assert perplexity(llama3.model, tok, TEXT, 32, 16).tokens == len(ids) - 1
+    assert encode_pair(tok, "Paris is", " big")[0][0] == tok.bos_id
+    smol_ids = encode_text(smol_tok, TEXT)
+    assert smol_ids == smol_tok.encode(TEXT, bos=False, eos=False)
+    assert encode_pair(smol_tok, "Paris is", " big")[0] == smol_tok.encode("Paris is", bos=False, eos=False)
+    # lm-eval's empty context: the prefix token, unless the continuation starts with it
+    assert encode_pair(smol_tok, "", " big") == ([smol_tok.bos_id], smol_tok.encode(" big", bos=False, eos=False))
+    assert encode_pair(tok, "", "big")[0] == [tok.bos_id]
+
+
 # ---------------------------------------------------------------------------- multiple choice
 
 ITEMS = [
     {"context": "The capital of France is", "choices": ["Paris", "London", "a banana"], "label": 0},
     {"context": "Water freezes at zero degrees", "choices": ["Celsius", "Fahrenheit"], "label": 0},
     {"context": "def add(a, b):\n    return", "choices": ["a + b", "a * b", "print(a)", "None"], "label": 0},
+    {"context": "In French, a coffee with milk is a", "choices": ["café au lait", "thé", "crème brûlée"], "label": 0},
 ]
 
 
@@ -95,23 +120,25 @@ def test_choice_matches_hf_log_softmax(smol, smol_tok, hf_smollm2, hf_smollm2_to
 
     items = read_items(write_jsonl(tmp_path / "items.jsonl", ITEMS))
     result = score_items(smol, smol_tok, items, batch_size=4)
-    hf_tok = lambda s: hf_smollm2_tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prefix = prefix_token(smol_tok)
-    correct = correct_norm = 0
+    hf_tok = lambda s: hf_smollm2_tokenizer(s)["input_ids"]  # noqa: E731  as it comes, as lm-eval's hf model does
+    correct = correct_norm = correct_bytes = 0
     for item, rec in zip(ITEMS, result["per_item"]):
-        ctx = [prefix] + hf_tok(item["context"])
+        ctx = hf_tok(item["context"])
         expected = []
         for choice in item["choices"]:
-            whole = [prefix] + hf_tok(item["context"] + " " + choice)
+            whole = hf_tok(item["context"] + " " + choice)
             with torch.no_grad():
                 logp = torch.log_softmax(hf_smollm2(torch.tensor([whole[:-1]])).logits[0].double(), -1)
             expected.append(sum(float(logp[p - 1, whole[p]]) for p in range(len(ctx), len(whole))))
         assert rec["logprobs"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
         per_byte = [e / len(c.encode()) for e, c in zip(expected, item["choices"])]
+        per_char = [e / len(c) for e, c in zip(expected, item["choices"])]  # lm-eval's acc_norm
         correct += max(range(len(expected)), key=expected.__getitem__) == item["label"]
-        correct_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == item["label"]
+        correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == item["label"]
+        correct_bytes += max(range(len(per_byte)), key=per_byte.__getitem__) == item["label"]
     assert result["acc"] == correct / len(ITEMS) and result["acc_norm"] == correct_norm / len(ITEMS)
-    assert result["acc"] >= 2 / 3  # SmolLM2 knows Paris and Celsius
+    assert result["acc_bytes"] == correct_bytes / len(ITEMS)
+    assert result["acc"] >= 2 / 4  # SmolLM2 knows Paris and Celsius
     write_per_item(tmp_path / "scored.jsonl", items, result)
     lines = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert [x["logprobs"] for x in lines] == [r["logprobs"] for r in result["per_item"]]
@@ -218,12 +245,15 @@ doc_to_target: label
 target_delimiter: " "
 metric_list:
   - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
   - {metric: acc_bytes, aggregation: mean, higher_is_better: true}
 """,
     "ref_rolling": """output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{text}}"
 metric_list:
+  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
+  - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
   - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
 """,
     "ref_gen": """output_type: generate_until
@@ -238,8 +268,8 @@ DOCS = ["A short note about the sea and the wind.", "The keeper climbed the stai
 GEN_PROMPTS = ["The capital of France is", "Once upon a time"]
 
 
-def write_tasks(root: Path, gen_answers) -> Path:
-    data = {"ref_choice": ITEMS, "ref_rolling": [{"text": t} for t in DOCS],
+def write_tasks(root: Path, gen_answers, docs=DOCS) -> Path:
+    data = {"ref_choice": ITEMS, "ref_rolling": [{"text": t} for t in docs],
             "ref_gen": [{"prompt": p, "answer": a} for p, a in zip(GEN_PROMPTS, gen_answers)]}
     for name, body in TASKS.items():
         jsonl = write_jsonl(root / f"{name}.jsonl", data[name])
@@ -272,7 +302,7 @@ def harness_worker(ckpt: str, tok: str, root: str) -> None:
                           task_manager=TaskManager(include_path=root, include_defaults=False), log_samples=False)
     theirs = {name: {k.split(",")[0]: v for k, v in r.items() if "stderr" not in k and "," in k}
               for name, r in out["results"].items()}
-    ours = {"ref_choice": {"acc": ours_choice["acc"], "acc_bytes": ours_choice["acc_norm"]},
+    ours = {"ref_choice": {k: ours_choice[k] for k in ("acc", "acc_norm", "acc_bytes")},
             "ref_rolling": {"bits_per_byte": nll / n_bytes / math.log(2)}, "ref_gen": {"exact_match": 0.5}}
     print("RESULT " + json.dumps({"ours": ours, "theirs": theirs}))
 
@@ -301,6 +331,79 @@ def test_lm_eval_reproduces_our_scorer_offline(tiny_ckpts, tmp_path):
     for task, metrics in result["ours"].items():
         for name, value in metrics.items():
             assert result["theirs"][task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
+
+
+def samples_and_metrics(out) -> dict:
+    """{task: (per-request responses by doc, metrics)} of a simple_evaluate result (log_samples=True)."""
+    result = {}
+    for task, samples in out["samples"].items():
+        resps = {s["doc_id"]: [r[0] for r in s["resps"]] for s in samples}
+        metrics = {k.split(",")[0]: v for k, v in out["results"][task].items() if "stderr" not in k and "," in k}
+        result[task] = ([resps[i] for i in sorted(resps)], metrics)
+    return result
+
+
+def hf_and_ref_worker(gguf: str, hf_dir: str, root: str) -> None:
+    """lm-eval 0.4.13 on the same SmolLM2 weights through its own `hf` model (HF transformers' conversion
+    of the GGUF, HF's tokenizer as it comes) and through `llama-ref`; JSON on stdout."""
+    import lm_eval.evaluator
+    import lm_eval.models.huggingface  # noqa: F401  registers "hf" (lm-eval registers backends lazily)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm_eval.evaluator.add_env_info = lambda results: None  # torch's collect_env: seconds of subprocesses per run
+
+    from llama.eval.choice import score_items
+    from llama.eval.lm_eval_adapter import LlamaRefLM
+    from llama.generation import Llama
+
+    # 64-token windows: TEXT's ~90 tokens take two rolling windows; the generation context is cut
+    # to 64 - 5 tokens, its start dropped, under both models.
+    write_tasks(Path(root), [" Paris", " there was"], docs=[*DOCS, TEXT])
+    kw = dict(tasks=list(TASKS), task_manager=TaskManager(include_path=root, include_defaults=False),
+              log_samples=True)
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={hf_dir}/model,tokenizer={hf_dir}/tokenizer,"
+                             "dtype=float32,device=cpu,max_length=64", batch_size=1, **kw)
+    llama = Llama.build(gguf, max_seq_len=64, max_batch_size=1, device="cpu")
+    ours = simple_evaluate(model=LlamaRefLM(llama=llama, batch_size=4), **kw)
+    choice = score_items(llama.model, llama.tokenizer, ITEMS, batch_size=4)
+    print("RESULT " + json.dumps({"hf": samples_and_metrics(theirs), "ref": samples_and_metrics(ours),
+                                  "choice": {k: choice[k] for k in ("acc", "acc_norm", "acc_bytes")}}))
+
+
+@pytest.mark.slow  # a subprocess: lm-eval's import, SmolLM2 loaded by HF and by us (~40 s on 2 cores)
+def test_lm_eval_hf_and_llama_ref_agree_per_request(smollm2_gguf, hf_smollm2_dir, tmp_path):
+    """The same weights through lm-eval's `hf` model and through ours, on a task of each output type:
+    every request's log-likelihood within 1e-4, the same generated text, the same metrics (accuracies
+    exactly; perplexities, made of those log-likelihoods, within 1e-5); the `choice` command agrees."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'llama-ref[eval]'")
+    code = (f"from tests.test_eval import hf_and_ref_worker; "
+            f"hf_and_ref_worker({str(smollm2_gguf)!r}, {str(hf_smollm2_dir)!r}, {str(tmp_path)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=offline_env(tmp_path), timeout=900)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    hf, ref = result["hf"], result["ref"]
+    assert sorted(hf) == sorted(ref) == sorted(TASKS)
+    for task in TASKS:
+        (hf_resps, hf_metrics), (ref_resps, ref_metrics) = hf[task], ref[task]
+        assert len(hf_resps) == len(ref_resps) > 0
+        for doc, (a, b) in enumerate(zip(hf_resps, ref_resps)):
+            if task == "ref_gen":
+                assert a == b, (doc, a, b)  # greedy, fp32, 5 tokens: a margin no CPU flips
+                continue
+            a = [x[0] if isinstance(x, list) else x for x in a]  # (loglikelihood, greedy) or a float
+            b = [x[0] if isinstance(x, list) else x for x in b]
+            assert b == pytest.approx(a, abs=1e-4, rel=0), (task, doc)
+        assert sorted(hf_metrics) == sorted(ref_metrics)
+        for name, value in hf_metrics.items():
+            if name.startswith("acc") or name == "exact_match":
+                assert ref_metrics[name] == value, (task, name)
+            else:
+                assert ref_metrics[name] == pytest.approx(value, rel=1e-5), (task, name)
+    assert hf["ref_rolling"][0][-1][0] < -50  # TEXT, two windows: a real sum
+    assert result["choice"] == {k: ref["ref_choice"][1][k] for k in ("acc", "acc_norm", "acc_bytes")}
 
 
 @pytest.mark.slow  # lm_eval's CLI imports datasets, evaluate, ...

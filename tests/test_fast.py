@@ -93,3 +93,93 @@ def test_guard_filter_drops_only_the_steps_own_attributes():
     assert keep([entry(n, layer if n == "self" else None) for n in names]) == [True] * 5  # a resumed frame
     assert keep([entry(n) for n in names[3:]]) == [True, True]
     assert keep_argument_guards(None)([entry(n, engine if n == "self" else None) for n in names]) == [True] * 5
+
+
+# ---------------------------------------------------------------------------- stale weights
+
+
+def forced_logits(llama, prompt, forced, compiled: bool = True) -> torch.Tensor:
+    """Teacher-forced logits (len(forced) + 1, V): the prompt's last position, then one decode step
+    per forced token, through the compiled step (llama._decode) or the eager one."""
+    with torch.inference_mode():
+        cache = llama.model.make_cache(1, len(prompt) + len(forced) + 1)
+        mark_cache_dynamic(cache)
+        logits = [llama._prefill(prompt, cache_slot(cache, 0), None)]
+        positions = torch.tensor([len(prompt)])
+        step = llama._decode if compiled else llama._decode_step
+        for t in forced:
+            logits.append(step(torch.tensor([[t]]), positions, cache)[0])
+            positions = positions + 1
+    return torch.stack(logits)
+
+
+@pytest.mark.slow  # compiles three times
+def test_compiled_step_never_runs_stale_weights(template_gemm):
+    """The compiled step runs frozen copies of the weights: after an in-place edit of every layer's w2
+    (what a merge or a manual edit does) and after a replaced module, its next result equals the eager
+    step's on the edited model (the step compiled again), and a warning names what changed."""
+    import copy
+
+    from llama.generation import compile as compile_module
+
+    model, _ = tiny_model(1, vocab_size=256)
+    llama = Llama(model, tokenizer=None, compile=True)
+    prompt, forced = [1, 2, 3], [4, 5, 6, 7]
+    before = forced_logits(llama, prompt, forced)
+    torch.testing.assert_close(before, forced_logits(llama, prompt, forced, compiled=False))
+    assignments = compile_module._assignments
+    torch.testing.assert_close(forced_logits(llama, prompt, forced), before)
+    assert compile_module._assignments == assignments  # decode steps assign nothing: the check stays on its fast path
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.feed_forward.w2.weight.mul_(1.5)
+    with pytest.warns(UserWarning, match=r"layers\.0\.feed_forward\.w2\.weight was changed in place since"):
+        edited = forced_logits(llama, prompt, forced)
+    torch.testing.assert_close(edited, forced_logits(llama, prompt, forced, compiled=False))
+    assert (edited - before).abs().max() > 1e-2  # the edit matters to the logits
+    ffn = copy.deepcopy(model.layers[1].feed_forward)
+    with torch.no_grad():
+        ffn.w1.weight.neg_()
+    model.layers[1].feed_forward = ffn
+    with pytest.warns(UserWarning, match=r"layers\.1\.feed_forward\.w1\.weight was replaced since"):
+        replaced = forced_logits(llama, prompt, forced)
+    torch.testing.assert_close(replaced, forced_logits(llama, prompt, forced, compiled=False))
+    assert (replaced - edited).abs().max() > 1e-2
+
+
+def test_weight_watch_names_each_kind_of_change():
+    """What the compiled step's watch sees, without compiling: in-place edits (version counters),
+    reassigned storage (`.data =`), replaced modules and parameters, a replaced Llama.model; an
+    assignment to another module of the process is no change."""
+    from llama.generation.compile import WeightWatch
+
+    model, _ = tiny_model(1)
+    watch = WeightWatch(model)
+    assert watch.change(model) is None and watch.change(model, full=True) is None
+    other, _ = tiny_model(2)
+    other.layers[0].feed_forward = copy_module(other.layers[1].feed_forward)  # elsewhere in the process
+    assert watch.change(model) is None
+    assert watch.change(other) == "Llama.model was replaced"
+    with torch.no_grad():
+        model.layers[1].attention.wo.weight.add_(1)
+    assert watch.change(model) == "layers.1.attention.wo.weight was changed in place"
+    cases = [
+        (lambda m: setattr(m.layers[0].attention.wq.weight, "data", m.layers[0].attention.wq.weight.clone()),
+         "layers.0.attention.wq.weight was reassigned"),
+        (lambda m: setattr(m.layers[1], "feed_forward", copy_module(m.layers[1].feed_forward)),
+         "layers.1.feed_forward.w1.weight was replaced"),
+        (lambda m: setattr(m.norm, "weight", torch.nn.Parameter(m.norm.weight.detach().clone())),
+         "norm.weight was replaced"),
+    ]
+    for edit, message in cases:
+        model, _ = tiny_model(1)
+        watch = WeightWatch(model)
+        edit(model)
+        assert watch.change(model, full=True) == message
+        assert (watch.change(model) == message) == ("reassigned" not in message)  # `.data =`: per request only
+
+
+def copy_module(module):
+    import copy
+
+    return copy.deepcopy(module)

@@ -277,3 +277,27 @@ def test_no_compiler_for_the_kernels_fails_in_one_line(tiny_dir, monkeypatch, tm
         assert code == 0, err
     finally:
         quantize.kernels.cache_clear()  # the next test loads the real build again
+
+
+def test_missing_build_tools_say_where_ninja_is(tmp_path, monkeypatch):
+    """ninja installed in a virtual environment that was not activated: the one-line error says so
+    instead of asking to `pip install ninja` again."""
+    import shutil
+
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler here")
+    path_dir, venv_bin = tmp_path / "path", tmp_path / "venv" / "bin"
+    path_dir.mkdir(), venv_bin.mkdir(parents=True)
+    (path_dir / os.path.basename(compiler)).symlink_to(compiler)
+    monkeypatch.setenv("PATH", str(path_dir))
+    monkeypatch.setenv("CXX", os.path.basename(compiler))
+    monkeypatch.setattr(quantize.sys, "executable", str(venv_bin / "python"))
+    with pytest.raises(quantize.UserError, match="ninja not found on PATH; `pip install ninja`, or use"):
+        quantize.kernels.__wrapped__()
+    (venv_bin / "ninja").write_text("")
+    with pytest.raises(quantize.UserError) as e:
+        quantize.kernels.__wrapped__()
+    assert f"ninja is installed at {venv_bin / 'ninja'} but {venv_bin} is not on PATH: activate" in str(e.value)
+    assert "pip install" not in str(e.value) and "\n" not in str(e.value)
+    assert quantize.build_tools_hint(["c++", "ninja"]).startswith("install g++ or clang (or set CXX) and ")

@@ -178,3 +178,19 @@ def test_parallel_layouts_match_one_process(corpus, tmp_path):
     alone = load_model(tmp_path / "single/step_000004", max_seq_len=32)
     tokens = torch.randint(0, 640, (2, 32))
     torch.testing.assert_close(merged(tokens), alone(tokens), atol=2e-4, rtol=1e-4)
+
+
+def test_eval_text_is_read_again_when_its_file_changes(corpus, tmp_path):
+    """The eval_data text and its tokenizer are cached per (path, size, mtime): a file edited between
+    two runs in one process (a notebook) is read again, not served stale from the cache."""
+    import os
+
+    from llama.train.loop import _eval_text, _stamp
+
+    _, tok = corpus
+    text = tmp_path / "eval.txt"
+    text.write_text("first version")
+    assert _eval_text(_stamp(str(text)), _stamp(str(tok)))[0] == "first version"
+    text.write_text("second, longer version")
+    os.utime(text, ns=(text.stat().st_atime_ns, text.stat().st_mtime_ns + 1))  # a later mtime even on coarse clocks
+    assert _eval_text(_stamp(str(text)), _stamp(str(tok)))[0] == "second, longer version"

@@ -1,16 +1,6 @@
-"""GGUF (llama.cpp's single-file format): a small header reader, the metadata -> ModelArgs map,
-and tensors dequantized through the `gguf` package.
-
-Layout of a GGUF file (little-endian, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
-
-    "GGUF" | version u32 | n_tensors u64 | n_kv u64
-    n_kv x (key: string, type: u32, value)          metadata, tokenizer included
-    n_tensors x (name: string, n_dims u32, ne: u64[n_dims], type u32, offset u64)
-    padding to `general.alignment` (32) | tensor data
-
-`gguf.GGUFReader` parses every token string of the tokenizer into its own numpy view, which takes
-~11 s for a 49k-token vocabulary; this reader does the same walk with `struct` in well under a
-second and hands the tensor bytes to `gguf.quants.dequantize`.
+"""GGUF (llama.cpp's single-file format): the tensors of a file whose header
+llama/common/gguf_header.py reads, the metadata -> ModelArgs map, and dequantization through the
+`gguf` package.
 
 Facts of the format that matter here: `ne` lists dimensions innermost first, so a PyTorch
 (out_features, in_features) weight has ne = [in, out]; llama.cpp's converter already undid HF's
@@ -18,9 +8,7 @@ rotate-half permutation of wq/wk, so q/k are in Meta's interleaved RoPE layout; 
 embeddings has no `output.weight` tensor.
 """
 
-import mmap
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +18,9 @@ import torch
 import gguf
 
 from llama.model import ModelArgs, rope_frequencies
-from llama.common.errors import UserError
+from llama.common.gguf_header import GGUFFormatError, GGUFHeader
 from llama.model_args import ModelArgsError
 from llama.checkpoint.common import CheckpointError
-
-# Metadata value types: type id -> struct format (STRING=8 and ARRAY=9 are handled separately).
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 # Types we load. Unquantized ones map straight onto torch dtypes (zero-copy from the file).
 Q = gguf.GGMLQuantizationType
@@ -55,10 +38,6 @@ _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight"
 IGNORED = {"rope_freqs.weight"}  # Llama 3.1's precomputed RoPE scaling, checked in model_args()
 
 
-class GGUFFormatError(UserError):
-    pass
-
-
 @dataclass
 class TensorInfo:
     name: str
@@ -68,76 +47,17 @@ class TensorInfo:
     n_bytes: int
 
 
-class GGUFFile:
-    """The metadata (a dict of Python values / numpy arrays) and tensor index of one .gguf file."""
+class GGUFFile(GGUFHeader):
+    """The metadata and the checked tensor index (`tensors`: name -> TensorInfo) of one .gguf file."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            # ACCESS_COPY: a private, copy-on-write map, so tensors viewing it are writable and a
-            # caller that trains them never writes to the file.
-            self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._pos = 0
-        try:
-            self._parse()
-        except (struct.error, IndexError, UnicodeDecodeError, OverflowError, ValueError) as e:
-            if isinstance(e, GGUFFormatError):
-                raise
-            raise GGUFFormatError(f"corrupt or truncated GGUF header ({e})") from None
-
-    # -- low-level reads at self._pos
-    def _read(self, fmt: str):
-        (value,) = struct.unpack_from("<" + fmt, self._buf, self._pos)
-        self._pos += struct.calcsize(fmt)
-        return value
-
-    def _string(self) -> str:
-        n = self._read("Q")
-        if self._pos + n > len(self._buf):
-            raise GGUFFormatError("corrupt or truncated GGUF header (a string runs past the end)")
-        s = self._buf[self._pos : self._pos + n].decode("utf-8", errors="replace")
-        self._pos += n
-        return s
-
-    def _value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self._read(_SCALARS[vtype])
-        if vtype == 8:
-            return self._string()
-        if vtype == 9:
-            etype, count = self._read("I"), self._read("Q")
-            if etype in _NUMPY:  # numeric arrays (token types, scores) in one read
-                arr = np.frombuffer(self._buf, dtype=_NUMPY[etype], count=count, offset=self._pos)
-                self._pos += arr.nbytes
-                return arr
-            return [self._value(etype) for _ in range(count)]
-        raise GGUFFormatError(f"unknown metadata value type {vtype}")
-
-    def _parse(self):
-        if self._buf[:4] != b"GGUF":
-            raise GGUFFormatError("not a GGUF file (the first 4 bytes are not 'GGUF')")
-        self._pos = 4
-        version = self._read("I")
-        if version not in (2, 3):
-            raise GGUFFormatError(f"GGUF version {version} is not supported (2 and 3 are; big-endian files are not)")
-        n_tensors, n_kv = self._read("Q"), self._read("Q")
-        self.metadata = {}
-        for _ in range(n_kv):
-            key = self._string()
-            self.metadata[key] = self._value(self._read("I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = self._string()
-            ne = [self._read("Q") for _ in range(self._read("I"))]
-            infos.append((name, tuple(reversed(ne)), self._read("I"), self._read("Q")))
-        align = int(self.metadata.get("general.alignment", 32))
-        data_start = (self._pos + align - 1) // align * align
+        super().__init__(path)
         self.tensors = {}
-        for name, shape, qtype, offset in infos:
+        for name, shape, qtype, offset in self.index:
             n_bytes = _byte_size(name, shape, qtype)
-            if data_start + offset + n_bytes > len(self._buf):
+            if offset + n_bytes > len(self._buf):
                 raise GGUFFormatError(f"truncated: tensor {name} ends past the end of the file")
-            self.tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, n_bytes)
+            self.tensors[name] = TensorInfo(name, shape, qtype, offset, n_bytes)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor in PyTorch layout: zero-copy for F32/F16/BF16, dequantized to float32 otherwise."""

@@ -262,6 +262,38 @@ def tokenizer_identity(path, contents, n_words: int) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": file_sha256(contents), "n_words": n_words}
 
 
+# A text in several scripts, digits, code and whitespace runs: two different tokenizers give it
+# different ids (or vocabulary sizes), the same tokenizer in two file formats the same ones.
+PROBE = ("The 3 quick brown foxes jumped over 1,024 lazy dogs; naïve café façade, Ünïcödé. "
+         "def f(x):\n    return x ** 2  # tabs\tand  spaces   \n\n"
+         "Съешь же ещё этих мягких французских булок. 我能吞下玻璃而不伤身体。 ❤️🦙 0.5e-3")
+
+
+def check_tokenizer(data_dir, meta: dict, tokenizer_path) -> None:
+    """The data in `data_dir` holds the ids of the tokenizer its meta.json records: refuse to train it
+    with any other (its ids would stand for other text, and the checkpoint would carry the wrong
+    tokenizer). The same bytes (sha256) pass; other bytes pass only as the same tokenizer in another
+    format (the tokenizer of a .gguf and its tokenizer.json): the same vocabulary size, BOS and EOS,
+    and the same ids for a probe text. A tokenizer file changed since the data was prepared fails."""
+    from llama.tokenizer import load_tokenizer
+
+    recorded = meta["tokenizer"]
+    if file_sha256(tokenizer_path) == recorded["sha256"]:
+        return
+    fix = (f"prepare it again with this tokenizer (python -m llama.data prepare ... --tokenizer {tokenizer_path}), "
+           f"or train with the one it was prepared with")
+    original = Path(recorded["path"])
+    if not original.is_file() or file_sha256(original) != recorded["sha256"]:
+        raise DataError(f"{data_dir} was tokenized by {original} (sha256 {recorded['sha256'][:12]}), which "
+                        f"{'has changed since' if original.is_file() else 'no longer exists'}, and "
+                        f"{tokenizer_path} is another file: {fix}")
+    ours, theirs = load_tokenizer(str(tokenizer_path)), load_tokenizer(str(original))
+    same = [(t.n_words, t.bos_id, t.eos_id, t.encode(PROBE, bos=False, eos=False)) for t in (ours, theirs)]
+    if same[0] != same[1]:
+        raise DataError(f"{data_dir} was tokenized by {original}, not by {tokenizer_path} (another tokenizer: "
+                        f"its ids stand for other text): {fix}")
+
+
 def read_meta(root) -> dict:
     path = Path(root) / META
     if not path.is_file():

@@ -2,10 +2,9 @@
 {"context": str, "choices": [str, ...], "label": int}.
 
 Each choice is scored as the continuation `separator + choice` of the context (lm-evaluation-harness's
-target_delimiter, " " by default), tokenized the way lm-eval does: the context and the whole text
-are encoded, and the continuation is what the whole adds. accuracy picks the highest total
-log-probability; length-normalised accuracy divides by the choice's UTF-8 bytes (lm-eval's
-acc_bytes; its acc_norm divides by characters, the same for ASCII).
+target_delimiter, " " by default), tokenized as lm-eval does (llama/eval/scoring.encode_pair). The
+metrics are lm-eval's: `acc` picks the highest total log-probability, `acc_norm` the highest per
+character of the choice, `acc_bytes` the highest per UTF-8 byte (the same as acc_norm for ASCII).
 """
 
 import json
@@ -14,8 +13,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from llama.eval import EvalError
-from llama.eval.perplexity import prefix_token
-from llama.eval.scoring import score_requests
+from llama.eval.scoring import encode_pair, score_requests
 
 
 def read_items(path) -> List[dict]:
@@ -51,19 +49,6 @@ def check_item(line: str, where: str) -> dict:
     return item
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
-    """lm-eval's TemplateLM._encode_pair: trailing spaces move to the continuation; the
-    continuation's tokens are what encoding the whole adds to encoding the context. The prefix
-    token goes first."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    encode = lambda s: tokenizer.encode(s, bos=False, eos=False)  # noqa: E731
-    ctx = encode(context) if context else []
-    whole = encode(context + continuation)
-    return [prefix_token(tokenizer)] + ctx, whole[len(ctx):]
-
-
 def loglikelihood_requests(pairs: List[Tuple[List[int], List[int]]], max_seq_len: int):
     """(tokens, n_targets) requests for (context, continuation) token pairs, keeping the end of
     sequences longer than the model's context (as lm-eval does)."""
@@ -75,7 +60,7 @@ def loglikelihood_requests(pairs: List[Tuple[List[int], List[int]]], max_seq_len
 
 
 def score_items(model, tokenizer, items: List[dict], batch_size: int = 8, separator: str = " ") -> dict:
-    """Accuracy, length-normalised accuracy and per-item scores for checked items."""
+    """acc, acc_norm (per character), acc_bytes (per byte) and per-item scores for checked items."""
     pairs, owners = [], []
     for i, item in enumerate(items):
         for c in item["choices"]:
@@ -84,16 +69,19 @@ def score_items(model, tokenizer, items: List[dict], batch_size: int = 8, separa
     start = time.perf_counter()
     scores = score_requests(model, loglikelihood_requests(pairs, model.params.max_seq_len), batch_size)
     seconds = time.perf_counter() - start
-    per_item = [dict(index=i, label=item["label"], logprobs=[], per_byte=[]) for i, item in enumerate(items)]
+    per_item = [dict(index=i, label=item["label"], logprobs=[]) for i, item in enumerate(items)]
     for (lp, _), i in zip(scores, owners):
         per_item[i]["logprobs"].append(float(lp.double().sum()))
+    best = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # noqa: E731  the first of equal scores
     for rec, item in zip(per_item, items):
+        rec["per_char"] = [s / len(c) for s, c in zip(rec["logprobs"], item["choices"])]
         rec["per_byte"] = [s / len(c.encode("utf-8")) for s, c in zip(rec["logprobs"], item["choices"])]
-        rec["pred"] = max(range(len(rec["logprobs"])), key=rec["logprobs"].__getitem__)
-        rec["pred_norm"] = max(range(len(rec["per_byte"])), key=rec["per_byte"].__getitem__)
-        rec["correct"], rec["correct_norm"] = rec["pred"] == rec["label"], rec["pred_norm"] == rec["label"]
+        rec["pred"], rec["pred_norm"], rec["pred_bytes"] = best(rec["logprobs"]), best(rec["per_char"]), best(rec["per_byte"])
+        rec["correct"], rec["correct_norm"], rec["correct_bytes"] = (
+            rec["pred"] == rec["label"], rec["pred_norm"] == rec["label"], rec["pred_bytes"] == rec["label"])
     n = len(items)
-    return {"acc": sum(r["correct"] for r in per_item) / n, "acc_norm": sum(r["correct_norm"] for r in per_item) / n,
+    mean = lambda key: sum(r[key] for r in per_item) / n  # noqa: E731
+    return {"acc": mean("correct"), "acc_norm": mean("correct_norm"), "acc_bytes": mean("correct_bytes"),
             "items": n, "seconds": seconds, "per_item": per_item}
 
 

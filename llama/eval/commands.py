@@ -72,7 +72,8 @@ def choice_command(args) -> dict:
     result = score_items(llama.model, llama.tokenizer, items, args.batch_size, args.separator)
     say(f"data      {args.data} ({result['items']} items)")
     say(f"acc       {result['acc']:.4f}")
-    say(f"acc_norm  {result['acc_norm']:.4f}  (log-probability per byte of the choice)")
+    say(f"acc_norm  {result['acc_norm']:.4f}  (log-probability per character of the choice)")
+    say(f"acc_bytes {result['acc_bytes']:.4f}  (log-probability per UTF-8 byte of the choice)")
     if args.out:
         write_per_item(args.out, items, result)
         say(f"per-item  {args.out}")

@@ -18,7 +18,7 @@ from llama.eval.scoring import greedy_completions
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
 METRICS = [("perplexity", "perplexity", "lower is better"), ("bits_per_byte", "bits/byte", "lower is better"),
-           ("acc", "accuracy", "higher is better"), ("acc_norm", "accuracy (per byte)", "higher is better")]
+           ("acc", "accuracy", "higher is better"), ("acc_bytes", "accuracy (per byte)", "higher is better")]
 
 
 def read_prompts(path) -> List[str]:

@@ -6,9 +6,16 @@
 
 `python -m llama.eval harness` imports this module (which registers the model) and hands the rest of
 the command line to lm_eval's own CLI. The class subclasses TemplateLM (HFLM would want a hub
-download): lm-eval tokenizes (context, continuation) pairs, we score them with the same batched
-scorer as `python -m llama.eval choice`, so both give the same numbers. loglikelihood_rolling
-scores lm-eval's rolling windows (disjoint, one token of context each) and returns plain floats.
+download) and follows lm-eval's `hf` model request by request, so the same weights give the same
+numbers under `--model hf` and `--model llama-ref`:
+- tokens: `tok_encode` puts BOS first only where the tokenizer adds one (llama.tokenizer.encode_text,
+  HF's `tokenizer(text)`); an empty context is the prefix token (BOS, else EOS); lm-eval's own
+  TemplateLM makes the (context, continuation) pairs, which we score with the batched scorer of
+  `python -m llama.eval choice`;
+- loglikelihood_rolling: lm-eval's rolling windows over `tok_encode(text)` (disjoint, the first one
+  conditioned on the prefix token), summed into plain floats;
+- generate_until: greedy; the context keeps its last max_length - max_gen_toks tokens; the text is
+  cut at the first stop sequence, the EOS text among them (lm-eval's own helpers).
 """
 
 import sys
@@ -16,14 +23,15 @@ from typing import List, Optional
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llama.common.errors import UserError
 from llama.eval import EvalError
 from llama.eval.choice import loglikelihood_requests
 from llama.common.dtypes import CHOICES, DTYPES, parse_dtype
-from llama.eval.perplexity import prefix_token
-from llama.eval.scoring import greedy_completions, score_requests
+from llama.eval.scoring import prefix_token, score_requests
+from llama.tokenizer import encode_text
 
 MODEL_ARGS = ("ckpt_dir", "lora", "tokenizer_path", "max_seq_len", "dtype", "device", "batch_size", "max_gen_toks")
 
@@ -64,17 +72,21 @@ class LlamaRefLM(TemplateLM):
     def max_length(self) -> int:
         return self.llama.model.params.max_seq_len
 
-    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> List[int]:
-        return self.tokenizer.encode(string, bos=False, eos=False)
+    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs) -> List[int]:
+        """HFLM's tok_encode: the tokenizer's own BOS rule, none with add_special_tokens=False."""
+        if add_special_tokens is False:
+            ids = self.tokenizer.encode(string, bos=False, eos=False)
+        else:
+            ids = encode_text(self.tokenizer, string)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(list(tokens))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        # A non-empty context arrives without the prefix token (an empty one is [prefix] already):
-        # add it, as llama.eval.choice.encode_pair does.
-        pairs = [(ctx if context == "" else [self.prefix_token_id] + ctx, cont)
-                 for (context, _), ctx, cont in requests]
+        # TemplateLM made the pairs (scoring.encode_pair's rule); a context of spaces only has no
+        # token left: the prefix token conditions it, as encode_pair does.
+        pairs = [(ctx or [self.prefix_token_id], cont) for _, ctx, cont in requests]
         scores = score_requests(self.llama.model, loglikelihood_requests(pairs, self.max_length), self.batch_size)
         return [(float(lp.double().sum()), greedy) for lp, greedy in scores]
 
@@ -92,16 +104,19 @@ class LlamaRefLM(TemplateLM):
         return totals  # plain floats: lm-eval sums them into word/byte perplexities
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        eos = self.tokenizer.decode([self.eot_token_id])
         out = []
-        for req in requests:
-            context, kwargs = req.args
-            kwargs = dict(kwargs)
-            if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
+        for req in requests:  # one at a time: the model's max_batch_size may be 1
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            if kwargs.get("do_sample"):
                 raise EvalError("llama-ref generates greedily only: set do_sample: false, temperature: 0 in the task")
-            until = kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_gen = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            out.append(greedy_completions(self.llama, [context], max_gen, until, truncate=True)[0])
+            until, max_gen = handle_stop_sequences(kwargs.get("until"), eos=eos), kwargs["max_gen_toks"]
+            if not 0 < max_gen < self.max_length:
+                raise EvalError(f"max_gen_toks {max_gen} must be between 1 and max_seq_len - 1 ({self.max_length - 1})")
+            tokens = [self.tok_encode(context, left_truncate_len=self.max_length - max_gen)]
+            tokens, _ = self.llama.generate(tokens, max_gen, temperature=0.0)
+            out.append(postprocess_generated_text(self.tok_decode(tokens[0]), until, None))
         return out
 
 

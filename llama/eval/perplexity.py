@@ -6,8 +6,9 @@ much left context as the window allows: max_length - stride tokens at least. The
 window is never a target (nothing precedes it inside the window), so with stride == max_length
 (disjoint windows) one token per window goes unscored, exactly as in HF's loop.
 
-The text is prefixed with the tokenizer's BOS (else EOS) token, so its first real token is scored
-too. Reported: nats per token, perplexity = exp(nats/token), bits per byte = total nats / ln 2 /
+The text is tokenized by the tokenizer's own rule, as the guide's `tokenizer(text)` does: BOS first
+only where the tokenizer adds one (llama.tokenizer.encode_text). Without a BOS (SmolLM2), the
+text's first token has no context and is not scored. Reported: nats per token, perplexity = exp(nats/token), bits per byte = total nats / ln 2 /
 UTF-8 bytes of the text (comparable across tokenizers), tokens scored, tokens/s.
 """
 
@@ -17,7 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import List, Tuple
 
 from llama.eval import EvalError
-from llama.eval.scoring import score_requests
+from llama.eval.scoring import encode_pair, score_requests
+from llama.tokenizer import encode_text
 
 
 @dataclass
@@ -50,12 +52,6 @@ class PerplexityResult:
                 "bits_per_byte": self.bits_per_byte, "tokens_per_s": self.tokens_per_s}
 
 
-def prefix_token(tokenizer) -> int:
-    """The token every scored sequence starts with: BOS, else EOS (GPT-2-style vocabularies)."""
-    bos = getattr(tokenizer, "bos_id", None)
-    return bos if bos is not None else tokenizer.eos_id
-
-
 def check_window(max_length: int, stride: int, max_seq_len: int) -> None:
     if max_length < 2:
         raise EvalError(f"--max-length {max_length}: a window needs at least 2 tokens")
@@ -83,7 +79,7 @@ def strided_windows(n_tokens: int, max_length: int, stride: int) -> List[Tuple[i
 
 def perplexity_of_tokens(model, ids: List[int], n_bytes: int, max_length: int, stride: int,
                          batch_size: int = 8) -> PerplexityResult:
-    """Perplexity of a token sequence `ids` (prefix token included) under `model`."""
+    """Perplexity of a token sequence `ids` under `model`: its first token is context only."""
     check_window(max_length, stride, model.params.max_seq_len)
     if len(ids) < 2:
         raise EvalError("the text has no tokens to score: give a longer text")
@@ -96,25 +92,24 @@ def perplexity_of_tokens(model, ids: List[int], n_bytes: int, max_length: int, s
 
 
 def perplexity(model, tokenizer, text: str, max_length: int, stride: int, batch_size: int = 8) -> PerplexityResult:
-    """Perplexity of `text`: tokenized whole, prefixed with the BOS (else EOS) token."""
+    """Perplexity of `text`, tokenized whole by the tokenizer's own rule (encode_text)."""
     if not text.strip():
         raise EvalError("the text is empty: give a data file with some text in it")
-    ids = [prefix_token(tokenizer)] + tokenizer.encode(text, bos=False, eos=False)
+    ids = encode_text(tokenizer, text)
     return perplexity_of_tokens(model, ids, len(text.encode("utf-8")), max_length, stride, batch_size)
 
 
 def conditional_perplexity(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: int = 8) -> PerplexityResult:
     """Perplexity of each completion given its prompt (HumanEval: canonical solutions), the
-    prompts themselves unscored. Each pair must fit the model's context; longer ones keep their end."""
-    prefix, limit = prefix_token(tokenizer), model.params.max_seq_len + 1
+    prompts themselves unscored, each pair tokenized as lm-eval tokenizes a (context, continuation)
+    (encode_pair). Each pair must fit the model's context; longer ones keep their end."""
+    limit = model.params.max_seq_len + 1
     requests, n_bytes = [], 0
     for prompt, completion in pairs:
-        ctx = [prefix] + tokenizer.encode(prompt, bos=False, eos=False)
-        whole = [prefix] + tokenizer.encode(prompt + completion, bos=False, eos=False)
-        n = len(whole) - len(ctx)
-        if n < 1:
+        ctx, cont = encode_pair(tokenizer, prompt, completion)
+        if not cont:
             continue  # an empty completion: nothing to score
-        requests.append((whole[-limit:], min(n, limit - 1)))
+        requests.append(((ctx + cont)[-limit:], min(len(cont), limit - 1)))
         n_bytes += len(completion.encode("utf-8"))
     start = time.perf_counter()
     scores = score_requests(model, requests, batch_size)

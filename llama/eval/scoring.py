@@ -4,6 +4,10 @@ A request is `(tokens, n_targets)`: score the last `n_targets` tokens of `tokens
 tokens before it. A perplexity window, a multiple-choice continuation and an lm-eval request are all
 this shape, so they share one batched code path and agree with each other exactly.
 
+The tokens come from the tokenizer's own rules, as lm-eval's `hf` model makes them: `encode_text`
+(llama/tokenizer) puts BOS first only where the tokenizer adds one; `prefix_token` conditions a text
+that has no context; `encode_pair` is lm-eval's (context, continuation) tokenization.
+
 Speed comes from two general things: sequences of similar length are batched (right padding is
 harmless under a causal mask: no real position attends to a pad that follows it), and the output
 projection plus log-softmax, ~20% of a small model's FLOPs and the largest tensors, run only on
@@ -14,9 +18,36 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from llama.tokenizer import encode_text
+
 Request = Tuple[Sequence[int], int]
 
 HEAD_ROWS = 1024  # positions per output-projection chunk: (1024, vocab) fp32 logits at a time
+
+
+def prefix_token(tokenizer) -> int:
+    """lm-eval's prefix_token_id: the token that conditions a text with no context (an empty
+    context, the first rolling window): BOS, else EOS (GPT-2-style vocabularies)."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return bos if bos is not None else tokenizer.eos_id
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+    """(context ids, continuation ids) as lm-eval's TemplateLM.loglikelihood makes them: trailing
+    spaces of the context move to the continuation; the context is encoded by the tokenizer's own
+    rule (encode_text) and the continuation is what encoding the whole adds to it. An empty context
+    is the prefix token (or the continuation's first token, when that is the prefix token). A
+    context of spaces only, which lm-eval would leave with no token at all, is the prefix token too."""
+    if context == "":
+        cont = tokenizer.encode(continuation, bos=False, eos=False)
+        prefix = prefix_token(tokenizer)
+        return (cont[:1], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = encode_text(tokenizer, context)
+    whole = encode_text(tokenizer, context + continuation)
+    return (ctx or [prefix_token(tokenizer)]), whole[len(ctx):]
 
 
 def hidden_states(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """Opt-in speed machinery for generation (llama/generation/generator.py calls it; nothing here runs on import):
-compiling the decode step, the copies that make compiling safe, and allocator tuning."""
+compiling the decode step, the copies that make compiling safe, the watch that recompiles it when the
+weights it froze change, and allocator tuning."""
 
 import contextlib
+import itertools
 import math
 import os
 import re
 import sys
 import warnings
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -31,7 +33,8 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
       layout its micro-kernel reads (and int8 weights stay int8: see llama/generation/quantize.py);
     - with constant weights, concat-linear joins the products that read the same input (wq, wk,
       wv; w1, w3) into one, so a step runs 4 products per layer instead of 7.
-    The weights must not change after compiling (see own_storage).
+    The graph runs the weights as they were when it compiled: CompiledStep (below) recompiles when
+    they change.
 
     `gemm` (default: $LLAMA_COMPILE_GEMM, else "template") picks the products. "template": every
     product takes the C++ template, by rule, untimed: a decode step's products have B (batch) rows,
@@ -51,9 +54,6 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
         return torch.compile(step, dynamic=False)
     import torch._inductor.config as inductor_config
 
-    # Looking up the step's rows of the complex RoPE table stays an ATen call (the rotation itself
-    # is real arithmetic under compile); inductor warns about that once per compile.
-    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
     options = {"aten": {}, "autotune": {"max_autotune": True},
                # one candidate per product: inductor takes it without timing anything
                "template": {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}}[gemm]
@@ -87,6 +87,118 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
 
     run.kernels = record.kernels
     return run
+
+
+class CompiledStep:
+    """The compiled decode step of one engine (a Llama: `engine.model`, `engine._decode_step`), which
+    never runs weights other than the model's own.
+
+    A compiled graph runs frozen copies of the weights it was compiled with, and the guard filter
+    drops Dynamo's checks on the model (keep_argument_guards): a change to the model after
+    compiling would go unseen. WeightWatch sees it: every call checks the weights' version counters
+    (an in-place edit: `w.mul_(2)`, `copy_`, `load_state_dict`, a LoRA merge) and whether a module,
+    parameter or buffer was assigned (a replaced module, quantize_model, `Llama.model = ...`);
+    `check()`, once per request, also compares each weight's storage, dtype and shape (`p.data = x`,
+    `model.to(dtype)`). On a change the step is compiled again, with a warning naming what changed.
+    Not seen: an edit through `.data` (`p.data.mul_(2)`), whose alias has a version counter of its
+    own: edit weights in place under torch.no_grad(), or build a new Llama over the edited model."""
+
+    def __init__(self, engine, device: torch.device):
+        self.engine, self.device = engine, device
+        self._compile()
+
+    def _compile(self) -> None:
+        own_storage(self.engine.model)
+        self.fn = compile_decode_step(self.engine._decode_step, self.device)
+        self.watch = WeightWatch(self.engine.model)
+
+    @property
+    def kernels(self) -> dict:
+        return self.fn.kernels
+
+    def __call__(self, *args):
+        change = self.watch.change(self.engine.model)
+        if change is not None:
+            self._recompile(change)
+        return self.fn(*args)
+
+    def check(self) -> None:
+        """The full comparison (each weight's storage, dtype, shape too): once per request."""
+        change = self.watch.change(self.engine.model, full=True)
+        if change is not None:
+            self._recompile(change)
+
+    def _recompile(self, change: str) -> None:
+        warnings.warn(f"{change} since the decode step was compiled: compiling it again", stacklevel=3)
+        # Every compiled graph goes, not only this step's: a graph Dynamo resumes after a graph
+        # break lives on code shared by every layer and engine (one RowParallelLinear.forward), and
+        # its guards on the module pass whatever the weights hold now. Other compiled models of
+        # this process compile again on their next call.
+        torch._dynamo.reset()
+        self._compile()
+
+
+_assignments = 0  # modules, parameters and buffers assigned to any module since the hooks went in
+
+
+def _count_assignment(*_) -> None:
+    global _assignments
+    _assignments += 1
+
+
+class WeightWatch:
+    """What a compiled step froze: the model's parameters and buffers, by name, with their version
+    counters (which every in-place op bumps) and storages. `change` says what changed, or None.
+    The per-call check reads one version counter per tensor (its cost: docs/generation.md) and one
+    counter of assignments, which process-wide hooks keep; the hooks go in with the first compiled
+    step and only count."""
+
+    hooks_installed = False
+
+    def __init__(self, model: torch.nn.Module):
+        if not WeightWatch.hooks_installed:
+            from torch.nn.modules import module
+
+            module.register_module_module_registration_hook(_count_assignment)
+            module.register_module_parameter_registration_hook(_count_assignment)
+            module.register_module_buffer_registration_hook(_count_assignment)
+            WeightWatch.hooks_installed = True
+        self.model, self.assignments = model, _assignments
+        self.named = self._named(model)
+        # inference tensors keep no version counter (reading it raises): their storage is compared
+        self.tracked = [t for _, t in self.named if not t.is_inference()]
+        self.versions = self._versions()
+        self.storage = self._storage(self.named)
+
+    @staticmethod
+    def _named(model) -> list:
+        return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+    @staticmethod
+    def _storage(named) -> List[tuple]:
+        return [(t.data_ptr(), t.dtype, t.shape) for _, t in named]
+
+    def _versions(self) -> List[int]:
+        return [t._version for t in self.tracked]
+
+    def change(self, model: torch.nn.Module, full: bool = False) -> Optional[str]:
+        if model is not self.model:
+            return "Llama.model was replaced"
+        if full or _assignments != self.assignments:
+            named = self._named(model)
+            for (name, t), (was_name, was) in itertools.zip_longest(named, self.named, fillvalue=(None, None)):
+                if name != was_name or t is not was:
+                    return f"{was_name or name} was replaced"
+            for (name, _), now, then in zip(named, self._storage(named), self.storage):
+                if now != then:
+                    return f"{name} was reassigned"
+            self.assignments = _assignments  # an assignment elsewhere in the process
+        versions = self._versions()
+        if versions != self.versions:
+            i = next(i for i, (a, b) in enumerate(zip(versions, self.versions)) if a != b)
+            name = next(n for n, t in self.named if t is self.tracked[i])
+            return f"{name} was changed in place"
+        return None
 
 
 def keep_argument_guards(owner):

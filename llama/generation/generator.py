@@ -26,9 +26,10 @@ from llama.model import KVCache
 from llama.common.checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
 from llama.common.dtypes import parse_dtype
 from llama.common.errors import ArgumentError
-from llama.generation.compile import compile_decode_step, mark_cache_dynamic, own_storage
+from llama.generation.compile import CompiledStep, mark_cache_dynamic
 from llama.generation.quantize import check_quantize, quantize_model
 from llama.generation.sampling import alternatives, check_sampling_args, sample
+from llama.tokenizer import encode_text
 
 
 def cache_slot(cache: List[KVCache], b: int) -> List[KVCache]:
@@ -120,10 +121,9 @@ class Llama:
         self.load_s = 0.0
         # Decoding with per-sequence positions has fixed shapes (B, 1) and a full-length cache, so
         # torch.compile traces it once per batch size (the cache length is marked dynamic).
+        # CompiledStep compiles it again if the model's weights change.
         self.compiled = compile
-        if compile:
-            own_storage(model)
-        self._decode = compile_decode_step(self._decode_step, self.device) if compile else self._decode_step
+        self._decode = CompiledStep(self, self.device) if compile else self._decode_step
 
     @property
     def stop_tokens(self) -> frozenset:
@@ -215,6 +215,7 @@ class Llama:
         start = time.perf_counter()
         cache = self.model.make_cache(B, total_len)
         if self.compiled:
+            self._decode.check()  # the weights are still those it compiled (else it compiles again)
             mark_cache_dynamic(cache)
         logits = torch.stack([  # (B, V)
             self._prefill(p, cache_slot(cache, b), None if prompt_logprobs is None else prompt_logprobs[b])
@@ -285,7 +286,7 @@ class Llama:
         return out, [(prompt_lp[b] if echo else []) + out_lp[b] for b in range(B)], ended
 
     def _encode(self, text: str) -> List[int]:
-        return self.tokenizer.encode(text, bos=getattr(self.tokenizer, "add_bos", True), eos=False)
+        return encode_text(self.tokenizer, text)  # BOS first where the tokenizer's own rule adds one
 
     def _truncate(self, prompts: List[List[int]], max_gen_len: int) -> List[List[int]]:
         """Keep the end of each over-long prompt (and its BOS), leaving room for max_gen_len tokens

@@ -28,6 +28,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +59,17 @@ def host_signature() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+def build_tools_hint(missing) -> str:
+    """How to get the missing build tools. `pip install ninja` puts ninja beside the interpreter: when it
+    is there but that folder is not on PATH (a virtual environment used without activating it), say so."""
+    hints = ["install g++ or clang (or set CXX)"] if missing[0] != "ninja" else []
+    if "ninja" in missing:
+        beside = Path(sys.executable).parent / "ninja"
+        hints.append(f"ninja is installed at {beside} but {beside.parent} is not on PATH: activate that virtual "
+                     f"environment (or add {beside.parent} to PATH)" if beside.is_file() else "`pip install ninja`")
+    return " and ".join(hints)
+
+
 @functools.cache
 def kernels():
     """torch.ops.llama_quantized: the group-wise kernels, compiled for this host by torch's extension
@@ -67,8 +79,8 @@ def kernels():
     missing = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
     if missing:
         raise UserError(f"the int8/int4 kernels ({KERNEL_SOURCE.name}) are built on first use and need a C++ compiler "
-                        f"and ninja: {' and '.join(missing)} not found; install g++ or clang (or set CXX) and "
-                        "`pip install ninja`, or use --quantize int8 --group-size 0")
+                        f"and ninja: {' and '.join(missing)} not found on PATH; {build_tools_hint(missing)}, "
+                        "or use --quantize int8 --group-size 0")
     try:
         cpp_extension.load(f"llama_quantized_{host_signature()}", [str(KERNEL_SOURCE)],
                            extra_cflags=["-O3", "-march=native"], is_python_module=False)

@@ -43,7 +43,7 @@ from fairscale.nn.model_parallel.mappings import (
 # Dimension along which each parameter (matched by name suffix) is split across model-parallel
 # ranks; None means every rank holds a full copy. Weights are (out_features, in_features).
 SHARD_DIM = {
-    "tok_embeddings.weight": 0,  # vocab-parallel (Llama 2 checkpoints used dim 1: see checkpoint.py)
+    "tok_embeddings.weight": 0,  # vocab-parallel (Llama 2 checkpoints used dim 1: llama/checkpoint/load.py re-splits them)
     "attention.wq.weight": 0,  # column-parallel: heads are split
     "attention.wk.weight": 0,
     "attention.wv.weight": 0,

@@ -160,6 +160,8 @@ class Engine:
         return cancelled, admitted
 
     def _admit(self, b: int, request: Request) -> None:
+        if self.llama.compiled:
+            self.llama._decode.check()  # per request, as Llama.generate: weights reassigned since compiling
         logits = self.llama._prefill(request.prompt, cache_slot(self.cache, b), None)  # (V,)
         generator = self.shared_generator if request.seed is None else \
             torch.Generator(self.device).manual_seed(request.seed)

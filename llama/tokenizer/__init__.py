@@ -2,7 +2,7 @@
 default model SmolLM2 (GPT-2-style byte-level BPE, in llama/tokenizer/bpe.py).
 
     tok = load_tokenizer(path)          # tokenizer.model, tokenizer.json (or its dir), or a .gguf
-    ids = tok.encode("Hi", bos=tok.add_bos, eos=False)
+    ids = encode_text(tok, "Hi")        # BOS first exactly when the tokenizer's own rule adds one
     tok.decode(ids); tok.stop_tokens; tok.chat_format.encode_dialog_prompt(dialog)
     stream = StreamDecoder(tok); text = stream.push(token_id) ... + stream.flush()
 
@@ -23,8 +23,8 @@ import re
 import struct
 from pathlib import Path
 
-from llama.checkpoint.gguf import GGUFFile
 from llama.common.errors import USER_ERRORS, report
+from llama.common.gguf_header import GGUFHeader
 from llama.tokenizer.bpe import ByteLevelBPETokenizer, gguf_to_hf_json, load_hf_json
 from llama.tokenizer.chat import ChatFormat, ChatMLFormat, Llama2ChatFormat
 from llama.tokenizer.errors import TokenizerError
@@ -37,7 +37,7 @@ from llama.common.files import copy_file, write_text
 
 __all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
            "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",
-           "train_bpe"]
+           "train_bpe", "encode_text"]
 
 
 def _detect(path: Path) -> str:
@@ -73,7 +73,7 @@ def save_tokenizer(source, directory) -> Path:
     source, directory = tokenizer_file(source), Path(directory)
     kind = _detect(source)
     if kind == "gguf":
-        tok_json, config = gguf_to_hf_json(GGUFFile(source).metadata)
+        tok_json, config = gguf_to_hf_json(GGUFHeader(source).metadata)
         write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         return write_text(directory / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False))
     if kind != "hf":
@@ -105,7 +105,7 @@ def load_tokenizer(path):
         if kind == "hf":
             return ByteLevelBPETokenizer.from_hf_json(*load_hf_json(path), path)
         file = sorted(path.glob("*.gguf"))[0] if path.is_dir() else path
-        meta = GGUFFile(file).metadata  # the header only; tensors stay unread in the memory map
+        meta = GGUFHeader(file).metadata  # tensors stay unread in the memory map
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE); "
@@ -116,6 +116,15 @@ def load_tokenizer(path):
             raise
         message = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise TokenizerError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """`text` as the model's own tokenizer encodes it: BOS first exactly when the tokenizer adds one
+    (`add_bos`: Llama 3 and Llama 2 yes; an HF tokenizer.json by its tokenizer_config add_bos_token,
+    else its post-processor; a GGUF by tokenizer.ggml.add_bos_token: SmolLM2 no), never EOS. Prompts,
+    perplexity and lm-eval's contexts all take their BOS from here, as HF's `tokenizer(text)` and
+    llama.cpp's tokenize(add_special=true) do; a tokenizer object without `add_bos` gets Meta's BOS."""
+    return tokenizer.encode(text, bos=getattr(tokenizer, "add_bos", True), eos=False)
 
 
 def check_vocab(tokenizer, vocab_size: int) -> None:
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
         else:
             tok = load_tokenizer(args.tokenizer)
             try:
-                ids = tok.encode(args.text, bos=tok.add_bos, eos=False)
+                ids = encode_text(tok, args.text)
             except ValueError as e:  # e.g. special-token text a byte-level BPE refuses
                 raise TokenizerError(f"{args.tokenizer}: cannot encode this text: {e}") from None
             print(json.dumps({"ids": ids, "pieces": [tok.decode([i]) for i in ids]}, ensure_ascii=False))

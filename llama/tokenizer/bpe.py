@@ -11,7 +11,7 @@ Decoding concatenates each token's bytes and decodes UTF-8 once at the end.
 
 The same class loads HF tokenizer.json files whose pre-tokenizer is a byte-level one (Llama 3's HF
 tokenizer.json is too). `from_gguf` / `from_hf_json` turn the files' fields into constructor
-arguments; the GGUF header itself is read by llama/checkpoint/gguf.py.
+arguments; the GGUF header itself is read by llama/common/gguf_header.py.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ class ByteLevelBPETokenizer:
     # ---- loading -----------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, meta: dict, path: Path) -> "ByteLevelBPETokenizer":
-        """From GGUF metadata (llama.checkpoint.gguf's reader): tokens, merges, token types, special ids."""
+        """From GGUF metadata (llama.common.gguf_header's reader): tokens, merges, token types, special ids."""
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported "

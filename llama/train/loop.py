@@ -15,6 +15,7 @@ resume, with the steps in llama/train/setup.py), runs `loop` and saves the final
 
 import functools
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -236,17 +237,24 @@ def evaluate(run: Run) -> Optional[float]:
     return (sums[0] / sums[1]).item() if sums[1] > 0 else None
 
 
+def _stamp(path: str) -> tuple:
+    stat = os.stat(path)
+    return path, stat.st_size, stat.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=2)
-def _eval_text(path: str, tokenizer_path: str):
+def _eval_text(text_file: tuple, tokenizer_file: tuple):
+    """(text, tokenizer), read once per (path, size, mtime) of each: a file edited between two
+    runs in one process (a notebook) is read again, not served from the cache."""
     from llama.tokenizer import load_tokenizer
 
-    return open(path, encoding="utf-8").read(), load_tokenizer(tokenizer_path)
+    return open(text_file[0], encoding="utf-8").read(), load_tokenizer(tokenizer_file[0])
 
 
 def eval_text_perplexity(run: Run) -> float:
     """Perplexity of cfg.eval_data (llama.eval's strided windows: seq_len tokens, half overlap).
     Every rank runs it (model-parallel layers communicate); data-parallel ranks get the same number."""
-    text, tokenizer = _eval_text(run.cfg.eval_data, str(run.data.tokenizer_path))
+    text, tokenizer = _eval_text(_stamp(run.cfg.eval_data), _stamp(str(run.data.tokenizer_path)))
     model = run.net.model
     model.eval()
     with run.autocast():

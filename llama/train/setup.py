@@ -19,7 +19,7 @@ import torch.distributed as dist
 from llama import parallel
 from llama.train import fsdp
 from llama.train.batches import Batches
-from llama.data.prepare import DataError, bpe_dataset, cached_prepare, collect_files, read_meta
+from llama.data.prepare import DataError, bpe_dataset, cached_prepare, check_tokenizer, collect_files, read_meta
 from llama.model import ModelArgs, Transformer
 from llama import lora
 from llama.tokenizer import tokenizer_file
@@ -80,8 +80,8 @@ def resolve_data(cfg: TrainConfig, vocab_size: int) -> Tuple[Path, Optional[str]
     tok = tokenizer_for(cfg)
     if (Path(cfg.data) / "meta.json").is_file():
         meta = read_meta(cfg.data)
-        if tok is None:
-            tok = meta["tokenizer"]["path"]
+        tok = tok or meta["tokenizer"]["path"]
+        check_tokenizer(cfg.data, meta, tok)  # the tokenizer that made these ids, unchanged since
         return Path(cfg.data), tok
     inputs = [cfg.data]
     if tok is None:
