@@ -182,7 +182,7 @@ def dropout_rows(model, rows: Sequence[int], seed: int, length: int):
 
 def _split_of(layer: nn.Module, name: str) -> Optional[str]:
     """How `layer`'s product communicates: None (one process), "column" or "row"."""
-    if isinstance(layer, parallel.ColumnParallelLinear) and not layer.gather_output:
+    if isinstance(layer, parallel.ColumnParallelLinear):
         return "column"
     if isinstance(layer, parallel.RowParallelLinear):
         return "row"

@@ -10,7 +10,7 @@ share of the heads and FFN units (parallel.py) and sees only it. Why each choice
 
 import math
 import zlib
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = parallel.vocab_parallel_embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = parallel.column_parallel_linear(params.dim, params.vocab_size, gather_output=True)
+        self.output = parallel.column_parallel_linear(params.dim, params.vocab_size)  # this rank's vocabulary
         if params.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # not in checkpoints; real even on the meta device (loads with assign=True)
@@ -170,8 +170,9 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(params, "cpu" if meta else None), persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, cache: Optional[List[KVCache]] = None,
-                last_only: bool = False, hidden: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> float logits (B, T, vocab), or (B, 1, vocab) if last_only."""
+                last_only: bool = False, head: Optional[Callable] = None):
+        """tokens (B, T) -> float logits (B, T, vocab), or (B, 1, vocab) if last_only. head(self, h): its result
+        on the final residual stream h (B, T, D) instead (a loss), inside the call as FSDP needs (docs/fsdp.md)."""
         B, T = tokens.shape
         mask = None
         if isinstance(start_pos, torch.Tensor):  # (B,): a ragged batch sharing a cache
@@ -186,10 +187,11 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, start_pos, None if cache is None else cache[i], mask)
-        if last_only:
-            h = h[:, -1:]
-        if hidden:  # before the final norm: training's chunked loss
-            return h
+        h = h[:, -1:] if last_only else h  # (B, 1, D): decoding needs the last position only
+        return head(self, h) if head is not None else parallel.gather_last_dim(self.logits(h))  # (B, T, V)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head: final norm + output, (B, T, D) -> float logits of this rank's vocabulary (B, T, V/M)."""
         return self.output(self.norm(h)).float()
 
     def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> List[KVCache]:
@@ -207,9 +209,7 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
-            std = 0.02
-            if name.endswith(("wo.weight", "w2.weight")):
-                std /= math.sqrt(2 * self.params.n_layers)
+            std = 0.02 / (math.sqrt(2 * self.params.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
             full = torch.empty(parallel.full_shape(name, p.shape, n_kv_heads=kv)).normal_(0.0, std, generator=gen)
             p.copy_(parallel.shard(name, full, n_kv_heads=kv))

@@ -191,13 +191,23 @@ def _worker(rank, world_size, port, out_dir, fn, args, environ, cwd):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_distributed(fn, world_size: int, *args):
+def run_distributed(fn, world_size: int, *args, timeout: float = 900):
     """fn(*args) on `world_size` processes (forked from a server with torch imported); returns
-    [result of rank 0, rank 1, ...]."""
+    [result of rank 0, rank 1, ...]. Ranks still running after `timeout` seconds (a collective that
+    some rank never reaches) are killed and the test fails, rather than hanging the suite."""
+    import time
+
     multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, dict(os.environ), os.getcwd()),
-                           nprocs=world_size, join=True, start_method="forkserver")
+        ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, dict(os.environ),
+                                                os.getcwd()), nprocs=world_size, join=False, start_method="forkserver")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{fn.__name__} on {world_size} processes still ran after {timeout:.0f} s: "
+                                   f"a rank waits in a collective the others never reach")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

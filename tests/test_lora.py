@@ -183,7 +183,7 @@ def test_chunked_loss_head_gives_the_same_loss_and_gradients(rank):
             lora.freeze_base(model)
         inputs, targets = tokens()[:, :-1], tokens()[:, 1:].clone()
         targets[0, :5] = -100  # an SFT mask
-        loss = loss_sum(model, inputs, targets, model, chunks)
+        loss = loss_sum(model, inputs, targets, chunks)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (loss1, grads1), (loss3, grads3) = results

@@ -14,10 +14,12 @@ projection plus log-softmax, ~20% of a small model's FLOPs and the largest tenso
 the positions that are scored rather than on every position of every window.
 """
 
+from functools import partial
 from typing import List, Sequence, Tuple
 
 import torch
 
+from llama.parallel.loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from llama.tokenizer import encode_text
 
 Request = Tuple[Sequence[int], int]
@@ -50,19 +52,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], 
     return (ctx or [prefix_token(tokenizer)]), whole[len(ctx):]
 
 
-def hidden_states(model, tokens: torch.Tensor) -> torch.Tensor:
-    """The final residual stream (B, T, D) before the norm and output head; the same steps as
-    Transformer.forward without a cache, so the head can be applied to chosen positions only."""
-    T = tokens.shape[1]
-    if T > model.params.max_seq_len:
-        raise ValueError(f"{T} positions exceed max_seq_len={model.params.max_seq_len}")
-    freqs_cis = model.freqs_cis[:T]  # (T, Dh/2)
-    h = model.tok_embeddings(tokens)  # (B, T, D)
-    for layer in model.layers:
-        h = layer(h, freqs_cis, 0, None, None)
-    return h
-
-
 def _score_batch(model, batch: List[Request]) -> List[Tuple[torch.Tensor, bool]]:
     """(target log-probs (n,), all targets greedy) for each request of one padded batch."""
     device = model.tok_embeddings.weight.device
@@ -75,20 +64,28 @@ def _score_batch(model, batch: List[Request]) -> List[Tuple[torch.Tensor, bool]]
         rows += [b] * n
         cols += range(len(toks) - 1 - n, len(toks) - 1)
         targets += toks[len(toks) - n:]
-    h = hidden_states(model, inputs.to(device))[torch.tensor(rows), torch.tensor(cols)]  # (N, D)
-    targets = torch.tensor(targets, device=device)  # (N,)
-    logprobs, greedy = [], []
-    for start in range(0, len(targets), HEAD_ROWS):
-        logits = model.output(model.norm(h[start : start + HEAD_ROWS])).float()  # (n, V)
-        tgt = targets[start : start + HEAD_ROWS]
-        logprobs.append(torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0])
-        greedy.append(logits.argmax(-1) == tgt)
-    logprobs, greedy = torch.cat(logprobs).cpu(), torch.cat(greedy).cpu()
+    head = partial(_target_scores, rows=torch.tensor(rows), cols=torch.tensor(cols),
+                   targets=torch.tensor(targets, device=device))
+    logprobs, greedy = model(inputs.to(device), head=head)  # the head runs inside the model's forward (FSDP)
+    logprobs, greedy = logprobs.cpu(), greedy.cpu()
     out, i = [], 0
     for _, n in batch:
         out.append((logprobs[i : i + n], bool(greedy[i : i + n].all())))
         i += n
     return out
+
+
+def _target_scores(model, h: torch.Tensor, rows, cols, targets) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The model's head on the scored positions only, HEAD_ROWS at a time: (log-prob of each target (N,),
+    is it the argmax (N,)). Under model parallelism from each rank's vocabulary slice, never gathered."""
+    h = h[rows, cols]  # (N, D)
+    logprobs, greedy = [], []
+    for start in range(0, len(targets), HEAD_ROWS):
+        logits = model.logits(h[start : start + HEAD_ROWS])  # (n, V/M) float32
+        tgt = targets[start : start + HEAD_ROWS]
+        logprobs.append(-vocab_parallel_cross_entropy(logits, tgt))
+        greedy.append(vocab_parallel_argmax(logits) == tgt)
+    return torch.cat(logprobs), torch.cat(greedy)
 
 
 @torch.inference_mode()

@@ -54,7 +54,7 @@ SHARD_DIM = {
     "attention_norm.weight": None,
     "ffn_norm.weight": None,
     "norm.weight": None,
-    "output.weight": 0,  # column-parallel over the vocabulary, gathered before the loss
+    "output.weight": 0,  # column-parallel over the vocabulary: the loss takes the slices, logits gather them
     # LoRA adapters (llama/lora.py): a column-parallel W's A is replicated and its B split on the
     # output rows; a row-parallel W's A is split on the input columns and its B replicated.
     "attention.wq.lora_A.weight": None, "attention.wq.lora_B.weight": 0,
@@ -220,17 +220,15 @@ def repeat_kv_heads(full: torch.Tensor, n_kv_heads: int, mp: int) -> torch.Tenso
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by rows (output features): this rank computes y[..., its slice]."""
 
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
         mp = model_parallel_size()
         check_divisible("output features", out_features, mp)
-        self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(out_features // mp, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # identity forward, all-reduce of the input's gradient backward
-        y = F.linear(copy_to_model_parallel_region(x), self.weight)
-        return gather_last_dim(y) if self.gather_output else y
+        return F.linear(copy_to_model_parallel_region(x), self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -286,7 +284,10 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's x along the last dimension (rank order); traceable like all_reduce."""
+    """Concatenate every rank's x along the last dimension (rank order); traceable like all_reduce.
+    The model's logits: every rank's vocabulary slice."""
+    if model_parallel_size() == 1:
+        return x
     if _traced_inference():
         return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, model_parallel_group())
     return gather_from_model_parallel_region(x)
@@ -299,14 +300,12 @@ class LocalProduct(nn.Module):
     def __init__(self, layer: nn.Module, local: nn.Module):
         super().__init__()
         self.row = isinstance(layer, RowParallelLinear)
-        self.gather_output = getattr(layer, "gather_output", False)
         self.local = local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row:  # x is this rank's slice of the features: partial products summed
             return all_reduce(self.local(x))
-        y = self.local(x)
-        return gather_last_dim(y) if self.gather_output else y
+        return self.local(x)
 
 
 def with_local_product(layer: nn.Module, local: nn.Module) -> nn.Module:
@@ -314,10 +313,10 @@ def with_local_product(layer: nn.Module, local: nn.Module) -> nn.Module:
     return LocalProduct(layer, local) if isinstance(layer, PARALLEL_LINEARS) else local
 
 
-def column_parallel_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
+def column_parallel_linear(in_features: int, out_features: int) -> nn.Module:
     if model_parallel_size() == 1:
         return nn.Linear(in_features, out_features, bias=False)
-    return ColumnParallelLinear(in_features, out_features, gather_output)
+    return ColumnParallelLinear(in_features, out_features)
 
 
 def row_parallel_linear(in_features: int, out_features: int) -> nn.Module:

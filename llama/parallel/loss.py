@@ -1,21 +1,13 @@
-"""The training loss under model parallelism: cross-entropy from each rank's vocabulary slice of the
-logits, never gathering all of them (llama/train/loop.py uses it; one process: F.cross_entropy)."""
+"""Losses and scores from each rank's vocabulary slice of the logits (`Transformer.logits`), never
+gathering all of them: tokens x vocab x 4 bytes per rank, 4 GiB for one 8K-token sequence at Llama 3's
+128,256 words. The training loss (llama/train/loop.py) and the evaluation scorer (llama/eval/scoring.py)
+use them; in one process they are F.cross_entropy and argmax."""
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from llama import parallel
-
-
-def keep_logits_split(model: nn.Module) -> None:
-    """Training: make the output layer return this rank's vocabulary slice of the logits instead of
-    gathering all of them (tokens x vocab x 4 bytes per rank: 4 GiB for one 8K-token sequence at
-    Llama 3's 128,256 words). vocab_parallel_cross_entropy takes the slice. Inference models (built
-    by load_model / Llama.build) keep gathering."""
-    if isinstance(model.output, parallel.ColumnParallelLinear):
-        model.output.gather_output = False
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -63,3 +55,19 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ig
     if parallel.model_parallel_size() == 1:
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
     return _VocabParallelCrossEntropy.apply(logits.float(), targets, ignore_index)
+
+
+def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The id of the largest logit over the whole vocabulary (N,) from this rank's slice (N, V/M):
+    the first among equals, as argmax over the gathered logits would give."""
+    if parallel.model_parallel_size() == 1:
+        return logits.argmax(-1)
+    group, per_rank = parallel.model_parallel_group(), logits.shape[-1]
+    local = logits.argmax(-1)  # (N,) the first of this rank's largest
+    peak = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+    top = peak.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    total = per_rank * parallel.model_parallel_size()
+    ids = torch.where(peak == top, local + parallel.model_parallel_rank() * per_rank, total)  # (N,) global ids
+    dist.all_reduce(ids, op=dist.ReduceOp.MIN, group=group)  # the lowest id among the ranks holding the top
+    return ids

@@ -12,6 +12,7 @@ makes MP x DP runs match a single process, and "how many sequences were consumed
 data position a resumed run needs.
 """
 
+import math
 from pathlib import Path
 from typing import List, Tuple
 
@@ -116,8 +117,14 @@ class Batches:
 
     def val_micro_batches(self, n_batches: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """The first n_batches global batches of the held-out split, in order (the same every time);
-        this rank's micro-batches of them. Empty if there is no validation data."""
+        this rank's micro-batches of them. Every rank gets as many micro-batches as the rank with the
+        most rows (under FSDP each forward is a collective that every rank must join): a rank short
+        of rows gets padding, one sequence whose targets are all IGNORE (weight 0). Empty if there is
+        no validation data."""
         total = min(self.counts["val"], n_batches * batch_size)
         mine = list(range(dp_rank, total, dp))  # round-robin so every rank gets a share
         rows = [self._sequence(i, "val") for i in mine]
-        return [self.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)]
+        batches = [self.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)]
+        most = math.ceil(math.ceil(total / dp) / micro)  # rank 0's count: it has the most rows
+        padding = (torch.zeros(1, self.seq_len, dtype=torch.long), torch.full((1, self.seq_len), IGNORE))
+        return batches + [padding] * (most - len(batches))

@@ -152,27 +152,33 @@ def dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, model=None, chunks: int = 1) -> torch.Tensor:
+def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
     """Summed cross-entropy over the trained targets (IGNORE marks the rest). (B, T) -> ().
-    Under model parallelism the logits are this rank's vocabulary slice (keep_logits_split) and the
-    loss is computed from the slices, never the full (B, T, vocab) tensor.
+    The loss is the model's head (`head_loss`), so it runs inside the model's forward: there FSDP has
+    gathered the final norm and output weights (a tied table lives with the root module, gathered only
+    around the root's forward), and DDP sees one forward. chunks: `loss_chunks`."""
+    return forward(inputs, head=functools.partial(head_loss, targets=targets, chunks=chunks))
 
-    chunks > 1 (`loss_chunks`): the fp32 logits and their log-softmax cost 8 x vocab bytes per token
-    (8 GiB for 8K tokens of Llama 3's 128K vocabulary). Instead the model returns its hidden states
-    and `model`'s norm + output + cross-entropy run on one slice of the sequence at a time, each
-    recomputed in backward, so only one slice's logits are ever alive. Same sum, same gradients."""
+
+def head_loss(model, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """The summed loss of the final residual stream h (B, T, D) against targets (B, T), from the
+    model's one output head (`Transformer.logits`): under model parallelism each rank's vocabulary
+    slice of the logits goes to the vocabulary-parallel cross-entropy, never the full (B, T, vocab).
+
+    chunks > 1: the fp32 logits and their log-softmax cost 8 x vocab bytes per token (8 GiB for 8K
+    tokens of Llama 3's 128K vocabulary). Instead the head and the loss run on one slice of the
+    sequence at a time, each recomputed in backward, so only one slice's logits are ever alive.
+    Same sum, same gradients."""
     if chunks <= 1:
-        logits = forward(inputs)  # (B, T, V / model-parallel size) float32
-        return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
-    h = forward(inputs, hidden=True)  # (B, T, D)
+        return _slice_loss(model, h, targets)
     total = torch.zeros((), device=h.device)
     for h_slice, y_slice in zip(h.chunk(chunks, dim=1), targets.chunk(chunks, dim=1)):
-        total = total + torch.utils.checkpoint.checkpoint(_head_loss, model, h_slice, y_slice, use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(_slice_loss, model, h_slice, y_slice, use_reentrant=False)
     return total
 
 
-def _head_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model.output(model.norm(h)).float()  # (B, T/chunks, V / model-parallel size)
+def _slice_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model.logits(h)  # (B, T/chunks, V / model-parallel size) float32
     return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
 
 
@@ -199,7 +205,7 @@ def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[fl
         with lora.dropout_rows(run.net.model, rows[:len(x)], run.cfg.seed, run.cfg.seq_len):
             with grad_sync(run.net, sync), run.autocast():
                 summed = loss_sum(run.net.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                  run.net.model, run.cfg.loss_chunks)
+                                  run.cfg.loss_chunks)
             (summed * scale).backward()
         rows = rows[len(x):]
         total += summed.detach()
@@ -222,7 +228,9 @@ def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[fl
 
 @torch.no_grad()
 def evaluate(run: Run) -> Optional[float]:
-    """Mean loss over the fixed held-out batches (every rank gets the same number), or None."""
+    """Mean loss over the fixed held-out batches, or None. Every data-parallel rank runs the same number
+    of forwards (a rank short of rows pads with zero-weight batches: llama/train/batches.py), since
+    under FSDP each forward is a collective."""
     if run.data.val is None:
         return None
     model = run.net.model
@@ -230,7 +238,7 @@ def evaluate(run: Run) -> Optional[float]:
     sums = torch.zeros(2, device=run.device)  # (summed loss, trained tokens)
     for x, y in run.data.val:
         with run.autocast():
-            sums[0] += loss_sum(model, x.to(run.device), y.to(run.device))
+            sums[0] += loss_sum(model, x.to(run.device), y.to(run.device), run.cfg.loss_chunks)
         sums[1] += (y != IGNORE).sum()
     model.train()
     dp_all_reduce(sums)

@@ -27,7 +27,6 @@ from llama.train import adapters as train_adapters
 from llama.train.config import TrainConfig, asset_path, check_device, check_layout
 from llama.train.loop import Data, Progress, Run, TrainModel, enable_activation_checkpointing
 from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
-from llama.parallel.loss import keep_logits_split
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -198,11 +197,9 @@ def load_data(cfg: TrainConfig, args: ModelArgs) -> Data:
 
 
 def distribute(cfg: TrainConfig, model: Transformer, device: torch.device) -> TrainModel:
-    """The model as the training step runs it: logits kept split for the vocabulary-parallel loss,
-    FSDP-sharded or DDP-replicated over the data-parallel group, blocks recomputed in backward
-    (activation_checkpointing), compiled (compile)."""
+    """The model as the training step runs it: FSDP-sharded or DDP-replicated over the data-parallel
+    group, blocks recomputed in backward (activation_checkpointing), compiled (compile)."""
     model.train()
-    keep_logits_split(model)  # the loss is vocabulary-parallel
     if cfg.data_parallel == "fsdp":  # each block's shard moves to the device as it is sharded
         model = fsdp.shard_model(model, device, cfg.reshard_after_forward, compute_dtype(cfg, device))
     if cfg.activation_checkpointing:
