@@ -26,6 +26,29 @@ CASES = {
 }
 
 
+def test_every_rank_gets_as_many_held_out_micro_batches(corpus):
+    """241 held-out rows over 2 ranks in micro-batches of 2: rank 0 has 61 micro-batches, rank 1 60
+    plus one of zero weight (no trained target); together they hold each row once, as one process."""
+    import torch
+
+    from llama.train.batches import IGNORE, Batches
+
+    batches = Batches(corpus[0], 32, 0)
+    assert batches.counts["val"] == 241
+    one = batches.val_micro_batches(100, 8, 2, 0, 1)
+    ranks = [batches.val_micro_batches(100, 8, 2, r, 2) for r in range(2)]
+    assert [len(r) for r in ranks] == [61, 61] and len(one) == 121
+    padding = ranks[1][-1]
+    assert padding[0].shape == (1, 32) and (padding[1] == IGNORE).all()
+    rows = lambda mbs: sorted(tuple(x.tolist()) for xs, _ in mbs for x in xs)  # noqa: E731
+    assert sorted(rows(ranks[0]) + rows(ranks[1][:-1])) == rows(one)
+    targets = lambda mbs: sum(int((y != IGNORE).sum()) for _, y in mbs)  # noqa: E731
+    assert targets(ranks[0]) + targets(ranks[1]) == targets(one) == 241 * 32
+    # fewer held-out rows than ranks: the rank with none still runs one (zero-weight) forward
+    alone = batches.val_micro_batches(1, 1, 1, 1, 2)
+    assert len(alone) == 1 and torch.equal(alone[0][1], padding[1])
+
+
 def cases_worker(data_dir, root, text):
     """Every case on this rank, in turn; a case that raises gives its error, so the others still run.
     Between cases the model-parallel groups go (a process joins one layout; this launch runs two)."""
