@@ -128,8 +128,10 @@ def gguf_name(meta: str) -> str:
     return f"blk.{i}.{_GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
 
 
-def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llama"):
-    """A llama.cpp-style GGUF of a Meta-key state dict; matrices stored as `qtype`, norms as F32."""
+def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llama", tokenizer_from=None):
+    """A llama.cpp-style GGUF of a Meta-key state dict; matrices stored as `qtype`, norms as F32. The
+    tokenizer: every `tokenizer.*` key of the GGUF `tokenizer_from` (a real one: SmolLM2's 49,152
+    tokens and ChatML template), else vocab_size placeholder tokens."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
@@ -141,8 +143,11 @@ def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llam
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_rope_dimension_count(args.head_dim)
     w.add_vocab_size(args.vocab_size)
-    w.add_token_list([f"tok{i}" for i in range(args.vocab_size)])
-    w.add_token_types(np.ones(args.vocab_size, dtype=np.int32).tolist())
+    if tokenizer_from is not None:
+        _copy_tokenizer(w, tokenizer_from)
+    else:
+        w.add_token_list([f"tok{i}" for i in range(args.vocab_size)])
+        w.add_token_types(np.ones(args.vocab_size, dtype=np.int32).tolist())
     for name, t in state_dict.items():
         if name == "output.weight" and args.tie_word_embeddings:
             continue
@@ -156,6 +161,16 @@ def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llam
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _copy_tokenizer(writer, source) -> None:
+    """Every tokenizer.* key of the GGUF file `source`, with its GGUF types."""
+    reader = gguf.GGUFReader(str(source))
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            kind = gguf.GGUFValueType(field.types[0])
+            sub = gguf.GGUFValueType(field.types[-1]) if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), kind, sub)
 
 
 # ---------------------------------------------------------------- processes

@@ -36,29 +36,13 @@ DIALOG = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "
 
 def _tiny_gguf_with_smollm2_tokenizer(path, smollm2_gguf):
     """A 1-layer model that carries SmolLM2's real tokenizer metadata (49152 tokens, ChatML template)."""
-    import gguf
+    from tests.helpers import write_gguf
 
-    from llama.checkpoint.gguf import GGUFFile
-    from tests.helpers import gguf_name
-
-    meta = GGUFFile(smollm2_gguf).metadata
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=49152, hidden_dim=64,
-                     rope_theta=100000.0, tie_word_embeddings=True)
+                     rope_theta=100000.0, tie_word_embeddings=True, max_seq_len=8192)
     model = Transformer(args)
     model.init_weights(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1), w.add_context_length(8192), w.add_embedding_length(32), w.add_feed_forward_length(64)
-    w.add_head_count(2), w.add_head_count_kv(1), w.add_rope_freq_base(100000.0), w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(49152), w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
-    w.add_token_list(meta["tokenizer.ggml.tokens"]), w.add_token_types([int(t) for t in meta["tokenizer.ggml.token_type"]])
-    w.add_token_merges(meta["tokenizer.ggml.merges"])
-    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_pad_token_id(2), w.add_add_bos_token(False)
-    w.add_chat_template(meta["tokenizer.chat_template"])
-    for name, t in model.state_dict().items():
-        if name != "output.weight":
-            w.add_tensor(gguf_name(name), t.detach().numpy())
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    return path
+    return write_gguf(path, model.state_dict(), args, tokenizer_from=smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
