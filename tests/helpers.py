@@ -239,15 +239,29 @@ TINY_TRAIN = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv
         "log_every=1", "eval_every=0", "save_every=0", "grad_clip=0.5"]
 
 
-def tiny_corpus(root: Path):
-    """(prepared data dir, tokenizer) for the miniature corpus, built once under root."""
+def corpus_files(root: Path) -> Path:
+    """root/src holding the miniature corpus's 12 stdlib modules (written once)."""
     files = {f.name: f for f in stdlib_files()}
     src = root / "src"
     if not src.is_dir():
         src.mkdir(parents=True)
         for name in CORPUS_FILES:
             (src / name).write_text(files[name].read_text())
-    return bpe_dataset([str(src)], root / "cache", 640, 0.1)
+    return src
+
+
+def tiny_corpus(root: Path):
+    """(prepared data dir, tokenizer) for the miniature corpus, built once under root."""
+    return bpe_dataset([str(corpus_files(root))], root / "cache", 640, 0.1)
+
+
+def held_out_text(path: Path, chars: int = 3000) -> Path:
+    """A text for eval_data that the corpus does not hold: the start of the stdlib's difflib.py."""
+    import difflib
+
+    assert Path(difflib.__file__).name not in CORPUS_FILES
+    path.write_text(Path(difflib.__file__).read_text()[:chars])
+    return path
 
 
 def tiny_config(data_dir, out_dir, *extra):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CORPUS_FILES, read_metrics, run_distributed, tiny_train as train
+from tests.helpers import held_out_text, read_metrics, run_distributed, tiny_train as train
 
 # One step of 8 sequences of 32 tokens; the tiny corpus holds 241 held-out sequences of 32.
 COMMON = ["max_steps=2", "eval_every=1", "eval_batches=100000"]
@@ -70,11 +70,7 @@ def runs(corpus, tmp_path_factory):
     """(one process's metrics, 2 processes' metrics, rank results) per case, from one launch."""
     data_dir, _ = corpus
     root = tmp_path_factory.mktemp("scale")
-    text = root / "eval.txt"  # a held-out text for eval_data: a stdlib module the corpus does not hold
-    import difflib
-
-    assert Path(difflib.__file__).name not in CORPUS_FILES
-    text.write_text(Path(difflib.__file__).read_text()[:3000])
+    text = held_out_text(root / "eval.txt")
     ranks = run_distributed(cases_worker, 2, data_dir, root / "two", str(text), timeout=600)
     single = {}
     for name, keys in CASES.items():
