@@ -41,7 +41,7 @@ def main(argv=None):
     keep_freed_memory()  # as generate.py does
     print("; ".join(f"{k} {v}" for k, v in host_facts("cpu", args.threads, matvec_bandwidth("cpu")).items()))
     llama = Llama.build(assets.smollm2_gguf(), max_seq_len=512, max_batch_size=1, device="cpu", compile=True)
-    prompt = [llama._encode("The old lighthouse stood at the edge of the cliff, and every night")]
+    prompt = [llama.encode_prompt("The old lighthouse stood at the edge of the cliff, and every night")]
     start = time.perf_counter()
     llama.generate(prompt, 4, temperature=0.0)
     print(f"compiled in {time.perf_counter() - start:.0f} s")

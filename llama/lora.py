@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import parallel
+from llama.common.dtypes import training_dtype
 from llama.common.errors import UserError
 
 # Meta's projection names and where they live in a TransformerBlock.
@@ -103,7 +104,7 @@ def check_model(args, rank: int, targets, mp: int = 1) -> None:
         if rank > min(out, inp):
             raise LoRAError(f"lora_rank={rank} is larger than {t} ({out} x {inp}): a rank above "
                             f"min(out, in) = {min(out, inp)} adds nothing; pick a smaller lora_rank")
-    if mp > args.n_kv_heads and {"wk", "wv"} & set(targets):
+    if parallel.kv_heads_duplicated(args.n_kv_heads, mp) and {"wk", "wv"} & set(targets):
         # Past n_kv_heads ranks each K/V head is duplicated across ranks; its lora_B copies would get
         # different gradients. Not supported: train wk/wv adapters at mp <= n_kv_heads.
         raise LoRAError(f"LoRA on wk/wv at model_parallel_size={mp} > n_kv_heads={args.n_kv_heads} is not "
@@ -305,9 +306,7 @@ def refuse_adapters(model, what: str) -> None:
 def base_dtype_for(base_dtype: str, device: torch.device) -> torch.dtype:
     """The frozen base's dtype: auto = bf16 on CUDA (half the memory; the adapters stay fp32),
     fp32 on CPU."""
-    if base_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, base_dtype)
+    return training_dtype(base_dtype, device)
 
 
 def freeze_base(model, dtype: Optional[torch.dtype] = None) -> None:

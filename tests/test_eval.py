@@ -89,7 +89,7 @@ def test_evaluation_takes_bos_from_the_tokenizers_own_rule(tiny_dir, smol_tok):
     tok = llama3.tokenizer
     ids = encode_text(tok, TEXT)
     assert ids[0] == tok.bos_id == 128000 and ids[1:] == tok.encode(TEXT, bos=False, eos=False)
-    assert llama3._encode(TEXT) == ids
+    assert llama3.encode_prompt(TEXT) == ids
     assert perplexity(llama3.model, tok, TEXT, 32, 16).tokens == len(ids) - 1
     assert encode_pair(tok, "Paris is", " big")[0][0] == tok.bos_id
     smol_ids = encode_text(smol_tok, TEXT)

@@ -32,7 +32,7 @@ def test_greedy_text_matches_hf(smollm2, hf_smollm2, hf_smollm2_tokenizer):
     """Our greedy continuations (one ragged batch, KV-cache decoding) are HF's greedy choice at every
     position, teacher-forced: one HF forward per prompt over prompt + our continuation. Each chosen
     token's log-probability matches HF's, and a sequence stops exactly where HF's argmax is a stop token."""
-    prompt_tokens = [smollm2._encode(p) for p in PROMPTS]
+    prompt_tokens = [smollm2.encode_prompt(p) for p in PROMPTS]
     assert prompt_tokens == [hf_smollm2_tokenizer(p)["input_ids"] for p in PROMPTS]
     ours, logprobs = smollm2.generate(prompt_tokens, N_NEW, temperature=0, logprobs=True)
     stop = set(smollm2.tokenizer.stop_tokens)
@@ -50,7 +50,7 @@ def test_greedy_text_matches_hf(smollm2, hf_smollm2, hf_smollm2_tokenizer):
 
 
 def test_logprobs_match_hf_log_softmax(smollm2, hf_smollm2):
-    prompt = smollm2._encode(PROMPTS[0])
+    prompt = smollm2.encode_prompt(PROMPTS[0])
     tokens, logprobs = smollm2.generate([prompt], 12, temperature=0, logprobs=True, echo=True)
     seq = tokens[0]
     assert seq[: len(prompt)] == prompt and len(logprobs[0]) == len(seq)
@@ -69,7 +69,7 @@ def test_logprobs_match_hf_log_softmax(smollm2, hf_smollm2):
 def test_ragged_batch_equals_each_alone(smollm2):
     tok = smollm2.tokenizer
     chat = smollm2.encode_dialog([{"role": "user", "content": "What is 2+2? Answer with one number."}])
-    prompts = [smollm2._encode("Hi"), chat, smollm2._encode("The three primary colors are red, yellow and")]
+    prompts = [smollm2.encode_prompt("Hi"), chat, smollm2.encode_prompt("The three primary colors are red, yellow and")]
     batch, _ = smollm2.generate(prompts, 20, temperature=0)
     for p, got in zip(prompts, batch):
         alone, _ = smollm2.generate([p], 20, temperature=0)
@@ -81,7 +81,7 @@ def test_ragged_batch_equals_each_alone(smollm2):
 
 
 def test_stream_pieces_join_to_the_text(smollm2):
-    prompts = [smollm2._encode("Write the word café three times:"), smollm2._encode("2, 4, 8,")]
+    prompts = [smollm2.encode_prompt("Write the word café three times:"), smollm2.encode_prompt("2, 4, 8,")]
     pieces = ["", ""]
     for seq, text, _ in smollm2.stream(prompts, 16, temperature=0):
         pieces[seq] += text

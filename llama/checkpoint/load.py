@@ -229,10 +229,9 @@ def _rows(pieces: List[torch.Tensor], dim: int, ranges) -> torch.Tensor:
 
 
 def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch.Tensor:
-    """Rows of wk/wv for this rank, one head (head_dim rows) at a time.
-
-    Source: its shards store `stored` heads, n_kv_heads of them or, when saved at mp > n_kv_heads,
-    each head repeated. Target: parallel.kv_heads_for(n_kv_heads, mp) heads, rank r holds heads [r*k, (r+1)*k)."""
+    """Rows of wk/wv for this rank, one head (head_dim rows) at a time: the heads
+    parallel.local_kv_heads gives it. Its shards store `stored` heads, n_kv_heads of them or, when
+    saved at mp > n_kv_heads, each head repeated (consecutive copies)."""
     hd, n_kv = args.head_dim, args.n_kv_heads
     rows = sum(p.shape[0] for p in pieces)
     found = (rows, pieces[0].shape[1])
@@ -243,9 +242,7 @@ def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch
             f"the weights do not match {source.args_file}"
         )
     src_copies = stored // n_kv  # consecutive copies of each head in the source
-    target = parallel.kv_heads_for(n_kv, mp)
-    per_rank, tgt_copies = target // mp, target // n_kv
-    heads = [(j // tgt_copies) * src_copies for j in range(rank * per_rank, (rank + 1) * per_rank)]
+    heads = [h * src_copies for h in parallel.local_kv_heads(n_kv, mp, rank)]  # the first copy of each
     ranges = []  # merge consecutive heads into one range, so a plain split stays a view
     for h in heads:
         if ranges and ranges[-1][0] + ranges[-1][1] == h * hd:

@@ -228,18 +228,6 @@ def check_fits(adapter: Adapter, args, base_label) -> None:
 # ---------------------------------------------------------------------------- merging
 
 
-def _local_b(name: str, full: torch.Tensor, args) -> torch.Tensor:
-    """This rank's rows of a B. Past n_kv_heads ranks, wk/wv heads are duplicated as the weights are
-    (llama/checkpoint.py): rank r holds heads [r*k, (r+1)*k) of max(n_kv_heads, mp) copies."""
-    mp, rank = parallel.model_parallel_size(), parallel.model_parallel_rank()
-    if mp <= args.n_kv_heads or not name.endswith(("attention.wk.lora_B.weight", "attention.wv.lora_B.weight")):
-        return parallel.shard(name, full)
-    target = parallel.kv_heads_for(args.n_kv_heads, mp)
-    per_rank, copies = target // mp, target // args.n_kv_heads
-    heads = full.view(args.n_kv_heads, args.head_dim, -1)
-    return torch.cat([heads[j // copies] for j in range(rank * per_rank, (rank + 1) * per_rank)])
-
-
 @torch.no_grad()
 def merge_adapter(model, path, base_label) -> Adapter:
     """W += scale * B A for every adapted projection of this rank's shard of `model`."""
@@ -250,7 +238,8 @@ def merge_adapter(model, path, base_label) -> Adapter:
         b_name = name.replace(".lora_A.", ".lora_B.")
         weight = model.get_parameter(_weight_name(name))
         local_a = parallel.shard(name, a).to(weight.device)
-        local_b = _local_b(b_name, adapter.tensors[b_name], model.params).to(weight.device)
+        # past n_kv_heads ranks, wk/wv B rows follow the weights' K/V-head rule (duplicated heads)
+        local_b = parallel.shard(b_name, adapter.tensors[b_name], n_kv_heads=model.params.n_kv_heads).to(weight.device)
         delta = adapter.modules[name.rsplit(".", 2)[0]][1] * (local_b @ local_a)
         weight.copy_((weight.float() + delta).to(weight.dtype))
     return adapter

@@ -34,3 +34,11 @@ def parse_dtype(value: Union[None, str, torch.dtype], what: str = "dtype") -> Op
 def dtype_name(value: Union[str, torch.dtype], what: str = "dtype") -> str:
     """The canonical torch name ('bfloat16') of a dtype or either spelling of its name."""
     return str(parse_dtype(value, what)).removeprefix("torch.")
+
+
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A training dtype setting (train.py's dtype, LoRA's base_dtype): "auto" is bfloat16 on CUDA and
+    float32 elsewhere (a CPU computes bf16 no faster); otherwise the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(name)

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 
+from llama import parallel
 from llama.eval import EvalError, datasets
 from llama.eval.choice import read_items, score_items, write_per_item
 from llama.eval.perplexity import conditional_perplexity, perplexity
@@ -27,7 +27,7 @@ def load(ckpt_dir: Optional[str], args, max_seq_len: int, lora: Optional[str] = 
 
 def say(text: str = "") -> None:
     """Print on rank 0 only (under torchrun every rank runs the same evaluation)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if parallel.is_first_rank():
         print(text, flush=True)
 
 

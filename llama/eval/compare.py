@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import List
 
-import torch
 
+from llama import parallel
 from llama.eval import EvalError
 from llama.eval.choice import score_items
 from llama.eval.commands import check_file, choice_items, load, say, score_text
@@ -52,7 +52,7 @@ def compare_command(args) -> List[dict]:
         check_file(args.choices, "choice jsonl")
     items = choice_items(args.choices) if args.choices else None
     rows = [evaluate_one(ckpt, prompts, items, args) for ckpt in args.ckpts]
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if parallel.is_first_rank():
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         names = labels(args.ckpts)

@@ -110,8 +110,8 @@ def greedy_completions(llama, prompts: List[str], max_gen_len: int, until: Seque
     with truncate, a prompt too long for the context keeps its end."""
     texts = []
     for prompt in prompts:  # one at a time: the model's max_batch_size may be 1
-        tokens = [llama._encode(prompt)]
-        tokens, _ = llama.generate(llama._truncate(tokens, max_gen_len) if truncate else tokens, max_gen_len,
+        tokens = [llama.encode_prompt(prompt)]
+        tokens, _ = llama.generate(llama.truncate_prompts(tokens, max_gen_len) if truncate else tokens, max_gen_len,
                                    temperature=0.0)
         text = llama.tokenizer.decode(tokens[0])
         cuts = [text.index(s) for s in until if s and s in text]

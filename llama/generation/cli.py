@@ -16,6 +16,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from llama import parallel
 from llama.common.dtypes import DTYPES, parse_dtype
 from llama.common.errors import USER_ERRORS, ArgumentError, report as report_error
 from llama.generation.quantize import check_quantize
@@ -125,7 +126,7 @@ def read_tools(specs: Optional[List[str]]) -> Optional[list]:
 
 
 def is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return parallel.is_first_rank()
 
 
 class Printer:
@@ -185,9 +186,9 @@ def stream_batch(llama, prompt_tokens: List[List[int]], headers: List[str], args
 
 
 def run_prompts(llama, prompts: List[str], args, say: Printer) -> list:
-    prompt_tokens = [llama._encode(p) for p in prompts]
+    prompt_tokens = [llama.encode_prompt(p) for p in prompts]
     if args.truncate:
-        prompt_tokens = llama._truncate(prompt_tokens, args.max_gen_len)
+        prompt_tokens = llama.truncate_prompts(prompt_tokens, args.max_gen_len)
     llama.check_request(prompt_tokens, args.max_gen_len)
     newline = "\n" if args.show_probs else ""
     headers = [("" if i == 0 else "\n") + (f"[{i + 1}] " if len(prompts) > 1 else "") + p + newline

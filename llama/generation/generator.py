@@ -285,10 +285,11 @@ class Llama:
             return out, None, ended
         return out, [(prompt_lp[b] if echo else []) + out_lp[b] for b in range(B)], ended
 
-    def _encode(self, text: str) -> List[int]:
-        return encode_text(self.tokenizer, text)  # BOS first where the tokenizer's own rule adds one
+    def encode_prompt(self, text: str) -> List[int]:
+        """A prompt's tokens as generate() takes them: BOS first where the tokenizer's own rule adds one."""
+        return encode_text(self.tokenizer, text)
 
-    def _truncate(self, prompts: List[List[int]], max_gen_len: int) -> List[List[int]]:
+    def truncate_prompts(self, prompts: List[List[int]], max_gen_len: int) -> List[List[int]]:
         """Keep the end of each over-long prompt (and its BOS), leaving room for max_gen_len tokens
         (at most half the context)."""
         keep = self.model.params.max_seq_len - min(max_gen_len, self.model.params.max_seq_len // 2)
@@ -306,9 +307,9 @@ class Llama:
         check_prompts(prompts)
         check_max_gen_len(max_gen_len)
         max_gen_len = self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self._encode(x) for x in prompts]
+        prompt_tokens = [self.encode_prompt(x) for x in prompts]
         if truncate:
-            prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
+            prompt_tokens = self.truncate_prompts(prompt_tokens, max_gen_len)
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k,
                                     logprobs=logprobs, echo=echo)
         if logprobs:
@@ -333,7 +334,7 @@ class Llama:
         tool_args = dict(tools=tools, tool_prompt_format=tool_prompt_format, today=today)
         prompt_tokens = [self.encode_dialog(d, **tool_args) for d in dialogs]
         if truncate:
-            prompt_tokens = self._truncate(prompt_tokens, max_gen_len)
+            prompt_tokens = self.truncate_prompts(prompt_tokens, max_gen_len)
         tokens, lps, stops = self._generate_until_stop(prompt_tokens, max_gen_len, temperature=temperature,
                                                        top_p=top_p, top_k=top_k, logprobs=logprobs, echo=False)
         results = []

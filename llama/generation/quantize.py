@@ -119,7 +119,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in)
-        if flat.shape[0] > 32 and x.dtype == torch.float32:
+        if flat.shape[0] > PREFILL_ROWS and x.dtype == torch.float32:
             # Many rows (a prefill chunk): the product is compute-bound, not bandwidth-bound, and the
             # fp32 GEMM beats the int8 kernel (512 x 576 x 1536 on 2 cores: 7 ms vs 16 ms) even
             # after dequantizing the weight, which is one pass over it.

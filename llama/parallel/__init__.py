@@ -106,6 +106,19 @@ def data_parallel_group():
     return fs_init.get_data_parallel_group() if model_parallel_is_initialized() else None
 
 
+def is_first_rank() -> bool:
+    """Global rank 0, or the only process: the one that prints, logs, prepares data and writes what
+    is written once (a report, params.json, `latest`)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def is_checkpoint_writer() -> bool:
+    """Whether this process writes its model-parallel rank's checkpoint files: data-parallel rank
+    r mod D for model-parallel rank r, so that with several nodes the writers (and the host memory a
+    full shard takes) spread over the nodes. One process: itself."""
+    return data_parallel_rank() == model_parallel_rank() % data_parallel_size()
+
+
 def init_distributed(model_parallel_size: Optional[int] = None, backend: Optional[str] = None) -> int:
     """Join the torchrun job (if any) and split it into model-parallel x data-parallel groups.
 
@@ -117,16 +130,12 @@ def init_distributed(model_parallel_size: Optional[int] = None, backend: Optiona
     mp = model_parallel_size or world_size
     if world_size == 1 and not dist.is_initialized():
         if mp != 1:
-            raise ParallelError(
-                f"model_parallel_size={mp} needs {mp} processes: launch with "
-                f"`torchrun --nproc_per_node {mp} ...`"
-            )
+            raise ParallelError(f"model_parallel_size={mp} needs {mp} processes: launch with "
+                                f"`torchrun --nproc_per_node {mp} ...`")
         return 1
     if world_size % mp != 0:
-        raise ParallelError(
-            f"model_parallel_size={mp} does not divide the world size {world_size}: "
-            f"pick a model-parallel size that divides the number of processes"
-        )
+        raise ParallelError(f"model_parallel_size={mp} does not divide the world size {world_size}: "
+                            f"pick a model-parallel size that divides the number of processes")
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -138,10 +147,8 @@ def init_distributed(model_parallel_size: Optional[int] = None, backend: Optiona
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on every rank
             fs_init.initialize_model_parallel(mp)
     elif fs_init.get_model_parallel_world_size() != mp:
-        raise ParallelError(
-            f"model parallel is already initialised with size {fs_init.get_model_parallel_world_size()}, "
-            f"not {mp}"
-        )
+        raise ParallelError(f"model parallel is already initialised with size "
+                            f"{fs_init.get_model_parallel_world_size()}, not {mp}")
     return mp
 
 
@@ -159,10 +166,8 @@ class ParallelError(UserError):
 
 def check_divisible(what: str, value: int, mp: int) -> None:
     if value % mp != 0:
-        raise ParallelError(
-            f"{what}={value} is not divisible by the model-parallel size {mp}: "
-            f"use a model-parallel size that divides it"
-        )
+        raise ParallelError(f"{what}={value} is not divisible by the model-parallel size {mp}: "
+                            f"use a model-parallel size that divides it")
 
 
 # ---------------------------------------------------------------------------- the K/V-head rule
@@ -173,6 +178,13 @@ def kv_heads_for(n_kv_heads: int, mp: int) -> int:
     more ranks than K/V heads, one per rank: each rank keeps a copy of the K/V head its query heads
     share (Meta's 405B MP16 release stores its 8 K/V heads as 16 this way)."""
     return max(n_kv_heads, mp)
+
+
+def kv_heads_duplicated(n_kv_heads: int, mp: int) -> bool:
+    """More model-parallel ranks than K/V heads: some head is held by several ranks. Training refuses
+    it (check_model_parallel, LoRA's wk/wv adapters): each copy would get only its own queries'
+    gradients and the copies would drift apart."""
+    return mp > n_kv_heads
 
 
 def check_model_parallel(args, mp: int, training: bool = False, flag: Optional[str] = None) -> int:
@@ -187,10 +199,10 @@ def check_model_parallel(args, mp: int, training: bool = False, flag: Optional[s
     n_kv = args.n_kv_heads or args.n_heads
     kv = kv_heads_for(n_kv, mp)
     _check_divides(size, "n_heads", args.n_heads, mp, flag)
-    if mp > n_kv and mp % n_kv != 0:
+    if kv_heads_duplicated(n_kv, mp) and mp % n_kv != 0:
         raise ParallelError(f"{size} is more than n_kv_heads={n_kv} but not a multiple of it: "
                             f"use a divisor or a multiple of {n_kv}")
-    if training and mp > n_kv:
+    if training and kv_heads_duplicated(n_kv, mp):
         raise ParallelError(f"{size} exceeds n_kv_heads={n_kv}: training needs each K/V head on one rank "
                             f"(copies would drift apart): use at most {n_kv}")
     for what, value in [("n_kv_heads", kv), ("the FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)]:
@@ -204,14 +216,22 @@ def _check_divides(size: str, what: str, value: int, mp: int, flag: Optional[str
     check_divisible(what, value, mp)
 
 
+def local_kv_heads(n_kv_heads: int, mp: int, rank: int) -> list:
+    """The K/V heads (0 .. n_kv_heads - 1) that model-parallel rank `rank` holds, in order: its share
+    of kv_heads_for(n_kv_heads, mp) heads, each head repeated for the ranks whose queries share it.
+    The one rule for wk/wv and their LoRA B, whether cut from a full tensor (shard) or from a
+    checkpoint's shards (llama/checkpoint/load.py)."""
+    target = kv_heads_for(n_kv_heads, mp)
+    per_rank, copies = target // mp, target // n_kv_heads
+    return [j // copies for j in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
 def repeat_kv_heads(full: torch.Tensor, n_kv_heads: int, mp: int) -> torch.Tensor:
-    """wk/wv (n_kv_heads*Dh, D) -> (kv_heads_for*Dh, D): each head repeated for the ranks that share it,
-    so that chunking the result over mp ranks gives every rank the head its queries use."""
-    copies = kv_heads_for(n_kv_heads, mp) // n_kv_heads
-    if copies == 1:
-        return full
+    """wk/wv (n_kv_heads*Dh, D) -> (kv_heads_for*Dh, D): every rank's heads (local_kv_heads) in rank order,
+    so that chunking the result over mp ranks gives every rank the heads its queries use."""
     heads = full.view(n_kv_heads, -1, full.shape[-1])  # (K, Dh, D)
-    return heads.repeat_interleave(copies, dim=0).reshape(-1, full.shape[-1])  # (K * copies * Dh, D)
+    order = [h for rank in range(mp) for h in local_kv_heads(n_kv_heads, mp, rank)]
+    return heads[order].reshape(-1, full.shape[-1])
 
 
 # ---------------------------------------------------------------------------- layers
@@ -334,20 +354,22 @@ def vocab_parallel_embedding(vocab_size: int, dim: int) -> nn.Module:
 # ---------------------------------------------------------------------------- shards
 
 
-_KV = ("attention.wk.weight", "attention.wv.weight")
+_KV = ("attention.wk.weight", "attention.wv.weight", "attention.wk.lora_B.weight", "attention.wv.lora_B.weight")
 
 
 def shard(name: str, full: torch.Tensor, rank: Optional[int] = None, size: Optional[int] = None,
           n_kv_heads: Optional[int] = None) -> torch.Tensor:
-    """This rank's piece of the full (logical) tensor `name`. Given n_kv_heads, wk/wv `full` holds
-    each K/V head once and is first repeated by the K/V-head rule (kv_heads_for)."""
+    """This rank's piece of the full (logical) tensor `name`. Given n_kv_heads, wk/wv (and their
+    LoRA B) `full` holds each K/V head once, and the rank gets its heads by the K/V-head rule
+    (local_kv_heads)."""
     rank = model_parallel_rank() if rank is None else rank
     size = model_parallel_size() if size is None else size
     dim = shard_dim(name)
     if dim is None or size == 1:
         return full
     if n_kv_heads is not None and name.endswith(_KV):
-        full = repeat_kv_heads(full, n_kv_heads, size)
+        heads = full.view(n_kv_heads, -1, full.shape[-1])  # (K, Dh, D or r)
+        return heads[local_kv_heads(n_kv_heads, size, rank)].reshape(-1, full.shape[-1])
     check_divisible(f"{name} dim {dim}", full.shape[dim], size)
     return full.chunk(size, dim=dim)[rank]
 

@@ -143,7 +143,7 @@ class API:
     async def completions(self, http: HTTPRequest):
         body = await self.read_json(http)
         prompt_text, s = completion_prompt(body), sampling(body, self.max_seq_len, 16, chat=False)
-        prompt = self.llama._encode(prompt_text)
+        prompt = self.llama.encode_prompt(prompt_text)
         self.check_fits(prompt, s)
         ident = new_id("cmpl")
         if s.stream:

@@ -85,7 +85,7 @@ class Engine:
         self.stop_tokens = llama.stop_tokens
         self.shared_generator = torch.Generator(self.device).manual_seed(torch.initial_seed() % 2**63)
         self.steps = 0
-        self.rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        self.rank0 = parallel.is_first_rank()
         self.failure: Optional[BaseException] = None
         self.stopping = False
 

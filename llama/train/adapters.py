@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from llama import lora, parallel
 from llama.checkpoint import peft
+from llama.common.dtypes import training_dtype
 from llama.common.files import atomic_write
 from llama.train import fsdp
 from llama.train.state import save_checkpoint
@@ -41,8 +41,7 @@ def base_pointer(cfg, model) -> dict:
 def attach(cfg, model, device: torch.device) -> None:
     """Fresh adapters on `cfg.lora_targets`, the base frozen and cast to `base_dtype`."""
     dtype = lora.base_dtype_for(cfg.base_dtype, device)
-    autocast = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype != torch.float32 and autocast != str(dtype).removeprefix("torch."):
+    if dtype != torch.float32 and training_dtype(cfg.dtype, device) != dtype:  # the autocast dtype
         raise lora.LoRAError(f"base_dtype={cfg.base_dtype} needs autocast in the same dtype: set dtype="
                              f"{str(dtype).removeprefix('torch.')} (or base_dtype=float32)")
     lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
@@ -62,13 +61,13 @@ def write_adapter_shards(tmp: Path, model, train_state: dict, base: dict, optimi
     device = fsdp.local(next(model.parameters())).device  # gathers stay on the device (NCCL)
     local = fsdp.gathered_state_dict(model, keep=True, select=lora.is_lora_name, device=device)  # whole over DP
     full = peft.export_training_adapter(local)  # every rank takes part in the gathers
-    if parallel.data_parallel_rank() == 0:
+    if parallel.is_checkpoint_writer():
         mp_rank = parallel.model_parallel_rank()
         atomic_write(tmp / f"adapter.{mp_rank:02d}.pth", lambda f: torch.save(local, f))
         atomic_write(tmp / f"train_state.{mp_rank:02d}.pth", lambda f: torch.save(train_state, f))
     if optimizer is not None:
         fsdp.save_optimizer(tmp, model, optimizer)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if parallel.is_first_rank():
         cfg = model.lora
         peft.save_peft(tmp, full, model.params, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"], base)
 

@@ -98,12 +98,6 @@ def state_bytes(model, optimizer) -> dict:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _writer() -> bool:
-    """The data-parallel rank that writes model-parallel rank r's files: r mod D, so that with
-    several nodes the writers (and the host memory a full shard takes) spread over the nodes."""
-    return parallel.data_parallel_rank() == parallel.model_parallel_rank() % parallel.data_parallel_size()
-
-
 @torch.no_grad()
 def gathered_state_dict(model, keep: bool, select=None, device="cpu") -> dict:
     """This model-parallel rank's state dict (Meta's keys and shard layout), all-gathered over the
@@ -129,7 +123,7 @@ def gathered_state_dict(model, keep: bool, select=None, device="cpu") -> dict:
 def write_shards(tmp: Path, model, train_state: dict, optimizer) -> None:
     """Collective: consolidated.NN.pth + train_state.NN.pth (by one writer per model-parallel
     rank) and optimizer.NN/ (a DCP directory, every data-parallel rank writes its piece)."""
-    mp_rank, writer = parallel.model_parallel_rank(), _writer()
+    mp_rank, writer = parallel.model_parallel_rank(), parallel.is_checkpoint_writer()
     weights = gathered_state_dict(model, keep=writer)
     if writer:
         atomic_write(tmp / f"consolidated.{mp_rank:02d}.pth", lambda f: torch.save(weights, f))

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from llama import parallel
+from llama.common.dtypes import training_dtype
+from llama.parallel import is_first_rank  # train.py's too
 from llama.train import fsdp
 from llama.train.batches import Batches
 from llama.data.prepare import DataError, bpe_dataset, cached_prepare, check_tokenizer, collect_files, read_meta
@@ -99,8 +101,8 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return getattr(torch, dtype)
+    """The autocast dtype (llama/common/dtypes.py: auto = bf16 on CUDA, fp32 on the CPU)."""
+    return training_dtype(cfg.dtype, device)
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], ContextManager]:
@@ -140,12 +142,6 @@ def _prepare_data(cfg: TrainConfig, args: ModelArgs, is_first: bool) -> Tuple[Pa
                         f"{args.vocab_size}: use the model's tokenizer")
     return data_dir, tok
 
-
-
-
-def is_first_rank() -> bool:
-    """Global rank 0 (or the only process): the one that prints, logs and prepares the data."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 # ---------------------------------------------------------------- the steps, in train.py's order

@@ -66,13 +66,13 @@ def is_training_checkpoint(path: Path) -> bool:
 
 def save_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path: Optional[str],
                     keep_last: int = 0, write_shards=None) -> Path:
-    """Collective over all ranks. Data-parallel rank 0 of each model-parallel rank writes its shard;
+    """Collective over all ranks. One data-parallel rank of each model-parallel rank writes its shard
+    (parallel.is_checkpoint_writer);
     write_shards(tmp_dir, model, train_state), called on every rank, replaces that step (FSDP:
     llama/train/fsdp.py gathers the weights and writes the optimizer with DCP)."""
     out, name = Path(out_dir), step_name(step)
     tmp, final = out / f".{name}.tmp", out / name
-    writer = parallel.data_parallel_rank() == 0
-    first = dist.get_rank() == 0 if dist.is_initialized() else True
+    writer, first = parallel.is_checkpoint_writer(), parallel.is_first_rank()
     mp_rank = parallel.model_parallel_rank()
     if first:
         if final.exists() and not is_training_checkpoint(final):
