@@ -43,10 +43,7 @@ RECIPES = {
 }
 # Recipes whose 4-process run is known to differ from one process, and why (a strict xfail: the
 # test fails once they agree, so the mark goes with the fix).
-KNOWN_DIFFERENT = {
-    "lora.toml": "issue 30 item 4: LoRA dropout draws the same mask on every rank (engineer lora)",
-    "llama3.1-8b-lora.toml": "issue 30 item 4: LoRA dropout draws the same mask on every rank (engineer lora)",
-}
+KNOWN_DIFFERENT = {}  # e.g. "lora.toml": "LoRA dropout draws the same mask on every rank" (fixed: issue 30 item 4)
 STEPS, EVERY, BATCH = 4, 2, 8
 
 

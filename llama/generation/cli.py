@@ -125,10 +125,6 @@ def read_tools(specs: Optional[List[str]]) -> Optional[list]:
     return tools
 
 
-def is_main_process() -> bool:
-    return parallel.is_first_rank()
-
-
 class Printer:
     """Writes only on rank 0 (under torchrun every rank runs the same loop)."""
 
@@ -136,7 +132,7 @@ class Printer:
         self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, text: str = "", end: str = "\n", err: bool = False) -> None:
-        if is_main_process():
+        if parallel.is_first_rank():
             stream = self.err if err else self.out
             stream.write(text + end)
             stream.flush()
@@ -200,7 +196,7 @@ def run_prompts(llama, prompts: List[str], args, say: Printer) -> list:
 def read_line(prompt: str, say: Printer) -> Optional[str]:
     """Rank 0 reads a line from stdin and shares it with every rank; None at end of input."""
     line = None
-    if is_main_process():
+    if parallel.is_first_rank():
         say(prompt, end="")
         line = sys.stdin.readline()
         line = line.rstrip("\n") if line else None
