@@ -1,7 +1,7 @@
 """A back-of-the-envelope planner: does this model fit, and how fast can it go?
 
     python -m llama.plan --model configs/models/llama3.1-8b.json --mp 8 --dp 16 --seq 131072 --batch 1
-    python -m llama.plan --model llama3.1-405b --mp 16 --cp 16 --dp 8 --zero 3 --seq 131072 --train --gpu h200
+    python -m llama.plan --model llama3.1-405b --mp 8 --cp 16 --dp 32 --zero 3 --seq 131072 --train --gpu h100
     python -m llama.plan --config configs/train/scale/llama3.1-70b.toml      # a training recipe's layout
     python -m llama.plan --model llama3.1-8b --lora 8 --gpu rtx4090      # LoRA fine-tuning (implies --train)
 
@@ -133,10 +133,11 @@ def _parameter_sizes(args_json: str):
     return tuple((name, p.numel()) for name, p in model.named_parameters())
 
 
-def check_model_parallel(args: ModelArgs, mp: int) -> None:
-    """The divisibility rules the model itself enforces (llama.parallel.check_model_parallel), as planner errors."""
+def check_model_parallel(args: ModelArgs, mp: int, training: bool = False) -> None:
+    """The rules the model itself enforces (llama.parallel.check_model_parallel), as planner errors:
+    training also refuses more ranks than K/V heads, as train.py does."""
     try:
-        parallel.check_model_parallel(args, mp, flag="--mp ")
+        parallel.check_model_parallel(args, mp, training=training, flag="--mp ")
     except parallel.ParallelError as e:
         raise PlanError(str(e)) from None
 
@@ -200,6 +201,8 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
     if lora < 0:
         raise PlanError(f"--lora {lora}: the LoRA rank must be positive (8 or 16 are usual)")
     train = train or lora > 0
+    if train:
+        check_model_parallel(args, mp, training=True)
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu {mfu}: a fraction in (0, 1], e.g. 0.4")
     g = DEVICES[gpu]

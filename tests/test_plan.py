@@ -281,3 +281,12 @@ def test_lora_cli(capsys):
     assert "\nfits: " in capsys.readouterr().out
     assert plan.main(["--model", "llama3.1-8b", "--lora", "-1"]) == 1
     assert "--lora -1" in capsys.readouterr().err
+
+
+def test_training_refuses_more_model_parallel_ranks_than_kv_heads():
+    # as train.py (llama.parallel.check_model_parallel(training=True)); inference may duplicate K/V heads
+    a405 = args_of("llama3.1-405b")
+    assert plan.make_plan(a405, mp=16, seq=8192).fits is not None
+    with pytest.raises(plan.PlanError, match="exceeds n_kv_heads=8"):
+        plan.make_plan(a405, mp=16, cp=16, dp=8, zero=3, seq=131072, train=True, gpu="h200")
+    assert plan.make_plan(a405, mp=8, cp=16, dp=32, zero=3, seq=131072, train=True, gpu="h100").fits
