@@ -1,4 +1,4 @@
-"""Llama 3.1: a decoder-only Transformer, bottom-up like the paper.
+"""Llama 3.1 (The Llama 3 Herd of Models, arXiv 2407.21783): a decoder-only Transformer, bottom-up.
 
     tokens -> embedding -> n_layers x [x + Attention(RMSNorm(x)); x + FeedForward(RMSNorm(x))]
            -> RMSNorm -> output -> logits

@@ -28,6 +28,7 @@ FIGURES = ROOT / "docs" / "figures"
 
 from llama import model as M  # noqa: E402
 from llama import parallel  # noqa: E402
+from llama.common import files  # noqa: E402
 from llama.plan import load_model_args  # noqa: E402
 
 BLUE, ORANGE, GREEN, RED, PURPLE, GREY = "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#8C8C8C"
@@ -403,12 +404,13 @@ def draw_all(out: Path) -> list:
     for name, draw in figures.items():
         with plt.rc_context({"svg.hashsalt": "llama-ref", "font.family": "DejaVu Sans"}):
             fig = draw()
-            fig.savefig(out / name, dpi=100, bbox_inches="tight", pad_inches=0.1, metadata={"Software": None})
+            files.atomic_write(out / name, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
+                                                                 pad_inches=0.1, metadata={"Software": None}))
             plt.close(fig)
         written.append(out / name)
     manifest = {"matplotlib": matplotlib.__version__,
                 "figures": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in written}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    files.write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return written
 
 

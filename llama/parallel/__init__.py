@@ -10,7 +10,8 @@ Megatron-style tensor parallelism in three layers (Shoeybi et al., 2019):
   for the others, and an all-reduce fills in the rest.
 
 A column layer followed by a row layer (wq/wk/wv -> wo, w1/w3 -> w2) needs one all-reduce per pair
-in the forward pass. Fairscale's mapping functions are the autograd-aware collectives; we use them
+in the forward pass (two per block); in backward each column layer all-reduces its input's gradient
+(five per block) and the row layers none (docs/figures/tensor_parallel.png). Fairscale's mapping functions are the autograd-aware collectives; we use them
 directly so that the layers allocate only their shard (and nothing at all on the `meta` device).
 Compiled inference uses torch's functional collectives instead, which Dynamo traces (all_reduce).
 With no model-parallel group (a plain single process) the factories return ordinary torch modules.
