@@ -134,8 +134,8 @@ class Llama:
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         # Compiled on a CPU, attention for one query per sequence takes SDPA's plain form (QK^T,
-        # softmax, xV), which inductor fuses into the step; an interleaved A/B on the shared 2-core
-        # machine favoured it over the flash kernel (whose fixed cost per call is ~0.1 ms).
+        # softmax, xV), which inductor fuses into the step; the flash kernel's fixed cost per call
+        # outweighs its gain for one query (docs/performance.md, "Decode attention").
         math_attention = self.compiled and self.device.type == "cpu"
         with sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext():
             return self.model(tokens, positions, cache)[:, -1]  # (B, V)
