@@ -14,6 +14,7 @@ the notebook's cells, and tests/test_publish.py checks that every page is curren
 import argparse
 import base64
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -131,19 +132,25 @@ def render(nb, name: str, seconds: float, cpu: float = float("nan")) -> tuple:
     return "\n".join(parts), figures
 
 
+@functools.lru_cache(maxsize=None)
+def revision() -> str:
+    """The checkout's commit (-dirty: with uncommitted changes), read once before any page is written,
+    so that the pages of one run do not call each other's changes dirty."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def facts(seconds: float, cpu: float) -> str:
     """When, where and on which code the page was executed."""
     import platform
 
     import torch
 
-    try:
-        revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                  cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        revision = "unknown"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{datetime.date.today().isoformat()}, code {revision}, torch {torch.__version__}, "
+    return (f"{datetime.date.today().isoformat()}, code {revision()}, torch {torch.__version__}, "
             f"{platform.machine()} with {os.cpu_count()} CPUs (load average {load:.1f}), in {seconds:.0f} s "
             f"({cpu:.0f} CPU-seconds)")
 
@@ -167,6 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NN", help="number prefixes of the notebooks to publish")
     parser.add_argument("--figures", action="store_true", help="redraw the diagrams only")
     args = parser.parse_args(argv)
+    revision()  # before anything is written
     sys.path.insert(0, str(ROOT / "tools"))
     import diagrams
 
