@@ -22,8 +22,9 @@ from llama.train import adapters
 from llama.train.config import TrainConfig, config_help, load_config
 from llama.train.loop import Run, loop, make_optimizer, save
 from llama.train.metrics import MetricsLog, peak_tflops
-from llama.train.setup import (autocast_for, build_model, check_run, describe, distribute, is_first_rank,
-                               load_data, resume, start_processes)
+from llama.train.setup import (autocast_for, build_model, check_run, claim_run_folder, describe, distribute,
+                               is_first_rank, load_data, resume, start_processes)
+from llama.train.state import release_out_dir
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -49,6 +50,9 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = make_optimizer(net.model, cfg, device)
     # Resume (resume=true): weights, optimizer, RNG and data position from out_dir's latest checkpoint.
     progress = resume(cfg, net.model, optimizer, device)
+    # The run folder: rank 0 locks out_dir, so a second run into it refuses (overwrite=true: the earlier
+    # run's checkpoints go now); released when the run ends.
+    claim_run_folder(cfg)
     # The run: everything the loop reads, in typed pieces (llama/train/loop.py).
     return Run(cfg=cfg, device=device, autocast=autocast_for(cfg, device), data=data, net=net, optimizer=optimizer,
                progress=progress, log=MetricsLog(cfg.out_dir, is_first_rank(), cfg.max_steps, progress.step),
@@ -67,6 +71,7 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint = save(run)
     finally:
         run.log.close()
+        release_out_dir(cfg.out_dir)
     return {**curves, "checkpoint": str(checkpoint)}
 
 

@@ -60,7 +60,8 @@ from llama import parallel
 from llama.lora import count_lora_parameters
 from llama.common.flops import GPU, GPUS, flops_per_token
 from llama.model import ModelArgs, Transformer
-from llama.common.errors import UserError
+from llama.common.errors import USER_ERRORS, UserError, report
+from llama.common.files import InputFileError, read_text_file
 from llama.model_args import ModelArgsError
 from llama.train.config import TrainConfig
 
@@ -91,9 +92,11 @@ def load_model_args(path) -> ModelArgs:
     if not path.exists() and (CONFIGS / f"{path}.json").is_file():
         path = CONFIGS / f"{path}.json"
     try:
-        fields = json.loads(path.read_text())
+        fields = json.loads(read_text_file(path, "--model"))
         args = ModelArgs(**fields)
-    except FileNotFoundError:
+    except (FileNotFoundError, InputFileError) as e:
+        if path.exists():
+            raise PlanError(f"{e}: give a params.json-style model file (see configs/models/)") from None
         names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
         raise PlanError(f"{path}: no such file; give a params.json or one of: {names}") from None
     except json.JSONDecodeError as e:
@@ -261,10 +264,10 @@ def plan_training_config(path, gpu: str = "h100", mfu: float = 0.4) -> Plan:
     forward. The shape comes from init_from (its params.json when the weights are here, else the
     official shape its directory is named after: .../Llama3.1-70B -> configs/models/llama3.1-70b.json)
     or from model_config and [model]."""
+    if not Path(path).exists():
+        raise PlanError(f"--config {path}: no such file (see configs/train/)")
     try:
-        cfg = TrainConfig(**tomllib.loads(Path(path).read_text()))
-    except FileNotFoundError:
-        raise PlanError(f"--config {path}: no such file (see configs/train/)") from None
+        cfg = TrainConfig(**tomllib.loads(read_text_file(path, "--config")))
     except (tomllib.TOMLDecodeError, TypeError) as e:
         raise PlanError(f"--config {path}: not a train.py config ({e})") from None
     if cfg.init_from and (Path(cfg.init_from) / "params.json").is_file():
@@ -350,9 +353,8 @@ def main(argv=None) -> int:
                           opts.cp, opts.lora, opts.loss_chunks)
         else:
             raise PlanError("give --model (a params.json or a name such as llama3.1-8b) or --config (a train.py recipe)")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:  # bad input or a missing path: one line; anything else is a bug's traceback
+        return report(e)
     try:
         print(format_plan(p, name))
     except BrokenPipeError:  # `| head`: the reader has seen enough

@@ -23,7 +23,8 @@ from llama import checkpoint
 from llama.checkpoint import peft
 from llama.common.dtypes import DTYPES, parse_dtype
 from llama.common.errors import USER_ERRORS, report
-from llama.common.files import atomic_dir, copy_file
+from llama.common.checks import check_number
+from llama.common.files import add_output_argument, atomic_dir, copy_file
 from llama.tokenizer import save_tokenizer
 
 
@@ -33,6 +34,7 @@ def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = Fa
     dst is built in a temporary sibling and renamed into place (llama/common/files.py): a failure or Ctrl-C
     leaves no partial files and an existing dst as it was. An existing non-empty dst is refused
     unless `overwrite`, and even then never when it is (or contains) src or the working directory."""
+    check_number("--shards", shards, low=1, integer=True, fix="the number of consolidated.NN.pth files")
     src, dst = checkpoint.resolve(src), Path(dst)
     if to not in ("meta", "hf"):
         raise checkpoint.CheckpointError(f"--to {to!r}: choose meta or hf")
@@ -43,7 +45,8 @@ def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = Fa
         raise checkpoint.CheckpointError(f"{dst}: the destination is the source directory: pick a new directory")
     if lora is not None:
         peft.find_adapter(lora)  # before any loading or writing
-    with atomic_dir(dst, overwrite, [src]) as tmp:
+    # Every input is protected, --overwrite or not: the weights, the adapter (and its run folder).
+    with atomic_dir(dst, overwrite, [src, lora], name="DST") as tmp:
         model = checkpoint.load_model(src, dtype=dtype)
         if lora is not None:
             peft.merge_adapter(model, lora, src)
@@ -63,7 +66,7 @@ def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = Fa
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="Meta checkpoint dir, HF dir or .gguf file")
-    parser.add_argument("dst", help="output directory (a new or empty one, unless --overwrite)")
+    add_output_argument(parser, "dst", kind="dir", help="output directory (a new or empty one, unless --overwrite)")
     parser.add_argument("--to", required=True, choices=["meta", "hf"])
     parser.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files (--to meta)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="bf16|bfloat16, fp16|float16, fp32|float32 "

@@ -19,6 +19,7 @@ import torch
 
 from llama import parallel
 from llama.checkpoint.common import CheckpointError, model_args_from_dict, params_json
+from llama.common.errors import one_line
 from llama.common.files import atomic_write, write_text
 from llama.model import ModelArgs
 
@@ -76,16 +77,21 @@ def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, view: memoryv
         raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
 
 
-def load_pth(file: Path) -> dict:
-    """A state dict from a .pth, checksummed, memory-mapped, refusing anything but tensors."""
+def load_torch_file(file: Path, map_location="cpu"):
+    """Any .pth this project reads (weights, a training state, adapters): checksummed (check_crc),
+    memory-mapped where the format allows, weights_only. However a file is damaged (empty, cut
+    short, garbage, flipped bytes) or unsafe, the error is one CheckpointError naming it."""
+    file = Path(file)
+    if file.is_file() and file.stat().st_size == 0:
+        raise CheckpointError(f"{file} is empty (0 bytes): a copy or download was cut short: get the file again")
     check_crc(file)
     try:
         try:
-            sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(file, map_location=map_location, mmap=True, weights_only=True)
         except RuntimeError as e:
             if "mmap" not in str(e) or zipfile.is_zipfile(file):
                 raise
-            sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy (pre-1.6) format
+            return torch.load(file, map_location=map_location, weights_only=True)  # legacy (pre-1.6) format
     except pickle.UnpicklingError as e:
         # weights_only's unpickler names the global it refused; anything else is a damaged file
         refused = re.search(r"Unsupported global[^\n]*", str(e))
@@ -97,9 +103,14 @@ def load_pth(file: Path) -> dict:
         raise CheckpointError(f"{file}: corrupt or truncated checkpoint (not a torch pickle): download it again") from None
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
             OverflowError, struct.error) as e:  # a damaged legacy (non-zip) pickle fails in any of these ways
-        raise CheckpointError(
-            f"{file}: corrupt or truncated checkpoint ({str(e).strip().splitlines()[0][:160]}): download it again"
-        ) from None
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise  # a missing or unreadable path: the caller's message (USER_ERRORS) names it
+        raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({one_line(e)[:160]}): download it again") from None
+
+
+def load_pth(file: Path) -> dict:
+    """A state dict from a .pth, checksummed, memory-mapped, refusing anything but tensors."""
+    sd = load_torch_file(file)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{file}: not a state dict of tensors (a training-state file?): pass a consolidated.NN.pth dir")
     return sd

@@ -1,8 +1,11 @@
-"""Checks of the arguments that enter the library (Llama.build, load_model, text_completion,
-chat_completion), each raising ArgumentError that names the argument and the fix. They run before
-any work, so a wrong call fails in milliseconds with one line, not deep inside with a KeyError.
+"""Checks of the values that enter the library and its command lines, one per kind of value: a
+number in a range (check_number: finite, whole where it must be), a seed, a device, the arguments of
+Llama.build, load_model, text_completion and chat_completion. Each raises ArgumentError naming the
+argument, the value and the fix. They run where a value is parsed, before any work, so a wrong call
+fails in milliseconds with one line, not deep inside with a KeyError or numpy's own message.
 """
 
+import math
 import os
 from typing import Optional
 
@@ -11,6 +14,62 @@ import torch
 from llama.common.errors import ArgumentError
 
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
+SEED_MAX = 2**64 - 1  # torch.manual_seed and numpy's default_rng both take 0 .. 2**64 - 1
+
+
+def _named(name: str, value) -> str:
+    """How a message names a value: `--temperature inf` for a flag, `lr=nan` for a key or argument."""
+    return f"{name} {value}" if name.startswith("-") else f"{name}={value!r}"
+
+
+def _bounds(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"{'<' if high_open else '<='} {high}" if high is not None else ""
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False, fix: str = "") -> None:
+    """The one rule for a number from a user: a whole number where one is meant (not 2.5, not true),
+    finite (not nan or inf), within [low, high] (or an open end). `fix` ends the message."""
+    kind = "a whole number" if integer else "a finite number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and (integer or math.isfinite(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        bounds = _bounds(low, high, low_open, high_open)
+        raise ArgumentError(f"{_named(name, value)}: must be {kind}{' ' + bounds if bounds else ''}"
+                            f"{'; ' + fix if fix else ''}")
+
+
+def check_seed(name: str, value) -> None:
+    check_number(name, value, low=0, high=SEED_MAX, integer=True, fix="any whole number in that range, e.g. 1")
+
+
+def check_device(value, name: str = "--device", need_it_here: bool = True) -> Optional[torch.device]:
+    """A device name as torch.device (None for None/"auto": the caller's default): cpu, cuda or cuda:N.
+    With need_it_here, a CUDA device must exist on this machine (a config naming one may be checked
+    where it will not run: llama.plan)."""
+    if value is None or value == "auto":
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"{_named(name, value)} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ArgumentError(f"{_named(name, value)}: only cpu and cuda are supported here")
+    if need_it_here and device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"{_named(name, value)}: no CUDA GPU is available here; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ArgumentError(f"{_named(name, value)}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def check_positive_int(name: str, value, fix: str) -> None:
@@ -40,6 +99,9 @@ def check_prompts(prompts) -> None:
         if not isinstance(p, str):
             raise ArgumentError(f"prompts[{i}] is a {type(p).__name__}: each prompt must be a str "
                                 f"(token ids go to generate())")
+        if not p:
+            raise ArgumentError(f"prompts[{i}] is '': give some text to complete (an unconditional sample: "
+                                f"generate([[tokenizer.bos_id]], ...))")
 
 
 def check_dialogs(dialogs) -> None:
@@ -52,6 +114,8 @@ def check_dialogs(dialogs) -> None:
         if not isinstance(dialog, (list, tuple)):
             raise ArgumentError(f"dialogs[{i}] is a {type(dialog).__name__}: each dialog is a list of messages, "
                                 f"e.g. {example}")
+        if not dialog:
+            raise ArgumentError(f"dialogs[{i}] is []: a dialog needs at least one message, e.g. {example}")
         for j, message in enumerate(dialog):
             where = f"dialogs[{i}][{j}]"
             if not isinstance(message, dict):

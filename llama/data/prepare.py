@@ -26,7 +26,8 @@ from typing import Iterable, Iterator, List, Tuple
 import numpy as np
 
 from llama.common.errors import USER_ERRORS, UserError, report
-from llama.common.files import atomic_dir, write_text
+from llama.common.checks import CHAT_ROLES
+from llama.common.files import add_output_argument, atomic_dir, write_text
 
 META = "meta.json"
 FORMAT = "llama-ref tokens v1"
@@ -96,6 +97,9 @@ def iter_documents(files: List[Path], sft: bool) -> Iterator[object]:
                     raise DataError(f"{f}:{n} has no {key!r} field (expected {{\"{key}\": ...}} per line)")
                 if sft:
                     check_dialog(record[key], f"{f}:{n}")
+                elif not isinstance(record[key], str):
+                    raise DataError(f"{f}:{n}: 'text' is a {type(record[key]).__name__} ({str(record[key])[:40]}), "
+                                    f"not a string: write {{\"text\": \"...\"}}")
                 yield record[key]
 
 
@@ -105,6 +109,8 @@ def check_dialog(messages, where: str) -> None:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: each message needs a string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:  # the chat format would encode any header: a typo would train as-is
+            raise DataError(f"{where}: role {m['role']!r} is not a chat role: use one of {', '.join(CHAT_ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the dialog has no assistant message to learn from")
 
@@ -207,7 +213,7 @@ def prepare(inputs: List[str], out_dir, tokenizer_path=None, *, sft: bool = Fals
     if tokenizer_path is None and sft:
         raise DataError("SFT data needs the chat model's tokenizer: give --tokenizer")
     out = Path(out_dir)
-    with atomic_dir(out, overwrite, [i for i in inputs if i != "stdlib"]) as tmp:
+    with atomic_dir(out, overwrite, [i for i in inputs if i != "stdlib"] + [tokenizer_path], name="--out") as tmp:
         if tokenizer_path is None:  # the trained BPE lives with the data it tokenized
             tokenizer_path = train_tokenizer(inputs, vocab_size, tmp / "tokenizer.model")
             final_tokenizer = out.resolve() / "tokenizer.model"
@@ -357,7 +363,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize text/jsonl files or directories into shards")
     p.add_argument("inputs", nargs="+", help="files, directories, or 'stdlib' (this Python's standard library)")
-    p.add_argument("--out", required=True, help="output directory (a new or empty one, unless --overwrite)")
+    add_output_argument(p, "--out", kind="dir", required=True, help="output directory (a new or empty one, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out directory (never an input, nor the working directory)")
     p.add_argument("--tokenizer", help="tokenizer file, checkpoint directory or 'llama3'; "

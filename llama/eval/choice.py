@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
+from llama.common.files import read_text_file, write_text
 from llama.eval import EvalError
 from llama.eval.scoring import encode_pair, score_requests
 
@@ -22,7 +23,7 @@ def read_items(path) -> List[dict]:
     if not path.is_file():
         raise EvalError(f"{path}: no such file: pass a jsonl of {{\"context\", \"choices\", \"label\"}} lines")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path, "--data").splitlines(), 1):
         if line.strip():
             items.append(check_item(line, f"{path}:{n}"))
     if not items:
@@ -86,7 +87,6 @@ def score_items(model, tokenizer, items: List[dict], batch_size: int = 8, separa
 
 
 def write_per_item(path, items: List[dict], result: dict) -> None:
-    """One jsonl line per item: the item, the scores and the prediction, to look at the misses."""
-    with open(path, "w", encoding="utf-8") as f:
-        for item, rec in zip(items, result["per_item"]):
-            f.write(json.dumps({**item, **rec}) + "\n")
+    """One jsonl line per item: the item, the scores and the prediction, to look at the misses.
+    Written atomically: a full disk leaves the previous file, not a truncated one."""
+    write_text(path, "".join(json.dumps({**item, **rec}) + "\n" for item, rec in zip(items, result["per_item"])))

@@ -14,9 +14,11 @@ Bad input ends the program with one line on stderr ("error: ...") and exit statu
 import argparse
 import sys
 
-from llama.common.errors import UserError
-from llama.eval import EvalError, commands, compare
+from llama.common.checks import check_device, check_number
 from llama.common.dtypes import DTYPES
+from llama.common.errors import USER_ERRORS, report
+from llama.common.files import add_output_argument, check_output_file
+from llama.eval import commands, compare
 from llama.eval.perplexity import check_window
 
 
@@ -43,12 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "kjv-genesis-full, humaneval")
     _window_flags(ppl)
     _model_flags(ppl)
-    ppl.add_argument("--json", help="also write the result to this JSON file")
+    add_output_argument(ppl, "--json", kind="file", help="also write the result to this JSON file")
+    ppl.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     ch = sub.add_parser("choice", help="multiple choice by loglikelihood on a jsonl")
     ch.add_argument("--ckpt-dir", help="as for perplexity")
     ch.add_argument("--lora", help="as for perplexity")
     ch.add_argument("--data", default="mmlu-smoke", help='jsonl of {"context", "choices", "label"}, or mmlu-smoke')
-    ch.add_argument("--out", help="write per-item scores (jsonl) here")
+    add_output_argument(ch, "--out", kind="file", help="write per-item scores (jsonl) here")
+    ch.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ch.add_argument("--separator", default=" ", help="between context and choice (default: a space)")
     _model_flags(ch)
     cmp_ = sub.add_parser("compare", help="several checkpoints side by side: Markdown report + PNG chart")
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--data", help="text file (or named set) for perplexity")
     cmp_.add_argument("--choices", help="choice jsonl (or mmlu-smoke) for accuracy")
     cmp_.add_argument("--max-gen-len", type=int, default=48)
-    cmp_.add_argument("--out", default="eval_report", help="directory for report.md and scores.png")
+    add_output_argument(cmp_, "--out", kind="dir", default="eval_report", help="directory for report.md and scores.png")
+    cmp_.add_argument("--overwrite", action="store_true", help="replace report.md and scores.png in --out")
     _window_flags(cmp_)
     _model_flags(cmp_)
     sub.add_parser("harness", help="lm-evaluation-harness with the llama-ref model (all further arguments go "
@@ -66,15 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Fail fast, before loading any weights."""
+    """Fail fast, before loading any weights: numbers, the device, every input file readable, every
+    output allowed (llama/common/files.py: never an input, an existing file only with --overwrite)."""
     if getattr(args, "stride", None) is None and hasattr(args, "max_length"):
         args.stride = max(1, args.max_length // 2)
+    if args.max_seq_len is not None:
+        check_number("--max-seq-len", args.max_seq_len, low=2, integer=True, fix="the model's context in tokens")
     if hasattr(args, "max_length"):
         if args.max_seq_len is None:
             args.max_seq_len = args.max_length
         check_window(args.max_length, args.stride, args.max_seq_len)
-    if args.batch_size < 1:
-        raise EvalError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_number("--batch-size", args.batch_size, low=1, integer=True, fix="sequences per forward pass, e.g. 8")
+    if hasattr(args, "max_gen_len"):
+        check_number("--max-gen-len", args.max_gen_len, low=1, integer=True, fix="tokens per greedy generation")
+    check_device(args.device, "--device")
+    inputs = commands.input_paths(args)
+    if args.command == "perplexity" and args.json is not None:
+        check_output_file(args.json, args.overwrite, inputs, "--json")
+    elif args.command == "choice" and args.out is not None:
+        check_output_file(args.out, args.overwrite, inputs, "--out")
+    elif args.command == "compare":
+        compare.check_outputs(args.out, args.overwrite, inputs)
+    commands.check_inputs(args)
 
 
 COMMANDS = {"perplexity": commands.perplexity_command, "choice": commands.choice_command,
@@ -95,7 +113,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:  # bad input or a missing path: one line; anything else is a bug's traceback
+        return report(e)
     return 0

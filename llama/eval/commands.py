@@ -3,15 +3,14 @@ the numbers. compare.py builds on these, so its report shows the same numbers.""
 
 import json
 from pathlib import Path
-from typing import Optional
-
+from typing import List, Optional
 
 from llama import parallel
+from llama.common.dtypes import parse_dtype
+from llama.common.files import write_text
 from llama.eval import EvalError, datasets
 from llama.eval.choice import read_items, score_items, write_per_item
 from llama.eval.perplexity import conditional_perplexity, perplexity
-from llama.common.dtypes import parse_dtype
-
 
 
 def load(ckpt_dir: Optional[str], args, max_seq_len: int, lora: Optional[str] = None):
@@ -29,6 +28,20 @@ def say(text: str = "") -> None:
     """Print on rank 0 only (under torchrun every rank runs the same evaluation)."""
     if parallel.is_first_rank():
         print(text, flush=True)
+
+
+def input_paths(args) -> List[str]:
+    """Every path the command reads: what an output may never be, contain or sit inside."""
+    named = [getattr(args, k, None) for k in ("ckpt_dir", "lora", "tokenizer_path", "data", "choices", "prompts")]
+    return [p for p in named + list(getattr(args, "ckpts", None) or []) if p]
+
+
+def check_inputs(args) -> None:
+    """Read the data files now: a missing, binary or non-UTF-8 file fails before the weights load."""
+    if args.command == "perplexity" and args.data not in datasets.PAIR_SETS:
+        datasets.read_text(args.data, "--data")
+    elif args.command == "choice":
+        choice_items(args.data)
 
 
 def score_text(llama, source: str, args) -> dict:
@@ -55,14 +68,11 @@ def print_perplexity(r: dict) -> None:
 
 
 def perplexity_command(args) -> dict:
-    source = args.data
-    if source not in datasets.PAIR_SETS:
-        datasets.read_text(source)  # a missing or empty file fails before the weights load
     llama = load(args.ckpt_dir, args, args.max_seq_len, args.lora)
-    result = score_text(llama, source, args)
+    result = score_text(llama, args.data, args)
     print_perplexity(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json and parallel.is_first_rank():  # checked before loading (cli.check_args); atomic
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -74,7 +84,7 @@ def choice_command(args) -> dict:
     say(f"acc       {result['acc']:.4f}")
     say(f"acc_norm  {result['acc_norm']:.4f}  (log-probability per character of the choice)")
     say(f"acc_bytes {result['acc_bytes']:.4f}  (log-probability per UTF-8 byte of the choice)")
-    if args.out:
+    if args.out and parallel.is_first_rank():  # checked before loading (cli.check_args); atomic
         write_per_item(args.out, items, result)
         say(f"per-item  {args.out}")
     return result

@@ -10,10 +10,11 @@ from typing import List
 
 
 from llama import parallel
+from llama.common.files import OutputError, atomic_write, check_output_file, read_text_file, write_text
 from llama.eval import EvalError
 from llama.eval.choice import score_items
 from llama.eval.commands import check_file, choice_items, load, say, score_text
-from llama.eval.datasets import CHOICE_SETS, PAIR_SETS, TEXT_SETS
+from llama.eval.datasets import CHOICE_SETS, PAIR_SETS, TEXT_SETS, read_text
 from llama.eval.scoring import greedy_completions
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
@@ -25,10 +26,22 @@ def read_prompts(path) -> List[str]:
     if path is None:
         return DEFAULT_PROMPTS
     check_file(path, "text file of prompts, one per line")
-    prompts = [line.replace("\\n", "\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.replace("\\n", "\n") for line in read_text_file(path, "--prompts").splitlines() if line.strip()]
     if not prompts:
         raise EvalError(f"{path}: the file is empty: write one prompt per line")
     return prompts
+
+
+REPORT_FILES = ("report.md", "scores.png")
+
+
+def check_outputs(out, overwrite: bool, inputs) -> None:
+    """--out is a folder for report.md and scores.png; each follows the output-file rule (an existing
+    one is replaced only with --overwrite; the folder's other files are never touched)."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise OutputError(f"--out {out} is a file, not a directory: name a folder for {' and '.join(REPORT_FILES)}")
+    for name in REPORT_FILES:
+        check_output_file(Path(out) / name, overwrite, inputs, "--out")
 
 
 def evaluate_one(ckpt: str, prompts: List[str], items, args) -> dict:
@@ -47,16 +60,15 @@ def evaluate_one(ckpt: str, prompts: List[str], items, args) -> dict:
 def compare_command(args) -> List[dict]:
     prompts = read_prompts(args.prompts)
     if args.data and args.data not in TEXT_SETS + PAIR_SETS:
-        check_file(args.data, "text file")
+        read_text(args.data, "--data")  # a missing, empty, binary or non-UTF-8 file fails before any loading
     if args.choices and args.choices not in CHOICE_SETS:
         check_file(args.choices, "choice jsonl")
     items = choice_items(args.choices) if args.choices else None
     rows = [evaluate_one(ckpt, prompts, items, args) for ckpt in args.ckpts]
-    if parallel.is_first_rank():
+    if parallel.is_first_rank():  # the outputs were checked before loading (cli.check_args); each is written atomically
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         names = labels(args.ckpts)
-        (out / "report.md").write_text(markdown_report(names, prompts, rows, args), encoding="utf-8")
+        write_text(out / "report.md", markdown_report(names, prompts, rows, args))
         chart = write_chart(names, rows, out / "scores.png")
         print_summary(names, prompts, rows, out, chart)
     return rows
@@ -117,7 +129,7 @@ def write_chart(names, rows, path: Path):
         if key.startswith("acc"):
             ax.set_ylim(0, 1.1)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
 

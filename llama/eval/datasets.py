@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from llama.common import assets
+from llama.common.files import read_text_file
 from llama.eval import EvalError
 
 TEXT_SETS = ("kjv-genesis", "kjv-genesis-full")
@@ -27,14 +28,15 @@ CHOICE_SETS = ("mmlu-smoke",)
 DEFAULT_TEXT = "kjv-genesis"
 
 
-def read_text(source: str) -> str:
-    """A named text set, or the contents of a text file."""
+def read_text(source: str, flag: str = "--data") -> str:
+    """A named text set, or the contents of a UTF-8 text file (bits per byte count its bytes: a
+    binary or non-UTF-8 file is refused, not decoded with replacement characters)."""
     if source in TEXT_SETS:
         return kjv_genesis(chapters=5 if source == "kjv-genesis" else 50)
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise EvalError(f"{source}: no such file: pass a text file or one of {', '.join(TEXT_SETS + PAIR_SETS)}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path, flag)
     if not text.strip():
         raise EvalError(f"{source}: the file is empty: give a text file with some text in it")
     return text

@@ -18,7 +18,9 @@ import torch
 
 from llama import parallel
 from llama.common.dtypes import DTYPES, parse_dtype
-from llama.common.errors import USER_ERRORS, ArgumentError, report as report_error
+from llama.common.checks import check_device, check_seed
+from llama.common.errors import USER_ERRORS, ArgumentError, UserError, report as report_error
+from llama.common.files import read_text_file
 from llama.generation.quantize import check_quantize
 from llama.generation.sampling import check_sampling_args
 from llama.common.threads import POLICY_HELP, set_torch_threads
@@ -76,15 +78,8 @@ def check_model_args(args) -> None:
         raise ArgumentError(f"--max-seq-len {args.max_seq_len}: need room for a prompt and a new token")
     if args.max_batch_size is not None and args.max_batch_size < 1:
         raise ArgumentError(f"--max-batch-size {args.max_batch_size}: must be at least 1")
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ArgumentError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ArgumentError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-        if device.type not in ("cpu", "cuda"):
-            raise ArgumentError(f"--device {args.device}: only cpu and cuda are supported here")
+    check_seed("--seed", args.seed)
+    check_device(args.device, "--device")
 
 
 def check_args(args) -> None:
@@ -115,7 +110,7 @@ def read_tools(specs: Optional[List[str]]) -> Optional[list]:
     for spec in specs:
         if spec.endswith(".json"):
             try:
-                loaded = json.loads(Path(spec).read_text(encoding="utf-8"))
+                loaded = json.loads(read_text_file(spec, "--tools"))  # a binary or non-UTF-8 file: one line
             except json.JSONDecodeError as e:
                 raise ArgumentError(f"--tools {spec}: not JSON ({e.msg}, line {e.lineno})") from None
             tools.extend(loaded if isinstance(loaded, list) else [loaded])
@@ -243,7 +238,7 @@ def chat(llama, args, say: Printer, run_tool: Optional[Callable[[dict], Optional
                 tokens = llama.encode_dialog(dialog, **tool_args)
             try:
                 llama.check_request([tokens], args.max_gen_len)
-            except ValueError as e:  # this message alone is too long: say so and keep the session
+            except UserError as e:  # this message alone is too long: say so and keep the session
                 say(f"error: {e}", err=True)
                 dialog.pop()
                 break

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama import parallel
 from llama.model import KVCache
-from llama.common.checks import check_dialogs, check_max_gen_len, check_prompts, check_sizes
+from llama.common.checks import check_device, check_dialogs, check_max_gen_len, check_prompts, check_seed, check_sizes
 from llama.common.dtypes import parse_dtype
 from llama.common.errors import ArgumentError
 from llama.generation.compile import CompiledStep, mark_cache_dynamic
@@ -85,6 +85,8 @@ class Llama:
         from llama.tokenizer import check_vocab, load_tokenizer
 
         check_sizes(max_seq_len, max_batch_size)  # bad arguments fail here, before any file is read
+        check_seed("seed", seed)
+        check_device(device, "device")
         check_quantize(quantize, group_size)
         dtype = parse_dtype(dtype)
         if lora is None and recorded_base(ckpt_dir) is not None:  # out/lora: adapters + a pointer to the base

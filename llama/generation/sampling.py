@@ -8,6 +8,7 @@
 Both restrictions renormalise what is left; top-k is applied first, then top-p, as HF does.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -17,8 +18,9 @@ from llama.common.errors import ArgumentError
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
     """Refuse values that have no meaning, naming the fix (raises ArgumentError, a ValueError)."""
-    if not temperature >= 0:  # also catches NaN
-        raise ArgumentError(f"temperature={temperature} is negative: use 0 for greedy decoding or a value > 0 to sample")
+    if not 0 <= temperature < math.inf:  # also catches NaN
+        raise ArgumentError(f"temperature={temperature} is not a finite number >= 0: use 0 for greedy decoding "
+                            f"or a value > 0 to sample")
     if not 0 < top_p <= 1:
         raise ArgumentError(f"top_p={top_p} is outside (0, 1]: use 1 to disable nucleus sampling, e.g. 0.9 to enable it")
     if top_k < 0:

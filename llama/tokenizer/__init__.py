@@ -33,7 +33,7 @@ from llama.tokenizer.llama3 import Tokenizer
 from llama.tokenizer.paths import TOKENIZER_ASSETS, tokenizer_file
 from llama.tokenizer.stream import StreamDecoder
 from llama.tokenizer.train import train_bpe
-from llama.common.files import copy_file, write_text
+from llama.common.files import add_output_argument, check_output_file, copy_file, write_text
 
 __all__ = ["Tokenizer", "ChatFormat", "Llama2ChatFormat", "ChatMLFormat", "SentencePieceTokenizer",
            "ByteLevelBPETokenizer", "StreamDecoder", "TokenizerError", "load_tokenizer", "check_vocab",
@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     train = sub.add_parser("train", help="train a BPE tokenizer.model (tiktoken format) on your text")
     train.add_argument("--input", nargs="+", required=True, metavar="FILES", help="files or directories")
     train.add_argument("--vocab-size", type=int, required=True, help="total, including 256 special tokens")
-    train.add_argument("--out", required=True, metavar="PATH")
+    add_output_argument(train, "--out", kind="file", required=True, metavar="PATH", help="the tokenizer.model to write")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never an input)")
     encode = sub.add_parser("encode", help="print the ids and pieces of some text")
     encode.add_argument("--tokenizer", required=True, metavar="PATH")
     encode.add_argument("text")
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
             for item in args.input:
                 if not Path(item).exists():
                     raise TokenizerError(f"{item}: no such training file or directory")
+            check_output_file(args.out, args.overwrite, args.input, "--out")
             out = train_bpe([Path(p) for p in args.input], args.vocab_size, args.out, verbose=True)
             print(f"wrote {out}: {load_tokenizer(out).n_words} tokens including 256 special tokens")
         else:

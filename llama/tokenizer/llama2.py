@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 
+from llama.common.errors import one_line
 from llama.tokenizer.chat import Llama2ChatFormat
 from llama.tokenizer.errors import TokenizerError
 
@@ -25,7 +26,7 @@ class SentencePieceTokenizer:
         try:
             self.sp_model.Load(str(model_path))
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{model_path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+            raise TokenizerError(f"{model_path}: not a sentencepiece model ({one_line(e)})") from None
         sp = self.sp_model
         self.n_words, self.bos_id, self.eos_id, self.pad_id = sp.vocab_size(), sp.bos_id(), sp.eos_id(), sp.pad_id()
         self.special_tokens = {sp.id_to_piece(i): i for i in range(self.n_words) if sp.is_control(i)}

@@ -39,7 +39,8 @@ def iter_texts(files_or_texts):
     """Paths (files, or directories: every file below, sorted) are read; a str naming an existing path
     is a path, any other str containing whitespace is the text itself (one with no whitespace is taken
     for a mistyped path). Undecodable bytes survive as surrogates (`surrogateescape`) and become their
-    original bytes again."""
+    original bytes again. A binary file (a NUL byte) named directly is refused; one found inside a
+    directory is skipped (a corpus folder may hold images or archives)."""
     for item in files_or_texts:
         is_text = isinstance(item, str) and any(c.isspace() for c in item) and not _exists(item)
         if is_text:
@@ -49,9 +50,13 @@ def iter_texts(files_or_texts):
         if not path.exists():
             raise TokenizerError(f"{path}: no such training file or directory")
         for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            yield file.read_text(encoding="utf-8", errors="surrogateescape")
-
-
+            data = file.read_bytes()
+            nul = data.find(b"\0")
+            if nul >= 0:
+                if file == path:
+                    raise TokenizerError(f"{file} looks binary (a NUL byte at offset {nul}): train on text files")
+                continue
+            yield data.decode("utf-8", errors="surrogateescape")
 def _exists(name: str) -> bool:
     try:
         return "\n" not in name and Path(name).exists()
@@ -149,6 +154,9 @@ def train_bpe(files_or_texts, vocab_size: int, out_path, *, verbose: bool = Fals
                              f"(256 single-byte tokens + {NUM_SPECIAL} special tokens)")
     log = (lambda msg: print(msg, file=sys.stderr)) if verbose else None
     counts = count_chunks(files_or_texts)
+    if not counts:
+        names = ", ".join(str(f) for f in files_or_texts)
+        raise TokenizerError(f"{names[:200]}: no text to train on: give files (or directories) with text in them")
     if log:
         log(f"{len(counts)} distinct chunks, {sum(counts.values())} in all")
     tokens = learn_merges(counts, vocab_size - NUM_SPECIAL, log)

@@ -23,6 +23,7 @@ import torch
 
 from llama import lora, parallel
 from llama.checkpoint import peft
+from llama.checkpoint.meta import load_torch_file
 from llama.common.dtypes import training_dtype
 from llama.common.files import atomic_write
 from llama.train import fsdp
@@ -84,11 +85,11 @@ def load_adapter_checkpoint(path: Path, model, optimizer, device, base: dict) ->
     if saved.get("params_sha256") != base["params_sha256"]:
         raise lora.LoRAError(f"{path} holds adapters for the base {saved.get('path')}, which does not match "
                              f"this run's base {base['path']}: resume with the same init_from")
-    train_state = torch.load(path / f"train_state.{mp_rank:02d}.pth", map_location=device, weights_only=True)
+    train_state = load_torch_file(path / f"train_state.{mp_rank:02d}.pth", map_location=device)  # checksummed
     if train_state["model_parallel_size"] != mp:
         raise lora.LoRAError(f"{path} was saved at model_parallel_size={train_state['model_parallel_size']}; "
                              f"resume with the same size")
-    state = torch.load(shard, map_location=device, weights_only=True)
+    state = load_torch_file(shard, map_location=device)
     missing = set(lora.adapter_state(model)) ^ set(state)
     if missing:
         raise lora.LoRAError(f"{path}: its adapters do not match this run's lora_targets/rank "

@@ -3,7 +3,10 @@
 Sequences are numbered globally. Pretraining: sequence i of the training split is the window of
 seq_len + 1 tokens starting at i * seq_len (inputs are the first seq_len, targets the last seq_len),
 so windows share one token and cover the stream; documents inside a window are separated by their
-BOS/EOS tokens. SFT: sequence i is dialog i, cut to seq_len + 1 tokens.
+BOS/EOS tokens. SFT: sequence i is dialog i, cut to its first seq_len + 1 tokens; a dialog left with
+no assistant token to learn from by the cut is dropped (it would train on nothing: loss 0, no
+gradient). The run's log says how many were cut and dropped; if every training dialog is dropped,
+the run refuses to start.
 
 Each epoch visits the training sequences in a fresh order drawn from (seed, epoch). Step s's global
 batch is the next `batch_size` sequences of that order; data-parallel rank r takes rows
@@ -54,11 +57,13 @@ class Batches:
         self.meta = read_meta(root)
         self.sft = self.meta["kind"] == "sft"
         self.tokens = TokenStream(self.root, self.meta["shards"], np.uint32)
+        self.fit_report = None
         if self.sft:
             self.masks = TokenStream(self.root, self.meta["mask_shards"], np.uint8)
             self.offsets = np.load(self.root / "offsets.npy")
             split = self.meta["val_document_start"]
-            self.counts = {"train": split, "val": self.meta["n_documents"] - split}
+            self.dialogs = self._fitting_dialogs(split)
+            self.counts = {k: len(v) for k, v in self.dialogs.items()}
         else:
             split = self.meta["val_start"]
             self.counts = {"train": max(0, (split - 1) // seq_len),
@@ -69,13 +74,37 @@ class Batches:
                             f"add data or lower seq_len / val_fraction")
         self._order = (None, None)  # (epoch, permutation) of the training sequences
 
+    def _fitting_dialogs(self, split: int) -> dict:
+        """{"train", "val"}: the numbers of the dialogs that keep an assistant token (a target) within
+        their first seq_len + 1 tokens; a DataError if no training dialog does. Sets fit_report."""
+        starts, ends = self.offsets[:-1], self.offsets[1:]
+        cut = np.minimum(ends, starts + self.seq_len + 1)
+        # targets of a sequence are its tokens 1..: sum the mask over [start + 1, cut) of every dialog
+        mask = np.append(self.masks.read(0, int(self.offsets[-1])), np.uint8(0))  # (N + 1,), reduceat's end
+        bounds = np.stack([starts + 1, cut], axis=1).reshape(-1)  # non-decreasing: cut <= next start
+        targets = np.add.reduceat(mask, bounds, dtype=np.int64)[0::2]
+        kept = (targets > 0) & (starts + 1 < cut)
+        n, n_cut, n_dropped = len(starts), int((ends > cut).sum()), int((~kept).sum())
+        if n_cut:
+            self.fit_report = (f"SFT dialogs are cut to seq_len + 1 = {self.seq_len + 1} tokens: {n_cut} of {n} "
+                               f"({100 * n_cut / n:.1f}%) cut, {n_dropped} ({100 * n_dropped / n:.1f}%) dropped "
+                               f"(no assistant token left); the longest has {int((ends - starts).max())} tokens")
+        index = np.arange(n)
+        dialogs = {"train": index[:split][kept[:split]], "val": index[split:][kept[split:]]}
+        if split and not len(dialogs["train"]):
+            source = ", ".join(self.meta.get("sources", [])) or str(self.root)
+            raise DataError(f"data {source}: none of the {split} training dialogs has an assistant token within its "
+                            f"first seq_len + 1 = {self.seq_len + 1} tokens (seq_len={self.seq_len}; the longest "
+                            f"dialog has {int((ends - starts).max())}): raise seq_len or shorten the dialogs")
+        return dialogs
+
     def __len__(self) -> int:
         return self.counts["train"]
 
     def _sequence(self, index: int, split: str) -> Tuple[np.ndarray, np.ndarray]:
         """Tokens (L,) and their 0/1 train mask (L,) of one sequence, L <= seq_len + 1."""
         if self.sft:
-            doc = index if split == "train" else self.meta["val_document_start"] + index
+            doc = int(self.dialogs[split][index])
             start = int(self.offsets[doc])
             end = min(int(self.offsets[doc + 1]), start + self.seq_len + 1)
             return self.tokens.read(start, end), self.masks.read(start, end)

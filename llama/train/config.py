@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import torch
 
 from llama import parallel
+from llama.common.checks import check_device as parse_device, check_number, check_seed
 from llama.common.dtypes import DTypeError, dtype_name
 from llama.common.errors import UserError
+from llama.common.files import InputFileError, check_not_input, read_text_file
 from llama.lora import LORA_DTYPES, check_settings
 from llama.model import ModelArgs
 from llama.model_args import ModelArgsError
@@ -49,6 +50,7 @@ class TrainConfig:
     save_every: int = 100  # checkpoint every this many steps (always at the end)
     keep_last: int = 2  # older checkpoints are deleted (0: keep all)
     resume: bool = False  # continue from out_dir/latest
+    overwrite: bool = False  # a fresh run into an out_dir holding another run deletes that run (else: refused)
     init_from: str = ""  # Meta dir, HF dir, .gguf file or "smollm2" to fine-tune (empty: from scratch)
     # data
     data: str = "stdlib"  # "stdlib", a dir made by `python -m llama.data prepare`, or raw files
@@ -221,9 +223,11 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist (see configs/train/ for examples)")
         try:
-            table = tomllib.loads(p.read_text())
+            table = tomllib.loads(read_text_file(p, "config file"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except InputFileError as e:
+            raise ConfigError(f"{e}: a config is a TOML file (see configs/train/)") from None
         for key, value in table.items():
             _apply(values, key, value, str(path))
     for item in overrides:
@@ -238,21 +242,60 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
     return cfg
 
 
+# The range of every number in the config, checked once, where the config is read (llama.common.checks:
+# finite, whole where it must be): key -> check_number's keywords. The seed has its own rule.
+RANGES = {
+    "max_steps": dict(low=1, integer=True), "log_every": dict(low=1, integer=True),
+    "eval_every": dict(low=0, integer=True), "eval_batches": dict(low=1, integer=True),
+    "save_every": dict(low=0, integer=True), "keep_last": dict(low=0, integer=True),
+    "val_fraction": dict(low=0, high=1, high_open=True), "seq_len": dict(low=1, integer=True),
+    "batch_size": dict(low=1, integer=True), "micro_batch_size": dict(low=1, integer=True),
+    "lr": dict(low=0), "min_lr": dict(low=0), "warmup_steps": dict(low=0, integer=True),
+    "decay_steps": dict(low=0, integer=True), "weight_decay": dict(low=0),
+    "beta1": dict(low=0, high=1, high_open=True), "beta2": dict(low=0, high=1, high_open=True),
+    "grad_clip": dict(low=0), "model_parallel_size": dict(low=1, integer=True),
+    "data_parallel_size": dict(low=0, integer=True), "loss_chunks": dict(low=1, integer=True),
+    "peak_tflops": dict(low=0), "lora_rank": dict(low=0, integer=True),
+    "lora_alpha": dict(low=0, low_open=True), "lora_dropout": dict(low=0, high=1, high_open=True),
+}
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    try:
+        check_seed("seed", cfg.seed)
+        for key, limits in RANGES.items():
+            check_number(key, getattr(cfg, key), **limits)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr={cfg.min_lr} is above lr={cfg.lr}: the cosine decays from lr down to min_lr; "
+                          f"lower min_lr (e.g. lr / 10)")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """out_dir (and data_cache, where raw data is tokenized) are outputs: never empty, never a file,
+    never an input, a folder holding one or inside one (llama/common/files.py's rule)."""
+    if not cfg.out_dir.strip():
+        raise ConfigError('out_dir="" is empty: name a folder for the run\'s checkpoints, e.g. out_dir=out/my-run')
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"out_dir={cfg.out_dir} is a file, not a directory: choose a folder for the run")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true continues the run in out_dir, overwrite=true deletes it: drop one of them")
+    raw_data = cfg.data != "stdlib" and not (Path(cfg.data) / "meta.json").is_file()
+    inputs = [cfg.data if cfg.data != "stdlib" else None, cfg.tokenizer, cfg.init_from, cfg.eval_data, cfg.model_config]
+    outputs = [("out_dir=", cfg.out_dir)] + ([("data_cache=", cfg.data_cache)] if raw_data else [])
+    for name, path in outputs:
+        check_not_input(path, inputs, name)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no data, model or processes: run before any work starts."""
-    positive = ["max_steps", "log_every", "seq_len", "batch_size", "micro_batch_size", "model_parallel_size",
-                "eval_batches", "loss_chunks"]
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"config key {key!r} must be positive, got {getattr(cfg, key)}")
-    for key in ["save_every", "eval_every", "keep_last", "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "lr",
-                "min_lr", "peak_tflops"]:
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key {key!r} must not be negative, got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
-        raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    check_numbers(cfg)
+    check_paths(cfg)
+    try:
+        parse_device(cfg.device, "device", need_it_here=False)  # syntax only: a config naming cuda parses anywhere
+    except UserError as e:
+        raise ConfigError(f"{e}, or auto") from None
     if cfg.dtype != "auto":
         try:
             cfg.dtype = dtype_name(cfg.dtype)  # one name from here on: bf16 -> bfloat16
@@ -273,8 +316,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data_parallel={cfg.data_parallel!r}: use \"ddp\" or \"fsdp\"")
     if not cfg.reshard_after_forward and cfg.data_parallel != "fsdp":
         raise ConfigError("reshard_after_forward=false (ZeRO-2) shards the model: it needs data_parallel=\"fsdp\"")
-    if cfg.data_parallel_size < 0:
-        raise ConfigError(f"config key 'data_parallel_size' must not be negative, got {cfg.data_parallel_size}")
     check_lora_config(cfg)
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
@@ -285,8 +326,10 @@ def validate(cfg: TrainConfig) -> None:
 
 def check_device(cfg: TrainConfig) -> None:
     """At the start of training (a config that names cuda still parses on a machine without one)."""
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device}: no CUDA GPU is available here: use device=cpu (or auto)")
+    try:
+        parse_device(cfg.device, "device")
+    except UserError as e:
+        raise ConfigError(f"{e} (or auto)") from None
 
 
 def _check_parallel(cfg: TrainConfig, args: ModelArgs) -> None:
@@ -332,7 +375,7 @@ def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[in
 # runs (device, compile, recomputation, accumulation). Every other key is the run's saved value.
 MAY_CHANGE_ON_RESUME = {"max_steps", "log_every", "eval_every", "save_every", "keep_last", "eval_batches",
                         "device", "compile", "activation_checkpointing", "micro_batch_size", "peak_tflops",
-                        "resume", "out_dir"}
+                        "resume", "out_dir", "overwrite"}
 
 
 def resume_values(values: dict, defaults: dict) -> dict:
@@ -340,9 +383,8 @@ def resume_values(values: dict, defaults: dict) -> dict:
     checkpoint's train_state.00.pth), plus the MAY_CHANGE_ON_RESUME keys from `values` (the keys the
     user gave). A key given again with another value is a ConfigError naming it; so is a max_steps
     the run has already reached. With no checkpoint yet, `values` are returned unchanged."""
-    import torch  # here, not at the top: train.py checks a config before paying for torch's import
-
     from llama.checkpoint import CheckpointError
+    from llama.checkpoint.meta import load_torch_file
     from llama.train.state import latest_checkpoint
 
     out_dir = values.get("out_dir", defaults["out_dir"])
@@ -352,7 +394,7 @@ def resume_values(values: dict, defaults: dict) -> dict:
     state_file = ckpt / "train_state.00.pth"
     if not state_file.is_file():
         raise CheckpointError(f"{ckpt} has no train_state.00.pth: it is not a training checkpoint to resume")
-    state = torch.load(state_file, map_location="cpu", mmap=True, weights_only=True)
+    state = load_torch_file(state_file)  # checksummed: a damaged file is refused, not resumed
     saved = {k: v for k, v in state["config"].items() if k in defaults}
     where = f"the run's saved configuration ({state_file})"
     given = {k: v for k, v in values.items() if k != "model"}
@@ -371,7 +413,8 @@ def resume_values(values: dict, defaults: dict) -> dict:
                         f"{ckpt} NEW --to meta --shards {value}) and start a new run with init_from=NEW")
             raise ConfigError(f"resume=true: {key}={value!r} differs from {key}={was!r} in {where}: drop {key} "
                               f"to continue the run, or start a new run in another out_dir{hint}")
-    merged = {**saved, **{k: v for k, v in values.items() if k in MAY_CHANGE_ON_RESUME}, "resume": True}
+    merged = {**saved, "overwrite": False,  # the run may have started with overwrite=true: resuming never deletes
+              **{k: v for k, v in values.items() if k in MAY_CHANGE_ON_RESUME}, "resume": True}
     max_steps = merged.get("max_steps", defaults["max_steps"])
     if max_steps <= state["step"]:
         raise ConfigError(f"resume=true: the run in {out_dir} is already at step {state['step']} and "

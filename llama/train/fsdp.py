@@ -39,6 +39,7 @@ except ImportError:
     FSDPModule = MixedPrecisionPolicy = fully_shard = None
 
 from llama import parallel
+from llama.checkpoint.meta import load_torch_file
 from llama.common.errors import UserError
 from llama.common.files import atomic_write
 
@@ -200,8 +201,8 @@ def load_checkpoint(path: Path, model, optimizer, device) -> dict:
         raise FSDPError(f"{path} was saved at model_parallel_size={saved_mp}, this run has {mp}: resume at "
                         f"{saved_mp}, or convert it first (python -m llama.convert {path} NEW_DIR --to meta "
                         f"--shards {mp}) and start a new run with init_from=NEW_DIR (the optimizer state stays behind)")
-    train_state = torch.load(state_file, map_location="cpu", weights_only=True)
-    weights = torch.load(path / f"consolidated.{mp_rank:02d}.pth", map_location="cpu", weights_only=True, mmap=True)
+    train_state = load_torch_file(state_file)  # checksummed, as generate.py's loads are
+    weights = load_torch_file(path / f"consolidated.{mp_rank:02d}.pth")
     load_full_weights(model, weights)
     del weights
     load_optimizer(path, model, optimizer)

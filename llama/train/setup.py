@@ -28,7 +28,7 @@ from llama.tokenizer import tokenizer_file
 from llama.train import adapters as train_adapters
 from llama.train.config import TrainConfig, asset_path, check_device, check_layout
 from llama.train.loop import Data, Progress, Run, TrainModel, enable_activation_checkpointing
-from llama.train.state import latest_checkpoint, load_checkpoint, set_rng_state
+from llama.train.state import check_out_dir, claim_out_dir, latest_checkpoint, load_checkpoint, set_rng_state
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -154,6 +154,8 @@ def check_run(cfg: TrainConfig) -> Tuple[TrainConfig, ModelArgs]:
     tok = str(tokenizer_file(cfg.tokenizer, flag="tokenizer=")) if cfg.tokenizer else ""
     cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=tok)
     check_device(cfg)  # device=cuda without a GPU: one line now, not an AttributeError after the data work
+    check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)  # a fresh run never saves over another run
+    check_tokenizer(cfg)
     args = model_args(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _, micro = check_layout(cfg, args, world)
@@ -166,17 +168,41 @@ def check_run(cfg: TrainConfig) -> Tuple[TrainConfig, ModelArgs]:
     return cfg, args
 
 
+def check_tokenizer(cfg: TrainConfig) -> None:
+    """tokenizer= with init_from must be the checkpoint's own tokenizer (same ids): another one's ids
+    index the embeddings of unrelated tokens, and the fine-tune learns noise without a word."""
+    if not (cfg.init_from and cfg.tokenizer):
+        return
+    from llama.checkpoint import default_tokenizer_path
+    from llama.data.prepare import file_sha256
+    from llama.tokenizer import load_tokenizer
+
+    own = default_tokenizer_path(cfg.init_from)
+    if own is None or file_sha256(own) == file_sha256(cfg.tokenizer):
+        return
+    ours, theirs = load_tokenizer(own), load_tokenizer(cfg.tokenizer)
+    probe = "Hello, world! def f(x):\n    return x ** 2  # Grüße, 日本"
+    if ours.n_words != theirs.n_words or ours.encode(probe, bos=False, eos=False) != theirs.encode(probe, bos=False, eos=False):
+        raise DataError(f"tokenizer={cfg.tokenizer} is not init_from's tokenizer ({own}: {ours.n_words} tokens, this one "
+                        f"{theirs.n_words}): the model only knows its own ids; drop tokenizer= to use init_from's")
+
+
+def claim_run_folder(cfg: TrainConfig) -> None:
+    """Rank 0 locks out_dir for this run (a second run into it refuses) and, with overwrite=true,
+    clears the earlier run: the last step of setup, once everything that can fail has been checked."""
+    if is_first_rank():
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+
+
 def start_processes(cfg: TrainConfig) -> torch.device:
     """Join the torchrun job as model-parallel x data-parallel groups (one process: nothing to join),
-    pick this rank's device, seed the RNG; rank 0 makes out_dir. Returns the device."""
+    pick this rank's device, seed the RNG. Returns the device."""
     parallel.init_distributed(cfg.model_parallel_size)
     device = pick_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    if is_first_rank():
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     return device
 
 
@@ -218,9 +244,6 @@ def resume(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimize
     position into this run. Otherwise (or with nothing to resume) a run at step 0."""
     is_first = is_first_rank()
     checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if not cfg.resume and is_first and (Path(cfg.out_dir) / "latest").is_file():
-        print(f"warning: {cfg.out_dir} holds checkpoints of an earlier run; this run starts at step 0 and "
-              f"replaces them as it saves (resume=true would continue it)", file=sys.stderr)
     if checkpoint is None:
         if cfg.resume and is_first:
             print(f"resume=true but {cfg.out_dir} has no checkpoint yet: starting at step 0", file=sys.stderr)
@@ -246,6 +269,8 @@ def describe(run: Run) -> str:
     n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in model.named_parameters())
     line = (f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
             f"{run.device} | data {run.data.dir} ({len(run.data.batches)} sequences of {cfg.seq_len})")
+    if run.data.batches.fit_report:  # SFT dialogs longer than a sequence: how many were cut or dropped
+        line += f"\n{run.data.batches.fit_report}"
     if cfg.lora_rank:
         trainable = sum(parallel.full_shape(n, p.shape).numel() for n, p in lora.trainable_parameters(model).items())
         line += (f"\nLoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "

@@ -29,8 +29,10 @@ import torch.distributed as dist
 
 from llama import parallel
 from llama.checkpoint import CheckpointError, params_json
-from llama.common.files import (atomic_write, fsync_dir, make_temp_dir, remove_stale_temps, remove_temp_dir, replace_dir,
-                         write_text)
+from llama.checkpoint.meta import load_torch_file
+from llama.common.errors import UserError
+from llama.common.files import (atomic_write, fsync_dir, lock_dir, make_temp_dir, remove_stale_temps, remove_temp_dir,
+                                replace_dir, unlock_dir, write_text)
 from llama.tokenizer import save_tokenizer
 
 LATEST = "latest"
@@ -56,6 +58,49 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
         raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing: "
                               f"point it at a complete step_NNNNNN directory, or start without resume=true")
     return path
+
+
+class RunFolderError(UserError):
+    """out_dir holds another run, or another process is writing it."""
+
+
+def earlier_run(out_dir) -> Optional[str]:
+    """What in out_dir shows that a run has saved there (its `latest`, a step_NNNNNN folder), or None."""
+    out = Path(out_dir)
+    if (out / LATEST).is_file():
+        return f"latest = {(out / LATEST).read_text().strip()}"
+    steps = sorted(p.name for p in out.glob("step_*") if _STEP.fullmatch(p.name)) if out.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
+    """A fresh run never saves over another run's checkpoints (a shorter run's pruning would delete
+    its own, `latest` would name a foreign step): continue it, replace it, or choose another folder."""
+    found = earlier_run(out_dir)
+    if found and not resume and not overwrite:
+        raise RunFolderError(f"out_dir={out_dir} holds another run ({found}): continue it with resume=true, start "
+                             f"over with overwrite=true (its checkpoints are deleted), or choose another out_dir")
+
+
+def claim_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
+    """Before the run writes (global rank 0): make out_dir and lock it for this process, so that a second
+    run into it refuses (release_out_dir, or the process's end, frees it); check it again under the
+    lock; with overwrite=true delete the earlier run's checkpoints, `latest` and metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock_dir(out, "wait for that run to finish, or choose another out_dir")
+    check_out_dir(out, resume, overwrite)
+    if overwrite and not resume:
+        (out / LATEST).unlink(missing_ok=True)  # first: never a `latest` naming a deleted step
+        for step in out.glob("step_*"):
+            if is_training_checkpoint(step):  # only what a run wrote; anything else stays
+                shutil.rmtree(step)
+        remove_stale_temps(out, ".step_*.tmp*")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def release_out_dir(out_dir) -> None:
+    unlock_dir(out_dir)
 
 
 def is_training_checkpoint(path: Path) -> bool:
@@ -98,20 +143,21 @@ def save_checkpoint(out_dir, step: int, model, train_state: dict, tokenizer_path
         replace_dir(tmp, final)  # a re-saved step (a resumed run): the old one is removed once replaced
         write_text(out / LATEST, name)
         fsync_dir(out)
-        _prune(out, keep_last)
+        _prune(out, keep_last, keep=final)
     _barrier()
     return final
 
 
-def _prune(out: Path, keep_last: int) -> None:
+def _prune(out: Path, keep_last: int, keep: Path) -> None:
     """Delete all but the newest keep_last checkpoints (and temp dirs of interrupted saves); only
-    directories this module wrote are ever removed."""
+    directories this module wrote are ever removed, and never `keep` (the one just saved)."""
     remove_stale_temps(out, ".step_*.tmp*")
     if keep_last <= 0:
         return
     steps = sorted(p for p in out.glob("step_*") if is_training_checkpoint(p))
     for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != keep.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, device) -> dict:
@@ -127,8 +173,8 @@ def load_checkpoint(path: Path, model, device) -> dict:
             f"model_parallel_size={saved_mp}, or convert it (python -m llama.convert {path} NEW --to meta "
             f"--shards {mp}) and start a new run with init_from=NEW")
     state_file = path / f"train_state.{mp_rank:02d}.pth"
-    train_state = torch.load(state_file, map_location=device, weights_only=True)
-    weights = torch.load(path / f"consolidated.{mp_rank:02d}.pth", map_location=device, weights_only=True)
+    train_state = load_torch_file(state_file, map_location=device)  # checksummed, as generate.py's loads are
+    weights = load_torch_file(path / f"consolidated.{mp_rank:02d}.pth", map_location=device)
     model.load_state_dict(weights, strict=True)
     return train_state
 
