@@ -8,6 +8,7 @@ issue 38 (`loss`: a user's file destroyed, `silent`: ran on and produced a wrong
 `traceback`). The data-loss rows also hash the workspace before and after."""
 
 import json
+import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,6 +49,26 @@ def make_adapter(ckpt: Path, out: Path) -> Path:
     return out
 
 
+def write_bad_tokens_gguf(path: Path) -> Path:
+    """A GGUF declaring a byte-level BPE ("gpt2") tokenizer whose token list is 50 made-up tokens for a
+    128-row embedding: its tokenizer cannot work."""
+    import gguf
+
+    from tests.helpers import tiny_model, write_gguf
+
+    model, args = tiny_model()
+    add_token_list = gguf.GGUFWriter.add_token_list
+
+    def inconsistent(self, tokens):
+        add_token_list(self, tokens[:50])
+        self.add_tokenizer_model("gpt2")
+        self.add_token_merges(["t o", "to k"])
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "add_token_list", inconsistent)
+        return write_gguf(path, model.state_dict(), args)
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_dir, corpus):
     """A user's folder: a checkpoint (a copy: some rows try to destroy it), an adapter and a LoRA run
@@ -78,6 +99,7 @@ def ws(tmp_path_factory, tiny_dir, corpus):
         (root / "zero" / f.name).symlink_to(f)
     (root / "zero/consolidated.00.pth").unlink()
     (root / "zero/consolidated.00.pth").write_bytes(b"")
+    write_bad_tokens_gguf(root / "bad_tokens.gguf")
     shutil.copytree(root, root.with_name(root.name + "-pristine"), symlinks=True)
     return SimpleNamespace(root=root, data=corpus[0], bpe=corpus[1])
 
@@ -87,7 +109,7 @@ def w(ws):
     """The workspace, put back as it was after a case that changed it (so one failure stays one)."""
     yield ws
     pristine = ws.root.with_name(ws.root.name + "-pristine")
-    if {k: v[0] for k, v in tree(ws.root).items()} != {k: v[0] for k, v in tree(pristine).items()}:
+    if {k: v[:2] for k, v in tree(ws.root).items()} != {k: v[:2] for k, v in tree(pristine).items()}:
         shutil.rmtree(ws.root)
         shutil.copytree(pristine, ws.root, symlinks=True)
 
@@ -215,6 +237,8 @@ CASES = [
     ("convert-zero-byte", "damaged files", "convert", lambda w: [w.root / "zero", w.root / "c1", "--to", "hf"],
      ["consolidated.00.pth", "empty (0 bytes)"]),
     # ---- data (before: traceback or silent) -------------------------------------------------------------
+    ("convert-gguf-tokens-inconsistent", "data", "convert", lambda w: [w.root / "bad_tokens.gguf", w.root / "c2", "--to", "hf"],
+     ["bad_tokens.gguf", "vocab"]),
     ("prepare-text-is-number", "data", "data",
      lambda w: ["prepare", w.root / "numbers.jsonl", "--tokenizer", w.root / "tok.model", "--out", w.root / "d1"],
      ["numbers.jsonl:1", "text"]),
@@ -250,3 +274,222 @@ def test_every_case_is_one_line_and_writes_nothing(case, w):
     after = tree(ws.root)
     cache = {k for k in after if k.startswith("cache/")}  # a tokenized-data cache may appear; nothing else
     assert {k: v for k, v in after.items() if k not in cache} == before, f"{name} changed the workspace"
+
+
+# ---------------------------------------------------------------------------- damaged files of every format
+
+
+def damage(data: bytes, kind: str) -> bytes:
+    """empty, truncated (the first half), garbage (random bytes, same length), flipped (one byte)."""
+    if kind == "empty":
+        return b""
+    if kind == "truncated":
+        return data[: len(data) // 2]
+    if kind == "garbage":
+        return random.Random(len(data)).randbytes(max(len(data), 64))
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x40  # inside the largest member: the tensors
+    return bytes(flipped)
+
+
+@pytest.fixture(scope="module")
+def formats(ws, smollm2_gguf):
+    """One checkpoint of each format next to the workspace's Meta one: HF (with an HF tokenizer.json,
+    SmolLM2's), GGUF, the PEFT adapter, and a training run to resume."""
+    from llama.tokenizer import save_tokenizer
+    from tests.helpers import write_gguf
+
+    model = checkpoint.load_model(ws.root / "ckpt")
+    hf = ws.root.parent / "formats-hf"
+    checkpoint.save_hf(model.state_dict(), model.params, hf)
+    save_tokenizer(smollm2_gguf, hf)
+    gguf = write_gguf(ws.root.parent / "formats.gguf", model.state_dict(), model.params)
+    run = ws.root.parent / "formats-run"
+    proc = run_main(train_script.main, *TINY_TRAIN, f"data={ws.data}", f"out_dir={run}", "max_steps=1")
+    assert proc.returncode == 0, proc.stderr
+    return {"meta": ws.root / "ckpt", "hf": hf, "gguf": gguf, "adapter": ws.root / "adapter", "run": run}
+
+
+def damaged_copy(source: Path, name: str, kind: str, dst: Path) -> Path:
+    """A copy of checkpoint folder (or file) `source` whose `name` is damaged; the rest linked."""
+    if source.is_file():
+        dst.write_bytes(damage(source.read_bytes(), kind))
+        return dst
+    step = source / source.joinpath("latest").read_text() if (source / "latest").is_file() else None
+    folder = dst / step.name if step else dst
+    folder.mkdir(parents=True)
+    for f in (step or source).iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / name).unlink()
+    (folder / name).write_bytes(damage(((step or source) / name).read_bytes(), kind))
+    if step:
+        (dst / "latest").write_text(step.name)
+    return dst
+
+
+FILES = [("meta", "consolidated.00.pth"), ("meta", "params.json"), ("meta", "tokenizer.model"),
+         ("hf", "model.safetensors"), ("hf", "config.json"), ("hf", "tokenizer.json"), ("gguf", "formats.gguf"),
+         ("adapter", "adapter_model.safetensors"), ("adapter", "adapter_config.json"),
+         ("run", "consolidated.00.pth"), ("run", "train_state.00.pth")]
+DAMAGE = [(fmt, name, kind) for fmt, name in FILES for kind in ("empty", "truncated", "garbage")
+          + (("flipped",) if name.endswith(".pth") else ())]
+
+
+@pytest.mark.parametrize("fmt,name,kind", DAMAGE, ids=[f"{f}-{n}-{k}" for f, n, k in DAMAGE])
+def test_a_damaged_file_of_every_format_is_one_line(fmt, name, kind, formats, ws, tmp_path):
+    """The error path that formats "corrupt or truncated" (and its cousins) for empty, cut and garbage
+    files of every format; for .pth also a flipped byte (the archive's checksums), resume included."""
+    copy = damaged_copy(formats[fmt], name, kind, tmp_path / f"copy{formats[fmt].suffix}")
+    if fmt == "run":  # resume verifies what it loads, as generate.py does
+        proc = run_main(train_script.main, *TINY_TRAIN, f"data={ws.data}", f"out_dir={copy}", "max_steps=2",
+                        "resume=true")
+    else:
+        where = ["--ckpt-dir", ws.root / "ckpt", "--lora", copy] if fmt == "adapter" else ["--ckpt-dir", copy]
+        if fmt == "gguf":
+            where += ["--tokenizer-path", ws.root / "tok.model"]
+        proc = run_main(generate_cli.main, *where, "--prompt", "Hi", "--max-gen-len", 1)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert name in errors[0] or (fmt == "gguf" and copy.name in errors[0]), errors[0]
+
+
+# ---------------------------------------------------------------------------- the Python API
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_dir):
+    from llama.generation import Llama
+
+    return Llama.build(tiny_dir, max_seq_len=64, max_batch_size=2, device="cpu")
+
+
+API = [  # before: silent (generated from nothing) or a traceback
+    ("text-completion-empty-prompt", lambda m: m.text_completion([""]), ["prompts[0]", "''"]),
+    ("chat-completion-empty-dialog", lambda m: m.chat_completion([[]]), ["dialogs[0]", "[]"]),
+    ("generate-temperature-inf", lambda m: m.generate([[1, 2]], 2, temperature=float("inf")), ["temperature=inf"]),
+]
+
+
+@pytest.mark.parametrize("case", API, ids=[c[0] for c in API])
+def test_api_refuses_nothing_to_work_on(case, llama):
+    from llama.common.errors import ArgumentError
+
+    _, call, words = case
+    with pytest.raises(ArgumentError) as e:
+        call(llama)
+    for word in words:
+        assert word in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,words", [(dict(seed=-1), ["seed=-1"]), (dict(seed=2**70), ["seed=", "whole number"]),
+                                          (dict(device="foo"), ["device=foo"]), (dict(device="cuda:0"), ["device=cuda:0"])])
+def test_build_checks_seed_and_device_before_reading(kwargs, words, tmp_path):
+    from llama.common.errors import ArgumentError
+    from llama.generation import Llama
+
+    with pytest.raises(ArgumentError) as e:
+        Llama.build(tmp_path / "nothing-here", **kwargs)  # the argument fails first: the path is never read
+    for word in words:
+        assert word in str(e.value)
+
+
+# ---------------------------------------------------------------------------- rules that hold everywhere
+
+
+def test_every_number_in_the_training_config_has_a_range():
+    """"Every numeric config value is range-checked once, where it is parsed": a new int or float key
+    without an entry in RANGES fails here."""
+    from llama.train.config import FIELDS, RANGES
+
+    numeric = {name for name, f in FIELDS.items() if f.type in (int, float, "int", "float")}
+    assert numeric - {"seed"} == set(RANGES)
+
+
+CLI_MODULES = ["train.py", "generate.py", "llama/generation/cli.py", "llama/eval/cli.py", "llama/eval/commands.py",
+               "llama/eval/compare.py", "llama/eval/lm_eval_adapter.py", "llama/checkpoint/convert.py",
+               "llama/data/prepare.py", "llama/tokenizer/__init__.py", "llama/plan.py"]
+HARMLESS = {"KeyboardInterrupt", "BrokenPipeError"}
+
+
+def test_no_except_in_a_cli_swallows_a_programming_error():
+    """An `except` in a command line's modules either catches user errors (UserError and its
+    subclasses, USER_ERRORS), Ctrl-C or a closed pipe, or raises (re-raises, or names the input in a
+    UserError): it never catches a TypeError, KeyError, ... and carries on. A bare `except:` or
+    `except Exception` never appears without a raise."""
+    import ast
+    import importlib
+
+    from llama.common.errors import USER_ERRORS, UserError
+
+    root = Path(__file__).resolve().parents[1]
+    for rel in CLI_MODULES:
+        module = importlib.import_module(rel.removesuffix(".py").removesuffix("/__init__").replace("/", "."))
+        for node in ast.walk(ast.parse((root / rel).read_text())):
+            if not isinstance(node, ast.ExceptHandler):
+                continue
+            where = f"{rel}:{node.lineno}"
+            raises = any(isinstance(n, ast.Raise) for n in ast.walk(node))
+            if node.type is None:
+                assert raises, f"{where}: a bare except that does not raise"
+                continue
+            names = [ast.unparse(t) for t in (node.type.elts if isinstance(node.type, ast.Tuple) else [node.type])]
+            for name in names:
+                caught = eval(name, vars(module))  # noqa: S307 - a name in the module, e.g. USER_ERRORS
+                caught = caught if isinstance(caught, tuple) else (caught,)
+                user = all(c in USER_ERRORS or issubclass(c, UserError) or c.__name__ in HARMLESS for c in caught)
+                assert user or raises, f"{where}: `except {name}` neither is a user error nor raises"
+
+
+def test_sft_dialogs_longer_than_a_sequence_are_cut_or_dropped_and_counted(ws, tmp_path):
+    """An SFT dialog longer than seq_len + 1 tokens keeps its start; one left without an assistant
+    token is dropped (it trained on nothing: loss 0, no gradient). The log gives both counts, and
+    every training sequence has something to learn."""
+    from llama.data.prepare import encode_dialog
+    from llama.tokenizer import load_tokenizer
+    from llama.train.batches import IGNORE, Batches
+
+    long = "tell me about the weather in the mountains " * 12
+    dialogs = ([[{"role": "user", "content": long}, {"role": "assistant", "content": "Sunny."}]] * 2  # dropped
+               + [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": long}]]  # cut, kept
+               + [[{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."}] for i in range(3)])
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    tok = load_tokenizer(ws.root / "tok.model")
+    cut, dropped = 0, 0
+    for d in dialogs:  # the rule, from the tokens themselves
+        ids, mask = encode_dialog(tok, d)
+        cut += len(ids) > 33
+        dropped += not any(mask[1:33])
+    assert (cut, dropped) == (3, 2)
+    proc = run_main(train_script.main, *TINY_TRAIN[5:], "max_steps=1", f"init_from={ws.root / 'ckpt'}", "sft=true",
+                    "batch_size=4", "val_fraction=0", f"data={chats}", f"out_dir={tmp_path / 'run'}",
+                    f"data_cache={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 of 6 (50.0%) cut, 2 (33.3%) dropped" in proc.stdout, proc.stdout
+    data_dir = next((tmp_path / "cache").glob("sft-*"))
+    batches = Batches(data_dir, 32, seed=1)
+    assert len(batches) == 4
+    for i in range(len(batches)):
+        _, targets = batches.collate([batches._sequence(i, "train")])
+        assert (targets != IGNORE).any()
+
+
+def test_a_bug_in_eval_keeps_its_traceback(ws, monkeypatch):
+    """The eval CLI catches user errors only (the other CLIs: tests/test_errors.py)."""
+    from llama.eval import commands
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(commands, "load", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        eval_cli.main(["perplexity", "--ckpt-dir", str(ws.root / "ckpt"), "--data", str(ws.root / "notes.txt")])
+
+
+@pytest.mark.slow  # lm-eval indexes its ~15,000 task configs first (a minute here)
+def test_harness_unknown_task_is_one_line(ws):
+    proc = run_main(eval_cli.main, "harness", "--model", "llama-ref", "--model_args", f"ckpt_dir={ws.root / 'ckpt'}",
+                    "--tasks", "no_such_task")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and errors == ["error: lm_eval: Tasks not found: no_such_task"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

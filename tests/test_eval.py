@@ -181,10 +181,11 @@ def test_compare_report_equals_single_model_commands(tiny_ckpts, tmp_path, capsy
     common = ["--tokenizer-path", tok, "--max-length", 32, "--stride", 16]
     single = []
     for ckpt in (a, b):
-        code, out, _ = run_cli(["perplexity", "--ckpt-dir", ckpt, "--data", text, "--json", tmp_path / "p.json", *common],
+        json_path = tmp_path / f"p-{len(single)}.json"  # a new file each time: outputs are never overwritten silently
+        code, out, _ = run_cli(["perplexity", "--ckpt-dir", ckpt, "--data", text, "--json", json_path, *common],
                                capsys)
         assert code == 0 and "perplexity" in out
-        ppl = json.loads((tmp_path / "p.json").read_text())
+        ppl = json.loads(json_path.read_text())
         code, out, _ = run_cli(["choice", "--ckpt-dir", ckpt, "--data", items, "--tokenizer-path", tok,
                                 "--max-seq-len", 32], capsys)
         acc = float(next(line.split()[1] for line in out.splitlines() if line.startswith("acc ")))

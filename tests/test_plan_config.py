@@ -57,7 +57,7 @@ def test_recipe_memory_by_hand(name):
 
 def test_recipes_are_train_configs_and_the_cli_plans_them(capsys):
     for path in SCALE.glob("*.toml"):  # every key known, every value valid (the weights aren't here)
-        cfg = load_config(str(path), [f"init_from={ROOT}/tests", f"data={ROOT}"])
+        cfg = load_config(str(path), [f"init_from={ROOT}/tests", f"data={ROOT}/configs"])
         assert cfg.data_parallel == "fsdp" and cfg.activation_checkpointing
     assert plan.main(["--config", str(SCALE / "llama3.1-70b.toml")]) == 0
     out = capsys.readouterr().out

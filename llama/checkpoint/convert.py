@@ -25,7 +25,8 @@ from llama.common.dtypes import DTYPES, parse_dtype
 from llama.common.errors import USER_ERRORS, report
 from llama.common.checks import check_number
 from llama.common.files import add_output_argument, atomic_dir, copy_file
-from llama.tokenizer import save_tokenizer
+from llama.checkpoint.gguf import GGUFFile
+from llama.tokenizer import check_vocab, load_tokenizer, save_tokenizer
 
 
 def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = False, lora=None) -> Path:
@@ -45,6 +46,8 @@ def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = Fa
         raise checkpoint.CheckpointError(f"{dst}: the destination is the source directory: pick a new directory")
     if lora is not None:
         peft.find_adapter(lora)  # before any loading or writing
+    tok = checkpoint.default_tokenizer_path(src)
+    tokenizer = carried_tokenizer(tok)
     # Every input is protected, --overwrite or not: the weights, the adapter (and its run folder).
     with atomic_dir(dst, overwrite, [src, lora], name="DST") as tmp:
         model = checkpoint.load_model(src, dtype=dtype)
@@ -55,12 +58,24 @@ def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = Fa
             checkpoint.save_meta(state, model.params, tmp, num_shards=shards)
         else:
             checkpoint.save_hf(state, model.params, tmp)
-        tok = checkpoint.default_tokenizer_path(src)
+        if tokenizer is not None:
+            check_vocab(tokenizer, model.params.vocab_size)  # ids past the embedding table: refused, not written
         if tok is not None:  # the tokenizer travels along (a GGUF's is extracted into tokenizer.json)
             save_tokenizer(tok, tmp)
         if src.is_dir() and (src / "generation_config.json").is_file():
             copy_file(src / "generation_config.json", tmp / "generation_config.json")
     return dst
+
+
+def carried_tokenizer(tok):
+    """The source's tokenizer, loaded before anything is written: one that would not load (a GGUF
+    whose token list disagrees with its merges or specials) fails now, naming the source, not at
+    generate time on the copy. None for no tokenizer, or a weights-only GGUF (no tokenizer model)."""
+    if tok is None:
+        return None
+    if Path(tok).suffix == ".gguf" and "tokenizer.ggml.model" not in GGUFFile(tok).metadata:
+        return None
+    return load_tokenizer(tok)
 
 
 def main(argv=None) -> int:

@@ -18,8 +18,14 @@ SEED_MAX = 2**64 - 1  # torch.manual_seed and numpy's default_rng both take 0 ..
 
 
 def _named(name: str, value) -> str:
-    """How a message names a value: `--temperature inf` for a flag, `lr=nan` for a key or argument."""
-    return f"{name} {value}" if name.startswith("-") else f"{name}={value!r}"
+    """How a message names a value: `--device 'foo'` for a flag, `lr=nan`, `device=cuda` for a key."""
+    shown = repr(value) if isinstance(value, str) else value
+    return f"{name} {shown}" if name.startswith("-") else f"{name}={value}"
+
+
+def _set(name: str, value: str) -> str:
+    """What to type: `--device cpu` or `device=cpu`."""
+    return f"{name} {value}" if name.startswith("-") else f"{name}={value}"
 
 
 def _bounds(low, high, low_open: bool, high_open: bool) -> str:
@@ -35,8 +41,13 @@ def check_number(name: str, value, *, low=None, high=None, low_open: bool = Fals
     """The one rule for a number from a user: a whole number where one is meant (not 2.5, not true),
     finite (not nan or inf), within [low, high] (or an open end). `fix` ends the message."""
     kind = "a whole number" if integer else "a finite number"
+    if low == (1 if integer else 0) and (integer or low_open) and high is None:
+        kind, low = f"a positive {kind.split(' ', 1)[1]}", None  # "must be a positive whole number"
+        low_open = False
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     ok = ok and not isinstance(value, bool) and (integer or math.isfinite(value))
+    if ok and "positive" in kind:
+        ok = value > 0
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -65,7 +76,7 @@ def check_device(value, name: str = "--device", need_it_here: bool = True) -> Op
         raise ArgumentError(f"{_named(name, value)}: only cpu and cuda are supported here")
     if need_it_here and device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ArgumentError(f"{_named(name, value)}: no CUDA GPU is available here; use cpu")
+            raise ArgumentError(f"{_named(name, value)}: no CUDA GPU is available here; use {_set(name, 'cpu')}")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ArgumentError(f"{_named(name, value)}: this machine has {torch.cuda.device_count()} GPU(s), "
                                 f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")

@@ -97,10 +97,15 @@ def check_not_input(out, inputs: Iterable = (), flag: str = "--out") -> None:
             continue  # a name (kjv-genesis, llama3) or a missing path: nothing there to lose
         if _contains(target, p) or _same_file(target, p):
             what = "is" if target == p or _same_file(target, p) else "contains"
-            raise OutputExistsError(f"{flag} {out} {what} the input {item}: an output never replaces an input; "
+            raise OutputExistsError(f"{_label(flag, out)} {what} the input {item}: an output never replaces an input; "
                                     f"choose another path")
         if p.is_dir() and _contains(p, target):
-            raise OutputExistsError(f"{flag} {out} is inside the input folder {item}: write it outside the input")
+            raise OutputExistsError(f"{_label(flag, out)} is inside the input folder {item}: write it outside the input")
+
+
+def _label(flag: str, out) -> str:
+    """`--out x.json`, `out_dir=runs/a` (a config key), `the output x`."""
+    return f"{flag}={out}" if flag.isidentifier() else f"{flag} {out}"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -115,9 +120,9 @@ def _check_parent(out: Path, flag: str) -> None:
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise OutputError(f"{flag} {out}: {parent} is a file, not a directory: choose another path")
+                raise OutputError(f"{_label(flag, out)}: {parent} is a file, not a directory: choose another path")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"{flag} {out}: the folder {parent} is not writable: choose another path")
+                raise OutputError(f"{_label(flag, out)}: the folder {parent} is not writable: choose another path")
             return
 
 
@@ -139,9 +144,9 @@ def check_output_file(path, overwrite: bool = False, inputs: Iterable = (), flag
     out = Path(path)
     check_not_input(out, inputs, flag)
     if out.is_dir():
-        raise OutputError(f"{flag} {out} is a directory: name a file inside it (e.g. {out / 'result.json'})")
+        raise OutputError(f"{_label(flag, out)} is a directory: name a file inside it (e.g. {out / 'result.json'})")
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"{flag} {out} already exists: choose a new name, or pass {overwrite_flag} to "
+        raise OutputExistsError(f"{_label(flag, out)} already exists: choose a new name, or pass {overwrite_flag} to "
                                 f"replace it")
     _check_parent(out, flag)
     return out

@@ -27,7 +27,7 @@ import numpy as np
 
 from llama.common.errors import USER_ERRORS, UserError, report
 from llama.common.checks import CHAT_ROLES
-from llama.common.files import add_output_argument, atomic_dir, write_text
+from llama.common.files import InputFileError, add_output_argument, atomic_dir, read_text_file, write_text
 
 META = "meta.json"
 FORMAT = "llama-ref tokens v1"
@@ -80,12 +80,17 @@ def iter_documents(files: List[Path], sft: bool) -> Iterator[object]:
             if sft:
                 raise DataError(f"{f}: SFT data must be .jsonl lines of {{\"messages\": [...]}}")
             try:
-                yield f.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                print(f"skipping {f}: not UTF-8 text", file=sys.stderr)
+                yield read_text_file(f, "data")
+            except InputFileError as e:  # a corpus folder may hold other files: say so, and go on
+                print(f"skipping {e}", file=sys.stderr)
             continue
-        with open(f, encoding="utf-8") as lines:
-            for n, line in enumerate(lines, 1):
+        with open(f, "rb") as lines:
+            for n, raw in enumerate(lines, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{f}:{n} is not UTF-8 text (byte 0x{raw[e.start]:02x}): convert the file to "
+                                    f"UTF-8") from None
                 if not line.strip():
                     continue
                 try:

@@ -18,7 +18,9 @@ numbers under `--model hf` and `--model llama-ref`:
   cut at the first stop sequence, the EOS text among them (lm-eval's own helpers).
 """
 
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from lm_eval.api.model import TemplateLM
@@ -26,7 +28,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llama.common.errors import UserError
+from llama.common.errors import USER_ERRORS, report
+from llama.common.files import check_not_input
 from llama.eval import EvalError
 from llama.eval.choice import loglikelihood_requests
 from llama.common.dtypes import CHOICES, DTYPES, parse_dtype
@@ -120,16 +123,12 @@ class LlamaRefLM(TemplateLM):
         return out
 
 
-def check_model_args(argv: List[str]) -> None:
-    """Refuse an unknown llama-ref model arg before lm-eval indexes its ~15,000 task configs (seconds
-    to minutes); LlamaRefLM's constructor checks the same when the model is built. Only the
-    `k=v,k=v` form is read here: other forms (JSON) reach the constructor's check."""
-    model, values, i = None, [], 0
+def _flag_values(argv: List[str], *flags: str) -> List[str]:
+    """The values given to `flags` (as `--flag v`, `--flag=v`, or several words after `--flag`)."""
+    values, i = [], 0
     while i < len(argv):
         flag, _, inline = argv[i].partition("=")
-        if flag == "--model":
-            model = inline or (argv[i + 1] if i + 1 < len(argv) else None)
-        elif flag in ("--model_args", "-a"):
+        if flag in flags:
             if inline:
                 values.append(inline)
             else:
@@ -137,29 +136,67 @@ def check_model_args(argv: List[str]) -> None:
                     values.append(argv[i + 1])
                     i += 1
         i += 1
-    if model != "llama-ref":
+    return values
+
+
+def _model_args(argv: List[str]) -> dict:
+    """--model_args in the `k=v,k=v` form (other forms, JSON, reach the constructor's checks)."""
+    return {k.strip(): v for text in _flag_values(argv, "--model_args", "-a") if not text.lstrip().startswith("{")
+            for k, _, v in (part.partition("=") for part in text.split(",")) if _}
+
+
+def check_model_args(argv: List[str]) -> None:
+    """Refuse an unknown llama-ref model arg before lm-eval indexes its ~15,000 task configs (seconds
+    to minutes); LlamaRefLM's constructor checks the same when the model is built."""
+    if _flag_values(argv, "--model")[:1] != ["llama-ref"]:
         return
-    keys = {part.split("=", 1)[0].strip() for v in values if not v.lstrip().startswith("{")
-            for part in v.split(",") if "=" in part}
-    unknown = keys - set(MODEL_ARGS) - {"max_batch_size"}
+    unknown = set(_model_args(argv)) - set(MODEL_ARGS) - {"max_batch_size"}
     if unknown:
         raise unknown_model_args(unknown)
+
+
+def check_output_path(argv: List[str]) -> None:
+    """lm-eval's --output_path follows the project's output rule: never an input (the checkpoint, the
+    adapter, the tokenizer, a task folder), a folder holding one or inside one. lm-eval itself never
+    replaces a file there (its names carry the date)."""
+    outputs = _flag_values(argv, "--output_path", "-o")
+    if not outputs:
+        return
+    out, args = Path(outputs[0]), _model_args(argv)
+    inputs = [args.get(k) for k in ("ckpt_dir", "lora", "tokenizer_path")] + _flag_values(argv, "--include_path")
+    check_not_input(out, inputs, "--output_path")
+    if out.exists() and not out.is_dir() and out.suffix != ".json":
+        raise EvalError(f"--output_path {out} is a file: lm-eval writes a folder there (or NAME_DATE.json beside "
+                        f"a .json name): choose another path")
 
 
 def unknown_model_args(names) -> EvalError:
     return EvalError(f"unknown llama-ref model arg(s) {', '.join(sorted(names))}: use {', '.join(MODEL_ARGS)}")
 
 
+def _from_lm_eval_config(e: BaseException) -> bool:
+    """Was `e` raised by lm-eval's checks of its command line (unknown task, --log_samples without
+    --output_path, ...)? Those ValueErrors are the user's; any other ValueError is a bug."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(os.path.join("lm_eval", "config",
+                                                                                    "evaluate_config.py"))
+
+
 def harness_main(argv: List[str]) -> int:
-    """lm_eval's command line with llama-ref registered; a UserError prints one line, exit 1."""
+    """lm_eval's command line with llama-ref registered; a user error prints one line, exit 1."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
     try:
         check_model_args(argv)
+        check_output_path(argv)
         cli_evaluate()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        return report(e)
+    except ValueError as e:
+        if not _from_lm_eval_config(e):
+            raise  # a bug, ours or lm-eval's: its traceback
+        return report(EvalError(f"lm_eval: {e}"))
     return 0
-

@@ -63,7 +63,7 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward pass per rank (the rest is accumulation)
     # optimizer: AdamW, linear warmup then cosine decay to min_lr
     lr: float = 3e-3  # peak learning rate, reached after warmup_steps
-    min_lr: float = 3e-4  # the learning rate at the end of the cosine decay
+    min_lr: float = 3e-4  # the learning rate at the end of the cosine decay (not given, with lr given: lr / 10)
     warmup_steps: int = 20  # linear warmup from 0 to lr
     decay_steps: int = 0  # where the cosine reaches min_lr (0: at max_steps)
     weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices only
@@ -235,6 +235,8 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainC
         if not sep or not key:
             raise ConfigError(f"argument {item!r} is not key=value (e.g. max_steps=100)")
         _apply(values, key.strip(), parse_value(text.strip()), "the command line")
+    if "lr" in values and "min_lr" not in values and isinstance(values["lr"], float):
+        values["min_lr"] = values["lr"] / 10  # the default's ratio: a lower lr alone never leaves min_lr above it
     if values.get("resume"):  # continue with the keys the run was started with (llama/train/state.py)
         values = resume_values(values, {k: getattr(TrainConfig(), k) for k in FIELDS})
     cfg = TrainConfig(**values)
@@ -272,6 +274,10 @@ def check_numbers(cfg: TrainConfig) -> None:
                           f"lower min_lr (e.g. lr / 10)")
 
 
+OUTPUT_KEYS = ("out_dir", "data_cache")  # what a run writes (data_cache: only for raw data)
+INPUT_KEYS = ("data", "tokenizer", "init_from", "eval_data", "model_config")  # what it reads
+
+
 def check_paths(cfg: TrainConfig) -> None:
     """out_dir (and data_cache, where raw data is tokenized) are outputs: never empty, never a file,
     never an input, a folder holding one or inside one (llama/common/files.py's rule)."""
@@ -282,10 +288,9 @@ def check_paths(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true continues the run in out_dir, overwrite=true deletes it: drop one of them")
     raw_data = cfg.data != "stdlib" and not (Path(cfg.data) / "meta.json").is_file()
-    inputs = [cfg.data if cfg.data != "stdlib" else None, cfg.tokenizer, cfg.init_from, cfg.eval_data, cfg.model_config]
-    outputs = [("out_dir=", cfg.out_dir)] + ([("data_cache=", cfg.data_cache)] if raw_data else [])
-    for name, path in outputs:
-        check_not_input(path, inputs, name)
+    inputs = [getattr(cfg, key) for key in INPUT_KEYS if getattr(cfg, key) != "stdlib"]
+    for key in OUTPUT_KEYS if raw_data else OUTPUT_KEYS[:1]:
+        check_not_input(getattr(cfg, key), inputs, key)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -294,8 +299,8 @@ def validate(cfg: TrainConfig) -> None:
     check_paths(cfg)
     try:
         parse_device(cfg.device, "device", need_it_here=False)  # syntax only: a config naming cuda parses anywhere
-    except UserError as e:
-        raise ConfigError(f"{e}, or auto") from None
+    except UserError:
+        raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N") from None
     if cfg.dtype != "auto":
         try:
             cfg.dtype = dtype_name(cfg.dtype)  # one name from here on: bf16 -> bfloat16

@@ -65,11 +65,12 @@ class RunFolderError(UserError):
 
 
 def earlier_run(out_dir) -> Optional[str]:
-    """What in out_dir shows that a run has saved there (its `latest`, a step_NNNNNN folder), or None."""
+    """What in out_dir shows that a run has saved there (its `latest`, a checkpoint), or None. A
+    user's folder that is only named like a step is not a run."""
     out = Path(out_dir)
     if (out / LATEST).is_file():
         return f"latest = {(out / LATEST).read_text().strip()}"
-    steps = sorted(p.name for p in out.glob("step_*") if _STEP.fullmatch(p.name)) if out.is_dir() else []
+    steps = sorted(p.name for p in out.glob("step_*") if is_training_checkpoint(p)) if out.is_dir() else []
     return steps[-1] if steps else None
 
 
