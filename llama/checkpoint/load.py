@@ -194,10 +194,15 @@ def _check_full_shape(source, name, pieces, src_dim, full) -> None:
     if src_dim is not None and len(found) == len(full):
         found[src_dim] = sum(p.shape[src_dim] for p in pieces)
     if found != full or any(p.shape != pieces[0].shape for p in pieces):
-        raise CheckpointError(
-            f"{source.path}: tensor {name} has shape {tuple(found)}, the model expects {tuple(full)}: "
-            f"the weights do not match {source.args_file}"
-        )
+        hint = f"the weights do not match {source.args_file}"
+        dim = parallel.shard_dim(name)  # a missing shard file leaves a fraction of the tensor along it
+        if dim is not None and len(found) == len(full) and 0 < found[dim] < full[dim] and full[dim] % found[dim] == 0 \
+                and found[:dim] + found[dim + 1:] == full[:dim] + full[dim + 1:]:
+            k = full[dim] * len(pieces) // found[dim]
+            hint = (f"the {len(pieces)} shard file(s) here hold {len(pieces)}/{k} of it: the checkpoint was saved in "
+                    f"{k} shards (consolidated.00 .. {k - 1:02d}.pth); copy the missing ones")
+        raise CheckpointError(f"{source.path}: tensor {name} has shape {tuple(found)}, the model expects "
+                              f"{tuple(full)}: {hint}")
 
 
 def _cut(pieces: List[torch.Tensor], src_dim, dim, start: int, length: int) -> torch.Tensor:

@@ -115,6 +115,9 @@ def load_tokenizer(path):
         if isinstance(e, TokenizerError):
             raise
         message = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        if isinstance(e, json.JSONDecodeError):  # a text or other JSON file given as the tokenizer
+            message = (f"not a tokenizer: not valid JSON ({e.msg}, line {e.lineno}); expected a tokenizer.model, "
+                       f"an HF tokenizer.json or a .gguf file")
         raise TokenizerError(message if str(path) in message else f"{path}: {message}") from None
 
 
