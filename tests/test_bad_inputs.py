@@ -109,6 +109,9 @@ def ws(tmp_path_factory, corpus):
     (root / "zero/consolidated.00.pth").unlink()
     (root / "zero/consolidated.00.pth").write_bytes(b"")
     write_bad_tokens_gguf(root / "bad_tokens.gguf")
+    from llama.tokenizer import train_bpe
+
+    train_bpe([str(root / "notes.txt")], 600, root / "other.model")  # another tokenizer, smaller than the model's
     (root / "brace.txt").write_text("{my notes, not a tokenizer}\n")
     from tests.helpers import tiny_model
 
@@ -274,7 +277,7 @@ CASES = [
                 f"data={w.root / 'long_chats.jsonl'}", f"out_dir={w.root / 'runs/sft'}", f"data_cache={w.root / 'cache'}"],
      ["long_chats.jsonl", "3 training dialogs", "seq_len=32"]),
     ("train-foreign-tokenizer", "data", "train",
-     lambda w: [*TINY_TRAIN[5:], "max_steps=1", f"init_from={w.root / 'ckpt'}", "tokenizer=llama3",
+     lambda w: [*TINY_TRAIN[5:], "max_steps=1", f"init_from={w.root / 'ckpt'}", f"tokenizer={w.root / 'other.model'}",
                 f"data={w.root / 'corpus.txt'}", f"out_dir={w.root / 'runs/tok'}", f"data_cache={w.root / 'cache'}"],
      ["tokenizer", "init_from"]),
 ]
@@ -421,7 +424,8 @@ def test_build_checks_seed_and_device_before_reading(kwargs, words, tmp_path):
 def test_every_number_in_the_training_config_has_a_range():
     """"Every numeric config value is range-checked once, where it is parsed": a new int or float key
     without an entry in RANGES fails here."""
-    from llama.train.config import FIELDS, RANGES
+    from llama.train.config import FIELDS
+    from llama.train.limits import RANGES
 
     numeric = {name for name, f in FIELDS.items() if f.type in (int, float, "int", "float")}
     assert numeric - {"seed"} == set(RANGES)

@@ -27,7 +27,7 @@ from llama.common import files
 from llama.data import prepare as data
 from llama.eval import cli as eval_cli
 from llama.generation import cli as generate_cli
-from llama.train import config as train_config
+from llama.train import limits as train_config
 from llama.train.state import is_training_checkpoint
 from tests.helpers import TINY_TRAIN, ROOT, run_main
 from tests.test_bad_inputs import make_adapter, small_checkpoint, tree
