@@ -56,13 +56,15 @@ def assert_one_error_line(proc, *words):
 
 def test_only_files_py_renames_or_moves():
     """Every write goes through llama/common/files.py: no other module renames files into place or moves
-    them, and only files.py (temporaries) and train_state.py (its own checkpoints) remove trees."""
+    them, and only files.py (temporaries) and train/state.py (its own checkpoints) remove trees."""
     pattern = re.compile(r"os\.(replace|rename)\(|shutil\.move\(|\.rename\(|\.replace\(tmp")
-    for path in sorted((ROOT / "llama").glob("*.py")):
+    paths = sorted((ROOT / "llama").rglob("*.py"))  # every package of the layout, not only the top level
+    assert len(paths) > 50
+    for path in paths:
         text = path.read_text()
         if path.name != "files.py":
             assert not pattern.search(text), f"{path.name} renames files itself: use llama.common.files"
-        if path.name not in ("files.py", "train_state.py"):
+        if path.relative_to(ROOT / "llama").as_posix() not in ("common/files.py", "train/state.py"):
             assert "rmtree" not in text, f"{path.name} removes a directory tree: use llama.common.files"
 
 

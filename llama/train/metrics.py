@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from llama.common.files import write_text
 # The FLOPs count and the GPU peaks live in llama/common/flops.py, shared with the planner.
 from llama.common.flops import flops_per_token, matmul_params, peak_tflops  # noqa: F401
 
@@ -47,7 +48,7 @@ class MetricsLog:
         if not path.is_file():
             return
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        write_text(path, "".join(line + "\n" for line in keep))  # atomic: a crash keeps the old history
 
     def advance(self) -> None:
         if self.bar is not None:
