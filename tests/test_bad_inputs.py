@@ -133,6 +133,11 @@ def w(ws):
         shutil.copytree(pristine, ws.root, symlinks=True)
 
 
+# A CUDA device this machine does not have: cuda:0 here (no GPU), cuda:N on a machine with N GPUs.
+NO_GPU = f"cuda:{torch.cuda.device_count()}"
+CUDA = "cuda" if not torch.cuda.is_available() else NO_GPU
+
+
 def train_args(w, *extra):
     return [*TINY_TRAIN, f"data={w.data}", f"out_dir={w.root / 'runs/new'}", f"data_cache={w.root / 'cache'}",
             "max_steps=1", *extra]
@@ -236,16 +241,17 @@ CASES = [
      lambda w: ["perplexity", "--ckpt-dir", w.root / "ckpt", "--data", w.root / "notes.txt", "--device", "foo"],
      ["--device", "foo"]),
     ("choice-device-cuda", "devices", "eval",
-     lambda w: ["choice", "--ckpt-dir", w.root / "ckpt", "--data", w.root / "items.jsonl", "--device", "cuda"],
-     ["--device", "cuda"]),
+     lambda w: ["choice", "--ckpt-dir", w.root / "ckpt", "--data", w.root / "items.jsonl", "--device", CUDA],
+     ["--device", CUDA]),
     ("perplexity-device-cuda0", "devices", "eval",
-     lambda w: ["perplexity", "--ckpt-dir", w.root / "ckpt", "--data", w.root / "notes.txt", "--device", "cuda:0"],
-     ["--device", "cuda:0"]),
+     lambda w: ["perplexity", "--ckpt-dir", w.root / "ckpt", "--data", w.root / "notes.txt", "--device", NO_GPU],
+     ["--device", NO_GPU]),
     ("compare-device-foo", "devices", "eval", lambda w: ["compare", w.root / "ckpt", "--device", "foo"],
      ["--device", "foo"]),
     ("generate-device-cuda0", "devices", "generate",
-     lambda w: ["--ckpt-dir", w.root / "ckpt", "--prompt", "Hi", "--device", "cuda:0"], ["--device", "cuda:0"]),
-    ("train-device-cuda1", "devices", "train", lambda w: train_args(w, "device=cuda:1"), ["device", "cuda:1"]),
+     lambda w: ["--ckpt-dir", w.root / "ckpt", "--prompt", "Hi", "--device", NO_GPU], ["--device", NO_GPU]),
+    ("train-device-cuda1", "devices", "train", lambda w: train_args(w, f"device=cuda:{torch.cuda.device_count() + 1}"),
+     ["device", f"cuda:{torch.cuda.device_count() + 1}"]),
     # ---- damaged checkpoints (before: IndexError inside the message) -------------------------------------
     ("generate-zero-byte-pth", "damaged files", "generate",
      lambda w: ["--ckpt-dir", w.root / "zero", "--prompt", "Hi"], ["consolidated.00.pth", "empty (0 bytes)"]),
@@ -407,7 +413,7 @@ def test_api_refuses_nothing_to_work_on(case, llama):
 
 
 @pytest.mark.parametrize("kwargs,words", [(dict(seed=-1), ["seed=-1"]), (dict(seed=2**70), ["seed=", "whole number"]),
-                                          (dict(device="foo"), ["device=foo"]), (dict(device="cuda:0"), ["device=cuda:0"])])
+                                          (dict(device="foo"), ["device=foo"]), (dict(device=NO_GPU), [f"device={NO_GPU}"])])
 def test_build_checks_seed_and_device_before_reading(kwargs, words, tmp_path):
     from llama.common.errors import ArgumentError
     from llama.generation import Llama

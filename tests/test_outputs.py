@@ -140,6 +140,12 @@ def test_every_output_argument_is_found_and_tried(monkeypatch):
         for name in names:
             assert name in BASE[key] or name == "dst", (key, name)  # convert's positional DST is "{out}"
     assert set(train_config.OUTPUT_KEYS) == {"out_dir", "data_cache"}
+    # `python -m llama.eval harness` hands its arguments to lm-eval's parser: its one output is
+    # --output_path, which harness_main checks (test_harness_output_path_is_never_an_input)
+    from lm_eval._cli.harness import HarnessCLI
+
+    lm_eval_outputs = {a.dest for _, a in actions(HarnessCLI()._parser) if a.dest in OUTPUT_NAMES}
+    assert lm_eval_outputs == {"output_path"}
 
 
 @pytest.mark.parametrize("key,input_name", cases(), ids=[f"{'-'.join(k)}={n}" for k, n in cases()])
