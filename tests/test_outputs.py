@@ -27,6 +27,7 @@ from llama.common import files
 from llama.data import prepare as data
 from llama.eval import cli as eval_cli
 from llama.generation import cli as generate_cli
+from llama.serve.__main__ import main as serve_main
 from llama.train import limits as train_config
 from llama.train.state import is_training_checkpoint
 from tests.helpers import TINY_TRAIN, ROOT, run_main
@@ -34,7 +35,7 @@ from tests.test_bad_inputs import make_adapter, small_checkpoint, tree
 
 CLIS = {"generate": (generate_cli.main, []), "eval": (eval_cli.main, ["perplexity"]), "convert": (convert.main, ["a", "b"]),
         "data": (data.main, ["prepare", "x", "--out", "y"]), "tokenizer": (tokenizer.main, ["encode", "--tokenizer", "t", "x"]),
-        "plan": (plan.main, [])}
+        "plan": (plan.main, []), "serve": (serve_main, [])}
 # Names an output argument would have: the safety net for one added without add_output_argument.
 OUTPUT_NAMES = {"out", "json", "dst", "output", "output_path", "out_dir", "save", "save_dir"}
 
@@ -133,7 +134,7 @@ def assert_refused(proc, root, before):
 
 
 def test_every_output_argument_is_found_and_tried(monkeypatch):
-    """The table above covers every output the parsers declare; generate.py and plan write none."""
+    """The table above covers every output the parsers declare; generate.py, plan and serve write none."""
     found = output_arguments(monkeypatch)
     assert set(found) == set(BASE), found
     for key, names in found.items():

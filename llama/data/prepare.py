@@ -280,14 +280,24 @@ PROBE = ("The 3 quick brown foxes jumped over 1,024 lazy dogs; naïve café faç
          "Съешь же ещё этих мягких французских булок. 我能吞下玻璃而不伤身体。 ❤️🦙 0.5e-3")
 
 
+def same_tokenizer(a, b) -> bool:
+    """Do tokenizer files `a` and `b` give the same ids: the same bytes, or the same tokenizer in two
+    formats (the same vocabulary size, BOS, EOS and ids for PROBE)."""
+    from llama.tokenizer import load_tokenizer
+
+    if file_sha256(a) == file_sha256(b):
+        return True
+    ours, theirs = load_tokenizer(str(a)), load_tokenizer(str(b))
+    same = [(t.n_words, t.bos_id, t.eos_id, t.encode(PROBE, bos=False, eos=False)) for t in (ours, theirs)]
+    return same[0] == same[1]
+
+
 def check_tokenizer(data_dir, meta: dict, tokenizer_path) -> None:
     """The data in `data_dir` holds the ids of the tokenizer its meta.json records: refuse to train it
     with any other (its ids would stand for other text, and the checkpoint would carry the wrong
     tokenizer). The same bytes (sha256) pass; other bytes pass only as the same tokenizer in another
     format (the tokenizer of a .gguf and its tokenizer.json): the same vocabulary size, BOS and EOS,
     and the same ids for a probe text. A tokenizer file changed since the data was prepared fails."""
-    from llama.tokenizer import load_tokenizer
-
     recorded = meta["tokenizer"]
     if file_sha256(tokenizer_path) == recorded["sha256"]:
         return
@@ -298,9 +308,7 @@ def check_tokenizer(data_dir, meta: dict, tokenizer_path) -> None:
         raise DataError(f"{data_dir} was tokenized by {original} (sha256 {recorded['sha256'][:12]}), which "
                         f"{'has changed since' if original.is_file() else 'no longer exists'}, and "
                         f"{tokenizer_path} is another file: {fix}")
-    ours, theirs = load_tokenizer(str(tokenizer_path)), load_tokenizer(str(original))
-    same = [(t.n_words, t.bos_id, t.eos_id, t.encode(PROBE, bos=False, eos=False)) for t in (ours, theirs)]
-    if same[0] != same[1]:
+    if not same_tokenizer(tokenizer_path, original):
         raise DataError(f"{data_dir} was tokenized by {original}, not by {tokenizer_path} (another tokenizer: "
                         f"its ids stand for other text): {fix}")
 

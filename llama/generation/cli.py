@@ -11,7 +11,6 @@ Bad input ends the program with one line on stderr ("error: ...") and exit statu
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch

@@ -21,7 +21,8 @@ from llama.common.dtypes import training_dtype
 from llama.parallel import is_first_rank  # train.py's too
 from llama.train import fsdp
 from llama.train.batches import Batches
-from llama.data.prepare import DataError, bpe_dataset, cached_prepare, check_tokenizer, collect_files, read_meta
+from llama.data.prepare import (DataError, bpe_dataset, cached_prepare, check_tokenizer, collect_files, read_meta,
+                                 same_tokenizer)
 from llama.model import ModelArgs, Transformer
 from llama import lora
 from llama.tokenizer import tokenizer_file
@@ -155,7 +156,7 @@ def check_run(cfg: TrainConfig) -> Tuple[TrainConfig, ModelArgs]:
     cfg = dataclasses.replace(cfg, init_from=asset_path(cfg.init_from), tokenizer=tok)
     check_device(cfg)  # device=cuda without a GPU: one line now, not an AttributeError after the data work
     check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)  # a fresh run never saves over another run
-    check_tokenizer(cfg)
+    check_init_from_tokenizer(cfg)
     args = model_args(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _, micro = check_layout(cfg, args, world)
@@ -168,23 +169,17 @@ def check_run(cfg: TrainConfig) -> Tuple[TrainConfig, ModelArgs]:
     return cfg, args
 
 
-def check_tokenizer(cfg: TrainConfig) -> None:
-    """tokenizer= with init_from must be the checkpoint's own tokenizer (same ids): another one's ids
-    index the embeddings of unrelated tokens, and the fine-tune learns noise without a word."""
+def check_init_from_tokenizer(cfg: TrainConfig) -> None:
+    """tokenizer= with init_from must be the checkpoint's own tokenizer (the same ids): another one's
+    ids index the embeddings of unrelated tokens, and the fine-tune learns noise without a word."""
     if not (cfg.init_from and cfg.tokenizer):
         return
     from llama.checkpoint import default_tokenizer_path
-    from llama.data.prepare import file_sha256
-    from llama.tokenizer import load_tokenizer
 
     own = default_tokenizer_path(cfg.init_from)
-    if own is None or file_sha256(own) == file_sha256(cfg.tokenizer):
-        return
-    ours, theirs = load_tokenizer(own), load_tokenizer(cfg.tokenizer)
-    probe = "Hello, world! def f(x):\n    return x ** 2  # Grüße, 日本"
-    if ours.n_words != theirs.n_words or ours.encode(probe, bos=False, eos=False) != theirs.encode(probe, bos=False, eos=False):
-        raise DataError(f"tokenizer={cfg.tokenizer} is not init_from's tokenizer ({own}: {ours.n_words} tokens, this one "
-                        f"{theirs.n_words}): the model only knows its own ids; drop tokenizer= to use init_from's")
+    if own is not None and not same_tokenizer(own, cfg.tokenizer):
+        raise DataError(f"tokenizer={cfg.tokenizer} is not init_from's tokenizer ({own}): the model knows only "
+                        f"its own ids; drop tokenizer= to use init_from's")
 
 
 def claim_run_folder(cfg: TrainConfig) -> None:
