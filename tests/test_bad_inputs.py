@@ -119,15 +119,16 @@ def ws(tmp_path_factory, corpus):
     checkpoint.save_meta(model.state_dict(), args, root / "half", num_shards=2)
     (root / "half/consolidated.01.pth").unlink()
     shutil.copy(root / "tok.model", root / "half/tokenizer.model")
-    shutil.copytree(root, root.with_name(root.name + "-pristine"), symlinks=True)
-    return SimpleNamespace(root=root, data=corpus[0], bpe=corpus[1])
+    pristine = tmp_path_factory.mktemp("pristine") / "user"
+    shutil.copytree(root, pristine, symlinks=True)
+    return SimpleNamespace(root=root, data=corpus[0], bpe=corpus[1], pristine=pristine)
 
 
 @pytest.fixture
 def w(ws):
     """The workspace, put back as it was after a case that changed it (so one failure stays one)."""
     yield ws
-    pristine = ws.root.with_name(ws.root.name + "-pristine")
+    pristine = ws.pristine
     if {k: v[:2] for k, v in tree(ws.root).items()} != {k: v[:2] for k, v in tree(pristine).items()}:
         shutil.rmtree(ws.root)
         shutil.copytree(pristine, ws.root, symlinks=True)
@@ -324,18 +325,19 @@ def damage(data: bytes, kind: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def formats(ws, smollm2_gguf):
+def formats(ws, smollm2_gguf, tmp_path_factory):
     """One checkpoint of each format next to the workspace's Meta one: HF (with an HF tokenizer.json,
     SmolLM2's), GGUF, the PEFT adapter, and a training run to resume."""
     from llama.tokenizer import save_tokenizer
     from tests.helpers import write_gguf
 
     model = checkpoint.load_model(ws.root / "ckpt")
-    hf = ws.root.parent / "formats-hf"
+    root = tmp_path_factory.mktemp("formats")
+    hf = root / "hf"
     checkpoint.save_hf(model.state_dict(), model.params, hf)
     save_tokenizer(smollm2_gguf, hf)
-    gguf = write_gguf(ws.root.parent / "formats.gguf", model.state_dict(), model.params)
-    run = ws.root.parent / "formats-run"
+    gguf = write_gguf(root / "formats.gguf", model.state_dict(), model.params)
+    run = root / "run"
     proc = run_main(train_script.main, *TINY_TRAIN, f"data={ws.data}", f"out_dir={run}", "max_steps=1")
     assert proc.returncode == 0, proc.stderr
     return {"meta": ws.root / "ckpt", "hf": hf, "gguf": gguf, "adapter": ws.root / "adapter", "run": run}

@@ -24,7 +24,7 @@ from llama.checkpoint import peft
 from llama.common.dtypes import DTYPES, parse_dtype
 from llama.common.errors import USER_ERRORS, report
 from llama.common.checks import check_number
-from llama.common.files import add_output_argument, atomic_dir, copy_file
+from llama.common.files import add_output_argument, atomic_dir, check_output_dir, copy_file
 from llama.checkpoint.gguf import GGUFFile
 from llama.tokenizer import check_vocab, load_tokenizer, save_tokenizer
 
@@ -46,9 +46,10 @@ def convert(src, dst, to: str, shards: int = 1, dtype=None, overwrite: bool = Fa
         raise checkpoint.CheckpointError(f"{dst}: the destination is the source directory: pick a new directory")
     if lora is not None:
         peft.find_adapter(lora)  # before any loading or writing
+    # Every input is protected, --overwrite or not: the weights, the adapter (and its run folder).
+    check_output_dir(dst, overwrite, [src, lora], name="DST")  # first: a refused DST costs nothing
     tok = checkpoint.default_tokenizer_path(src)
     tokenizer = carried_tokenizer(tok)
-    # Every input is protected, --overwrite or not: the weights, the adapter (and its run folder).
     with atomic_dir(dst, overwrite, [src, lora], name="DST") as tmp:
         model = checkpoint.load_model(src, dtype=dtype)
         if lora is not None:
