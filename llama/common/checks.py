@@ -54,8 +54,8 @@ def check_number(name: str, value, *, low=None, high=None, low_open: bool = Fals
         ok = value < high if high_open else value <= high
     if not ok:
         bounds = _bounds(low, high, low_open, high_open)
-        raise ArgumentError(f"{_named(name, value)}: must be {kind}{' ' + bounds if bounds else ''}"
-                            f"{'; ' + fix if fix else ''}")
+        shown = f"{name} {value!r}" if name.startswith("-") else f"{name}={value!r}"  # '128' (a str) shows its quotes
+        raise ArgumentError(f"{shown}: must be {kind}{' ' + bounds if bounds else ''}{'; ' + fix if fix else ''}")
 
 
 def check_seed(name: str, value) -> None:
@@ -84,8 +84,7 @@ def check_device(value, name: str = "--device", need_it_here: bool = True) -> Op
 
 
 def check_positive_int(name: str, value, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArgumentError(f"{name}={value!r}: must be a positive integer; {fix}")
+    check_number(name, value, low=1, integer=True, fix=fix)
 
 
 def check_sizes(max_seq_len, max_batch_size) -> None:
