@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llama.common.files import write_text  # noqa: E402
 from llama.train.batches import IGNORE  # noqa: E402
 from llama.train.config import load_config  # noqa: E402
 from llama.train.metrics import flops_per_token, peak_tflops  # noqa: E402
@@ -220,7 +221,7 @@ def data_parallel_rank_main(args) -> int:
               f"{out['ratio']:.2f}x (median of rounds) | state per rank: DDP {ddp_b / 2**20:.1f} MiB, FSDP "
               f"{fsdp_b / 2**20:.1f} MiB ({fsdp_b / ddp_b:.2f}x)", flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1))
+            write_text(args.json, json.dumps(out, indent=1))
     return 0
 
 
@@ -261,7 +262,7 @@ def main() -> int:
     if args.lora:
         results = lora_compare(args.rounds, args.steps, args.seq, args.batch, args.repeats)
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+            write_text(args.json, json.dumps(results, indent=1))
         return 0
     if args.gpu and not torch.cuda.is_available():
         print("error: --gpu needs CUDA; no GPU here", file=sys.stderr)
@@ -285,7 +286,7 @@ def main() -> int:
             results["cpu_compiled"] = compare(["device=cpu", "compile=true"], args.rounds, args.steps, warmup=3)
             report("default config shape, fp32, ours compiled vs HF eager", results["cpu_compiled"], device)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_text(args.json, json.dumps(results, indent=1))
     return 0
 
 
