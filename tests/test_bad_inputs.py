@@ -8,12 +8,10 @@ issue 38 (`loss`: a user's file destroyed, `silent`: ran on and produced a wrong
 `traceback`). The data-loss rows also hash the workspace before and after."""
 
 import json
-import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -306,124 +304,6 @@ def test_every_case_is_one_line_and_writes_nothing(case, w):
     after = tree(ws.root)
     cache = {k for k in after if k.startswith("cache/")}  # a tokenized-data cache may appear; nothing else
     assert {k: v for k, v in after.items() if k not in cache} == before, f"{name} changed the workspace"
-
-
-# ---------------------------------------------------------------------------- damaged files of every format
-
-
-def damage(data: bytes, kind: str) -> bytes:
-    """empty, truncated (the first half), garbage (random bytes, same length), flipped (one byte)."""
-    if kind == "empty":
-        return b""
-    if kind == "truncated":
-        return data[: len(data) // 2]
-    if kind == "garbage":
-        return random.Random(len(data)).randbytes(max(len(data), 64))
-    flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0x40  # inside the largest member: the tensors
-    return bytes(flipped)
-
-
-@pytest.fixture(scope="module")
-def formats(ws, smollm2_gguf, tmp_path_factory):
-    """One checkpoint of each format next to the workspace's Meta one: HF (with an HF tokenizer.json,
-    SmolLM2's), GGUF, the PEFT adapter, and a training run to resume."""
-    from llama.tokenizer import save_tokenizer
-    from tests.helpers import write_gguf
-
-    model = checkpoint.load_model(ws.root / "ckpt")
-    root = tmp_path_factory.mktemp("formats")
-    hf = root / "hf"
-    checkpoint.save_hf(model.state_dict(), model.params, hf)
-    save_tokenizer(smollm2_gguf, hf)
-    gguf = write_gguf(root / "formats.gguf", model.state_dict(), model.params)
-    run = root / "run"
-    proc = run_main(train_script.main, *TINY_TRAIN, f"data={ws.data}", f"out_dir={run}", "max_steps=1")
-    assert proc.returncode == 0, proc.stderr
-    return {"meta": ws.root / "ckpt", "hf": hf, "gguf": gguf, "adapter": ws.root / "adapter", "run": run}
-
-
-def damaged_copy(source: Path, name: str, kind: str, dst: Path) -> Path:
-    """A copy of checkpoint folder (or file) `source` whose `name` is damaged; the rest linked."""
-    if source.is_file():
-        dst.write_bytes(damage(source.read_bytes(), kind))
-        return dst
-    step = source / source.joinpath("latest").read_text() if (source / "latest").is_file() else None
-    folder = dst / step.name if step else dst
-    folder.mkdir(parents=True)
-    for f in (step or source).iterdir():
-        (folder / f.name).symlink_to(f)
-    (folder / name).unlink()
-    (folder / name).write_bytes(damage(((step or source) / name).read_bytes(), kind))
-    if step:
-        (dst / "latest").write_text(step.name)
-    return dst
-
-
-FILES = [("meta", "consolidated.00.pth"), ("meta", "params.json"), ("meta", "tokenizer.model"),
-         ("hf", "model.safetensors"), ("hf", "config.json"), ("hf", "tokenizer.json"), ("gguf", "formats.gguf"),
-         ("adapter", "adapter_model.safetensors"), ("adapter", "adapter_config.json"),
-         ("run", "consolidated.00.pth"), ("run", "train_state.00.pth")]
-DAMAGE = [(fmt, name, kind) for fmt, name in FILES for kind in ("empty", "truncated", "garbage")
-          + (("flipped",) if name.endswith(".pth") else ())]
-
-
-@pytest.mark.parametrize("fmt,name,kind", DAMAGE, ids=[f"{f}-{n}-{k}" for f, n, k in DAMAGE])
-def test_a_damaged_file_of_every_format_is_one_line(fmt, name, kind, formats, ws, tmp_path):
-    """The error path that formats "corrupt or truncated" (and its cousins) for empty, cut and garbage
-    files of every format; for .pth also a flipped byte (the archive's checksums), resume included."""
-    copy = damaged_copy(formats[fmt], name, kind, tmp_path / f"copy{formats[fmt].suffix}")
-    if fmt == "run":  # resume verifies what it loads, as generate.py does
-        proc = run_main(train_script.main, *TINY_TRAIN, f"data={ws.data}", f"out_dir={copy}", "max_steps=2",
-                        "resume=true")
-    else:
-        where = ["--ckpt-dir", ws.root / "ckpt", "--lora", copy] if fmt == "adapter" else ["--ckpt-dir", copy]
-        if fmt == "gguf":
-            where += ["--tokenizer-path", ws.root / "tok.model"]
-        proc = run_main(generate_cli.main, *where, "--prompt", "Hi", "--max-gen-len", 1)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert name in errors[0] or (fmt == "gguf" and copy.name in errors[0]), errors[0]
-
-
-# ---------------------------------------------------------------------------- the Python API
-
-
-@pytest.fixture(scope="module")
-def llama(ws):
-    from llama.generation import Llama
-
-    return Llama.build(ws.root / "ckpt", max_seq_len=64, max_batch_size=2, device="cpu")
-
-
-API = [  # before: silent (generated from nothing) or a traceback
-    ("text-completion-empty-prompt", lambda m: m.text_completion([""]), ["prompts[0]", "''"]),
-    ("chat-completion-empty-dialog", lambda m: m.chat_completion([[]]), ["dialogs[0]", "[]"]),
-    ("generate-temperature-inf", lambda m: m.generate([[1, 2]], 2, temperature=float("inf")), ["temperature=inf"]),
-]
-
-
-@pytest.mark.parametrize("case", API, ids=[c[0] for c in API])
-def test_api_refuses_nothing_to_work_on(case, llama):
-    from llama.common.errors import ArgumentError
-
-    _, call, words = case
-    with pytest.raises(ArgumentError) as e:
-        call(llama)
-    for word in words:
-        assert word in str(e.value), str(e.value)
-
-
-@pytest.mark.parametrize("kwargs,words", [(dict(seed=-1), ["seed=-1"]), (dict(seed=2**70), ["seed=", "whole number"]),
-                                          (dict(device="foo"), ["device=foo"]), (dict(device=NO_GPU), [f"device={NO_GPU}"])])
-def test_build_checks_seed_and_device_before_reading(kwargs, words, tmp_path):
-    from llama.common.errors import ArgumentError
-    from llama.generation import Llama
-
-    with pytest.raises(ArgumentError) as e:
-        Llama.build(tmp_path / "nothing-here", **kwargs)  # the argument fails first: the path is never read
-    for word in words:
-        assert word in str(e.value)
 
 
 # ---------------------------------------------------------------------------- rules that hold everywhere

@@ -1,16 +1,21 @@
 """Bad input gets one CheckpointError naming the file, the problem and the fix; a pickle that would
-run code is refused."""
+run code is refused. Through the command lines (generate, train's resume), an empty, truncated,
+garbage or bit-flipped file of every format is one `error:` line naming it."""
 
 import json
 import random
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
+import train as train_script
 from llama import checkpoint
 from llama.checkpoint import CheckpointError, load_model
-from tests.helpers import tiny_model, write_gguf
+from llama.generation import cli as generate_cli
+from tests.helpers import TINY_TRAIN, run_main, tiny_model, write_gguf
+from tests.test_bad_inputs import make_adapter, small_checkpoint
 
 
 def _pwned(marker):  # what the malicious pickle would call
@@ -160,3 +165,82 @@ def test_dangling_tokenizer_link_names_the_flag(meta_dir, tmp_path):
     (meta_dir / "tokenizer.model").symlink_to(tmp_path / "gone.model")
     with pytest.raises(TokenizerError, match=r"link to .*gone\.model, which no longer exists.*--tokenizer-path"):
         checkpoint.default_tokenizer_path(meta_dir)
+
+
+# ------------------------------------------------- issue 38: damaged files of every format, through the CLIs
+
+
+def damage(data: bytes, kind: str) -> bytes:
+    """empty, truncated (the first half), garbage (random bytes, same length), flipped (one byte)."""
+    if kind == "empty":
+        return b""
+    if kind == "truncated":
+        return data[: len(data) // 2]
+    if kind == "garbage":
+        return random.Random(len(data)).randbytes(max(len(data), 64))
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x40  # inside the largest member: the tensors
+    return bytes(flipped)
+
+
+@pytest.fixture(scope="module")
+def formats(corpus, smollm2_gguf, tmp_path_factory):
+    """One checkpoint of each format, in its own temporary folder: Meta (the 640-token tiny one), HF
+    (with an HF tokenizer.json, SmolLM2's), GGUF, a PEFT adapter, and a training run to resume."""
+    from llama.tokenizer import save_tokenizer
+
+    root = tmp_path_factory.mktemp("formats")
+    meta = small_checkpoint(root / "ckpt", corpus[1])
+    model = load_model(meta)
+    hf = root / "hf"
+    checkpoint.save_hf(model.state_dict(), model.params, hf)
+    save_tokenizer(smollm2_gguf, hf)
+    gguf = write_gguf(root / "formats.gguf", model.state_dict(), model.params)
+    run = root / "run"
+    proc = run_main(train_script.main, *TINY_TRAIN, f"data={corpus[0]}", f"out_dir={run}", "max_steps=1")
+    assert proc.returncode == 0, proc.stderr
+    return {"meta": meta, "hf": hf, "gguf": gguf, "adapter": make_adapter(meta, root / "adapter"), "run": run,
+            "data": corpus[0]}
+
+
+def damaged_copy(source: Path, name: str, kind: str, dst: Path) -> Path:
+    """A copy of checkpoint folder (or file) `source` whose `name` is damaged; the rest linked."""
+    if source.is_file():
+        dst.write_bytes(damage(source.read_bytes(), kind))
+        return dst
+    step = source / source.joinpath("latest").read_text() if (source / "latest").is_file() else None
+    folder = dst / step.name if step else dst
+    folder.mkdir(parents=True)
+    for f in (step or source).iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / name).unlink()
+    (folder / name).write_bytes(damage(((step or source) / name).read_bytes(), kind))
+    if step:
+        (dst / "latest").write_text(step.name)
+    return dst
+
+
+FILES = [("meta", "consolidated.00.pth"), ("meta", "params.json"), ("meta", "tokenizer.model"),
+         ("hf", "model.safetensors"), ("hf", "config.json"), ("hf", "tokenizer.json"), ("gguf", "formats.gguf"),
+         ("adapter", "adapter_model.safetensors"), ("adapter", "adapter_config.json"),
+         ("run", "consolidated.00.pth"), ("run", "train_state.00.pth")]
+DAMAGE = [(fmt, name, kind) for fmt, name in FILES for kind in ("empty", "truncated", "garbage")
+          + (("flipped",) if name.endswith(".pth") else ())]
+
+
+@pytest.mark.parametrize("fmt,name,kind", DAMAGE, ids=[f"{f}-{n}-{k}" for f, n, k in DAMAGE])
+def test_a_damaged_file_of_every_format_is_one_line(fmt, name, kind, formats, tmp_path):
+    """The error path that formats "corrupt or truncated" (and its cousins) for empty, cut and garbage
+    files of every format; for .pth also a flipped byte (the archive's checksums), resume included."""
+    copy = damaged_copy(formats[fmt], name, kind, tmp_path / f"copy{formats[fmt].suffix}")
+    if fmt == "run":  # resume verifies what it loads, as generate.py does
+        proc = run_main(train_script.main, *TINY_TRAIN, f"data={formats['data']}", f"out_dir={copy}", "max_steps=2",
+                        "resume=true")
+    else:
+        where = ["--ckpt-dir", formats["meta"], "--lora", copy] if fmt == "adapter" else ["--ckpt-dir", copy]
+        if fmt == "gguf":
+            where += ["--tokenizer-path", formats["meta"] / "tokenizer.model"]
+        proc = run_main(generate_cli.main, *where, "--prompt", "Hi", "--max-gen-len", 1)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert name in errors[0] or (fmt == "gguf" and copy.name in errors[0]), errors[0]
