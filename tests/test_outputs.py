@@ -269,15 +269,34 @@ def test_a_run_folder_is_written_by_one_process_at_a_time(corpus, tmp_path):
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = tiny_run(corpus, out, "max_steps=1")
-        assert proc.returncode == 1 and f"being written by another process (pid {holder.pid})" in proc.stderr
+        for extra in (), ("resume=true",):  # a resume is refused first too, before reading the holder's files
+            proc = tiny_run(corpus, out, "max_steps=1", *extra)
+            assert proc.returncode == 1 and f"being written by another process (pid {holder.pid})" in proc.stderr
+        with pytest.raises(files.OutputError, match=f"pid {holder.pid}"):
+            files.check_not_locked(out, "x")
         assert sorted(os.listdir(out)) == [files.LOCK]
     finally:
         holder.kill()
         holder.wait()
-    files.lock_dir(out, "x")  # the kernel dropped the killed holder's lock
+    files.check_not_locked(out, "x")  # the kernel dropped the killed holder's lock
+    files.lock_dir(out, "x")
     files.unlock_dir(out)
     assert not (out / files.LOCK).exists()
+
+
+def test_a_probe_never_takes_a_folder_from_its_writer(tmp_path):
+    """check_not_locked holds a shared lock for an instant (every rank of a torchrun job probes):
+    probes never refuse each other, and lock_dir waits one out instead of refusing the run."""
+    import fcntl
+    import threading
+
+    (tmp_path / files.LOCK).write_text("")
+    probe = os.open(tmp_path / files.LOCK, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe in progress
+    files.check_not_locked(tmp_path, "x")  # another probe at the same time
+    threading.Timer(0.1, os.close, [probe]).start()
+    files.lock_dir(tmp_path, "x")  # waits the probe out
+    files.unlock_dir(tmp_path)
 
 
 @pytest.mark.slow  # two real training processes

@@ -6,7 +6,7 @@
                                     inside one, or the working directory; non-empty only with --overwrite
     atomic_write(path, write)       write(f) into a temporary sibling, fsync, rename over `path`
     with atomic_dir(out) as tmp:    build a directory in a temporary sibling, then rename it into place
-    lock_dir(folder, fix)           one writer at a time (a training run's out_dir)
+    lock_dir(folder, fix)           one writer at a time (a training run's out_dir); check_not_locked
     read_text_file(path, what)      a text file the user named: UTF-8, not binary
 
 A reader of `path` sees the old file or the new one, never half of one; an error or Ctrl-C
@@ -307,26 +307,35 @@ class FolderLock:
 _HELD = {}  # resolved folder -> this process's FolderLock on it
 
 
+def _busy(folder, fd: int, fix: str) -> OutputError:
+    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+    return OutputError(f"{folder} is being written by another process (pid {holder}): {fix}")
+
+
 def lock_dir(folder, fix: str) -> FolderLock:
     """Take `folder`'s lock (flock on folder/.llama-ref.lock, created if missing), or raise an
     OutputError naming the process that holds it and `fix`. A lock this process holds already is
     returned as it is (a second setup() of the same run in one process)."""
     import fcntl
+    import time
 
     key = Path(folder).resolve()
     if key in _HELD and _HELD[key].fd is not None:
         return _HELD[key]
     path = Path(folder) / LOCK
+    tries = 10  # a check_not_locked probe holds a shared lock for an instant: wait that out, not a run
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            tries -= 1
+            error = _busy(folder, fd, fix) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else e
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise OutputError(f"{folder} is being written by another process (pid {holder}): {fix}") from None
+            if error is e or tries == 0:
+                raise error from None
+            time.sleep(0.05)
+            continue
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -338,6 +347,28 @@ def lock_dir(folder, fix: str) -> FolderLock:
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = FolderLock(fd, path)
     return _HELD[key]
+
+
+def check_not_locked(folder, fix: str) -> None:
+    """Refuse at once if another process holds `folder`'s lock: before reading what that process may
+    be replacing (a run resumed into a folder a live run writes). A shared lock for an instant, so
+    that probes (every rank of a torchrun job makes one) never refuse each other."""
+    import fcntl
+
+    if Path(folder).resolve() in _HELD:
+        return
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise _busy(folder, fd, fix) from None
+    finally:
+        os.close(fd)  # closing gives the shared lock back
 
 
 def unlock_dir(folder) -> None:

@@ -342,9 +342,10 @@ def resume_values(values: dict, defaults: dict) -> dict:
     the run has already reached. With no checkpoint yet, `values` are returned unchanged."""
     from llama.checkpoint import CheckpointError
     from llama.checkpoint.meta import load_torch_file
-    from llama.train.state import latest_checkpoint
+    from llama.train.state import check_out_dir, latest_checkpoint
 
     out_dir = values.get("out_dir", defaults["out_dir"])
+    check_out_dir(out_dir, resume=True, overwrite=False)  # a folder another run is writing: refused first
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
         return values

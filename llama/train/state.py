@@ -31,8 +31,8 @@ from llama import parallel
 from llama.checkpoint import CheckpointError, params_json
 from llama.checkpoint.meta import load_torch_file
 from llama.common.errors import UserError
-from llama.common.files import (atomic_write, fsync_dir, lock_dir, make_temp_dir, remove_stale_temps, remove_temp_dir,
-                                replace_dir, unlock_dir, write_text)
+from llama.common.files import (atomic_write, check_not_locked, fsync_dir, lock_dir, make_temp_dir, remove_stale_temps,
+                                remove_temp_dir, replace_dir, unlock_dir, write_text)
 from llama.tokenizer import save_tokenizer
 
 LATEST = "latest"
@@ -60,6 +60,9 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
     return path
 
 
+BUSY = "wait for that run to finish, or choose another out_dir"  # the fix when another process writes out_dir
+
+
 class RunFolderError(UserError):
     """out_dir holds another run, or another process is writing it."""
 
@@ -77,6 +80,7 @@ def earlier_run(out_dir) -> Optional[str]:
 def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """A fresh run never saves over another run's checkpoints (a shorter run's pruning would delete
     its own, `latest` would name a foreign step): continue it, replace it, or choose another folder."""
+    check_not_locked(out_dir, BUSY)  # a live run's folder: say so first, before reading what it replaces
     found = earlier_run(out_dir)
     if found and not resume and not overwrite:
         raise RunFolderError(f"out_dir={out_dir} holds another run ({found}): continue it with resume=true, start "
@@ -89,7 +93,7 @@ def claim_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     lock; with overwrite=true delete the earlier run's checkpoints, `latest` and metrics."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lock_dir(out, "wait for that run to finish, or choose another out_dir")
+    lock_dir(out, BUSY)
     check_out_dir(out, resume, overwrite)
     if overwrite and not resume:
         (out / LATEST).unlink(missing_ok=True)  # first: never a `latest` naming a deleted step
