@@ -285,8 +285,8 @@ def test_a_run_folder_is_written_by_one_process_at_a_time(corpus, tmp_path):
 
 
 def test_a_probe_never_takes_a_folder_from_its_writer(tmp_path):
-    """check_not_locked holds a shared lock for an instant (every rank of a torchrun job probes):
-    probes never refuse each other, and lock_dir waits one out instead of refusing the run."""
+    """check_not_locked holds a shared lock for an instant: two probes never refuse each other, and
+    lock_dir waits one out instead of refusing the run."""
     import fcntl
     import threading
 

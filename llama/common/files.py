@@ -352,7 +352,7 @@ def lock_dir(folder, fix: str) -> FolderLock:
 def check_not_locked(folder, fix: str) -> None:
     """Refuse at once if another process holds `folder`'s lock: before reading what that process may
     be replacing (a run resumed into a folder a live run writes). A shared lock for an instant, so
-    that probes (every rank of a torchrun job makes one) never refuse each other."""
+    that two probes never refuse each other."""
     import fcntl
 
     if Path(folder).resolve() in _HELD:

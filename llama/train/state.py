@@ -19,6 +19,7 @@ marker; pruning and re-saving touch only step_NNNNNN directories holding a train
 generate.py, Llama.build and Meta's own loader read a step directory like any Meta checkpoint.
 """
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -80,7 +81,8 @@ def earlier_run(out_dir) -> Optional[str]:
 def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """A fresh run never saves over another run's checkpoints (a shorter run's pruning would delete
     its own, `latest` would name a foreign step): continue it, replace it, or choose another folder."""
-    check_not_locked(out_dir, BUSY)  # a live run's folder: say so first, before reading what it replaces
+    if os.environ.get("RANK", "0") == "0":  # rank 0 takes the lock, so it alone asks (never of its own job)
+        check_not_locked(out_dir, BUSY)  # a live run's folder: say so first, before reading what it replaces
     found = earlier_run(out_dir)
     if found and not resume and not overwrite:
         raise RunFolderError(f"out_dir={out_dir} holds another run ({found}): continue it with resume=true, start "
