@@ -131,7 +131,7 @@ class LoRADropout(nn.Module):
         super().__init__()
         self.p, self.salt = p, salt  # salt: 32 bits naming the projection
         self.in_features, self.feature_offset = in_features, feature_offset  # full width; this rank's first
-        self.rows: Optional[tuple] = None  # ([32-bit key per row], length), set by dropout_rows
+        self.rows: Optional[tuple] = None  # ([32-bit key per row], length, token index or None), set by dropout_rows
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -147,30 +147,33 @@ class LoRADropout(nn.Module):
         B, T, F_local = x.shape
         if self.rows is None:  # another loop: fresh keys from torch's generator, per data-parallel rank
             salt = zlib.crc32(f"data-parallel rank {parallel.data_parallel_rank()}".encode())
-            keys, length = [k ^ salt for k in torch.randint(0, 1 << 32, (B,)).tolist()], T
+            keys, length, index = [k ^ salt for k in torch.randint(0, 1 << 32, (B,)).tolist()], T, None
         else:
-            keys, length = self.rows
-        if len(keys) != B or T > length:
+            keys, length, index = self.rows
+        if len(keys) != B or (T > length if index is None else len(index) != T):
             raise ValueError(f"LoRA dropout keys for {len(keys)} rows of {length} positions; the input is {B} x {T}")
         masks = []
         for key in keys:
             # 32 bits of seed: the CPU's generator (mt19937) reads no more
             gen = torch.Generator(x.device).manual_seed(zlib.crc32(key.to_bytes(4, "little"), self.salt))
             draw = torch.rand(length, self.in_features, generator=gen, device=x.device)  # (L, F): one process's
-            masks.append(draw[:T, self.feature_offset:self.feature_offset + F_local] >= self.p)
+            # context parallelism: this rank's tokens (past the draw: padding, untrained, any mask will do)
+            rows = draw[:T] if index is None else draw[index.clamp(max=length - 1).to(x.device)]
+            masks.append(rows[:, self.feature_offset:self.feature_offset + F_local] >= self.p)
         return torch.stack(masks)  # (B, T, F_local) bool
 
 
 @contextlib.contextmanager
-def dropout_rows(model, rows: Sequence[int], seed: int, length: int):
+def dropout_rows(model, rows: Sequence[int], seed: int, length: int, index: Optional[torch.Tensor] = None):
     """Inside: LoRA dropout draws the masks of these rows of the run's data (rows[b]: the number of
     micro-batch row b among the run's training sequences, the same on every layout) under `seed`,
-    each for `length` positions (the run's seq_len: a padded micro-batch uses the first ones).
+    each for `length` positions (the run's seq_len: a padded micro-batch uses the first ones; under
+    context parallelism `index`, the global indices of this rank's tokens: llama/parallel/context.py).
     Wrap the forward and the backward: activation checkpointing recomputes the forward in backward."""
     modules = [m for m in model.modules() if isinstance(m, LoRADropout) and m.p > 0]
     keys = [zlib.crc32(f"{seed}:{g}".encode()) for g in rows]  # 32 bits per row
     for m in modules:
-        m.rows = (keys, length)
+        m.rows = (keys, length, index)
     try:
         yield
     finally:

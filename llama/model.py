@@ -170,16 +170,16 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(params, "cpu" if meta else None), persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, cache: Optional[List[KVCache]] = None,
-                last_only: bool = False, head: Optional[Callable] = None):
-        """tokens (B, T) -> float logits (B, T, vocab), or (B, 1, vocab) if last_only. head(self, h): its result
-        on the final residual stream h (B, T, D) instead (a loss), inside the call as FSDP needs (docs/fsdp.md)."""
+                last_only: bool = False, head: Optional[Callable] = None, mask=None):
+        """tokens (B, T) -> float logits (B, T, vocab), or (B, 1, vocab) if last_only; head(self, h): its result on the
+        final residual stream h (B, T, D) instead (a loss), inside the call as FSDP needs (docs/fsdp.md). start_pos: an
+        int, a start per sequence (B,) sharing a cache, or positions (B, T) with their `mask` (llama/parallel/context.py)."""
         B, T = tokens.shape
-        mask = None
-        if isinstance(start_pos, torch.Tensor):  # (B,): a ragged batch sharing a cache
-            positions = start_pos.view(-1, 1) + torch.arange(T, device=tokens.device)  # (B, T)
+        if isinstance(start_pos, torch.Tensor):  # (B, T) positions, or (B,): a ragged batch sharing a cache
+            positions = start_pos if start_pos.dim() == 2 else start_pos.view(-1, 1) + torch.arange(T, device=tokens.device)
             freqs_cis = self.freqs_cis[positions]  # (B, T, Dh/2, 2)
-            slots = torch.arange(cache[0].k.shape[2], device=tokens.device)  # (S,)
-            mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+            if mask is None:  # a ragged batch: every cache slot up to each sequence's position
+                mask = (torch.arange(cache[0].k.shape[2], device=tokens.device) <= positions.unsqueeze(-1)).unsqueeze(1)
         elif start_pos + T > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.params.max_seq_len}")
         else:

@@ -5,8 +5,8 @@
     python -m llama.data prepare stdlib --vocab-size 2048 --out data/stdlib   # BPE trained on the corpus
 
 A prepared directory holds `tokens_NNN.bin` (one logical uint32 stream cut into shards), for SFT
-`mask_NNN.bin` (uint8: 1 where the token is a training target) and `offsets.npy` (where each dialog
-starts), and `meta.json` (counts, the tokenizer's identity, where the validation split begins).
+`mask_NNN.bin` (uint8: 1 where the token is a training target), `offsets.npy` (where each document or
+dialog starts: packing masks attention at these boundaries) and `meta.json` (counts, the tokenizer's identity, where the validation split begins).
 Pretraining documents are encoded as BOS text EOS and concatenated; the last `val_fraction` of the
 stream is held out. SFT dialogs are kept whole (one dialog per sequence) and the last
 `val_fraction` of them are held out.
@@ -259,9 +259,9 @@ def _tokenize_into(tmp: Path, files: List[Path], tokenizer_path, sft: bool, val_
         raise DataError(f"data {', '.join(sorted({str(f) for f in files}))[:200]} holds no text: nothing to train on")
     meta = {"format": FORMAT, "kind": "sft" if sft else "pretrain", "n_tokens": n_tokens, "n_documents": n_docs,
             "shards": tokens.shards, "n_words": tokenizer.n_words}
+    np.save(tmp / "offsets.npy", np.asarray(starts, dtype=np.int64))  # where each document starts (+ the end)
     if sft:
         n_val = int(np.ceil(n_docs * val_fraction)) if n_docs > 1 else 0
-        np.save(tmp / "offsets.npy", np.asarray(starts, dtype=np.int64))
         meta.update(mask_shards=masks.shards, val_document_start=n_docs - n_val)
     else:
         meta.update(val_start=n_tokens - int(np.ceil(n_tokens * val_fraction)))
@@ -350,7 +350,7 @@ def cached_prepare(inputs: List[str], cache_root, tokenizer_path, *, sft: bool, 
     """prepare() into a cache directory named by what went in (files, sizes, mtimes, tokenizer,
     options): the first run tokenizes, later runs with the same inputs reuse it."""
     h = _inputs_hash(inputs)
-    h.update(f"{file_sha256(tokenizer_path)}:{sft}:{val_fraction}:{FORMAT}".encode())
+    h.update(f"{file_sha256(tokenizer_path)}:{sft}:{val_fraction}:{FORMAT}:offsets".encode())  # with offsets.npy
     out = Path(cache_root) / f"{'sft' if sft else 'text'}-{h.hexdigest()[:16]}"
     if not (out / META).is_file():
         prepare(inputs, out, tokenizer_path, sft=sft, val_fraction=val_fraction)

@@ -114,29 +114,64 @@ def is_first_rank() -> bool:
 
 
 def is_checkpoint_writer() -> bool:
-    """Whether this process writes its model-parallel rank's checkpoint files: data-parallel rank
-    r mod D for model-parallel rank r, so that with several nodes the writers (and the host memory a
-    full shard takes) spread over the nodes. One process: itself."""
-    return data_parallel_rank() == model_parallel_rank() % data_parallel_size()
+    """Whether this process writes its model-parallel rank's checkpoint files: data x context-parallel
+    rank r mod D for model-parallel rank r, so that with several nodes the writers (and the host memory
+    a full shard takes) spread over the nodes. One process: itself."""
+    return dp_cp_rank() == model_parallel_rank() % dp_cp_size()
 
 
-def init_distributed(model_parallel_size: Optional[int] = None, backend: Optional[str] = None) -> int:
-    """Join the torchrun job (if any) and split it into model-parallel x data-parallel groups.
+# Context parallelism (llama/parallel/context.py): the ranks that share each sequence. Fairscale lays ranks
+# out as (data, pipeline, model) with the model dimension fastest; this project has no pipeline stages,
+# so Fairscale's pipeline dimension is the context-parallel one: the paper's order [TP, CP, PP, DP].
+def context_parallel_size() -> int:
+    return dist.get_world_size(context_parallel_group()) if model_parallel_is_initialized() else 1
+
+
+def context_parallel_rank() -> int:
+    return dist.get_rank(context_parallel_group()) if model_parallel_is_initialized() else 0
+
+
+def context_parallel_group():
+    return fs_init.get_pipeline_parallel_group() if model_parallel_is_initialized() else None
+
+
+_DP_CP = {}  # Fairscale's context-parallel group -> the data x context group made with it
+
+
+def dp_cp_group():
+    """The ranks that hold the same model-parallel shard of the weights: data x context parallel. DDP
+    averages gradients and FSDP shards over them (CP ranks see other tokens of the same batch)."""
+    return data_parallel_group() if context_parallel_size() == 1 else _DP_CP[context_parallel_group()]
+
+
+def dp_cp_size() -> int:
+    return data_parallel_size() * context_parallel_size()
+
+
+def dp_cp_rank() -> int:
+    return dist.get_rank(dp_cp_group()) if model_parallel_is_initialized() else 0
+
+
+def init_distributed(model_parallel_size: Optional[int] = None, backend: Optional[str] = None,
+                     context_parallel_size: int = 1) -> int:
+    """Join the torchrun job (if any) and split it into model-parallel x context-parallel x data-parallel
+    groups (model ranks adjacent, then context, then data).
 
     Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR. NCCL on CUDA, gloo on CPU. In a plain
     `python` process (no WORLD_SIZE) with model_parallel_size in (None, 1) nothing is set up and the
     layers fall back to plain torch modules. Returns the model-parallel size in use.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    mp = model_parallel_size or world_size
+    cp = context_parallel_size
+    mp = model_parallel_size or max(1, world_size // cp)
     if world_size == 1 and not dist.is_initialized():
-        if mp != 1:
-            raise ParallelError(f"model_parallel_size={mp} needs {mp} processes: launch with "
-                                f"`torchrun --nproc_per_node {mp} ...`")
+        if mp * cp != 1:
+            raise ParallelError(f"model_parallel_size={mp} x context_parallel_size={cp} needs {mp * cp} processes: "
+                                f"launch with `torchrun --nproc_per_node {mp * cp} ...`")
         return 1
-    if world_size % mp != 0:
-        raise ParallelError(f"model_parallel_size={mp} does not divide the world size {world_size}: "
-                            f"pick a model-parallel size that divides the number of processes")
+    if world_size % (mp * cp) != 0:
+        raise ParallelError(f"model_parallel_size={mp} x context_parallel_size={cp} does not divide the world size "
+                            f"{world_size}: pick sizes whose product divides the number of processes")
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -146,10 +181,16 @@ def init_distributed(model_parallel_size: Optional[int] = None, backend: Optiona
         atexit.register(_leave_process_group)
     if not model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on every rank
-            fs_init.initialize_model_parallel(mp)
-    elif fs_init.get_model_parallel_world_size() != mp:
-        raise ParallelError(f"model parallel is already initialised with size "
-                            f"{fs_init.get_model_parallel_world_size()}, not {mp}")
+            fs_init.initialize_model_parallel(mp, pipeline_length=cp)
+        if cp > 1:  # every rank makes every group, in one order; it keeps its own
+            grid = torch.arange(world_size).view(-1, cp, mp)  # (data, context, model): Fairscale's layout
+            for k in range(mp):
+                group = dist.new_group(grid[:, :, k].flatten().tolist())
+                if dist.get_rank() % mp == k:
+                    _DP_CP[context_parallel_group()] = group
+    elif (fs_init.get_model_parallel_world_size(), dist.get_world_size(context_parallel_group())) != (mp, cp):
+        raise ParallelError(f"model parallel is already initialised with size {fs_init.get_model_parallel_world_size()} "
+                            f"(context parallel {dist.get_world_size(context_parallel_group())}), not {mp} ({cp})")
     return mp
 
 

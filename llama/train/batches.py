@@ -13,11 +13,19 @@ batch is the next `batch_size` sequences of that order; data-parallel rank r tak
 [r * B/dp, (r+1) * B/dp) of it. The batch is therefore the same whatever the layout, which is what
 makes MP x DP runs match a single process, and "how many sequences were consumed" is the whole
 data position a resumed run needs.
+
+Packing (`packing = true`, the Llama 3 recipe): documents share rows without seeing each other. A
+micro-batch then carries a third tensor, each token's RoPE position counted from its document's first
+token, from which the model's document mask is built (llama/parallel/context.py). Pretraining: the
+same windows, positions restarting at every document start inside (prepare records them in
+offsets.npy). SFT: dialogs in a fixed seeded order are packed, next-fit, into rows of at most seq_len
+inputs (a dialog keeps its own input/target pairs, so none predicts the next one's first token); the
+epochs shuffle those rows.
 """
 
 import math
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,19 +59,41 @@ class TokenStream:
         return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
 
 
+def next_fit(lengths: np.ndarray, capacity: int) -> List[np.ndarray]:
+    """Indices into `lengths` in order, cut into rows whose lengths add up to at most `capacity`."""
+    rows, start, used = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > capacity and i > start:
+            rows.append(np.arange(start, i))
+            start, used = i, 0
+        used += n
+    return rows + ([np.arange(start, len(lengths))] if len(lengths) > start else [])
+
+
 class Batches:
-    def __init__(self, root, seq_len: int, seed: int):
-        self.root, self.seq_len, self.seed = Path(root), seq_len, seed
+    def __init__(self, root, seq_len: int, seed: int, packing: bool = False):
+        self.root, self.seq_len, self.seed, self.packing = Path(root), seq_len, seed, packing
         self.meta = read_meta(root)
         self.sft = self.meta["kind"] == "sft"
         self.tokens = TokenStream(self.root, self.meta["shards"], np.uint32)
         self.fit_report = None
+        if packing or self.sft:
+            if not (self.root / "offsets.npy").is_file():
+                raise DataError(f"{root} has no offsets.npy (where documents start): prepare it again to train "
+                                f"with packing=true")
+            self.offsets = np.load(self.root / "offsets.npy")
         if self.sft:
             self.masks = TokenStream(self.root, self.meta["mask_shards"], np.uint8)
-            self.offsets = np.load(self.root / "offsets.npy")
             split = self.meta["val_document_start"]
             self.dialogs = self._fitting_dialogs(split)
             self.counts = {k: len(v) for k, v in self.dialogs.items()}
+            if packing:  # rows of dialogs (their places in self.dialogs): training ones in a seeded order
+                inputs = np.minimum(np.diff(self.offsets), seq_len + 1) - 1  # (documents,) inputs per dialog
+                order = np.random.default_rng([seed, 1 << 20]).permutation(self.counts["train"])
+                val = np.arange(self.counts["val"])
+                self.rows = {"train": [order[r] for r in next_fit(inputs[self.dialogs["train"]][order], seq_len)],
+                             "val": [val[r] for r in next_fit(inputs[self.dialogs["val"]], seq_len)]}
+                self.counts = {k: len(v) for k, v in self.rows.items()}
         else:
             split = self.meta["val_start"]
             self.counts = {"train": max(0, (split - 1) // seq_len),
@@ -112,6 +142,39 @@ class Batches:
         tokens = self.tokens.read(start, start + self.seq_len + 1)
         return tokens, np.ones_like(tokens, dtype=np.uint8)
 
+    def _packed(self, index: int, split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(inputs, targets, positions) of packed row `index`, each (n,) with n <= seq_len."""
+        if not self.sft:  # a window of the stream, positions counted from each document start inside it
+            tokens, _ = self._sequence(index, split)
+            start = index * self.seq_len + (0 if split == "train" else self.meta["val_start"])
+            at = np.arange(start, start + len(tokens) - 1)
+            first = np.maximum(self.offsets[np.searchsorted(self.offsets, at, side="right") - 1], start)
+            return tokens[:-1], tokens[1:], at - first
+        pieces = []
+        for doc in self.rows[split][index]:
+            tokens, mask = self._sequence(int(doc), split)
+            targets = np.where(mask[1:] == 1, tokens[1:].astype(np.int64), IGNORE)
+            pieces.append((tokens[:-1], targets, np.arange(len(tokens) - 1)))
+        return tuple(np.concatenate(p) for p in zip(*pieces))
+
+    def collate_packed(self, rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs, targets and positions (b, T) of packed rows, padded to the longest: the padding is a
+        document of its own (positions from 0), untrained."""
+        T = max(len(x) for x, _, _ in rows)
+        inputs = torch.zeros(len(rows), T, dtype=torch.long)
+        targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        positions = torch.zeros(len(rows), T, dtype=torch.long)
+        for row, (x, y, pos) in enumerate(rows):
+            n = len(x)
+            inputs[row, :n], targets[row, :n] = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+            positions[row, :n], positions[row, n:] = torch.from_numpy(pos), torch.arange(T - n)
+        return inputs, targets, positions
+
+    def _batch(self, indices: List[int], split: str):
+        if self.packing:
+            return self.collate_packed([self._packed(i, split) for i in indices])
+        return self.collate([self._sequence(i, split) for i in indices])
+
     def _train_index(self, g: int) -> int:
         """The g-th training sequence in visiting order (a new permutation each epoch)."""
         epoch, position = divmod(g, len(self))
@@ -141,8 +204,8 @@ class Batches:
 
     def train_micro_batches(self, consumed: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """This rank's micro-batches of the global batch that starts after `consumed` sequences."""
-        rows = [self._sequence(self._train_index(g), "train") for g in self.train_rows(consumed, batch_size, dp_rank, dp)]
-        return [self.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)]
+        rows = [self._train_index(g) for g in self.train_rows(consumed, batch_size, dp_rank, dp)]
+        return [self._batch(rows[i : i + micro], "train") for i in range(0, len(rows), micro)]
 
     def val_micro_batches(self, n_batches: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """The first n_batches global batches of the held-out split, in order (the same every time);
@@ -152,8 +215,8 @@ class Batches:
         no validation data."""
         total = min(self.counts["val"], n_batches * batch_size)
         mine = list(range(dp_rank, total, dp))  # round-robin so every rank gets a share
-        rows = [self._sequence(i, "val") for i in mine]
-        batches = [self.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)]
+        batches = [self._batch(mine[i : i + micro], "val") for i in range(0, len(mine), micro)]
         most = math.ceil(math.ceil(total / dp) / micro)  # rank 0's count: it has the most rows
         padding = (torch.zeros(1, self.seq_len, dtype=torch.long), torch.full((1, self.seq_len), IGNORE))
+        padding += (torch.arange(self.seq_len)[None],) if self.packing else ()  # positions: one document
         return batches + [padding] * (most - len(batches))

@@ -60,6 +60,7 @@ class TrainConfig:
     data_cache: str = "out/data"  # where raw `data` is tokenized once (reruns reuse it)
     val_fraction: float = 0.02  # held-out share of tokens (of dialogs for SFT)
     seq_len: int = 128  # tokens per training sequence
+    packing: bool = False  # several documents per row, each seeing only itself, RoPE positions from its start
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 16  # sequences per forward pass per rank (the rest is accumulation)
     # optimizer: AdamW, linear warmup then cosine decay to min_lr
@@ -73,9 +74,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     # system
     model_parallel_size: int = 1  # ranks each model is split over (torchrun); the rest is data parallel
+    context_parallel_size: int = 1  # ranks each sequence is split over (llama/parallel/context.py; same weights)
     data_parallel: str = "ddp"  # "ddp": full copies per data-parallel rank; "fsdp": sharded (llama/train/fsdp.py)
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3); false: ZeRO-2
-    data_parallel_size: int = 0  # the launch this recipe expects (0: processes / model_parallel_size); llama.plan reads it
+    data_parallel_size: int = 0  # the launch this recipe expects (0: processes / (model x context parallel)); llama.plan reads it
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False  # torch.compile the model
@@ -308,17 +310,18 @@ def check_lora_config(cfg: TrainConfig) -> None:
 def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[int, int]:
     """(data-parallel ranks, micro-batch size) for this world size, or a one-line error why not.
     The micro-batch shrinks to a rank's share of the batch when that is smaller."""
-    mp = cfg.model_parallel_size
-    if mp > world_size:
-        raise ConfigError(f"model_parallel_size={mp} needs {mp} processes: torchrun --nproc_per_node {mp}")
-    if world_size % mp != 0:
-        raise ConfigError(f"model_parallel_size={mp} does not divide the {world_size} processes: "
-                          f"launch a multiple of {mp} (torchrun --nproc_per_node)")
+    mp, cp = cfg.model_parallel_size, cfg.context_parallel_size
+    sizes = f"model_parallel_size={mp}" + (f" x context_parallel_size={cp}" if cp > 1 else "")
+    if mp * cp > world_size:
+        raise ConfigError(f"{sizes} needs {mp * cp} processes: torchrun --nproc_per_node {mp * cp}")
+    if world_size % (mp * cp) != 0:
+        raise ConfigError(f"{sizes} does not divide the {world_size} processes: "
+                          f"launch a multiple of {mp * cp} (torchrun --nproc_per_node)")
     _check_parallel(cfg, args)
-    dp = world_size // mp
+    dp = world_size // (mp * cp)
     if cfg.data_parallel_size and dp != cfg.data_parallel_size:
-        raise ConfigError(f"data_parallel_size={cfg.data_parallel_size} x model_parallel_size={mp} needs "
-                          f"{cfg.data_parallel_size * mp} processes, torchrun started {world_size}: fix --nnodes / "
+        raise ConfigError(f"data_parallel_size={cfg.data_parallel_size} x {sizes} needs "
+                          f"{cfg.data_parallel_size * mp * cp} processes, torchrun started {world_size}: fix --nnodes / "
                           f"--nproc-per-node (or data_parallel_size)")
     share = cfg.batch_size // dp
     micro = min(cfg.micro_batch_size, share)
@@ -329,10 +332,11 @@ def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[in
 
 
 # Keys a resumed run may change: how long, how often to log/evaluate/save, and how the same math
-# runs (device, compile, recomputation, accumulation). Every other key is the run's saved value.
+# runs (device, compile, recomputation, accumulation, context parallelism: every CP rank holds the
+# whole model). Every other key is the run's saved value.
 MAY_CHANGE_ON_RESUME = {"max_steps", "log_every", "eval_every", "save_every", "keep_last", "eval_batches",
                         "device", "compile", "activation_checkpointing", "micro_batch_size", "peak_tflops",
-                        "resume", "out_dir", "overwrite"}
+                        "resume", "out_dir", "overwrite", "context_parallel_size"}
 
 
 def resume_values(values: dict, defaults: dict) -> dict:

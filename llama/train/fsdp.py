@@ -8,7 +8,9 @@ keeps 1/D of each of them and all-gathers a block's weights just before the bloc
 
     model parallel (M ranks, Fairscale)  splits a weight by heads / FFN units / vocabulary;
     FSDP2 (D ranks)                       splits each rank's piece again along dim 0, as a DTensor
-                                          on a 1-D mesh built from Fairscale's data-parallel group.
+                                          on a 1-D mesh built from Fairscale's data-parallel group
+                                          (times the context-parallel ranks, which hold the same
+                                          weights: parallel.dp_cp_group).
 
 FSDP knows nothing of the model-parallel split: it sees a (n/M, k) weight and shards it. So the
 global gradient norm sums the squares of the local pieces over the data-parallel group (every
@@ -70,7 +72,7 @@ def shard_model(model, device: torch.device, reshard_after_forward: bool = True,
     One process (no group to shard over): the model as it is, on `device`."""
     if not dist.is_initialized():
         return model.to(device)
-    mesh = DeviceMesh.from_group(parallel.data_parallel_group(), device.type)
+    mesh = DeviceMesh.from_group(parallel.dp_cp_group(), device.type)  # context-parallel ranks: the same weights
     low = compute_dtype != torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype if low else None, reduce_dtype=torch.float32 if low else None)
     kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
@@ -139,7 +141,7 @@ def save_optimizer(tmp: Path, model, optimizer) -> None:
     with _one_process_is_fine():
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
                  checkpoint_id=tmp / f"optimizer.{parallel.model_parallel_rank():02d}",
-                 process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
+                 process_group=parallel.dp_cp_group(), no_dist=not dist.is_initialized())
 
 
 def load_optimizer(path: Path, model, optimizer) -> None:
@@ -147,7 +149,7 @@ def load_optimizer(path: Path, model, optimizer) -> None:
     optim_state = get_optimizer_state_dict(model, optimizer)  # the template DCP fills in (sharded here)
     with _one_process_is_fine():
         dcp.load({"optimizer": optim_state}, checkpoint_id=path / f"optimizer.{parallel.model_parallel_rank():02d}",
-                 process_group=parallel.data_parallel_group(), no_dist=not dist.is_initialized())
+                 process_group=parallel.dp_cp_group(), no_dist=not dist.is_initialized())
     set_optimizer_state_dict(model, optimizer, optim_state)
 
 

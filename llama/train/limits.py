@@ -21,6 +21,7 @@ RANGES = {
     "decay_steps": dict(low=0, integer=True), "weight_decay": dict(low=0),
     "beta1": dict(low=0, high=1, high_open=True), "beta2": dict(low=0, high=1, high_open=True),
     "grad_clip": dict(low=0), "model_parallel_size": dict(low=1, integer=True),
+    "context_parallel_size": dict(low=1, integer=True),
     "data_parallel_size": dict(low=0, integer=True), "loss_chunks": dict(low=1, integer=True),
     "peak_tflops": dict(low=0), "lora_rank": dict(low=0, integer=True),
     "lora_alpha": dict(low=0, low_open=True), "lora_dropout": dict(low=0, high=1, high_open=True),

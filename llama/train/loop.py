@@ -29,6 +29,7 @@ from llama import lora, parallel
 from llama.model import Transformer
 from llama.train import fsdp
 from llama.train.batches import IGNORE, Batches
+from llama.parallel import context
 from llama.parallel.loss import vocab_parallel_cross_entropy
 from llama.eval.perplexity import perplexity
 from llama.train.config import TrainConfig
@@ -37,7 +38,8 @@ from llama.train.metrics import MetricsLog, flops_per_token, memory_gb
 from llama.train.state import latest_checkpoint, rng_state, save_checkpoint
 from llama.common.errors import UserError
 
-MicroBatch = Tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T) int64
+# (inputs, targets), each (B, T) int64; packed documents add their RoPE positions (B, T) (llama/train/batches.py)
+MicroBatch = Tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -126,8 +128,8 @@ def global_grad_norm(model) -> torch.Tensor:
         return torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else zero
 
     squares = torch.stack([sum_of_squares(sharded), sum_of_squares(replicated)])  # (split, replicated)
-    if fsdp.is_sharded(model) and parallel.data_parallel_size() > 1:
-        dist.all_reduce(squares, group=parallel.data_parallel_group())
+    if fsdp.is_sharded(model) and parallel.dp_cp_size() > 1:  # FSDP shards over data x context parallel
+        dist.all_reduce(squares, group=parallel.dp_cp_group())
     if parallel.model_parallel_size() > 1:
         dist.all_reduce(squares[0], group=parallel.model_parallel_group())
     return squares.sum().sqrt()
@@ -146,18 +148,24 @@ def enable_activation_checkpointing(model) -> None:
         layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
 
 
-def dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if parallel.data_parallel_size() > 1:
-        dist.all_reduce(t, group=parallel.data_parallel_group())
+def dp_all_reduce(t: torch.Tensor, context: bool = False) -> torch.Tensor:
+    """Sum over the data-parallel ranks (context=True: and the context-parallel ones, which hold other
+    tokens of the same rows: a loss; a count of the rows' targets is the same on each)."""
+    if (parallel.dp_cp_size() if context else parallel.data_parallel_size()) > 1:
+        dist.all_reduce(t, group=parallel.dp_cp_group() if context else parallel.data_parallel_group())
     return t
 
 
-def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, chunks: int = 1,
+             positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Summed cross-entropy over the trained targets (IGNORE marks the rest). (B, T) -> ().
     The loss is the model's head (`head_loss`), so it runs inside the model's forward: there FSDP has
     gathered the final norm and output weights (a tied table lives with the root module, gathered only
-    around the root's forward), and DDP sees one forward. chunks: `loss_chunks`."""
-    return forward(inputs, head=functools.partial(head_loss, targets=targets, chunks=chunks))
+    around the root's forward), and DDP sees one forward. chunks: `loss_chunks`. positions (B, T):
+    packed documents; under context parallelism this rank's share of the tokens (llama/parallel/context.py),
+    whose loss the caller sums over the context-parallel ranks."""
+    inputs, targets, layout = context.shard_batch(inputs, targets, positions, IGNORE)  # {}: one causal sequence per row
+    return forward(inputs, head=functools.partial(head_loss, targets=targets, chunks=chunks), **layout)
 
 
 def head_loss(model, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
@@ -191,25 +199,33 @@ def grad_sync(net: TrainModel, sync: bool) -> ContextManager:
     return net.ddp.no_sync() if net.ddp is not None and not sync else nullcontext()
 
 
+def _on(device, batch: MicroBatch):
+    """(inputs, targets, positions or None) of a micro-batch, on `device`."""
+    x, y, *pos = (t.to(device, non_blocking=True) for t in batch)
+    return x, y, (pos[0] if pos else None)
+
+
 def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[float, float, float]:
     """One optimizer step over this rank's micro-batches; returns (loss, grad norm, lr) as floats."""
-    device, dp = run.device, parallel.data_parallel_size()
-    count = dp_all_reduce(sum((y != IGNORE).sum() for _, y in micro_batches).to(device, torch.float32))
-    # DDP and FSDP average gradients over dp ranks; scaling by dp/count makes the result sum/count.
-    scale = dp / count.clamp(min=1.0)
+    device = run.device
+    count = dp_all_reduce(sum((b[1] != IGNORE).sum() for b in micro_batches).to(device, torch.float32))
+    # DDP and FSDP average gradients over data x context-parallel ranks; scaling by their number / count
+    # makes the result sum/count.
+    scale = parallel.dp_cp_size() / count.clamp(min=1.0)
     total = torch.zeros((), device=device)
+    dp = parallel.data_parallel_size()
     rows = run.data.batches.train_rows(run.progress.consumed, run.cfg.batch_size, parallel.data_parallel_rank(), dp)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
+        x, y, pos = _on(device, batch)
         # LoRA dropout: the masks of these rows' places in the run, on any layout (forward and recompute)
-        with lora.dropout_rows(run.net.model, rows[:len(x)], run.cfg.seed, run.cfg.seq_len):
+        with lora.dropout_rows(run.net.model, rows[:len(x)], run.cfg.seed, run.cfg.seq_len, context.token_index(x.shape[1])):
             with grad_sync(run.net, sync), run.autocast():
-                summed = loss_sum(run.net.forward, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                  run.cfg.loss_chunks)
+                summed = loss_sum(run.net.forward, x, y, run.cfg.loss_chunks, pos)
             (summed * scale).backward()
         rows = rows[len(x):]
         total += summed.detach()
-    loss = (dp_all_reduce(total) / count.clamp(min=1.0)).item()
+    loss = (dp_all_reduce(total, context=True) / count.clamp(min=1.0)).item()
     norm = global_grad_norm(run.net.model)
     if not (math.isfinite(loss) and torch.isfinite(norm).item()):
         kept = latest_checkpoint(run.cfg.out_dir) if run.progress.saved_any else None
@@ -236,12 +252,13 @@ def evaluate(run: Run) -> Optional[float]:
     model = run.net.model
     model.eval()
     sums = torch.zeros(2, device=run.device)  # (summed loss, trained tokens)
-    for x, y in run.data.val:
+    for batch in run.data.val:
+        x, y, pos = _on(run.device, batch)
         with run.autocast():
-            sums[0] += loss_sum(model, x.to(run.device), y.to(run.device), run.cfg.loss_chunks)
-        sums[1] += (y != IGNORE).sum()
+            sums[0] += loss_sum(model, x, y, run.cfg.loss_chunks, pos)
+        sums[1] += (y != IGNORE).sum() / parallel.context_parallel_size()  # each CP rank counts the whole rows
     model.train()
-    dp_all_reduce(sums)
+    dp_all_reduce(sums, context=True)
     return (sums[0] / sums[1]).item() if sums[1] > 0 else None
 
 
@@ -277,6 +294,7 @@ def save(run: Run) -> Path:
     step = run.progress.step
     state = {"step": step, "consumed": run.progress.consumed, "rng": rng_state(),
              "model_parallel_size": parallel.model_parallel_size(),
+             "context_parallel_size": parallel.context_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
              "data": str(run.data.dir), "tokenizer": str(run.data.tokenizer_path)}
     sharded = run.cfg.data_parallel == "fsdp"  # the optimizer goes to a DCP directory, sharded
@@ -318,7 +336,7 @@ def loop(run: Run) -> dict:
                                                      parallel.data_parallel_rank(), parallel.data_parallel_size())
         loss, norm, lr = train_step(run, micro, step)
         window["seconds"] += time.perf_counter() - start
-        window["tokens"] += sum(x.numel() for x, _ in micro) * parallel.data_parallel_size()
+        window["tokens"] += sum(b[0].numel() for b in micro) * parallel.data_parallel_size()
         progress.step, progress.consumed = step + 1, progress.consumed + cfg.batch_size
         done = progress.step
         losses.append(loss)

@@ -190,9 +190,9 @@ def claim_run_folder(cfg: TrainConfig) -> None:
 
 
 def start_processes(cfg: TrainConfig) -> torch.device:
-    """Join the torchrun job as model-parallel x data-parallel groups (one process: nothing to join),
+    """Join the torchrun job as model x context x data-parallel groups (one process: nothing to join),
     pick this rank's device, seed the RNG. Returns the device."""
-    parallel.init_distributed(cfg.model_parallel_size)
+    parallel.init_distributed(cfg.model_parallel_size, context_parallel_size=cfg.context_parallel_size)
     device = pick_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -205,7 +205,7 @@ def load_data(cfg: TrainConfig, args: ModelArgs) -> Data:
     """The prepared data (tokenized once, cached), its tokenizer, and this data-parallel rank's
     memory-mapped batches; the fixed validation micro-batches when the run evaluates."""
     data_dir, tok = _prepare_data(cfg, args, is_first_rank())
-    batches = Batches(data_dir, cfg.seq_len, cfg.seed)
+    batches = Batches(data_dir, cfg.seq_len, cfg.seed, packing=cfg.packing)
     val = None
     if cfg.eval_every and batches.counts["val"]:
         val = batches.val_micro_batches(cfg.eval_batches, cfg.batch_size, cfg.micro_batch_size,
@@ -223,12 +223,12 @@ def distribute(cfg: TrainConfig, model: Transformer, device: torch.device) -> Tr
         enable_activation_checkpointing(model)
     ddp = None
     forward = model
-    if parallel.data_parallel_size() > 1 and cfg.data_parallel == "ddp":
+    if parallel.dp_cp_size() > 1 and cfg.data_parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = forward = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=parallel.data_parallel_group())
+            process_group=parallel.dp_cp_group())  # context-parallel ranks hold the same weights
     if cfg.compile:
         forward = torch.compile(forward)
     return TrainModel(model=model, forward=forward, ddp=ddp)
@@ -260,9 +260,10 @@ def resume(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimize
 def describe(run: Run) -> str:
     """One line for the log: parameters, the parallel layout, the device and data (and LoRA's share)."""
     model, cfg = run.net.model, run.cfg
-    mp, dp = parallel.model_parallel_size(), parallel.data_parallel_size()
+    mp, cp, dp = parallel.model_parallel_size(), parallel.context_parallel_size(), parallel.data_parallel_size()
     n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in model.named_parameters())
-    line = (f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {dp}-way data parallel | "
+    line = (f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {f'{cp}-way context x ' if cp > 1 else ''}"
+            f"{dp}-way data parallel | "
             f"{run.device} | data {run.data.dir} ({len(run.data.batches)} sequences of {cfg.seq_len})")
     if run.data.batches.fit_report:  # SFT dialogs longer than a sequence: how many were cut or dropped
         line += f"\n{run.data.batches.fit_report}"
