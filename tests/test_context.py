@@ -1,6 +1,8 @@
 """llama/parallel/context.py: document masks (packed rows equal their documents run alone) and context
 parallelism (CP2, CP4 and MP2 x CP2 over gloo equal one process: the loss and every gradient)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,3 +181,46 @@ def test_context_parallel_equals_one_process():
             assert grads.keys() == want.keys() and len(grads) > 0
             for name in want:
                 torch.testing.assert_close(grads[name], want[name], atol=1e-5, rtol=0, msg=f"{layout} {name}")
+
+
+# ---------------------------------------------------------------------------- training (slow)
+
+COMMON = ["max_steps=5", "micro_batch_size=2", "grad_clip=0.5", "packing=true", "seq_len=64"]
+
+
+def train_layouts_worker(data_dir, root):
+    """4 ranks: CP2 x FSDP2, then MP2 x CP2 (DDP of 1), each a training run with document masks."""
+    import fairscale.nn.model_parallel.initialize as fs_init
+
+    from tests.helpers import tiny_train
+
+    out = {}
+    for name, extra in [("cp2_fsdp2", ["context_parallel_size=2", "data_parallel=fsdp"]),
+                        ("mp2_cp2", ["model_parallel_size=2", "context_parallel_size=2"])]:
+        if fs_init.model_parallel_is_initialized():
+            fs_init.destroy_model_parallel()
+        out[name] = tiny_train(data_dir, Path(root) / name, *COMMON, *extra)["losses"]
+    return out
+
+
+@pytest.mark.slow
+def test_context_parallel_training_equals_one_process_and_resumes_at_cp1(corpus, tmp_path):
+    """train.py with packing=true: CP2 x FSDP2 and MP2 x CP2 (4 gloo processes) log the loss and gradient
+    norm of one process at every step (1e-5). A CP2 run stopped after step 3 resumes on one process
+    (context_parallel_size=1) and finishes as the uninterrupted run does."""
+    from tests.helpers import read_metrics, tiny_train, train_worker
+
+    data_dir, _ = corpus
+    tiny_train(data_dir, tmp_path / "one", *COMMON)
+    reference = read_metrics(tmp_path / "one")
+    ranks = run_distributed(train_layouts_worker, 4, data_dir, tmp_path)
+    assert all(r == ranks[0] for r in ranks)
+    run_distributed(train_worker, 2, data_dir, tmp_path / "resumed", COMMON + ["context_parallel_size=2", "max_steps=3",
+                                                                              "save_every=3"])
+    tiny_train(data_dir, tmp_path / "resumed", *COMMON, "resume=true", "context_parallel_size=1")
+    for name in ["cp2_fsdp2", "mp2_cp2", "resumed"]:
+        curve = read_metrics(tmp_path / name)
+        assert [m["step"] for m in curve] == [1, 2, 3, 4, 5], name
+        for got, want in zip(curve, reference):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-5), (name, got["step"])
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], abs=1e-5), (name, got["step"])
