@@ -15,8 +15,14 @@ The assumptions, each a constant below:
   same total as this repository's fp32 weights + fp32 gradients + AdamW under bf16 autocast).
   Plain DDP keeps all of it on every data-parallel rank; `--zero 1/2/3` shards optimizer states /
   + gradients / + weights across the dp ranks (ZeRO, Rajbhandari et al., 2020);
-- `--cp N` (context parallelism, as in Llama 3's 128K training) splits each sequence's tokens over
-  N GPUs: activations, the loss head, the KV cache and the FLOPs divide by N, weights do not;
+- `--cp N` (context parallelism, as in Llama 3's 128K training; train.py's context_parallel_size,
+  llama/parallel/context.py) splits each sequence's tokens over N GPUs: activations, the loss head,
+  the KV cache and the FLOPs divide by N; weights do not, and ZeRO shards over the dp x cp GPUs that
+  hold the same weights (FSDP's group there). Each layer all-gathers K and V of the whole sequence:
+  the block being recomputed holds them, their copy repeated to the query heads (the CUDA kernels for
+  a lower-right causal block take no GQA) and the gradients of both, 2 x (K + H) x Dh x 2 x 2 bytes
+  per token of the whole sequence ("context-parallel K/V"); without checkpointing every layer keeps
+  its gathered K and V;
 - activations saved for backward by one block of llama/model.py, per token, with the model cast
   to bf16, SDPA/flash attention (no T x T score matrix; the kernel keeps an fp32
   log-sum-exp per head), no sequence parallelism. tests/test_plan.py measures this with autograd's
@@ -32,7 +38,9 @@ The assumptions, each a constant below:
 - the loss head keeps fp32 logits (held by the training loop) and their softmax (saved by the
   cross-entropy): 8 bytes * vocab / mp per token (training never gathers the vocabulary: the loss
   is vocabulary-parallel, llama/parallel/__init__.py), / N with `--loss-chunks N` (train.py's loss_chunks:
-  one slice of the sequence at a time); the final RMSNorm adds 8*D + 4 like the others;
+  one slice of the sequence at a time); the final RMSNorm adds 8*D + 4 like the others. Its backward
+  peaks at 12 bytes * vocab / mp per token (the saved log-softmax, its gradient and the logits'
+  gradient: measured 12.1 by peak RSS at 1,024 tokens of 128K vocabulary), 4 more ("loss head (backward)");
 - LoRA (`--lora R`) on all seven projections: a frozen bf16 base without gradients or optimizer
   state; fp32 adapters with fp32 gradients and AdamW moments (16 bytes per adapter parameter); the
   activations of full fine-tuning (A needs the same layer inputs a weight gradient would);
@@ -213,7 +221,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
     n_local = counts["total_per_rank"]
     memory, speed = {}, {}
     if train:
-        shard = lambda stage: dp if zero >= stage else 1  # noqa: E731
+        shard = lambda stage: dp * cp if zero >= stage else 1  # noqa: E731 - CP ranks hold the same weights
         per_token = activation_bytes_per_token(args, mp)
         tokens = batch * seq // cp  # this GPU's slice of the sequences
         memory["weights"] = n_local * PARAM_BYTES // shard(3)
@@ -227,9 +235,18 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["activations"] = args.n_layers * per_token * tokens
         memory["activations (checkpointed)"] = (args.n_layers * 2 * args.dim + per_token) * tokens
         memory["loss head"] = (8 * args.vocab_size // mp // loss_chunks + 8 * args.dim + 4) * tokens
+        # its backward: the saved log-softmax plus two fp32 gradients (of the log-probabilities and of
+        # the logits), 12 bytes x vocab per token where the forward counted 8 (measured: docs/planner.md)
+        memory["loss head (backward)"] = 4 * args.vocab_size // mp // loss_chunks * tokens
         states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["loss head"]
-        memory["total"] = states + memory["activations"]
-        memory["total (checkpointed)"] = states + memory["activations (checkpointed)"]
+        states += memory["loss head (backward)"]
+        gathered = 0
+        if cp > 1:  # the whole sequence's K and V on every CP rank (bf16)
+            K, H = parallel.kv_heads_for(args.n_kv_heads, mp) // mp, args.n_heads // mp
+            gathered = batch * seq * 2 * K * args.head_dim * 2
+            memory["context-parallel K/V"] = 2 * batch * seq * 2 * (K + H) * args.head_dim * 2
+        memory["total"] = states + memory["activations"] + args.n_layers * gathered
+        memory["total (checkpointed)"] = states + memory["activations (checkpointed)"] + memory.get("context-parallel K/V", 0)
         total = memory["total (checkpointed)"]
         flops = training_flops(args, batch, seq) / (mp * cp)  # per GPU
         if lora:  # frozen weights: backward computes input gradients only (2N, not 4N, per token)
@@ -259,9 +276,9 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
 
 
 def plan_training_config(path, gpu: str = "h100", mfu: float = 0.4) -> Plan:
-    """The plan for a train.py recipe's layout: model_parallel_size x data_parallel_size, ddp or fsdp
-    (ZeRO-3; ZeRO-2 with reshard_after_forward = false), micro_batch_size x seq_len tokens per
-    forward. The shape comes from init_from (its params.json when the weights are here, else the
+    """The plan for a train.py recipe's layout: model_parallel_size x context_parallel_size x
+    data_parallel_size, ddp or fsdp (ZeRO-3 over data x context parallel; ZeRO-2 with
+    reshard_after_forward = false), micro_batch_size x seq_len tokens per forward, loss_chunks. The shape comes from init_from (its params.json when the weights are here, else the
     official shape its directory is named after: .../Llama3.1-70B -> configs/models/llama3.1-70b.json)
     or from model_config and [model]."""
     if not Path(path).exists():
@@ -280,7 +297,8 @@ def plan_training_config(path, gpu: str = "h100", mfu: float = 0.4) -> Plan:
             raise PlanError(f"--config {path}: set model.vocab_size (the tokenizer's) to plan it")
     zero = 0 if cfg.data_parallel == "ddp" else (3 if cfg.reshard_after_forward else 2)
     return make_plan(args, mp=cfg.model_parallel_size, dp=max(1, cfg.data_parallel_size), seq=cfg.seq_len,
-                     batch=cfg.micro_batch_size, train=True, gpu=gpu, zero=zero, mfu=mfu)
+                     batch=cfg.micro_batch_size, train=True, gpu=gpu, zero=zero, mfu=mfu,
+                     cp=cfg.context_parallel_size, loss_chunks=cfg.loss_chunks)
 
 
 def human_bytes(n: float) -> str:

@@ -147,6 +147,54 @@ def test_sft_batches_mask_targets(bpe, tmp_path):
         assert tok.decode([t for t in want if t != IGNORE]) == dialogs[i][1]["content"].strip() + "<|eot_id|>"
 
 
+def test_packing_sft_rows_keep_each_dialog_whole_with_its_own_targets(bpe, tmp_path):
+    """packing=true: every training dialog lands in exactly one row of at most seq_len inputs, with the
+    inputs and masked targets it has alone and positions from 0; far fewer rows than dialogs."""
+    dialogs = [[{"role": "user", "content": f"count to {i}"}, {"role": "assistant", "content": " ".join(map(str, range(i)))}]
+               for i in range(1, 41)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    out = prepare([str(tmp_path / "chat.jsonl")], tmp_path / "sft", bpe, sft=True, val_fraction=0.1)
+    packed, plain = Batches(out, 512, seed=0, packing=True), Batches(out, 512, seed=0)
+    assert sorted(int(d) for row in packed.rows["train"] for d in row) == list(range(36))
+    assert sorted(int(d) for row in packed.rows["val"] for d in row) == list(range(36, 40))
+    filled = sum(len(packed._packed(i, "train")[0]) for i in range(packed.counts["train"]))
+    assert filled / (512 * packed.counts["train"]) > 0.75, packed.counts  # next-fit fills most of each row
+    for index, row in enumerate(packed.rows["train"]):
+        x, y, pos = packed._packed(index, "train")
+        assert len(x) <= 512 and len(x) == len(y) == len(pos)
+        starts = np.flatnonzero(pos == 0).tolist() + [len(x)]
+        assert len(starts) - 1 == len(row)
+        for doc, a, b in zip(row, starts, starts[1:]):
+            want_x, want_y = plain.collate([plain._sequence(int(doc), "train")])
+            assert x[a:b].tolist() == want_x[0].tolist() and y[a:b].tolist() == want_y[0].tolist()
+            assert pos[a:b].tolist() == list(range(b - a))
+    x, y, pos = packed.train_micro_batches(0, 4, 2, 1, 2)[0]  # a micro-batch: padded rows, padding untrained
+    assert x.shape == y.shape == pos.shape and x.shape[0] == 2
+
+
+def test_packing_pretraining_positions_restart_at_each_document(corpus, tmp_path):
+    data_dir, _ = corpus
+    packed, plain = Batches(data_dir, 32, seed=0, packing=True), Batches(data_dir, 32, seed=0)
+    offsets = np.load(data_dir / "offsets.npy")
+    crossing = 0
+    for index in range(len(plain)):
+        x, y, pos = packed._packed(index, "train")
+        want_x, want_y = plain.collate([plain._sequence(index, "train")])
+        assert x.astype(np.int64).tolist() == want_x[0].tolist() and y.astype(np.int64).tolist() == want_y[0].tolist()
+        at = np.arange(index * 32, index * 32 + 32)
+        starts = [max(index * 32, int(offsets[offsets <= t].max())) for t in at]  # the definition, token by token
+        assert pos.tolist() == (at - np.array(starts)).tolist()
+        crossing += int((pos[1:] == 0).any())
+    assert crossing > 5  # windows that hold a document boundary
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in data_dir.iterdir():
+        if f.name != "offsets.npy":
+            (bare / f.name).symlink_to(f)
+    with pytest.raises(DataError, match="no offsets.npy .* prepare it again"):
+        Batches(bare, 32, seed=0, packing=True)
+
+
 def test_prepare_cli_trains_a_tokenizer(tmp_path, capsys):
     import textwrap
 

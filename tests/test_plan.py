@@ -290,3 +290,34 @@ def test_training_refuses_more_model_parallel_ranks_than_kv_heads():
     with pytest.raises(plan.PlanError, match="exceeds n_kv_heads=8"):
         plan.make_plan(a405, mp=16, cp=16, dp=8, zero=3, seq=131072, train=True, gpu="h200")
     assert plan.make_plan(a405, mp=8, cp=16, dp=32, zero=3, seq=131072, train=True, gpu="h100").fits
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from llama.model import ModelArgs, Transformer
+from llama.train.loop import loss_sum
+V, T = 32768, 2048
+model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=V, multiple_of=32, max_seq_len=T))
+model.init_weights(0)
+x, y = torch.randint(0, V, (1, T)), torch.randint(0, V, (1, T))
+loss_sum(model, x[:, :8], y[:, :8]).backward()  # the allocator's small pieces, before the baseline
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = rss()
+loss_sum(model, x, y).backward()
+print((rss() - base) / (V * T))
+"""
+
+
+@pytest.mark.slow
+def test_the_loss_heads_backward_peaks_at_12_bytes_per_vocabulary_entry():
+    """What "loss head" + "loss head (backward)" count (8 + 4 bytes x vocab per token): the peak resident
+    memory a training step adds over the model's, in a fresh process, dominated by the (T, V) fp32 tensors
+    (a 32K vocabulary, 2,048 tokens: 256 MiB each; the rest of the model is tiny)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 11.5 < float(run.stdout) < 13.0, run.stdout
