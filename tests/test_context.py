@@ -1,6 +1,7 @@
 """llama/parallel/context.py: document masks (packed rows equal their documents run alone) and context
 parallelism (CP2, CP4 and MP2 x CP2 over gloo equal one process: the loss and every gradient)."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from llama import parallel
 from llama.model import ModelArgs, Transformer
-from llama.parallel.context import DocumentMask, chunk_indices, shard_batch
+from llama.parallel.context import DocumentMask, chunk_indices, shard_batch, token_index
 from llama.train.batches import IGNORE
 from tests.helpers import run_distributed
 
@@ -137,8 +138,11 @@ def grads_worker(mp: int, cp: int, variant: str):
     model.init_weights(7)
     keep_logits_split(model)  # as training runs it: the loss from each rank's vocabulary slice
     chunks = 1
+    dropout = nullcontext()
     if variant == "checkpointed+chunks+lora":  # LoRA with B nonzero, so that A has a gradient too
-        lora.add_lora(model, rank=4, alpha=8.0, targets=["wq", "wv", "w2"])
+        lora.add_lora(model, rank=4, alpha=8.0, dropout=0.1, targets=["wq", "wv", "w2"])
+        # the masks of rows 0 and 1 of a run, at this rank's tokens (the training loop's call)
+        dropout = lora.dropout_rows(model, [0, 1], 0, T, token_index(T))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("lora_B.weight"):
@@ -147,8 +151,9 @@ def grads_worker(mp: int, cp: int, variant: str):
         enable_activation_checkpointing(model)
         chunks = 3
     inputs, targets, positions = batch()
-    loss = loss_sum(model, inputs, targets, model, chunks, positions)
-    loss.backward()
+    with dropout:
+        loss = loss_sum(model, inputs, targets, model, chunks, positions)
+        loss.backward()
     loss = loss.detach()
     if cp > 1:
         dist.all_reduce(loss, group=parallel.context_parallel_group())
@@ -171,7 +176,8 @@ def layouts_worker():
 def test_context_parallel_equals_one_process():
     """CP4, MP2 x CP2 and CP2 (4 gloo processes; the rest data parallel) at 1,024 tokens per row, one row
     of four documents and one of a single document: the loss and every parameter's gradient equal one
-    process within 1e-5; so does CP2 with activation checkpointing, loss_chunks=3 and LoRA."""
+    process within 1e-5; so does CP2 with activation checkpointing, loss_chunks=3 and LoRA (dropout 0.1:
+    each rank draws one process's masks at its own tokens)."""
     ranks = run_distributed(layouts_worker, 4)
     for layout in LAYOUTS:
         want_loss, want = grads_worker(1, 1, layout[2])
