@@ -40,7 +40,7 @@ The assumptions, each a constant below:
   is vocabulary-parallel, llama/parallel/__init__.py), / N with `--loss-chunks N` (train.py's loss_chunks:
   one slice of the sequence at a time); the final RMSNorm adds 8*D + 4 like the others. Its backward
   peaks at 12 bytes * vocab / mp per token (the saved log-softmax, its gradient and the logits'
-  gradient: measured 12.1 by peak RSS at 1,024 tokens of 128K vocabulary), 4 more ("loss head (backward)");
+  gradient: tests/test_plan.py measures it by peak RSS), 4 more ("loss head (backward)");
 - LoRA (`--lora R`) on all seven projections: a frozen bf16 base without gradients or optimizer
   state; fp32 adapters with fp32 gradients and AdamW moments (16 bytes per adapter parameter); the
   activations of full fine-tuning (A needs the same layer inputs a weight gradient would);
@@ -236,7 +236,7 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         memory["activations (checkpointed)"] = (args.n_layers * 2 * args.dim + per_token) * tokens
         memory["loss head"] = (8 * args.vocab_size // mp // loss_chunks + 8 * args.dim + 4) * tokens
         # its backward: the saved log-softmax plus two fp32 gradients (of the log-probabilities and of
-        # the logits), 12 bytes x vocab per token where the forward counted 8 (measured: docs/planner.md)
+        # the logits), 12 bytes x vocab per token where the forward counted 8 (measured: tests/test_plan.py)
         memory["loss head (backward)"] = 4 * args.vocab_size // mp // loss_chunks * tokens
         states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["loss head"]
         states += memory["loss head (backward)"]
