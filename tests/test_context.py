@@ -134,6 +134,10 @@ def grads_worker(mp: int, cp: int, variant: str):
         fs_init.destroy_model_parallel()
     parallel.init_distributed(mp, context_parallel_size=cp)
     assert (parallel.model_parallel_size(), parallel.context_parallel_size()) == (mp, cp)
+    assert parallel.init_distributed(mp, context_parallel_size=cp) == mp  # a second run in this process
+    if cp > 1:
+        with pytest.raises(parallel.ParallelError, match=f"context parallel {cp}"):
+            parallel.init_distributed(mp, context_parallel_size=1)
     model = Transformer(ModelArgs(**ARGS))
     model.init_weights(7)
     keep_logits_split(model)  # as training runs it: the loss from each rank's vocabulary slice
