@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from llama import parallel
@@ -141,7 +142,7 @@ class DocumentMask:
 def _lower_right(q, k, v, kw) -> torch.Tensor:
     """Causal attention of the last Lq of Lk positions: query i sees keys up to Lk - Lq + i. Square: SDPA's
     own causal path. On CUDA, torch's CausalBias runs it in the flash/efficient kernels without a mask
-    (they take no GQA: K/V heads repeated); elsewhere a boolean triangle."""
+    (they take no GQA: K/V heads repeated); elsewhere a boolean triangle, recomputed in backward."""
     Lq, Lk = q.shape[2], k.shape[2]
     if Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
@@ -151,6 +152,13 @@ def _lower_right(q, k, v, kw) -> torch.Tensor:
         if kw.pop("enable_gqa") and k.shape[1] != q.shape[1]:
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), **kw)
+    # SDPA on the CPU turns a boolean mask into a float one (Lq, Lk) and saves it for backward: 4 bytes
+    # per query and key, more than the block's activations. Recomputed in backward instead.
+    return torch.utils.checkpoint.checkpoint(_triangle, q, k, v, kw, use_reentrant=False)
+
+
+def _triangle(q, k, v, kw) -> torch.Tensor:
+    Lq, Lk = q.shape[2], k.shape[2]
     tri = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=tri, **kw)
 
