@@ -127,7 +127,6 @@ def grads_worker(mp: int, cp: int, variant: str):
     import torch.distributed as dist
 
     from llama import lora
-    from llama.parallel.loss import keep_logits_split
     from llama.train.loop import enable_activation_checkpointing, loss_sum
 
     if fs_init.model_parallel_is_initialized():
@@ -140,7 +139,6 @@ def grads_worker(mp: int, cp: int, variant: str):
             parallel.init_distributed(mp, context_parallel_size=1)
     model = Transformer(ModelArgs(**ARGS))
     model.init_weights(7)
-    keep_logits_split(model)  # as training runs it: the loss from each rank's vocabulary slice
     chunks = 1
     dropout = nullcontext()
     if variant == "checkpointed+chunks+lora":  # LoRA with B nonzero, so that A has a gradient too
@@ -156,7 +154,7 @@ def grads_worker(mp: int, cp: int, variant: str):
         chunks = 3
     inputs, targets, positions = batch()
     with dropout:
-        loss = loss_sum(model, inputs, targets, model, chunks, positions)
+        loss = loss_sum(model, inputs, targets, chunks, positions)
         loss.backward()
     loss = loss.detach()
     if cp > 1:

@@ -114,10 +114,11 @@ def is_first_rank() -> bool:
 
 
 def is_checkpoint_writer() -> bool:
-    """Whether this process writes its model-parallel rank's checkpoint files: data x context-parallel
-    rank r mod D for model-parallel rank r, so that with several nodes the writers (and the host memory
-    a full shard takes) spread over the nodes. One process: itself."""
-    return dp_cp_rank() == model_parallel_rank() % dp_cp_size()
+    """Whether this process writes its model-parallel rank's checkpoint files: data-parallel rank
+    r mod D for model-parallel rank r (context-parallel rank 0 of those, which hold the same weights),
+    so that with several nodes the writers (and the host memory a full shard takes) spread over the
+    nodes. One process: itself."""
+    return data_parallel_rank() == model_parallel_rank() % data_parallel_size() and context_parallel_rank() == 0
 
 
 # Context parallelism (llama/parallel/context.py): the ranks that share each sequence. Fairscale lays ranks
