@@ -40,7 +40,9 @@ RECIPES = {
     "scale/llama3.1-8b.toml": (1, None),  # MP 1 x FSDP 8 -> MP 1 x FSDP 4
     "scale/llama3.1-70b.toml": (2, None),  # MP 8 x FSDP 4 -> MP 2 x FSDP 2
     "scale/llama3.1-405b.toml": (2, None),  # MP 8 x FSDP 32 -> MP 2 x FSDP 2
+    "scale/llama3.1-8b-128k.toml": (1, None),  # CP 4 x FSDP 2 -> CP 2 x FSDP 2 (CONTEXT)
 }
+CONTEXT = {"scale/llama3.1-8b-128k.toml": 2}  # context-parallel size at 4 processes (absent: 1)
 # Recipes whose 4-process run is known to differ from one process, and why (a strict xfail: the
 # test fails once they agree, so the mark goes with the fix).
 KNOWN_DIFFERENT = {}  # e.g. "lora.toml": "LoRA dropout draws the same mask on every rank" (fixed: issue 30 item 4)
@@ -123,8 +125,8 @@ def shrunk_keys(name: str, stand: Stand, processes: int) -> list:
     recipe = tomllib.loads((RECIPE_DIR / name).read_text())
     get = lambda key: recipe.get(key, getattr(TrainConfig(), key))  # noqa: E731 - the recipe's value
     layout_mp, base = RECIPES[name]
-    mp = layout_mp if processes > 1 else 1
-    dp, micro = processes // mp, min(get("micro_batch_size"), BATCH * layout_mp // 4)  # a share of 4 processes
+    mp, cp = (layout_mp, CONTEXT.get(name, 1)) if processes > 1 else (1, 1)
+    dp, micro = processes // (mp * cp), min(get("micro_batch_size"), BATCH * layout_mp // 4)  # a share of 4 processes
     kind, args = real_shape(recipe, base)
     shape = shrink(args, layout_mp)
     keys = [f"out_dir={stand.root / name / str(processes)}", f"data_cache={stand.root / 'cache'}", "device=cpu",
@@ -132,7 +134,7 @@ def shrunk_keys(name: str, stand: Stand, processes: int) -> list:
             f"batch_size={BATCH}", f"micro_batch_size={micro}",
             f"max_steps={STEPS}", f"decay_steps={STEPS}", f"eval_every={EVERY}", f"save_every={EVERY}", "log_every=1",
             f"warmup_steps={round(get('warmup_steps') * STEPS / get('max_steps'))}",
-            f"model_parallel_size={mp}", f"data_parallel_size={dp}"]
+            f"model_parallel_size={mp}", f"context_parallel_size={cp}", f"data_parallel_size={dp}"]
     if kind in ("gguf", "meta"):  # a release of as many shards as the recipe's layout, shrunk
         shards = min(get("model_parallel_size"), layout_mp)
         keys.append(f"init_from={stand.checkpoint(kind, shape, shards)}")
@@ -201,7 +203,7 @@ def test_every_recipe_is_rehearsed():
     found += sorted(str(p.relative_to(RECIPE_DIR)) for p in RECIPE_DIR.glob("scale/*.toml"))
     missing = sorted(set(found) - set(RECIPES))
     assert not missing, f"add a line to RECIPES in tests/test_recipes.py for {missing}"
-    assert set(RECIPES) <= set(found) and set(KNOWN_DIFFERENT) <= set(RECIPES)
+    assert set(RECIPES) <= set(found) and set(KNOWN_DIFFERENT) <= set(RECIPES) and set(CONTEXT) <= set(RECIPES)
 
 
 @pytest.mark.slow
