@@ -2,6 +2,10 @@
 llama/common/gguf_header.py reads, the metadata -> ModelArgs map, and dequantization through the
 `gguf` package.
 
+Nothing is read until it is used: F32/F16/BF16 tensors are views of the memory-mapped file, and a
+quantized tensor is `Blocks`, a view of its bytes that the loader cuts (model parallelism) and then
+dequantizes a few rows at a time, or hands as it is to the Q8_0/Q4_0 kernels (--quantize).
+
 Facts of the format that matter here: `ne` lists dimensions innermost first, so a PyTorch
 (out_features, in_features) weight has ne = [in, out]; llama.cpp's converter already undid HF's
 rotate-half permutation of wq/wk, so q/k are in Meta's interleaved RoPE layout; a model with tied
@@ -59,16 +63,66 @@ class GGUFFile(GGUFHeader):
                 raise GGUFFormatError(f"truncated: tensor {name} ends past the end of the file")
             self.tensors[name] = TensorInfo(name, shape, qtype, offset, n_bytes)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor in PyTorch layout: zero-copy for F32/F16/BF16, dequantized to float32 otherwise."""
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes in the file, uint8, not read yet (a view of the map)."""
+        info = self.tensors[name]
+        return torch.frombuffer(self._buf, dtype=torch.uint8, count=info.n_bytes, offset=info.offset)
+
+    def stored(self, name: str):
+        """The tensor as stored: F32/F16/BF16 a tensor in PyTorch layout, quantized types `Blocks`;
+        both views of the file."""
         info = self.tensors[name]
         qtype = Q(info.qtype)
         if qtype in _TORCH:
-            raw = torch.frombuffer(self._buf, dtype=torch.uint8, count=info.n_bytes, offset=info.offset)
-            return raw.view(_TORCH[qtype]).view(info.shape)
-        raw = np.frombuffer(self._buf, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
-        rows = raw.reshape(_n_rows(info.shape), -1)  # (rows, bytes per row): blocks never span rows
-        return torch.from_numpy(gguf.quants.dequantize(rows, qtype)).view(info.shape)
+            return self.raw(name).view(_TORCH[qtype]).view(info.shape)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        return Blocks(self.raw(name).view(_n_rows(info.shape), info.shape[-1] // block, type_size), qtype, info.shape)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor in PyTorch layout: zero-copy for F32/F16/BF16, dequantized to float32 otherwise."""
+        t = self.stored(name)
+        return t.dequantize(torch.float32) if isinstance(t, Blocks) else t
+
+
+class Blocks:
+    """A quantized GGUF tensor still in its blocks: uint8 `data` (rows, blocks per row, bytes per block),
+    a view of the file, standing for the float tensor of `shape` (rows, columns). `narrow` and `cat`
+    cut whole blocks (what model parallelism needs: a rank's rows, or its share of the columns)."""
+
+    def __init__(self, data: torch.Tensor, qtype, shape):
+        self.data, self.qtype, self.shape = data, Q(qtype), torch.Size(shape)
+        self.block = gguf.GGML_QUANT_SIZES[self.qtype][0]  # weights per block
+
+    def narrow(self, dim: int, start: int, length: int) -> "Blocks":
+        shape = list(self.shape)
+        shape[dim] = length
+        if dim == 0:
+            return Blocks(self.data.narrow(0, start, length), self.qtype, shape)
+        if start % self.block or length % self.block:
+            raise GGUFFormatError(f"cannot cut {self.qtype.name} blocks of {self.block} weights at column {start} "
+                                  f"(+{length}): choose a model-parallel size that splits the rows into whole blocks")
+        return Blocks(self.data.narrow(1, start // self.block, length // self.block), self.qtype, shape)
+
+    @staticmethod
+    def cat(parts, dim: int) -> "Blocks":
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        return Blocks(torch.cat([p.data for p in parts], dim), parts[0].qtype, shape)
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) dequantized to float32 (gguf.quants: llama.cpp's own arithmetic, in numpy)."""
+        raw = self.data[start:end].contiguous().view(end - start, -1).numpy()  # blocks never span rows
+        return torch.from_numpy(gguf.quants.dequantize(raw, self.qtype)).view(end - start, self.shape[1])
+
+    def dequantize(self, dtype, rows_at_once: int = 1 << 22) -> torch.Tensor:
+        """The float tensor, built a few rows at a time (gguf.quants makes several float copies of
+        what it is given: the whole 8B output matrix at once would take ~10 GB)."""
+        out = torch.empty(self.shape, dtype=dtype)
+        step = max(1, rows_at_once // self.shape[1])
+        for start in range(0, self.shape[0], step):
+            end = min(start + step, self.shape[0])
+            out[start:end] = self.rows(start, end)
+        return out
 
 
 def _n_rows(shape) -> int:
@@ -162,9 +216,10 @@ def _rope_scaling(g: GGUFFile, kwargs: dict) -> dict:
 
 
 class GGUFSource:
-    """The loader's view of a .gguf file: one 'shard' holding full tensors, under Meta's names."""
+    """The loader's view of a .gguf file: one 'shard' holding full tensors, under Meta's names; each a
+    view of the mapped file (quantized ones as `Blocks`)."""
 
-    n_shards, mmapped = 1, False  # quantized tensors are dequantized into fresh memory
+    n_shards, mmapped = 1, True
 
     def __init__(self, path):
         self.path = Path(path)
@@ -188,7 +243,7 @@ class GGUFSource:
         if name not in self._names:
 
             raise CheckpointError(f"{self.path}: tensor {name} is missing (the file is incomplete or not a Llama model)")
-        return [self.file.tensor(self._names[name])]
+        return [self.file.stored(self._names[name])]
 
     def split_dim(self, name, pieces, full_shape):
         return None

@@ -9,6 +9,12 @@ file, so loading costs about the weights once. A tensor that must be copied (mer
 shards, permuted, cast, dequantized) is built, then the pages it was read from are dropped from
 this process (madvise), so the file and its copy are never both resident.
 
+Quantized targets (`quantize="int8"/"int4"`): each linear weight goes straight from the file into its
+quantized layer, a few rows at a time (generation/quantize.py quantize_rows), so the float model never
+exists; GGUF Q8_0/Q4_0 blocks are kept as they are (a view of the file: nothing is copied or
+requantized) where the scheme asks for groups of 32. Peak memory: the quantized weights plus one
+slice of float rows (docs/weights.md measures it).
+
 Resharding N -> M: each source tensor is split along the dimension `parallel.SHARD_DIM` names; this
 rank's piece of the logical tensor is cut from whichever source shards overlap it. K/V heads are
 handled per head: Meta's 405B MP16 release (and our own checkpoints at mp > n_kv_heads) store each
@@ -30,9 +36,10 @@ from llama.model import ModelArgs, Transformer
 from llama.tokenizer.errors import TokenizerError
 from llama.tokenizer.paths import tokenizer_file
 from llama.checkpoint.common import CheckpointError
-from llama.checkpoint.gguf import GGUFFormatError, GGUFSource
+from llama.checkpoint.gguf import Blocks, GGUFFormatError, GGUFSource
 from llama.checkpoint.hf import HFSource
 from llama.checkpoint.meta import MetaSource
+from llama.generation import quantize as quantization
 
 
 _IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE table; llama.cpp's 3.1 factors
@@ -120,14 +127,20 @@ def default_tokenizer_path(path) -> Optional[Path]:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=None, dtype=None) -> Transformer:
+def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=None, dtype=None,
+               quantize: Optional[str] = None, group_size: Optional[int] = None) -> Transformer:
     """The Transformer with this rank's shard of the weights at `path` (Meta dir, HF dir or .gguf).
 
-    dtype None keeps the checkpoint's dtype (GGUF: float32 for quantized files). The model stays in
-    train mode, on the CPU unless `device` is given.
+    dtype None keeps the checkpoint's dtype (GGUF: float32 for quantized files). `quantize` ("int8",
+    "int4") with `group_size` (None: the scheme's default, or a GGUF file's own Q8_0/Q4_0 blocks):
+    every linear layer is loaded straight into its quantized form (generation/quantize.py), the rest
+    in `dtype`. The model stays in train mode, on the CPU unless `device` is given.
     """
     check_sizes(max_seq_len, max_batch_size)
     dtype = parse_dtype(dtype)
+    if quantize is not None:
+        quantization.check_quantize(quantize, group_size)
+        quantization.check_target(quantize, group_size, device)
     source = _open(path)
     args = source.args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     mp = parallel.model_parallel_size()
@@ -138,16 +151,22 @@ def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=No
             model = Transformer(args)
     except parallel.ParallelError as e:
         raise CheckpointError(f"{path}: cannot split this model over {mp} model-parallel ranks: {e}") from None
+    _check_unused(source, model.state_dict().keys())
+    linears = {f"{name}.weight": name for name, _ in quantization.linear_layers(model)} if quantize else {}
     state = {}
     for name, param in model.state_dict().items():
-        if name == "output.weight" and args.tie_word_embeddings:
-            continue
-        state[name] = _local_tensor(source, name, param.shape, args, dtype)
-    if args.tie_word_embeddings:
+        tied = name == "output.weight" and args.tie_word_embeddings
+        if name in linears:  # the output layer of a tied model is quantized from the embedding table
+            layer = _quantized_layer(source, "tok_embeddings.weight" if tied else name, param.shape, args,
+                                     quantize, group_size)
+            quantization.replace_layer(model, linears[name], layer)
+        elif not tied:
+            state[name] = _local_tensor(source, name, param.shape, args, dtype)
+    if args.tie_word_embeddings and not quantize:
         state["output.weight"] = state["tok_embeddings.weight"]
-    _check_unused(source, model.state_dict().keys())
-    model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_word_embeddings:  # assign=True made two Parameters of one tensor; make them one again
+    quantized = {k: v for k, v in model.state_dict().items() if not v.is_meta}  # the layers built above
+    model.load_state_dict({**state, **quantized}, strict=True, assign=True)
+    if args.tie_word_embeddings and not quantize:  # assign=True made two Parameters of one tensor; make them one again
         model.output.weight = model.tok_embeddings.weight
     return model.to(device) if device is not None else model
 
@@ -161,8 +180,9 @@ def _check_unused(source, wanted) -> None:
         )
 
 
-def _local_tensor(source, name: str, local_shape, args: ModelArgs, dtype) -> torch.Tensor:
-    """This rank's piece of `name`: cut from the source shards, transformed, cast, contiguous."""
+def _local_piece(source, name: str, local_shape, args: ModelArgs):
+    """This rank's piece of `name` as the source stores it (a view where possible; a GGUF quantized
+    tensor as `Blocks`), cut from the source shards and transformed; and the pieces it came from."""
     pieces = source.pieces(name)
     mp, rank = parallel.model_parallel_size(), parallel.model_parallel_rank()
     if name.endswith(("attention.wk.weight", "attention.wv.weight")):
@@ -176,17 +196,47 @@ def _local_tensor(source, name: str, local_shape, args: ModelArgs, dtype) -> tor
             out = _cut(pieces, src_dim, None, 0, 0)
         else:
             n = full[dim] // mp
-            out = _cut(pieces, src_dim, dim, rank * n, n)
+            try:
+                out = _cut(pieces, src_dim, dim, rank * n, n)
+            except GGUFFormatError as e:
+                raise CheckpointError(f"{source.path}: {name}: {e}") from None
     out = source.transform(name, out, args)
-    if out.dtype != dtype:
-        out = out.to(dtype)
-    out = out.contiguous()
-    if source.mmapped and not any(_shares_memory(out, p) for p in pieces):
-        for p in pieces:  # copied: the mapped source pages are no longer needed in this process
-            release_pages(p)
     if tuple(out.shape) != tuple(local_shape):  # a bug here, not bad input: the checks above came first
         raise AssertionError(f"{name}: built {tuple(out.shape)}, model expects {tuple(local_shape)}")
+    return out, pieces
+
+
+def _local_tensor(source, name: str, local_shape, args: ModelArgs, dtype) -> torch.Tensor:
+    """This rank's piece of `name`: cut from the source shards, transformed, cast, contiguous."""
+    out, pieces = _local_piece(source, name, local_shape, args)
+    if isinstance(out, Blocks):
+        out = out.dequantize(dtype)
+    elif out.dtype != dtype:
+        out = out.to(dtype)
+    out = out.contiguous()
+    _release(source, pieces, keep=[out])
     return out
+
+
+def _quantized_layer(source, name: str, local_shape, args: ModelArgs, method: str, group_size):
+    """This rank's piece of the linear weight `name`, straight into its quantized layer: a GGUF file's
+    own blocks where the scheme takes them as they are, else quantized a few rows at a time."""
+    out, pieces = _local_piece(source, name, local_shape, args)
+    if isinstance(out, Blocks) and out.qtype.name == quantization.native_kind(method, group_size):
+        return quantization.GGUFLinear(out.data, out.qtype.name)  # a view of the file: nothing read yet
+    read = out.rows if isinstance(out, Blocks) else lambda start, end: out[start:end]
+    group_size = quantization.DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
+    layer = quantization.quantize_rows(read, tuple(out.shape), method, group_size, name)
+    _release(source, pieces, keep=list(layer.buffers()))
+    return layer
+
+
+def _release(source, pieces, keep) -> None:
+    """Drop the mapped pages `pieces` were read from, unless one of `keep` is a view of them."""
+    raw = [p.data if isinstance(p, Blocks) else p for p in pieces]
+    if source.mmapped and not any(_shares_memory(k, p) for k in keep for p in raw):
+        for p in raw:  # copied: the mapped source pages are no longer needed in this process
+            release_pages(p)
 
 
 def _check_full_shape(source, name, pieces, src_dim, full) -> None:
@@ -211,10 +261,14 @@ def _cut(pieces: List[torch.Tensor], src_dim, dim, start: int, length: int) -> t
     if src_dim is None or len(pieces) == 1:
         return pieces[0] if dim is None else pieces[0].narrow(dim, start, length)
     if dim is None:
-        return torch.cat(pieces, src_dim)
+        return _cat(pieces, src_dim)
     if dim != src_dim:  # e.g. Llama 2's embedding (split along dim 1) into vocab-parallel rows
-        return torch.cat([p.narrow(dim, start, length) for p in pieces], src_dim)
+        return _cat([p.narrow(dim, start, length) for p in pieces], src_dim)
     return _rows(pieces, dim, [(start, length)])
+
+
+def _cat(parts, dim: int):
+    return Blocks.cat(parts, dim) if isinstance(parts[0], Blocks) else torch.cat(parts, dim)
 
 
 def _rows(pieces: List[torch.Tensor], dim: int, ranges) -> torch.Tensor:
@@ -230,7 +284,7 @@ def _rows(pieces: List[torch.Tensor], dim: int, ranges) -> torch.Tensor:
             if lo < end and start < hi:
                 a, b = max(start, lo), min(end, hi)
                 parts.append(p.narrow(dim, a - lo, b - a))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    return parts[0] if len(parts) == 1 else _cat(parts, dim)
 
 
 def _kv_rows(source, name, pieces, args: ModelArgs, rank: int, mp: int) -> torch.Tensor:

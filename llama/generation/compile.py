@@ -285,9 +285,13 @@ def own_storage(model: torch.nn.Module) -> None:
     template, when it pre-blocks a frozen weight, re-views the weight's storage from the offset it
     records for the graph's constant, which is 0: on every rank but the first it read rank 0's rows
     (the gathered logits' upper half was a copy of the lower). A weight that owns its storage at
-    offset 0 is read correctly. Costs one copy of only the affected weights (this rank's share)."""
+    offset 0 is read correctly. Costs one copy of only the affected weights (this rank's share).
+    Quantized codes (integers) are read by our own kernel, which takes any offset: they stay views
+    (a GGUF file's Q4_0 blocks in place, not copied)."""
     tensors = list(model.parameters()) + list(model.buffers())
     for t in tensors:
+        if not t.is_floating_point():
+            continue
         if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t.data = t.detach().clone(memory_format=torch.contiguous_format)
 

@@ -103,11 +103,14 @@ class Llama:
                                   "(generate.py --tokenizer-path)")
         tokenizer = load_tokenizer(tokenizer_path)
         start = time.perf_counter()
-        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype)
+        # Quantized weights are loaded straight from the file (the float model never exists), except
+        # when a LoRA adapter is merged into the float weights first.
+        at_load = quantize if lora is None else None
+        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device, dtype, quantize=at_load, group_size=group_size)
         if lora is not None:
             merge_adapter(model, lora, ckpt_dir)
         check_vocab(tokenizer, model.params.vocab_size)
-        if quantize is not None:
+        if quantize is not None and at_load is None:
             quantize_model(model, quantize, group_size)
         llama = Llama(model, tokenizer, seed=seed, compile=compile)
         llama.load_s = time.perf_counter() - start

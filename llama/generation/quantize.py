@@ -17,7 +17,11 @@ only its own group. docs/quantization.md measures each choice against the fp32 m
   GEMM on the weights dequantized once.
 - `--group-size 0` with int8 (`Int8Linear`): one scale per row through `torch._weight_int8pack_mm`,
   which inductor (compile=True) lowers to its C++ GEMM template; the least accurate scheme.
-The model's activations stay in floating point; only the weights are stored quantized.
+- llama.cpp's Q8_0 and Q4_0 blocks (`GGUFLinear`), as a GGUF file stores them: loading such a file
+  with --quantize int8 / int4 uses its blocks as they are (a view of the file; llama/checkpoint/load.py).
+The model's activations stay in floating point; only the weights are stored quantized. The codes are
+computed by the kernel file's quantizers (one pass, on its threads); int8_codes / int4_codes below are
+the same arithmetic in torch, the reference the tests hold them to.
 
 Under model parallelism each rank quantizes its own shard: a row-parallel layer holds a slice of the
 input features, so the group size must divide that slice (checked, one line otherwise).
@@ -43,20 +47,22 @@ from llama.lora import refuse_adapters
 QUANTIZE_CHOICES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's block of 32 weights
 DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
-KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"  # includes the other files of csrc/
 PREFILL_ROWS = 8  # more activation rows than this: dequantize and use the fp32 GEMM (docs/quantization.md)
 
 
-def host_signature() -> str:
+def build_signature() -> str:
     """The build is tuned for this CPU (-march=native): a home directory shared by different hosts
-    (a cluster) must not hand one host's build to another."""
+    (a cluster) must not hand one host's build to another. torch's builder notices a change of the .cpp
+    it is given but not of the headers it includes: their contents are in the name too."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    sources = b"".join(f.read_bytes() for f in sorted(KERNEL_SOURCE.parent.glob("*.h")))
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode() + sources).hexdigest()[:10]
 
 
 def build_tools_hint(missing) -> str:
@@ -82,18 +88,18 @@ def kernels():
                         f"and ninja: {' and '.join(missing)} not found on PATH; {build_tools_hint(missing)}, "
                         "or use --quantize int8 --group-size 0")
     try:
-        cpp_extension.load(f"llama_quantized_{host_signature()}", [str(KERNEL_SOURCE)],
-                           extra_cflags=["-O3", "-march=native"], is_python_module=False)
+        cpp_extension.load(f"llama_quantized_{build_signature()}", [str(KERNEL_SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-std=c++17"], is_python_module=False)
     except (RuntimeError, OSError, ImportError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # the compiler's first error
         raise UserError(f"could not build the int8/int4 kernels ({KERNEL_SOURCE.name}) with {compiler}: "
                         f"{reason[:200]}; or use --quantize int8 --group-size 0") from None
     # Output shapes for torch.compile, which calls the kernels as they are (opaque ops).
-    for name in ("int8_mm", "int4_mm"):
+    for name in ("int8_mm", "int4_mm", "gguf_mm"):
         torch.library.register_fake(f"llama_quantized::{name}", lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
-    for name, codes_per_byte in (("int8_dequantize", 1), ("int4_dequantize", 2)):
-        torch.library.register_fake(f"llama_quantized::{name}", lambda codes, *_, per=codes_per_byte: codes.new_empty(
+    for name, per in (("int8_dequantize", 1), ("int4_dequantize", 2), ("gguf_dequantize", 32)):
+        torch.library.register_fake(f"llama_quantized::{name}", lambda codes, *_, per=per: codes.new_empty(
             codes.shape[0], codes.shape[1] * per, dtype=torch.float32))
     return torch.ops.llama_quantized
 
@@ -163,13 +169,20 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
-class GroupLinear(nn.Module):
-    """y = x W^T with W in groups of `group_size` input weights: the codes (buffer `weight`) and a bf16
-    scale per group (`scales`), multiplied by the group-wise kernel (llama/generation/csrc/quantized.cpp)."""
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the kernel's quantizers read it: float32, bf16 or fp16, each row contiguous."""
+    w = weight.detach()
+    w = w if w.dtype in (torch.float32, torch.bfloat16, torch.float16) else w.float()
+    return w if w.dim() == 2 and w.stride(1) == 1 else w.contiguous()
 
-    def __init__(self, weight: torch.Tensor, group_size: int):
+
+class GroupLinear(nn.Module):
+    """y = x W^T with W in groups of `group_size` input weights: the codes (buffer `weight`) and a scale
+    per group, multiplied by the group-wise kernel (llama/generation/csrc/quantized.cpp)."""
+
+    def __init__(self, out_features: int, in_features: int, group_size: int):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = out_features, in_features
         self.group_size = group_size
         kernels()  # built and loaded: torch.ops.llama_quantized
 
@@ -186,8 +199,8 @@ class GroupInt8Linear(GroupLinear):
     """int8 codes (out, in), w = q * scale."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
-        super().__init__(weight, group_size)
-        q, scale = int8_codes(weight.detach().float(), group_size)
+        super().__init__(*weight.shape, group_size)
+        q, scale = kernels().int8_quantize(_rows(weight), group_size)  # int8_codes, in one pass
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale)
 
@@ -202,9 +215,9 @@ class Int4Linear(GroupLinear):
     """4-bit codes packed two per byte (out, in / 2: `pack_int4`), w = (q - 8) * scale + zero."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
-        super().__init__(weight, group_size)
-        q, scale, zero = int4_codes(weight.detach().float(), group_size)
-        self.register_buffer("weight", pack_int4(q))
+        super().__init__(*weight.shape, group_size)
+        packed, scale, zero = kernels().int4_quantize(_rows(weight), group_size)  # pack_int4(int4_codes(...))
+        self.register_buffer("weight", packed)
         self.register_buffer("scales", scale)
         self.register_buffer("zeros", zero)
 
@@ -214,6 +227,25 @@ class Int4Linear(GroupLinear):
 
     def dequantized(self) -> torch.Tensor:
         return torch.ops.llama_quantized.int4_dequantize(self.weight, self.scales, self.zeros, self.group_size)
+
+
+class GGUFLinear(GroupLinear):
+    """llama.cpp's Q8_0 or Q4_0 blocks as a GGUF file stores them, uint8 (out, in / 32, bytes per block):
+    each block of 32 weights is an fp16 scale d and its codes, w = code * d (Q8_0: int8 codes) or
+    (code - 8) * d (Q4_0: codes 0..15, in the int4 layout). Usually a view of the file's bytes."""
+
+    KINDS = {"Q8_0": (8, 34), "Q4_0": (2, 18)}  # ggml's type id, bytes per block
+
+    def __init__(self, blocks: torch.Tensor, kind: str):
+        super().__init__(blocks.shape[0], blocks.shape[1] * 32, 32)
+        self.kind, self.kind_id = kind, self.KINDS[kind][0]
+        self.register_buffer("weight", blocks)
+
+    def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
+        return torch.ops.llama_quantized.gguf_mm(x, self.weight, self.kind_id, simd)
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.ops.llama_quantized.gguf_dequantize(self.weight, self.kind_id)
 
 
 def check_quantize(method: Optional[str], group_size: Optional[int]) -> None:
@@ -249,28 +281,77 @@ def quantized_linear(weight: torch.Tensor, method: str, group_size: int, name: s
     return (GroupInt8Linear if method == "int8" else Int4Linear)(weight, group_size)
 
 
-def quantize_model(model: nn.Module, method: str = "int8", group_size: Optional[int] = None) -> nn.Module:
-    """Replace every linear layer (attention, FFN and the output projection; column- and row-parallel
-    ones by their rank's shard) by its quantized version, in place. The embedding table stays as it
+ROWS_AT_ONCE = 1 << 24  # weights quantized per piece when loading: the float piece is transient
+
+
+def quantize_rows(read, shape, method: str, group_size: int, name: str) -> nn.Module:
+    """quantized_linear of a (out, in) weight read a block of rows at a time (`read(start, end)` -> those
+    rows, in any float dtype): every scheme quantizes each row on its own, so the pieces' codes and
+    scales, stacked, are the whole weight's. A checkpoint's weights then never exist in float all at
+    once, nor even one large matrix of them (the 8B output matrix is 2.1 GB in fp32)."""
+    out, in_features = shape
+    step = max(1, ROWS_AT_ONCE // in_features)
+    pieces = [quantized_linear(read(start, min(start + step, out)), method, group_size, name)
+              for start in range(0, out, step)]
+    layer = pieces[0]
+    for key, buffer in list(layer.named_buffers(recurse=False)):
+        parts = [getattr(piece, key) for piece in pieces]
+        setattr(layer, key, torch.cat(parts) if buffer.dim() and len(parts) > 1 else buffer)
+    layer.out_features = out
+    return layer
+
+
+def native_kind(method: str, group_size: Optional[int]) -> Optional[str]:
+    """The llama.cpp block type (GGUFLinear) that `--quantize method --group-size group_size` takes as it
+    is from a GGUF file: Q4_0 for int4, Q8_0 for int8, each with groups of 32 (the default group size
+    too: the file's own blocks lose nothing and are read in place, where requantizing them to ours
+    would round twice)."""
+    if group_size in (None, 32):
+        return {"int4": "Q4_0", "int8": "Q8_0"}.get(method)
+    return None
+
+
+def linear_layers(model: nn.Module):
+    """[(name, module)] of every linear layer quantization replaces: attention, FFN and the output
+    projection (column- and row-parallel ones by their rank's shard). The embedding table stays as it
     is: a lookup reads one row per token, not the whole table."""
-    check_quantize(method, group_size)
-    refuse_adapters(model, f"quantizing to {method}")  # A, B would be quantized as layers, W without them
+    return [(name, child) for name, child in model.named_modules()
+            if isinstance(child, (nn.Linear,) + parallel.PARALLEL_LINEARS)]
+
+
+def check_target(method: str, group_size: Optional[int], device) -> None:
+    """Where a quantized model can run: one scale per row only in one process; groups on the CPU."""
     group_size = DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
-    targets = [(name, child) for name, child in model.named_modules()
-               if isinstance(child, (nn.Linear,) + parallel.PARALLEL_LINEARS)]
-    if not targets:
-        raise ArgumentError("no linear layers to quantize")
     mp = parallel.model_parallel_size()
     if group_size == 0 and mp > 1:  # a row-parallel layer's rows are split: per-shard scales would differ
         raise UserError(f"--group-size 0 (one scale per row) works in a single process, not over {mp} model-parallel "
                         f"ranks: use a group size, e.g. --group-size {DEFAULT_GROUP_SIZE[method]}")
-    device = targets[0][1].weight.device
+    device = torch.device(device if device is not None else "cpu")
     if group_size and device.type != "cpu":
         raise UserError(f"--quantize {method} with groups runs on the CPU (its kernel is C++ for the CPU), not "
                         f"{device.type}: use --device cpu, or --quantize int8 --group-size 0")
-    layers = [(name, child, quantized_linear(child.weight, method, group_size, name))
+
+
+def replace_layer(model: nn.Module, name: str, quantized: nn.Module) -> None:
+    """Put `quantized` where the linear layer `name` is (wrapped for a parallel one: LocalProduct)."""
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    setattr(owner, attr, parallel.with_local_product(getattr(owner, attr), quantized))
+
+
+def quantize_model(model: nn.Module, method: str = "int8", group_size: Optional[int] = None) -> nn.Module:
+    """Replace every linear layer (linear_layers) by its quantized version, in place. Loading a
+    checkpoint straight into the quantized model (load_model(..., quantize=...)) never holds its float
+    weights; this is for a model already in memory."""
+    check_quantize(method, group_size)
+    refuse_adapters(model, f"quantizing to {method}")  # A, B would be quantized as layers, W without them
+    group_size = DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
+    targets = linear_layers(model)
+    if not targets:
+        raise ArgumentError("no linear layers to quantize")
+    check_target(method, group_size, targets[0][1].weight.device)
+    layers = [(name, quantized_linear(child.weight, method, group_size, name))
               for name, child in targets]  # every shape is checked before the model changes
-    for name, child, quantized in layers:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, parallel.with_local_product(child, quantized))
+    for name, quantized in layers:
+        replace_layer(model, name, quantized)
     return model
