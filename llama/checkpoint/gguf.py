@@ -87,7 +87,8 @@ class GGUFFile(GGUFHeader):
 class Blocks:
     """A quantized GGUF tensor still in its blocks: uint8 `data` (rows, blocks per row, bytes per block),
     a view of the file, standing for the float tensor of `shape` (rows, columns). `narrow` and `cat`
-    cut whole blocks (what model parallelism needs: a rank's rows, or its share of the columns)."""
+    cut whole blocks (what model parallelism needs: a rank's rows, or its share of the columns; a
+    share that splits a block is cut from the dequantized tensor instead)."""
 
     def __init__(self, data: torch.Tensor, qtype, shape):
         self.data, self.qtype, self.shape = data, Q(qtype), torch.Size(shape)
@@ -98,9 +99,8 @@ class Blocks:
         shape[dim] = length
         if dim == 0:
             return Blocks(self.data.narrow(0, start, length), self.qtype, shape)
-        if start % self.block or length % self.block:
-            raise GGUFFormatError(f"cannot cut {self.qtype.name} blocks of {self.block} weights at column {start} "
-                                  f"(+{length}): choose a model-parallel size that splits the rows into whole blocks")
+        if start % self.block or length % self.block:  # not at a block boundary: the float columns
+            return self.dequantize(torch.float32).narrow(1, start, length)
         return Blocks(self.data.narrow(1, start // self.block, length // self.block), self.qtype, shape)
 
     @staticmethod

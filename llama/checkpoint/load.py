@@ -196,10 +196,7 @@ def _local_piece(source, name: str, local_shape, args: ModelArgs):
             out = _cut(pieces, src_dim, None, 0, 0)
         else:
             n = full[dim] // mp
-            try:
-                out = _cut(pieces, src_dim, dim, rank * n, n)
-            except GGUFFormatError as e:
-                raise CheckpointError(f"{source.path}: {name}: {e}") from None
+            out = _cut(pieces, src_dim, dim, rank * n, n)
     out = source.transform(name, out, args)
     if tuple(out.shape) != tuple(local_shape):  # a bug here, not bad input: the checks above came first
         raise AssertionError(f"{name}: built {tuple(out.shape)}, model expects {tuple(local_shape)}")

@@ -1,0 +1,148 @@
+"""Loading straight into int8/int4 (llama/checkpoint/load.py with quantize=...): the layers equal
+quantizing the loaded float model, GGUF Q8_0/Q4_0 blocks are used as the file stores them (checked
+against the gguf package's own dequantization), model parallelism gives one process's logits, and
+peak memory stays at the quantized weights (the float model never exists)."""
+
+import importlib.util
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from llama import parallel
+from llama.checkpoint import load_model, save_hf, save_meta
+from llama.generation import quantize
+from llama.model import ModelArgs, Transformer
+from tests.helpers import ROOT, run_distributed, tiny_model, tokens, write_gguf
+
+Q = gguf.GGMLQuantizationType
+ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, rope_theta=10000.0,
+            max_seq_len=64)
+
+
+def mapped_file(t: torch.Tensor):
+    """The file whose memory map holds t's bytes (/proc/self/maps), or None."""
+    address = t.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def quantized_buffers(model) -> dict:
+    return {name: b for name, b in model.named_buffers() if name.endswith((".weight", "scales", "zeros"))}
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_loading_into_a_scheme_equals_quantizing_the_loaded_model(method, tmp_path):
+    """HF (bf16, with the q/k permutation) and a Meta checkpoint saved in 2 shards, loaded with
+    quantize=...: the codes, scales and zeros are bit for bit those of quantize_model on the float
+    model loaded from the same files, so the logits are equal too."""
+    model, args = tiny_model(**ARGS)
+    save_hf(model.state_dict(), args, tmp_path / "hf", dtype=torch.bfloat16)
+    save_meta(model.state_dict(), args, tmp_path / "meta2", num_shards=2)
+    for path in (tmp_path / "hf", tmp_path / "meta2"):
+        at_load = load_model(path, quantize=method, group_size=32)
+        after = quantize.quantize_model(load_model(path), method, 32)
+        got, expected = quantized_buffers(at_load), quantized_buffers(after)
+        assert got.keys() == expected.keys() and len(got) >= 15
+        for name in got:
+            assert torch.equal(got[name], expected[name]), (path.name, name)
+        assert isinstance(at_load.output, quantize.GroupLinear)
+        with torch.no_grad():
+            assert torch.equal(at_load(tokens(vocab=256)), after(tokens(vocab=256)))
+
+
+def test_quantizers_equal_the_torch_reference():
+    """The kernel file's quantizers (one pass, C++) give int8_codes / int4_codes (torch) bit for bit,
+    from float32, bf16 and fp16 weights and from a view that is part of wider rows (a row-parallel
+    rank's columns)."""
+    torch.manual_seed(0)
+    wide = torch.randn(37, 640) * 0.05
+    wide[2, 5] = 3.0  # an outlier in one group
+    ops = quantize.kernels()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for w in (wide.to(dtype), wide.to(dtype)[:, 128:384]):
+            for group in (32, 64, 128):
+                codes, scales = ops.int8_quantize(w, group)
+                ref_codes, ref_scales = quantize.int8_codes(w.float(), group)
+                assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales), (dtype, group)
+                packed, scales, zeros = ops.int4_quantize(w, group)
+                ref_codes, ref_scales, ref_zeros = quantize.int4_codes(w.float(), group)
+                assert torch.equal(packed, quantize.pack_int4(ref_codes)), (dtype, group)
+                assert torch.equal(scales, ref_scales) and torch.equal(zeros, ref_zeros), (dtype, group)
+
+
+@pytest.mark.parametrize("method, qtype", [("int8", Q.Q8_0), ("int4", Q.Q4_0)])
+def test_gguf_blocks_are_used_as_the_file_stores_them(method, qtype, tmp_path):
+    """A Q8_0 / Q4_0 file loaded with int8 / int4: every linear layer is the file's own blocks (a view
+    of its bytes: nothing copied), which the kernel reads as the gguf package dequantizes them,
+    exactly; the logits are the float model's of the same file within what rounding the activations
+    moves them. An explicit group size other than 32 requantizes into our layout instead."""
+    model, args = tiny_model(**{**ARGS, "hidden_dim": 128})
+    path = write_gguf(tmp_path / "q.gguf", model.state_dict(), args, qtype)
+    loaded = load_model(path, quantize=method)
+    reference = load_model(path)  # float32, dequantized by the gguf package
+    layers = [m for m in loaded.modules() if isinstance(m, quantize.GroupLinear)]
+    assert len(layers) == 7 * 2 + 1 and all(isinstance(m, quantize.GGUFLinear) for m in layers)
+    if sys.platform.startswith("linux"):
+        assert all(mapped_file(m.weight) == str(path) for m in layers)  # the file's pages, not a copy
+    for name, m in loaded.named_modules():
+        if isinstance(m, quantize.GGUFLinear):
+            torch.testing.assert_close(m.dequantized(), reference.get_submodule(name).weight, rtol=0, atol=0)
+    with torch.no_grad():  # a prefill chunk (40 rows: the fp32 GEMM on the dequantized blocks), decode rows (4)
+        torch.testing.assert_close(loaded(tokens(vocab=256)), reference(tokens(vocab=256)))
+        ours, ref = loaded(tokens(1, 4, vocab=256)), reference(tokens(1, 4, vocab=256))
+    assert 0 < (ours - ref).abs().max() < (0.01 if method == "int8" else 0.05) * ref.abs().max()
+    requantized = load_model(path, quantize=method, group_size=64)
+    assert isinstance(requantized.layers[0].attention.wq, (quantize.GroupInt8Linear, quantize.Int4Linear))
+
+
+def _mp_logits(path, method, mp=None):
+    if mp:
+        parallel.init_distributed(mp)
+    model = load_model(path, quantize=method)
+    with torch.no_grad():
+        return model(tokens(vocab=256))
+
+
+@pytest.mark.slow
+def test_gguf_blocks_under_model_parallelism_give_one_process_logits(tmp_path):
+    """At model parallel 2 each rank keeps its share of the file's blocks, views of the file: the
+    column-parallel rows, and the row-parallel columns in whole blocks (wo: 32 of 64, w2: 64 of 128).
+    Logits equal one process's within fp32 rounding of the summed partial products."""
+    model, args = tiny_model(**{**ARGS, "hidden_dim": 128})
+    for method, qtype in (("int8", Q.Q8_0), ("int4", Q.Q4_0)):
+        path = write_gguf(tmp_path / f"{method}.gguf", model.state_dict(), args, qtype)
+        one = _mp_logits(path, method)
+        for logits in run_distributed(_mp_logits, 2, path, method, 2):
+            torch.testing.assert_close(logits, one, rtol=1e-4, atol=1e-4)
+
+
+CHILD_SPEC = importlib.util.spec_from_file_location("load_memory", ROOT / "bench" / "load_memory.py")
+
+
+def test_loading_into_int4_peaks_at_the_quantized_weights(tmp_path):
+    """An HF bf16 checkpoint (~54 MB) loaded into int4 in a fresh process: peak
+    resident memory above the process's baseline is the int4 model (codes, scales, zeros, and the
+    embedding in bf16) plus a small margin, far below the bf16 weights alone (what building the
+    float model first costs), with every page of the result read."""
+    args = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=4096, hidden_dim=1536,
+                     rope_theta=500000.0, max_seq_len=64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    state = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen) for k, s in shapes.items()}
+    save_hf(state, args, tmp_path)
+    float_bytes = sum(t.numel() * 2 for t in state.values())
+    bench = importlib.util.module_from_spec(CHILD_SPEC)
+    CHILD_SPEC.loader.exec_module(bench)
+    r = bench.measure("ours", tmp_path, "bfloat16", "int4")
+    assert float_bytes > 2.5 * r["weights"]  # the test can tell the two apart
+    assert r["weights_read"] <= 1.15 and r["during_load"] <= 1.15, r
