@@ -31,7 +31,6 @@ llama-ref runs fp32, int8 (group 64 and per row) and int4 (group 32), each eager
 """
 
 import argparse
-import ctypes
 import json
 import sys
 import time
@@ -50,6 +49,7 @@ from llama.common.files import write_text  # noqa: E402
 from llama.generation.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
 
 from _host import Competitor, host_facts, matvec_bandwidth, sync  # noqa: E402  (bench/_host.py)
+from _synthetic import llamacpp_quantize  # noqa: E402  (bench/_synthetic.py)
 
 PROMPT = "The history of the Roman Empire begins"
 # llama-ref's quantized engines: (scheme, group size, weights column); group 0 = one int8 scale per row
@@ -82,19 +82,6 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
     return dst
 
 
-def llamacpp_quantize(src: Path, dst: Path, ftype_name: str, threads: int) -> Path:
-    """llama.cpp's own quantizer (llama_model_quantize), e.g. LLAMA_FTYPE_MOSTLY_Q8_0."""
-    import llama_cpp
-
-    if not dst.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, ftype_name)
-        params.nthread = threads
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError(f"llama_model_quantize failed for {dst}")
-    return dst
-
-
 def decode_bytes_ours(model) -> int:
     """Bytes one decode step reads: every matrix and norm; the embedding table only if untied."""
     seen, total = set(), 0
@@ -102,11 +89,18 @@ def decode_bytes_ours(model) -> int:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name == "freqs_cis" or t.data_ptr() in seen:
             continue
-        if name == "tok_embeddings.weight" and t is not output:  # a lookup reads B rows, not the table
+        if name.startswith("tok_embeddings.") and t is not output:  # a lookup reads B rows, not the table
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (quantized codes, scales), the RoPE table excepted."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return sum(t.numel() * t.element_size() for name, t in {t.data_ptr(): (n, t) for n, t in named}.values()
+               if not name.endswith("freqs_cis"))
 
 
 # ---------------------------------------------------------------------------- engines
@@ -115,15 +109,16 @@ def decode_bytes_ours(model) -> int:
 
 
 class Ours:
-    def __init__(self, path, args, quantize=None, compile=False, group_size=None):
+    def __init__(self, path, args, quantize=None, compile=False, group_size=None, dtype=None):
         from llama.generation.compile import keep_freed_memory
         from llama.generation import Llama
 
         keep_freed_memory()  # as generate.py does: the allocator setting is opt-in
         self.llama = Llama.build(path, max_seq_len=1024, max_batch_size=1, device=args.device, compile=compile,
-                                 quantize=quantize, group_size=group_size)
+                                 quantize=quantize, group_size=group_size, dtype=dtype)
         self.llama.tokenizer.stop_tokens = set()  # always n tokens, like min_new_tokens / ignore_eos
         self.bytes = decode_bytes_ours(self.llama.model)
+        self.weights = weight_bytes(self.llama.model)
 
     def prefill(self, ids):
         self.llama.generate([ids], 1, temperature=0)
@@ -172,7 +167,7 @@ class LlamaCpp:
 
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512,
                                    n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-        self.bytes = Path(path).stat().st_size  # the file is the weights (+ ~2 MB of vocabulary)
+        self.bytes = self.weights = Path(path).stat().st_size  # the file is the weights (+ a few MB of vocabulary)
 
     def _greedy(self, ids, n):
         """Wall clock, as for the other engines (llama-cpp-python's per-call Python is small

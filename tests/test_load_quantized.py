@@ -81,8 +81,8 @@ def test_quantizers_equal_the_torch_reference():
 
 @pytest.mark.parametrize("method, qtype", [("int8", Q.Q8_0), ("int4", Q.Q4_0)])
 def test_gguf_blocks_are_used_as_the_file_stores_them(method, qtype, tmp_path):
-    """A Q8_0 / Q4_0 file loaded with int8 / int4: every linear layer is the file's own blocks (a view
-    of its bytes: nothing copied), which the kernel reads as the gguf package dequantizes them,
+    """A Q8_0 / Q4_0 file loaded with int8 / int4: every linear layer and the embedding table are the
+    file's own blocks (a view of its bytes: nothing copied), which the kernel reads as the gguf package dequantizes them,
     exactly; the logits are the float model's of the same file within what rounding the activations
     moves them. An explicit group size other than 32 requantizes into our layout instead."""
     model, args = tiny_model(**{**ARGS, "hidden_dim": 128})
@@ -91,8 +91,9 @@ def test_gguf_blocks_are_used_as_the_file_stores_them(method, qtype, tmp_path):
     reference = load_model(path)  # float32, dequantized by the gguf package
     layers = [m for m in loaded.modules() if isinstance(m, quantize.GroupLinear)]
     assert len(layers) == 7 * 2 + 1 and all(isinstance(m, quantize.GGUFLinear) for m in layers)
-    if sys.platform.startswith("linux"):
-        assert all(mapped_file(m.weight) == str(path) for m in layers)  # the file's pages, not a copy
+    assert isinstance(loaded.tok_embeddings, quantize.GGUFEmbedding)  # the table too, rows dequantized on lookup
+    if sys.platform.startswith("linux"):  # the file's pages, not a copy
+        assert all(mapped_file(m.weight) == str(path) for m in layers) and mapped_file(loaded.tok_embeddings.table) == str(path)
     for name, m in loaded.named_modules():
         if isinstance(m, quantize.GGUFLinear):
             torch.testing.assert_close(m.dequantized(), reference.get_submodule(name).weight, rtol=0, atol=0)
@@ -146,3 +147,19 @@ def test_loading_into_int4_peaks_at_the_quantized_weights(tmp_path):
     r = bench.measure("ours", tmp_path, "bfloat16", "int4")
     assert float_bytes > 2.5 * r["weights"]  # the test can tell the two apart
     assert r["weights_read"] <= 1.15 and r["during_load"] <= 1.15, r
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_kernel_dequantizes_gguf_types_as_the_gguf_package(qtype):
+    """The kernel file's dequantizers (loading a GGUF file into int8/int4 or a model's embedding)
+    give the gguf package's numbers (llama.cpp's arithmetic, in numpy) on random blocks, with the
+    fp16 scales forced finite (any other bytes are valid)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, size=(5, 3 * size), dtype=np.uint8)
+    scale_bytes = {Q.Q8_0: [0, 1], Q.Q4_0: [0, 1], Q.Q4_K: [0, 1, 2, 3], Q.Q5_K: [0, 1, 2, 3], Q.Q6_K: [208, 209]}
+    blocks = raw.reshape(5, 3, size)
+    for b in scale_bytes[qtype][1::2]:
+        blocks[:, :, b] &= 0x3B  # fp16 high byte: exponent below 15, so |d| < 2
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy())
+    got = quantize.dequantize_gguf(torch.from_numpy(blocks), qtype.name)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -90,27 +90,31 @@ class Blocks:
     cut whole blocks (what model parallelism needs: a rank's rows, or its share of the columns; a
     share that splits a block is cut from the dequantized tensor instead)."""
 
-    def __init__(self, data: torch.Tensor, qtype, shape):
+    def __init__(self, data: torch.Tensor, qtype, shape, fast=None):
         self.data, self.qtype, self.shape = data, Q(qtype), torch.Size(shape)
         self.block = gguf.GGML_QUANT_SIZES[self.qtype][0]  # weights per block
+        self.fast = fast
 
     def narrow(self, dim: int, start: int, length: int) -> "Blocks":
         shape = list(self.shape)
         shape[dim] = length
         if dim == 0:
-            return Blocks(self.data.narrow(0, start, length), self.qtype, shape)
+            return Blocks(self.data.narrow(0, start, length), self.qtype, shape, self.fast)
         if start % self.block or length % self.block:  # not at a block boundary: the float columns
             return self.dequantize(torch.float32).narrow(1, start, length)
-        return Blocks(self.data.narrow(1, start // self.block, length // self.block), self.qtype, shape)
+        return Blocks(self.data.narrow(1, start // self.block, length // self.block), self.qtype, shape, self.fast)
 
     @staticmethod
     def cat(parts, dim: int) -> "Blocks":
         shape = list(parts[0].shape)
         shape[dim] = sum(p.shape[dim] for p in parts)
-        return Blocks(torch.cat([p.data for p in parts], dim), parts[0].qtype, shape)
+        return Blocks(torch.cat([p.data for p in parts], dim), parts[0].qtype, shape, parts[0].fast)
 
     def rows(self, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) dequantized to float32 (gguf.quants: llama.cpp's own arithmetic, in numpy)."""
+        """Rows [start, end) dequantized to float32 (gguf.quants: llama.cpp's own arithmetic, in numpy),
+        or by `self.fast` (a C++ dequantizer for this type, set by the loader when it has one)."""
+        if self.fast is not None:
+            return self.fast(self.data[start:end])
         raw = self.data[start:end].contiguous().view(end - start, -1).numpy()  # blocks never span rows
         return torch.from_numpy(gguf.quants.dequantize(raw, self.qtype)).view(end - start, self.shape[1])
 

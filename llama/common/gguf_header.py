@@ -64,6 +64,17 @@ class GGUFHeader:
         self._pos += n
         return s
 
+    def _strings(self, count: int) -> list:
+        buf, pos, end, out = self._buf, self._pos, len(self._buf), []
+        for _ in range(count):
+            n = int.from_bytes(buf[pos : pos + 8], "little")
+            if pos + 8 + n > end:
+                raise GGUFFormatError("corrupt or truncated GGUF header (a string runs past the end)")
+            out.append(buf[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
+            pos += 8 + n
+        self._pos = pos
+        return out
+
     def _value(self, vtype: int):
         if vtype in _SCALARS:
             return self._read(_SCALARS[vtype])
@@ -75,6 +86,8 @@ class GGUFHeader:
                 arr = np.frombuffer(self._buf, dtype=_NUMPY[etype], count=count, offset=self._pos)
                 self._pos += arr.nbytes
                 return arr
+            if etype == 8:  # strings (128K tokens, merges): the loop of _string, without its calls
+                return self._strings(count)
             return [self._value(etype) for _ in range(count)]
         raise GGUFFormatError(f"unknown metadata value type {vtype}")
 

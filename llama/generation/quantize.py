@@ -98,9 +98,11 @@ def kernels():
     # Output shapes for torch.compile, which calls the kernels as they are (opaque ops).
     for name in ("int8_mm", "int4_mm", "gguf_mm"):
         torch.library.register_fake(f"llama_quantized::{name}", lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
-    for name, per in (("int8_dequantize", 1), ("int4_dequantize", 2), ("gguf_dequantize", 32)):
+    for name, per in (("int8_dequantize", 1), ("int4_dequantize", 2)):
         torch.library.register_fake(f"llama_quantized::{name}", lambda codes, *_, per=per: codes.new_empty(
             codes.shape[0], codes.shape[1] * per, dtype=torch.float32))
+    torch.library.register_fake("llama_quantized::gguf_dequantize", lambda blocks, kind: blocks.new_empty(
+        blocks.shape[0], blocks.shape[1] * (32 if kind in (2, 8) else 256), dtype=torch.float32))
     return torch.ops.llama_quantized
 
 
@@ -229,16 +231,25 @@ class Int4Linear(GroupLinear):
         return torch.ops.llama_quantized.int4_dequantize(self.weight, self.scales, self.zeros, self.group_size)
 
 
+# GGUF types the kernel file reads (ggml's type ids): Q8_0 and Q4_0 multiplied as they are (GGUFLinear),
+# all of them dequantized fast when loading into another layout (csrc/kquants.h).
+GGUF_TYPE_IDS = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+def dequantize_gguf(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """GGUF blocks uint8 (rows, blocks per row, bytes per block) of a type in GGUF_TYPE_IDS -> float32
+    (rows, columns), as llama.cpp dequantizes them."""
+    return kernels().gguf_dequantize(blocks, GGUF_TYPE_IDS[kind])
+
+
 class GGUFLinear(GroupLinear):
     """llama.cpp's Q8_0 or Q4_0 blocks as a GGUF file stores them, uint8 (out, in / 32, bytes per block):
     each block of 32 weights is an fp16 scale d and its codes, w = code * d (Q8_0: int8 codes) or
     (code - 8) * d (Q4_0: codes 0..15, in the int4 layout). Usually a view of the file's bytes."""
 
-    KINDS = {"Q8_0": (8, 34), "Q4_0": (2, 18)}  # ggml's type id, bytes per block
-
     def __init__(self, blocks: torch.Tensor, kind: str):
         super().__init__(blocks.shape[0], blocks.shape[1] * 32, 32)
-        self.kind, self.kind_id = kind, self.KINDS[kind][0]
+        self.kind, self.kind_id = kind, GGUF_TYPE_IDS[kind]
         self.register_buffer("weight", blocks)
 
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
@@ -246,6 +257,28 @@ class GGUFLinear(GroupLinear):
 
     def dequantized(self) -> torch.Tensor:
         return torch.ops.llama_quantized.gguf_dequantize(self.weight, self.kind_id)
+
+
+class GGUFEmbedding(nn.Module):
+    """The token embedding table kept in a GGUF file's blocks (a view of the file), each looked-up row
+    dequantized to the model's dtype: a lookup reads one row per token, so the table costs its size in
+    the file (Llama 3.1 8B, Q4_0: 0.28 GB) instead of 2.1 GB in fp32, and nothing per step."""
+
+    def __init__(self, blocks: torch.Tensor, kind: str, dim: int, dtype: torch.dtype):
+        super().__init__()
+        kernels()
+        self.kind_id, self.dim, self.dtype = GGUF_TYPE_IDS[kind], dim, dtype
+        self.register_buffer("table", blocks)  # (vocab, blocks per row, bytes per block)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """What callers read of an embedding's weight, its dtype and device (the KV cache is made in
+        them: Transformer.make_cache): an empty tensor of the rows this table gives."""
+        return torch.empty(0, dtype=self.dtype, device=self.table.device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.llama_quantized.gguf_dequantize(self.table[tokens.reshape(-1)], self.kind_id)  # (n, dim)
+        return rows.to(self.dtype).view(*tokens.shape, self.dim)
 
 
 def check_quantize(method: Optional[str], group_size: Optional[int]) -> None:
@@ -291,12 +324,19 @@ def quantize_rows(read, shape, method: str, group_size: int, name: str) -> nn.Mo
     once, nor even one large matrix of them (the 8B output matrix is 2.1 GB in fp32)."""
     out, in_features = shape
     step = max(1, ROWS_AT_ONCE // in_features)
-    pieces = [quantized_linear(read(start, min(start + step, out)), method, group_size, name)
-              for start in range(0, out, step)]
-    layer = pieces[0]
-    for key, buffer in list(layer.named_buffers(recurse=False)):
-        parts = [getattr(piece, key) for piece in pieces]
-        setattr(layer, key, torch.cat(parts) if buffer.dim() and len(parts) > 1 else buffer)
+    layer = quantized_linear(read(0, min(step, out)), method, group_size, name)
+    if step >= out:
+        return layer
+    whole = {}
+    for key, first in layer.named_buffers(recurse=False):  # each buffer (rows, ...): codes, scales, zeros
+        whole[key] = torch.empty((out, *first.shape[1:]), dtype=first.dtype)
+        whole[key][:step] = first
+    for start in range(step, out, step):
+        piece = quantized_linear(read(start, min(start + step, out)), method, group_size, name)
+        for key, buffer in piece.named_buffers(recurse=False):
+            whole[key][start:start + step] = buffer
+    for key, buffer in whole.items():
+        setattr(layer, key, buffer)
     layer.out_features = out
     return layer
 

@@ -1,6 +1,7 @@
 // Group-wise int8 and int4 weight products for the CPU (llama/generation/quantize.py builds and loads
 // this file), on our own layouts and on llama.cpp's Q8_0 / Q4_0 blocks as a GGUF file stores them
-// (layouts.h), and the quantizers that turn float weights into our layouts (quantize.h).
+// (layouts.h), the quantizers that turn float weights into our layouts (quantize.h), and the
+// dequantization of llama.cpp's other common types for loading (kquants.h).
 //
 // Decoding multiplies a few rows of activations by every weight once, so its speed is the speed at
 // which the weights stream from memory, provided turning codes into numbers costs less than reading
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "kquants.h"
 #include "layouts.h"
 #include "quantize.h"
 #include "threads.h"
@@ -411,10 +413,26 @@ at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& scales, co
   return dequantize(codes.size(0), int4_weights(codes, scales, zeros, group_size));
 }
 
+at::Tensor kquant_dequantize(const at::Tensor& blocks, int64_t kind) {
+  const int64_t N = blocks.size(0), S = blocks.size(1), K = S * kSuper;
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 3 && blocks.size(2) == kquant_bytes(kind) &&
+                  blocks.stride(2) == 1 && blocks.stride(1) == blocks.size(2),
+              "blocks: uint8 (N, K / 256, ", kquant_bytes(kind), "), each row's super-blocks contiguous");
+  at::Tensor w = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* data = blocks.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  split_rows(N, K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t s = 0; s < S; ++s) dequantize_kquant(kind, data + n * blocks.stride(0) + s * blocks.size(2), wp + n * K + s * kSuper);
+  });
+  return w;
+}
+
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t kind) {
   if (kind == kQ8_0) return dequantize(blocks.size(0), gguf_weights<Q8_0Weights>(blocks));
-  TORCH_CHECK(kind == kQ4_0, "GGUF kind ", kind, ": only Q8_0 (8) and Q4_0 (2)");
-  return dequantize(blocks.size(0), gguf_weights<Q4_0Weights>(blocks));
+  if (kind == kQ4_0) return dequantize(blocks.size(0), gguf_weights<Q4_0Weights>(blocks));
+  TORCH_CHECK(kquant_bytes(kind), "GGUF kind ", kind, ": only Q8_0 (8), Q4_0 (2), Q4_K (12), Q5_K (13) and Q6_K (14)");
+  return kquant_dequantize(blocks, kind);
 }
 
 // How many threads run a product of N features of K weights each at this thread count: each chunk
