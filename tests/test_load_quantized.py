@@ -97,8 +97,10 @@ def test_gguf_blocks_are_used_as_the_file_stores_them(method, qtype, tmp_path):
     for name, m in loaded.named_modules():
         if isinstance(m, quantize.GGUFLinear):
             torch.testing.assert_close(m.dequantized(), reference.get_submodule(name).weight, rtol=0, atol=0)
-    with torch.no_grad():  # a prefill chunk (40 rows: the fp32 GEMM on the dequantized blocks), decode rows (4)
-        torch.testing.assert_close(loaded(tokens(vocab=256)), reference(tokens(vocab=256)))
+    long = tokens(2, 40, vocab=256)  # a prefill chunk of 80 rows: the fp32 GEMM on the dequantized blocks
+    assert long.numel() > quantize.PREFILL_ROWS
+    with torch.no_grad():  # and 4 decode rows: the kernel
+        torch.testing.assert_close(loaded(long), reference(long))
         ours, ref = loaded(tokens(1, 4, vocab=256)), reference(tokens(1, 4, vocab=256))
     assert 0 < (ours - ref).abs().max() < (0.01 if method == "int8" else 0.05) * ref.abs().max()
     requantized = load_model(path, quantize=method, group_size=64)

@@ -77,7 +77,7 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
     step = (groups.amax(-1) - groups.amin(-1)) / 15 if method == "int4" else groups.abs().amax(-1) / 127
     assert ((wq - w.double()).view(97, -1, group_size).abs().amax(-1) <= 0.51 * step).all()  # rounding: half a step
     assert torch.equal(layer.dequantized().double(), wq)
-    for rows in (1, 3, 5, quantize.PREFILL_ROWS + 4):  # 5: one pass of 4 rows + 1 row; 12: the GEMM
+    for rows in (1, 3, 5, 13, quantize.PREFILL_ROWS + 4):  # 5, 13: passes of 4 rows + 1; the last: the GEMM
         x = torch.randn(rows, K)
         x[0, :32] = 0  # a block of zeros: step 0
         exact = x.double() @ wq.T
@@ -96,6 +96,16 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
             got = layer.product(x, simd=simd)
             assert (got - kernel).abs().max() < 1e-5 * kernel.abs().max(), (rows, simd)
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model: fp32 inside, its dtype out
+
+
+@pytest.mark.parametrize("method, cls", [("int8", GroupInt8Linear), ("int4", Int4Linear)])
+def test_prefill_gemm_dequantizes_tile_by_tile(method, cls):
+    """More rows than PREFILL_ROWS: the fp32 GEMM on the weights dequantized DEQUANTIZED_TILE rows at a
+    time (the last tile short) is the GEMM on the whole dequantized weight."""
+    torch.manual_seed(0)
+    layer = cls(torch.randn(2 * quantize.DEQUANTIZED_TILE + 37, 128), 32)
+    x = torch.randn(quantize.PREFILL_ROWS + 1, 128)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized().T)
 
 
 def test_kernel_threads_split_large_products():

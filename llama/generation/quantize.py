@@ -13,8 +13,8 @@ only its own group. docs/quantization.md measures each choice against the fp32 m
   torch has no group-wise int8 kernel, and its int4 one computes in bf16, which AVX2 CPUs have no
   instructions for. The kernel rounds the activations per block of 32 (int16 for int8 weights: no
   measurable cost; int8 for int4, as llama.cpp) and multiplies them with the codes in integers: the
-  codes are all it reads. A prefill chunk (many rows) is compute-bound instead, and takes the fp32
-  GEMM on the weights dequantized once.
+  codes are all it reads, once for up to PREFILL_ROWS activation rows. A longer prefill chunk takes
+  the fp32 GEMM on the weights dequantized a tile at a time.
 - `--group-size 0` with int8 (`Int8Linear`): one scale per row through `torch._weight_int8pack_mm`,
   which inductor (compile=True) lowers to its C++ GEMM template; the least accurate scheme.
 - llama.cpp's Q8_0 and Q4_0 blocks (`GGUFLinear`), as a GGUF file stores them: loading such a file
@@ -48,7 +48,8 @@ QUANTIZE_CHOICES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's block of 32 weights
 DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"  # includes the other files of csrc/
-PREFILL_ROWS = 8  # more activation rows than this: dequantize and use the fp32 GEMM (docs/quantization.md)
+PREFILL_ROWS = 64  # more activation rows than this: the fp32 GEMM on dequantized tiles (docs/quantization.md)
+DEQUANTIZED_TILE = 256  # weight rows dequantized at a time for the GEMM: a tile that stays in the caches
 
 
 def build_signature() -> str:
@@ -190,10 +191,13 @@ class GroupLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
-        if flat.shape[0] > PREFILL_ROWS:  # compute-bound: one pass to dequantize, then the fp32 GEMM
-            y = F.linear(flat, self.dequantized())
+        if flat.shape[0] > PREFILL_ROWS:
+            # Compute-bound (a long prefill chunk): the fp32 GEMM, on the weights dequantized a tile of
+            # rows at a time (dequantizing a whole 8B FFN matrix writes 235 MB of fresh memory per product).
+            y = torch.cat([F.linear(flat, self.dequantized(start, start + DEQUANTIZED_TILE))
+                           for start in range(0, self.out_features, DEQUANTIZED_TILE)], dim=1)
         else:
-            y = self.product(flat)
+            y = self.product(flat)  # the kernel: each weight read once for all the rows
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -209,8 +213,9 @@ class GroupInt8Linear(GroupLinear):
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         return torch.ops.llama_quantized.int8_mm(x, self.weight, self.scales, self.group_size, simd)
 
-    def dequantized(self) -> torch.Tensor:
-        return torch.ops.llama_quantized.int8_dequantize(self.weight, self.scales, self.group_size)
+    def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        """Rows [start, end) of the weight, float32."""
+        return torch.ops.llama_quantized.int8_dequantize(self.weight[start:end], self.scales[start:end], self.group_size)
 
 
 class Int4Linear(GroupLinear):
@@ -227,8 +232,9 @@ class Int4Linear(GroupLinear):
         """x (rows, in) float32 -> (rows, out); simd=False: the portable loops a CPU without AVX2 runs."""
         return torch.ops.llama_quantized.int4_mm(x, self.weight, self.scales, self.zeros, self.group_size, simd)
 
-    def dequantized(self) -> torch.Tensor:
-        return torch.ops.llama_quantized.int4_dequantize(self.weight, self.scales, self.zeros, self.group_size)
+    def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        return torch.ops.llama_quantized.int4_dequantize(self.weight[start:end], self.scales[start:end],
+                                                         self.zeros[start:end], self.group_size)
 
 
 # GGUF types the kernel file reads (ggml's type ids): Q8_0 and Q4_0 multiplied as they are (GGUFLinear),
@@ -255,8 +261,8 @@ class GGUFLinear(GroupLinear):
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         return torch.ops.llama_quantized.gguf_mm(x, self.weight, self.kind_id, simd)
 
-    def dequantized(self) -> torch.Tensor:
-        return torch.ops.llama_quantized.gguf_dequantize(self.weight, self.kind_id)
+    def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        return torch.ops.llama_quantized.gguf_dequantize(self.weight[start:end], self.kind_id)
 
 
 class GGUFEmbedding(nn.Module):

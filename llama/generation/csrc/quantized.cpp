@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "kquants.h"
 #include "layouts.h"
@@ -153,45 +154,38 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 }
 
 // int8 x int16, block by block: 8 int32 lanes of 4 products each (|code| <= 127, |x| <= 32767 keep a
-// lane below 2^24: exact as a float), scaled by the block's scale times its step. Two sums (even and
-// odd blocks) so each multiply-add need not wait for the last.
-// The rows are taken from the two halves of [n0, n1) in turn: two streams through memory keep more
-// reads in flight than one (int8 reads the most bytes per weight; int4 gained nothing from it).
-template <typename Weights>
-void int8_rows_avx2(const RoundedRows<int16_t>& x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1,
-                    const Weights& weights) {
+// lane below 2^24: exact as a float), scaled by the block's scale times its step. Each block's codes
+// are widened once and multiplied with R activation rows (R <= 4: a prefill's rows share the load);
+// two sums per row (even and odd blocks) so each multiply-add need not wait for the last.
+template <int R, typename Weights>
+void int8_row_avx2(const RoundedRows<int16_t>& x, int64_t m0, float* y, int64_t N, int64_t n, const Weights& weights) {
   const int64_t K = weights.K, B = K / kBlock;
-  const int64_t half = (n1 - n0 + 1) / 2;
-  for (int64_t i = 0; i < 2 * half; ++i) {
-    const int64_t n = n0 + (i & 1) * half + i / 2;  // n0, n0 + half, n0 + 1, n0 + half + 1, ...
-    if (n >= n1) continue;  // an odd count: the second half is one row shorter
-    prefetch_scales(weights, n);
-    for (int64_t m = 0; m < M; ++m) {
-      const int16_t* xq = x.q.data() + m * K;
-      const float* step = x.step.data() + m * B;
-      auto block = [&](int64_t b, __m256 total) {
-        const int8_t* codes = weights.block(n, b);
-        const __m128i* q = reinterpret_cast<const __m128i*>(codes);
-        _mm_prefetch(reinterpret_cast<const char*>(codes + kBytesAhead), _MM_HINT_T1);  // to L2: measured faster here
-        const __m256i* xb = reinterpret_cast<const __m256i*>(xq + b * kBlock);
-        const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(q)), c = _mm256_cvtepi8_epi16(_mm_loadu_si128(q + 1));
+  __m256 sums[R][2];
+  for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, int parity) {
+    const int8_t* codes = weights.block(n, b);
+    const __m128i* q = reinterpret_cast<const __m128i*>(codes);
+    _mm_prefetch(reinterpret_cast<const char*>(codes + kBytesAhead), _MM_HINT_T1);  // to L2: measured faster here
+    const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(q)), c = _mm256_cvtepi8_epi16(_mm_loadu_si128(q + 1));
+    const float scale = weights.scale(n, b);
+    for (int r = 0; r < R; ++r) {
+      const __m256i* xb = reinterpret_cast<const __m256i*>(x.q.data() + (m0 + r) * K + b * kBlock);
 #ifdef LLAMA_VNNI
-        const __m256i dot = _mm256_dpwssd_epi32(_mm256_madd_epi16(a, _mm256_loadu_si256(xb)), c, _mm256_loadu_si256(xb + 1));
+      const __m256i dot = _mm256_dpwssd_epi32(_mm256_madd_epi16(a, _mm256_loadu_si256(xb)), c, _mm256_loadu_si256(xb + 1));
 #else
-        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_loadu_si256(xb)), _mm256_madd_epi16(c, _mm256_loadu_si256(xb + 1)));
+      const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_loadu_si256(xb)), _mm256_madd_epi16(c, _mm256_loadu_si256(xb + 1)));
 #endif
-        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(weights.scale(n, b) * step[b]), total);
-      };
-      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-      int64_t b = 0;
-      for (; b + 1 < B; b += 2) {
-        even = block(b, even);
-        odd = block(b + 1, odd);
-      }
-      if (b < B) even = block(b, even);
-      y[m * N + n] = hsum(_mm256_add_ps(even, odd));
+      sums[r][parity] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * x.step[(m0 + r) * B + b]), sums[r][parity]);
     }
+  };
+  prefetch_scales(weights, n);
+  int64_t b = 0;
+  for (; b + 1 < B; b += 2) {
+    block(b, 0);
+    block(b + 1, 1);
   }
+  if (b < B) block(b, 0);
+  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = hsum(_mm256_add_ps(sums[r][0], sums[r][1]));
 }
 
 // int4 x int8, two blocks at a time: a 256-bit register holds blocks b, b + 1 (16 bytes each), their
@@ -218,7 +212,7 @@ PairedRows pair_rows(const RoundedRows<int8_t>& x, int64_t M, int64_t K) {
       for (int l = 0; l < 4; ++l) rows.step[p * 8 + half * 4 + l] = x.step[m * B + b];
     }
   const __m256i eight = _mm256_set1_epi8(8);
-  for (int64_t p = 0; p < M * P; ++p) {  // the same lanes as the products in int4_rows_avx2
+  for (int64_t p = 0; p < M * P; ++p) {  // the same lanes as the products in int4_row_avx2
     const __m256i* xq = reinterpret_cast<const __m256i*>(&rows.q[p * 64]);
     const __m256i sums = _mm256_add_epi32(dot_u8s8(eight, _mm256_loadu_si256(xq)), dot_u8s8(eight, _mm256_loadu_si256(xq + 1)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(&rows.eights[p * 8]), sums);
@@ -248,51 +242,77 @@ inline __m256 pair_scales(const Q4_0Weights& w, int64_t n, int64_t p) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(int(two)))), kLaneBlock);
 }
 
-template <typename Weights>
-void int4_rows_avx2(const RoundedRows<int8_t>& x, const PairedRows& paired, int64_t M, float* y, int64_t N,
-                    int64_t n0, int64_t n1, const Weights& weights) {
+// Weight row n times R activation rows (R <= 4): each pair's codes are loaded and split into low and
+// high halves once, then multiplied with every row (a prefill's rows share the load).
+template <int R, typename Weights>
+void int4_row_avx2(const RoundedRows<int8_t>& x, const PairedRows& paired, int64_t m0, float* y, int64_t N, int64_t n,
+                   const Weights& weights) {
   const int64_t K = weights.K, B = K / kBlock, P = (B + 1) / 2;
   const __m256i low_bits = _mm256_set1_epi8(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    prefetch_scales(weights, n);
-    if constexpr (Weights::kHasZero) _mm_prefetch(reinterpret_cast<const char*>(weights.zeros + (n + kRowsAhead) * weights.G), _MM_HINT_T0);
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xq = paired.q.data() + m * P * 64;
-      const float* step = paired.step.data() + m * P * 8;
-      const int32_t* eights = paired.eights.data() + m * P * 8;
-      auto pair = [&](int64_t p, __m256i bytes, __m256 scale, __m256 total) {
-        const __m256i* xp = reinterpret_cast<const __m256i*>(xq + p * 64);
+  __m256 sums[R][2];
+  for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_ps();
+  auto pair = [&](int64_t p, __m256i bytes, __m256 scale, int parity) {
+    const __m256i low = _mm256_and_si256(bytes, low_bits), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_bits);
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * P + p;
+      const __m256i* xp = reinterpret_cast<const __m256i*>(paired.q.data() + at * 64);
 #ifdef LLAMA_VNNI
-        const __m256i sums = _mm256_dpbusd_epi32(dot_u8s8(_mm256_and_si256(bytes, low_bits), _mm256_loadu_si256(xp)),
-                                                 _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_bits), _mm256_loadu_si256(xp + 1));
+      const __m256i dots = _mm256_dpbusd_epi32(dot_u8s8(low, _mm256_loadu_si256(xp)), high, _mm256_loadu_si256(xp + 1));
 #else
-        const __m256i products = _mm256_add_epi16(
-            _mm256_maddubs_epi16(_mm256_and_si256(bytes, low_bits), _mm256_loadu_si256(xp)),
-            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_bits), _mm256_loadu_si256(xp + 1)));
-        const __m256i sums = _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+      const __m256i dots = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256(xp)),
+                                                              _mm256_maddubs_epi16(high, _mm256_loadu_si256(xp + 1))),
+                                             _mm256_set1_epi16(1));
 #endif
-        const __m256i centred = _mm256_sub_epi32(sums, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eights + p * 8)));
-        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(scale, _mm256_loadu_ps(step + p * 8)), total);
-      };
-      auto full_pair = [&](int64_t p, __m256 total) {
-        _mm_prefetch(reinterpret_cast<const char*>(weights.block(n, 2 * p)) + kBytesAhead, _MM_HINT_T0);
-        return pair(p, pair_codes(weights, n, p), pair_scales(weights, n, p), total);
-      };
-      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two sums: each multiply-add need not wait for the last
-      int64_t p = 0;
-      for (; p + 1 < B / 2; p += 2) {
-        even = full_pair(p, even);
-        odd = full_pair(p + 1, odd);
-      }
-      if (p < B / 2) even = full_pair(p++, even);
-      if (p < P)  // an odd number of blocks: the last one alone (its partner's activations are 0)
-        odd = pair(p, _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights.block(n, 2 * p)))),
-                   _mm256_set1_ps(weights.scale(n, 2 * p)), odd);
-      float zero = 0;
-      if constexpr (Weights::kHasZero) zero = group_dot(weights.zeros + n * weights.G, x.sums.data() + m * weights.G, weights.G);
-      y[m * N + n] = hsum(_mm256_add_ps(even, odd)) + zero;
+      const __m256i centred = _mm256_sub_epi32(dots, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(paired.eights.data() + at * 8)));
+      sums[r][parity] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(scale, _mm256_loadu_ps(paired.step.data() + at * 8)),
+                                        sums[r][parity]);
     }
+  };
+  auto full_pair = [&](int64_t p, int parity) {
+    _mm_prefetch(reinterpret_cast<const char*>(weights.block(n, 2 * p)) + kBytesAhead, _MM_HINT_T0);
+    pair(p, pair_codes(weights, n, p), pair_scales(weights, n, p), parity);
+  };
+  prefetch_scales(weights, n);
+  if constexpr (Weights::kHasZero) _mm_prefetch(reinterpret_cast<const char*>(weights.zeros + (n + kRowsAhead) * weights.G), _MM_HINT_T0);
+  int64_t p = 0;
+  for (; p + 1 < B / 2; p += 2) {
+    full_pair(p, 0);
+    full_pair(p + 1, 1);
   }
+  if (p < B / 2) full_pair(p++, 0);
+  if (p < P)  // an odd number of blocks: the last one alone (its partner's activations are 0)
+    pair(p, _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights.block(n, 2 * p)))),
+         _mm256_set1_ps(weights.scale(n, 2 * p)), 1);
+  for (int r = 0; r < R; ++r) {
+    float zero = 0;
+    if constexpr (Weights::kHasZero) zero = group_dot(weights.zeros + n * weights.G, x.sums.data() + (m0 + r) * weights.G, weights.G);
+    y[(m0 + r) * N + n] = hsum(_mm256_add_ps(sums[r][0], sums[r][1])) + zero;
+  }
+}
+
+// Output features [n0, n1) of all M rows: row(R, m0, n) computes rows m0 .. m0 + R - 1 of feature n.
+// Few rows (decoding): each weight row once, for all of them. Many (a prefill chunk): tiles of
+// kTileRows weight rows, which stay in the core's caches while every group of 4 activation rows
+// passes over them, so the weights are read from memory once however many rows there are.
+constexpr int64_t kTileRows = 16;
+
+template <typename Row>
+void tiled_rows(int64_t M, int64_t n0, int64_t n1, const Row& row) {
+  auto rows_of = [&](int64_t m0, int64_t count, int64_t n) {
+    switch (count) {
+      case 4: return row(std::integral_constant<int, 4>(), m0, n);
+      case 3: return row(std::integral_constant<int, 3>(), m0, n);
+      case 2: return row(std::integral_constant<int, 2>(), m0, n);
+      default: return row(std::integral_constant<int, 1>(), m0, n);
+    }
+  };
+  if (M <= 4) {
+    for (int64_t n = n0; n < n1; ++n) rows_of(0, M, n);
+    return;
+  }
+  for (int64_t t = n0; t < n1; t += kTileRows)
+    for (int64_t m0 = 0; m0 < M; m0 += 4)
+      for (int64_t n = t; n < std::min(t + kTileRows, n1); ++n) rows_of(m0, std::min<int64_t>(4, M - m0), n);
 }
 #endif
 
@@ -306,9 +326,13 @@ at::Tensor matmul(const at::Tensor& x, int64_t N, const Weights& weights, bool s
   if (simd) {
     if constexpr (Weights::kNibbles) {
       const PairedRows paired = pair_rows(rows_x, M, K);
-      split_rows(N, K, [&](int64_t n0, int64_t n1) { int4_rows_avx2(rows_x, paired, M, yp, N, n0, n1, weights); });
+      split_rows(N, K, [&](int64_t n0, int64_t n1) {
+        tiled_rows(M, n0, n1, [&](auto R, int64_t m0, int64_t n) { int4_row_avx2<R()>(rows_x, paired, m0, yp, N, n, weights); });
+      });
     } else {
-      split_rows(N, K, [&](int64_t n0, int64_t n1) { int8_rows_avx2(rows_x, M, yp, N, n0, n1, weights); });
+      split_rows(N, K, [&](int64_t n0, int64_t n1) {
+        tiled_rows(M, n0, n1, [&](auto R, int64_t m0, int64_t n) { int8_row_avx2<R()>(rows_x, m0, yp, N, n, weights); });
+      });
     }
     return y;
   }
