@@ -3,23 +3,23 @@ files, load time, peak memory, prefill and decode speed, in one run.
 
     flock /tmp/llama-bench.lock python bench/synthetic.py --shape 8b --dir /work/scratch-8b --hf \
         --json docs/records/bench-synthetic-8b-DATE.json
-    python bench/synthetic.py --shape 1b --pairs int4 --repeat 1 --new-tokens 8 --prefill-tokens 16 --no-compile
+    python bench/synthetic.py --shape 1b --pairs int4 --repeat 1 --rounds 1 --new-tokens 8 --prefill-tokens 16 --no-compile
 
 The weights are random, of the official shape (bench/_synthetic.py writes them, a few minutes for 8B:
 GGUF bf16 by the `gguf` package's writer, Q8_0 / Q4_0 by llama.cpp's own quantizer, HF bf16 shards by
 safetensors), so speed and memory are those of the real model; what the model says is noise.
 
 Pairs, each on one file: ours `--quantize int4` vs llama.cpp on a Q4_0 file (ours uses the file's own
-Q4_0 blocks; its Q6_K output matrix is requantized to our int4), int8 vs Q8_0, bf16 vs BF16. Every
-engine runs in a fresh process per round (its load time and peak memory are its own, and two 8B
-models never share the memory), rounds ordered [llama.cpp, ours, ours compiled, llama.cpp] so that
-load from other users reaches both; each number is the best of --repeat rounds. Measured per process:
-- load: seconds from a warm page cache to a model ready to run (llama.cpp: `Llama(...)`; ours:
-  `Llama.build`, tokenizer included), and peak resident memory (VmHWM) above the process's baseline
-  just before loading, beside the weights' bytes;
-- prefill: a --prefill-tokens prompt of random ids to its first new token, tokens/s;
-- decode: --new-tokens greedy tokens after a 4-token prompt, tokens/s over the steps after the first;
-  the weight bytes one step reads x tokens/s, over the matrix-vector bandwidth bench/_host.py measures.
+Q4_0 blocks; its Q6_K output matrix is requantized to our int4), int8 vs Q8_0, bf16 vs BF16.
+- load, in a fresh process per engine and round (rounds interleaved, the page cache warm): seconds to
+  a model ready to run (llama.cpp: `Llama(...)`; ours: `Llama.build`, tokenizer included), and peak
+  resident memory (VmHWM) above the process's baseline just before loading, beside the weights' bytes;
+- speed, all engines of a pair in one process (they share the file's pages), in --repeat interleaved
+  --rounds [llama.cpp, ours, ours compiled], so that load from other users reaches them alike, each
+  number the best of its rounds (the spread is recorded): prefill, a --prefill-tokens prompt of random
+  ids to its first new token; decode, --new-tokens greedy tokens after a 4-token prompt, tokens/s over
+  the steps after the first, and the weight bytes one step reads x tokens/s over the matrix-vector
+  bandwidth bench/_host.py measures.
 --hf also times HF bf16 -> int4 (load only: llama.cpp reads no safetensors).
 """
 
@@ -55,48 +55,68 @@ def _status(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
-def child(spec: dict) -> dict:
-    """Load one engine, measure it, return the numbers (runs in its own process)."""
-    import generate  # bench/generate.py: the engines (same code as its SmolLM2 runs)
+def build(spec: dict, threads: int):
+    """The engine a spec names (bench/generate.py's engines: the same code as its SmolLM2 runs)."""
+    import generate
 
-    torch.set_num_threads(spec["threads"])
-    engine_args = argparse.Namespace(device="cpu", threads=spec["threads"])
-    if spec["engine"] == "ours":
+    engine_args = argparse.Namespace(device="cpu", threads=threads)
+    if spec["engine"] == "llama.cpp":
+        return generate.LlamaCpp(spec["path"], engine_args)
+    return generate.Ours(spec["path"], engine_args, spec.get("quantize"), compile=spec.get("compile", False),
+                         dtype=spec.get("dtype"))
+
+
+def child_load(spec: dict, threads: int) -> dict:
+    """Load one engine in this fresh process: seconds, and peak memory above the baseline."""
+    torch.set_num_threads(threads)
+    if spec["engine"] == "ours" and spec.get("quantize"):
         from llama.generation.quantize import kernels
-        if spec.get("quantize"):
-            kernels()  # built before the baseline: a one-time cost, not the model's memory
+        kernels()  # built before the baseline: a one-time cost, not the model's memory
     base = _status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     start = time.perf_counter()
-    if spec["engine"] == "llama.cpp":
-        engine = generate.LlamaCpp(spec["path"], engine_args)
-    else:
-        engine = generate.Ours(spec["path"], engine_args, spec.get("quantize"), compile=spec["compile"],
-                               dtype=spec.get("dtype"))
-    out = {"load_s": time.perf_counter() - start, "load_peak": _status("VmHWM:") - base,
-           "weights": engine.weights, "step_bytes": engine.bytes}
-    if spec.get("load_only"):
-        return out
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(1000, 100000, (spec["prefill"],), generator=gen).tolist()
+    engine = build(spec, threads)
+    return {"load_s": time.perf_counter() - start, "load_peak": _status("VmHWM:") - base, "weights": engine.weights}
+
+
+def child_speed(specs: dict, threads: int, prefill: int, new: int, rounds: int) -> dict:
+    """Every engine of a pair in this one process, warmed, then `rounds` interleaved rounds of a prefill
+    and a decode each: {name: {"prefill": [tok/s per round], "decode": [...], "step_bytes", "warmup_s"}}."""
+    torch.set_num_threads(threads)
+    prompt = torch.randint(1000, 100000, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
     short = prompt[:4]
-    warm = time.perf_counter()
-    engine.decode(short, 4)  # first steps (compiling, for a compiled engine), thread pools
-    out["warmup_s"] = time.perf_counter() - warm
-    out["prefill_tok_s"] = len(prompt) / engine.prefill(prompt)
-    seconds, _ = engine.decode(short, spec["new"])
-    out["decode_tok_s"] = (spec["new"] - 1) / seconds
-    out["peak"] = _status("VmHWM:") - base
+    engines, out = {}, {}
+    for name, spec in specs.items():
+        start = time.perf_counter()
+        engines[name] = engine = build(spec, threads)
+        engine.decode(short, 4)  # first steps (compiling, for a compiled engine), thread pools
+        out[name] = {"warmup_s": time.perf_counter() - start, "step_bytes": engine.bytes, "prefill": [], "decode": []}
+    for r in range(rounds):
+        for name, engine in engines.items():
+            out[name]["prefill"].append(len(prompt) / engine.prefill(prompt))
+            seconds, _ = engine.decode(short, new)
+            out[name]["decode"].append((new - 1) / seconds)
+        print(f"round {r + 1}: " + "; ".join(f"{k} {v['decode'][-1]:.2f}" for k, v in out.items()) + " tok/s",
+              file=sys.stderr, flush=True)
+    out["peak_gib"] = _status("VmHWM:") / 2**30
     return out
 
 
-def run_child(spec: dict, timeout: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).parent)
+def run_child(job: dict, timeout: int) -> dict:
+    """A child process running child_load or child_speed (job: their arguments and "kind")."""
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], stdout=subprocess.PIPE,
+                          stderr=None if job["kind"] == "speed" else subprocess.PIPE, text=True, timeout=timeout,
+                          cwd=Path(__file__).parent)
     if proc.returncode != 0:
-        raise RuntimeError(f"{spec['engine']} {spec['path']}: {proc.stderr[-3000:]}")
+        raise RuntimeError(f"{job}: {(proc.stderr or '')[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(job: dict) -> dict:
+    if job["kind"] == "load":
+        return child_load(job["spec"], job["threads"])
+    return child_speed(job["specs"], job["threads"], job["prefill"], job["new"], job["rounds"])
 
 
 # ---------------------------------------------------------------------------- files
@@ -130,89 +150,87 @@ def warm_page_cache(path: Path) -> float:
 # ---------------------------------------------------------------------------- the run
 
 
-def engines_for(pair: str, path: Path, args) -> list:
-    """[(row name, spec)] in the order of a round: llama.cpp, ours eager, ours compiled, llama.cpp again."""
+def engines_for(pair: str, path: Path, args) -> dict:
+    """{row name: spec} of a pair, in the order of a round: llama.cpp, ours, ours compiled."""
     kind, target = PAIRS[pair]
-    common = dict(path=str(path), threads=args.threads, prefill=args.prefill_tokens, new=args.new_tokens)
-    cpp = (f"llama.cpp {kind}", dict(common, engine="llama.cpp"))
-    ours = [(f"llama-ref {pair}", dict(common, engine="ours", compile=False, **target))]
+    specs = {f"llama.cpp {kind}": dict(path=str(path), engine="llama.cpp"),
+             f"llama-ref {pair}": dict(path=str(path), engine="ours", **target)}
     if not args.no_compile:
-        ours.append((f"llama-ref {pair} + torch.compile", dict(common, engine="ours", compile=True, **target)))
-    return [cpp] + ours + [cpp]
+        specs[f"llama-ref {pair} + torch.compile"] = dict(path=str(path), engine="ours", compile=True, **target)
+    return specs
 
 
 def measure(args, files) -> dict:
-    """{row name: [result of each process]} for every pair, rounds interleaved as engines_for orders them."""
+    """{row name: {"load": [per process], "prefill": [per round], "decode": [...], ...}}."""
     results = {}
-    for r in range(args.repeat):
-        for pair in args.pairs:
-            kind = PAIRS[pair][0]
-            warmed = warm_page_cache(files[kind])
-            for name, spec in engines_for(pair, files[kind], args):
-                result = run_child(spec, args.timeout)
-                result["page_cache_warm_s"] = round(warmed, 1)
-                results.setdefault(name, []).append(result)
-                print(f"round {r + 1} {name}: load {result['load_s']:.1f} s, peak {result['peak'] / 2**30:.2f} GiB, "
-                      f"prefill {result['prefill_tok_s']:.1f} tok/s, decode {result['decode_tok_s']:.2f} tok/s",
-                      flush=True)
+    loads = [(name, spec) for pair in args.pairs for name, spec in engines_for(pair, files[PAIRS[pair][0]], args).items()
+             if not spec.get("compile")]  # compiling happens at the first step, not at load
     if args.hf:
-        warm_page_cache(files["HF"])
-        for r in range(args.repeat):
-            spec = dict(path=str(files["HF"]), engine="ours", compile=False, quantize="int4", threads=args.threads,
-                        load_only=True)
-            result = run_child(spec, args.timeout)
-            results.setdefault("llama-ref HF bf16 -> int4 (load only)", []).append(result)
-            print(f"round {r + 1} HF bf16 -> int4: load {result['load_s']:.1f} s, "
-                  f"peak {result['load_peak'] / 2**30:.2f} GiB", flush=True)
+        loads.append(("llama-ref HF bf16 -> int4", dict(path=str(files["HF"]), engine="ours", quantize="int4")))
+    for path in {spec["path"] for _, spec in loads}:
+        warm_page_cache(Path(path))
+    for r in range(args.repeat):
+        for name, spec in loads:
+            result = run_child(dict(kind="load", spec=spec, threads=args.threads), args.timeout)
+            results.setdefault(name, {}).setdefault("load", []).append(result)
+            print(f"load {r + 1} {name}: {result['load_s']:.1f} s, peak {result['load_peak'] / 2**30:.2f} GiB", flush=True)
+    for pair in args.pairs:
+        path = files[PAIRS[pair][0]]
+        warm_page_cache(path)
+        specs = engines_for(pair, path, args)
+        speed = run_child(dict(kind="speed", specs=specs, threads=args.threads, prefill=args.prefill_tokens,
+                               new=args.new_tokens, rounds=args.rounds), args.timeout)
+        for name in specs:
+            results.setdefault(name, {}).update(speed[name], speed_process_peak_gib=round(speed["peak_gib"], 2))
     return results
 
 
 def summarize(results: dict, bandwidth: float) -> list:
-    """One row per engine: the best of its rounds (fastest load and steps, lowest peak), and the spread."""
+    """One row per engine: the best of its rounds (fastest load and steps, least memory)."""
     rows = []
-    for name, runs in results.items():
-        row = {"engine": name, "runs": len(runs), "weights_gb": round(runs[0]["weights"] / 1e9, 3),
-               "load_s": round(min(r["load_s"] for r in runs), 2),
-               "load_s_spread": [round(r["load_s"], 2) for r in runs],
-               "load_peak_gib": round(min(r["load_peak"] for r in runs) / 2**30, 2)}
-        if "decode_tok_s" in runs[0]:
-            decode = max(r["decode_tok_s"] for r in runs)
-            row.update(peak_gib=round(min(r["peak"] for r in runs) / 2**30, 2),
-                       prefill_tok_s=round(max(r["prefill_tok_s"] for r in runs), 2),
-                       decode_tok_s=round(decode, 2), decode_spread=[round(r["decode_tok_s"], 2) for r in runs],
-                       gb_per_token=round(runs[0]["step_bytes"] / 1e9, 3),
-                       share_of_matvec=round(runs[0]["step_bytes"] * decode / 1e9 / bandwidth, 3),
-                       warmup_s=round(max(r["warmup_s"] for r in runs), 1))
+    for name, r in results.items():
+        row = {"engine": name}
+        if "load" in r:
+            row.update(weights_gb=round(r["load"][0]["weights"] / 1e9, 3),
+                       load_s=round(min(x["load_s"] for x in r["load"]), 2),
+                       load_peak_gib=round(min(x["load_peak"] for x in r["load"]) / 2**30, 2))
+        if r.get("decode"):
+            decode = max(r["decode"])
+            row.update(prefill_tok_s=round(max(r["prefill"]), 2), decode_tok_s=round(decode, 2),
+                       gb_per_token=round(r["step_bytes"] / 1e9, 3),
+                       share_of_matvec=round(r["step_bytes"] * decode / 1e9 / bandwidth, 3),
+                       warmup_s=round(r["warmup_s"], 1))
         rows.append(row)
     return rows
 
 
 def ratios(rows) -> dict:
+    """Ours over llama.cpp's, per pair: decode and prefill speed (> 1: faster), load time and peak memory
+    while loading (< 1: less)."""
     by = {r["engine"]: r for r in rows}
     out = {}
     for pair, (kind, _) in PAIRS.items():
         cpp = by.get(f"llama.cpp {kind}")
         for suffix in ("", " + torch.compile"):
             ours = by.get(f"llama-ref {pair}{suffix}")
-            if cpp and ours:
-                for field in ("decode_tok_s", "prefill_tok_s"):
+            for field in ("decode_tok_s", "prefill_tok_s", "load_s", "load_peak_gib"):
+                if cpp and ours and cpp.get(field) and ours.get(field):
                     out[f"{pair}{suffix} {field} / llama.cpp {kind}"] = round(ours[field] / cpp[field], 3)
-                out[f"{pair}{suffix} load_s / llama.cpp {kind}"] = round(ours["load_s"] / cpp["load_s"], 3)
-                out[f"{pair}{suffix} peak / llama.cpp {kind}"] = round(ours["peak_gib"] / cpp["peak_gib"], 3)
     return out
 
 
 def print_table(rows, args) -> None:
-    print(f"\n| engine | weights (GB) | load (s) | load peak (GiB) | peak (GiB) | prefill {args.prefill_tokens} (tok/s) "
+    print(f"\n| engine | weights (GB) | load (s) | peak while loading (GiB) | prefill {args.prefill_tokens} (tok/s) "
           f"| decode (tok/s) | GB read/token | % of matvec |")
-    print("|---" * 9 + "|")
+    print("|---" * 8 + "|")
     for r in rows:
-        cells = [r["engine"], f"{r['weights_gb']:.2f}", f"{r['load_s']:.1f}", f"{r['load_peak_gib']:.2f}"]
+        cells = [r["engine"]]
+        cells += [f"{r['weights_gb']:.2f}", f"{r['load_s']:.1f}", f"{r['load_peak_gib']:.2f}"] if "load_s" in r else [""] * 3
         if "decode_tok_s" in r:
-            cells += [f"{r['peak_gib']:.2f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
-                      f"{r['gb_per_token']:.2f}", f"{100 * r['share_of_matvec']:.0f}%"]
+            cells += [f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}", f"{r['gb_per_token']:.2f}",
+                      f"{100 * r['share_of_matvec']:.0f}%"]
         else:
-            cells += ["", "", "", "", ""]
+            cells += [""] * 4
         print("| " + " | ".join(cells) + " |")
 
 
@@ -225,7 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=usable_cpus())
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2, help="fresh-process loads of each engine")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved speed rounds")
     p.add_argument("--no-compile", action="store_true", help="eager engines only")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per engine process")
     p.add_argument("--json", type=Path, help="write the record (host facts, every process's numbers, rows) here")

@@ -59,24 +59,28 @@ def test_loading_into_a_scheme_equals_quantizing_the_loaded_model(method, tmp_pa
             assert torch.equal(at_load(tokens(vocab=256)), after(tokens(vocab=256)))
 
 
-def test_quantizers_equal_the_torch_reference():
+def test_quantizers_equal_the_torch_reference(monkeypatch):
     """The kernel file's quantizers (one pass, C++) give int8_codes / int4_codes (torch) bit for bit,
     from float32, bf16 and fp16 weights and from a view that is part of wider rows (a row-parallel
     rank's columns)."""
     torch.manual_seed(0)
     wide = torch.randn(37, 640) * 0.05
     wide[2, 5] = 3.0  # an outlier in one group
-    ops = quantize.kernels()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for w in (wide.to(dtype), wide.to(dtype)[:, 128:384]):
             for group in (32, 64, 128):
-                codes, scales = ops.int8_quantize(w, group)
+                int8 = quantize.GroupInt8Linear(w, group)
                 ref_codes, ref_scales = quantize.int8_codes(w.float(), group)
-                assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales), (dtype, group)
-                packed, scales, zeros = ops.int4_quantize(w, group)
+                assert torch.equal(int8.weight, ref_codes) and torch.equal(int8.scales, ref_scales), (dtype, group)
+                int4 = quantize.Int4Linear(w, group)
                 ref_codes, ref_scales, ref_zeros = quantize.int4_codes(w.float(), group)
-                assert torch.equal(packed, quantize.pack_int4(ref_codes)), (dtype, group)
-                assert torch.equal(scales, ref_scales) and torch.equal(zeros, ref_zeros), (dtype, group)
+                assert torch.equal(int4.weight, quantize.pack_int4(ref_codes)), (dtype, group)
+                assert torch.equal(int4.scales, ref_scales) and torch.equal(int4.zeros, ref_zeros), (dtype, group)
+    monkeypatch.setattr(quantize, "ROWS_AT_ONCE", 5 * 640)  # pieces of 5 rows, the last 2
+    for method, cls in (("int8", quantize.GroupInt8Linear), ("int4", quantize.Int4Linear)):
+        whole = cls(wide, 32)
+        layer = quantize.quantize_rows(lambda start, end: wide[start:end], tuple(wide.shape), method, 32, "w")
+        assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), whole.buffers()))
 
 
 @pytest.mark.parametrize("method, qtype", [("int8", Q.Q8_0), ("int4", Q.Q4_0)])

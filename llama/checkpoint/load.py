@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from llama import parallel
 from llama.common.checks import check_context_fits, check_sizes
@@ -148,7 +149,7 @@ def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=No
     dtype = dtype or source.default_dtype()
     check_context_fits(args, dtype, device, path)  # before the RoPE table is built for max_seq_len
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInit():
             model = Transformer(args)
     except parallel.ParallelError as e:
         raise CheckpointError(f"{path}: cannot split this model over {mp} model-parallel ranks: {e}") from None
@@ -173,6 +174,20 @@ def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=No
     if args.tie_word_embeddings and not quantize:  # assign=True made two Parameters of one tensor; make them one again
         model.output.weight = model.tok_embeddings.weight
     return model.to(device) if device is not None else model
+
+
+class _NoInit(TorchFunctionMode):
+    """Building on the meta device there is nothing to initialise: the modules' random initialisation
+    returns its tensor as it is (on meta tensors it runs torch's Python reference kernels, whose first
+    use imports torch._dynamo: seconds of a load)."""
+
+    SKIPPED = {torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_, torch.nn.init.trunc_normal_,
+               torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def _check_unused(source, wanted) -> None:

@@ -205,10 +205,17 @@ class GroupInt8Linear(GroupLinear):
     """int8 codes (out, in), w = q * scale."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
+        """`weight` (out, in), quantized; one on the `meta` device gives the layer's shape only (`fill`)."""
         super().__init__(*weight.shape, group_size)
-        q, scale = kernels().int8_quantize(_rows(weight), group_size)  # int8_codes, in one pass
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scale)
+        self.register_buffer("weight", torch.empty(weight.shape, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(weight.shape[0], weight.shape[1] // group_size, dtype=torch.bfloat16))
+        if not weight.is_meta:
+            self.fill(0, weight)
+
+    def fill(self, start: int, rows: torch.Tensor) -> None:
+        """Quantize `rows` (n, in) into rows [start, start + n): int8_codes, in one pass."""
+        end = start + rows.shape[0]
+        kernels().int8_quantize(_rows(rows), self.group_size, self.weight[start:end], self.scales[start:end])
 
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         return torch.ops.llama_quantized.int8_mm(x, self.weight, self.scales, self.group_size, simd)
@@ -223,10 +230,18 @@ class Int4Linear(GroupLinear):
 
     def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__(*weight.shape, group_size)
-        packed, scale, zero = kernels().int4_quantize(_rows(weight), group_size)  # pack_int4(int4_codes(...))
-        self.register_buffer("weight", packed)
-        self.register_buffer("scales", scale)
-        self.register_buffer("zeros", zero)
+        out, groups = weight.shape[0], weight.shape[1] // group_size
+        self.register_buffer("weight", torch.empty(out, weight.shape[1] // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out, groups, dtype=torch.bfloat16))
+        self.register_buffer("zeros", torch.empty(out, groups, dtype=torch.bfloat16))
+        if not weight.is_meta:
+            self.fill(0, weight)
+
+    def fill(self, start: int, rows: torch.Tensor) -> None:
+        """pack_int4(int4_codes(rows)) into rows [start, start + n), in one pass."""
+        end = start + rows.shape[0]
+        kernels().int4_quantize(_rows(rows), self.group_size, self.weight[start:end], self.scales[start:end],
+                                self.zeros[start:end])
 
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         """x (rows, in) float32 -> (rows, out); simd=False: the portable loops a CPU without AVX2 runs."""
@@ -330,20 +345,16 @@ def quantize_rows(read, shape, method: str, group_size: int, name: str) -> nn.Mo
     once, nor even one large matrix of them (the 8B output matrix is 2.1 GB in fp32)."""
     out, in_features = shape
     step = max(1, ROWS_AT_ONCE // in_features)
-    layer = quantized_linear(read(0, min(step, out)), method, group_size, name)
-    if step >= out:
+    if group_size == 0:  # one scale per row (torch's int8 layout): stack the pieces' rows
+        pieces = [Int8Linear(read(start, min(start + step, out))) for start in range(0, out, step)]
+        layer = pieces[0]
+        for key in ("weight", "scales"):
+            setattr(layer, key, torch.cat([getattr(piece, key) for piece in pieces]))
+        layer.out_features = out
         return layer
-    whole = {}
-    for key, first in layer.named_buffers(recurse=False):  # each buffer (rows, ...): codes, scales, zeros
-        whole[key] = torch.empty((out, *first.shape[1:]), dtype=first.dtype)
-        whole[key][:step] = first
-    for start in range(step, out, step):
-        piece = quantized_linear(read(start, min(start + step, out)), method, group_size, name)
-        for key, buffer in piece.named_buffers(recurse=False):
-            whole[key][start:start + step] = buffer
-    for key, buffer in whole.items():
-        setattr(layer, key, buffer)
-    layer.out_features = out
+    layer = quantized_linear(torch.empty(shape, device="meta"), method, group_size, name)  # checks, allocates
+    for start in range(0, out, step):
+        layer.fill(start, read(start, min(start + step, out)))
     return layer
 
 

@@ -43,11 +43,17 @@ void for_rows(const at::Tensor& w, int64_t group_size, const F& f) {
   }
 }
 
+void check_out(const at::Tensor& t, int64_t rows, int64_t cols, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols,
+              what, ": contiguous ", dtype, " (", rows, ", ", cols, ")");
+}
+
 // Each group's largest |w| onto 127: scale = bf16(max(amax / 127, 1e-12)), code = round(w / scale).
-std::tuple<at::Tensor, at::Tensor> int8_quantize(const at::Tensor& w, int64_t group_size) {
+// Written into `codes` (N, K) and `scales` (N, K / group_size), e.g. rows of a larger layer's buffers.
+void int8_quantize(const at::Tensor& w, int64_t group_size, at::Tensor codes, at::Tensor scales) {
   const int64_t N = w.size(0), K = w.size(1), G = K / group_size;
-  at::Tensor codes = at::empty({N, K}, at::TensorOptions().dtype(at::kChar));
-  at::Tensor scales = at::empty({N, G}, at::TensorOptions().dtype(at::kBFloat16));
+  check_out(codes, N, K, at::kChar, "codes");
+  check_out(scales, N, G, at::kBFloat16, "scales");
   int8_t* q = codes.data_ptr<int8_t>();
   uint16_t* s = reinterpret_cast<uint16_t*>(scales.data_ptr());
   for_rows(w, group_size, [&](const auto* row, int64_t n) {
@@ -62,16 +68,16 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize(const at::Tensor& w, int64_t gr
         q[n * K + j * group_size + l] = int8_t(std::clamp(std::nearbyint(as_float(g[l]) / scale), -127.0f, 127.0f));
     }
   });
-  return {codes, scales};
 }
 
 // Each group's [min, max] onto 0..15: scale = bf16(max((max - min) / 15, 1e-12)), zero = bf16(min + 8 scale),
-// code = round((w - zero) / scale + 8), packed two per byte (weights l and l + 16 of each block of 32).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w, int64_t group_size) {
+// code = round((w - zero) / scale + 8), packed two per byte (weights l and l + 16 of each block of 32),
+// into codes (N, K / 2), scales and zeros (N, K / group_size).
+void int4_quantize(const at::Tensor& w, int64_t group_size, at::Tensor codes, at::Tensor scales, at::Tensor zeros) {
   const int64_t N = w.size(0), K = w.size(1), G = K / group_size;
-  at::Tensor codes = at::empty({N, K / 2}, at::TensorOptions().dtype(at::kByte));
-  at::Tensor scales = at::empty({N, G}, at::TensorOptions().dtype(at::kBFloat16));
-  at::Tensor zeros = at::empty({N, G}, at::TensorOptions().dtype(at::kBFloat16));
+  check_out(codes, N, K / 2, at::kByte, "codes");
+  check_out(scales, N, G, at::kBFloat16, "scales");
+  check_out(zeros, N, G, at::kBFloat16, "zeros");
   uint8_t* q = codes.data_ptr<uint8_t>();
   uint16_t* s = reinterpret_cast<uint16_t*>(scales.data_ptr());
   uint16_t* z = reinterpret_cast<uint16_t*>(zeros.data_ptr());
@@ -97,7 +103,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w
         }
     }
   });
-  return {codes, scales, zeros};
 }
 
 }  // namespace

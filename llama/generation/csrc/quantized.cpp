@@ -487,8 +487,8 @@ TORCH_LIBRARY(llama_quantized, m) {
   m.def("int8_dequantize(Tensor codes, Tensor scales, int group_size) -> Tensor");
   m.def("int4_dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("gguf_dequantize(Tensor blocks, int kind) -> Tensor");
-  m.def("int8_quantize(Tensor w, int group_size) -> (Tensor, Tensor)");
-  m.def("int4_quantize(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def("int8_quantize(Tensor w, int group_size, Tensor(a!) codes, Tensor(b!) scales) -> ()");
+  m.def("int4_quantize(Tensor w, int group_size, Tensor(a!) codes, Tensor(b!) scales, Tensor(c!) zeros) -> ()");
   m.def("product_threads(int rows, int row_weights) -> int");
 }
 
