@@ -13,7 +13,8 @@ Pairs, each on one file: ours `--quantize int4` vs llama.cpp on a Q4_0 file (our
 Q4_0 blocks; its Q6_K output matrix is requantized to our int4), int8 vs Q8_0, bf16 vs BF16.
 - load, in a fresh process per engine and round (rounds interleaved, the page cache warm): seconds to
   a model ready to run (llama.cpp: `Llama(...)`; ours: `Llama.build`, tokenizer included), and peak
-  resident memory (VmHWM) above the process's baseline just before loading, beside the weights' bytes;
+  resident memory (VmHWM) above the process's baseline just before loading, beside the weights' bytes,
+  at the end of loading and after one decode step (a mapped file's pages count once read);
 - speed, all engines of a pair in one process (they share the file's pages), in --repeat interleaved
   --rounds [llama.cpp, ours, ours compiled], so that load from other users reaches them alike, each
   number the best of its rounds (the spread is recorded): prefill, a --prefill-tokens prompt of random
@@ -77,7 +78,10 @@ def child_load(spec: dict, threads: int) -> dict:
         f.write("5")  # VmHWM := VmRSS
     start = time.perf_counter()
     engine = build(spec, threads)
-    return {"load_s": time.perf_counter() - start, "load_peak": _status("VmHWM:") - base, "weights": engine.weights}
+    out = {"load_s": time.perf_counter() - start, "load_peak": _status("VmHWM:") - base, "weights": engine.weights}
+    engine.decode([1000, 1001, 1002, 1003], 2)  # a step reads every weight: mapped pages count from here
+    out["step_peak"] = _status("VmHWM:") - base
+    return out
 
 
 def child_speed(specs: dict, threads: int, prefill: int, new: int, rounds: int) -> dict:
@@ -193,7 +197,8 @@ def summarize(results: dict, bandwidth: float) -> list:
         if "load" in r:
             row.update(weights_gb=round(r["load"][0]["weights"] / 1e9, 3),
                        load_s=round(min(x["load_s"] for x in r["load"]), 2),
-                       load_peak_gib=round(min(x["load_peak"] for x in r["load"]) / 2**30, 2))
+                       load_peak_gib=round(min(x["load_peak"] for x in r["load"]) / 2**30, 2),
+                       step_peak_gib=round(min(x["step_peak"] for x in r["load"]) / 2**30, 2))
         if r.get("decode"):
             decode = max(r["decode"])
             row.update(prefill_tok_s=round(max(r["prefill"]), 2), decode_tok_s=round(decode, 2),
@@ -213,19 +218,20 @@ def ratios(rows) -> dict:
         cpp = by.get(f"llama.cpp {kind}")
         for suffix in ("", " + torch.compile"):
             ours = by.get(f"llama-ref {pair}{suffix}")
-            for field in ("decode_tok_s", "prefill_tok_s", "load_s", "load_peak_gib"):
+            for field in ("decode_tok_s", "prefill_tok_s", "load_s", "load_peak_gib", "step_peak_gib"):
                 if cpp and ours and cpp.get(field) and ours.get(field):
                     out[f"{pair}{suffix} {field} / llama.cpp {kind}"] = round(ours[field] / cpp[field], 3)
     return out
 
 
 def print_table(rows, args) -> None:
-    print(f"\n| engine | weights (GB) | load (s) | peak while loading (GiB) | prefill {args.prefill_tokens} (tok/s) "
-          f"| decode (tok/s) | GB read/token | % of matvec |")
+    print(f"\n| engine | weights (GB) | load (s) | peak RSS loading / after a step (GiB) | prefill {args.prefill_tokens} "
+          f"(tok/s) | decode (tok/s) | GB read/token | % of matvec |")
     print("|---" * 8 + "|")
     for r in rows:
         cells = [r["engine"]]
-        cells += [f"{r['weights_gb']:.2f}", f"{r['load_s']:.1f}", f"{r['load_peak_gib']:.2f}"] if "load_s" in r else [""] * 3
+        cells += ([f"{r['weights_gb']:.2f}", f"{r['load_s']:.1f}", f"{r['load_peak_gib']:.2f} / {r['step_peak_gib']:.2f}"]
+                  if "load_s" in r else [""] * 3)
         if "decode_tok_s" in r:
             cells += [f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}", f"{r['gb_per_token']:.2f}",
                       f"{100 * r['share_of_matvec']:.0f}%"]

@@ -138,10 +138,11 @@ class Llama:
     # ------------------------------------------------------------------ the engine
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        # Compiled on a CPU, attention for one query per sequence takes SDPA's plain form (QK^T,
-        # softmax, xV), which inductor fuses into the step; the flash kernel's fixed cost per call
-        # outweighs its gain for one query (docs/performance.md, "Decode attention").
-        math_attention = self.compiled and self.device.type == "cpu"
+        # On a CPU, attention for one query per sequence takes SDPA's plain form (QK^T, softmax, xV):
+        # compiled, inductor fuses it into the step, where the flash kernel's fixed cost per call outweighs
+        # its gain for one query; eager too, where the flash kernel's threads waited for a busy core
+        # (docs/performance.md, "Decode attention").
+        math_attention = self.device.type == "cpu"
         with sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext():
             return self.model(tokens, positions, cache)[:, -1]  # (B, V)
 

@@ -291,13 +291,15 @@ void int4_row_avx2(const RoundedRows<int8_t>& x, const PairedRows& paired, int64
 }
 
 // Output features [n0, n1) of all M rows: row(R, m0, n) computes rows m0 .. m0 + R - 1 of feature n.
-// Few rows (decoding): each weight row once, for all of them. Many (a prefill chunk): tiles of
-// kTileRows weight rows, which stay in the core's caches while every group of 4 activation rows
+// Few rows (decoding): each weight row once, for all of them; with `two_streams`, taken from the two
+// halves of [n0, n1) in turn: two streams through memory keep more reads in flight than one (int8
+// reads the most bytes per weight; int4 gained nothing from it). Many rows (a prefill chunk): tiles
+// of kTileRows weight rows, which stay in the core's caches while every group of 4 activation rows
 // passes over them, so the weights are read from memory once however many rows there are.
 constexpr int64_t kTileRows = 16;
 
 template <typename Row>
-void tiled_rows(int64_t M, int64_t n0, int64_t n1, const Row& row) {
+void tiled_rows(int64_t M, int64_t n0, int64_t n1, bool two_streams, const Row& row) {
   auto rows_of = [&](int64_t m0, int64_t count, int64_t n) {
     switch (count) {
       case 4: return row(std::integral_constant<int, 4>(), m0, n);
@@ -306,6 +308,14 @@ void tiled_rows(int64_t M, int64_t n0, int64_t n1, const Row& row) {
       default: return row(std::integral_constant<int, 1>(), m0, n);
     }
   };
+  if (M <= 4 && two_streams) {
+    const int64_t half = (n1 - n0 + 1) / 2;
+    for (int64_t i = 0; i < 2 * half; ++i) {
+      const int64_t n = n0 + (i & 1) * half + i / 2;  // n0, n0 + half, n0 + 1, n0 + half + 1, ...
+      if (n < n1) rows_of(0, M, n);  // an odd count: the second half is one row shorter
+    }
+    return;
+  }
   if (M <= 4) {
     for (int64_t n = n0; n < n1; ++n) rows_of(0, M, n);
     return;
@@ -327,11 +337,11 @@ at::Tensor matmul(const at::Tensor& x, int64_t N, const Weights& weights, bool s
     if constexpr (Weights::kNibbles) {
       const PairedRows paired = pair_rows(rows_x, M, K);
       split_rows(N, K, [&](int64_t n0, int64_t n1) {
-        tiled_rows(M, n0, n1, [&](auto R, int64_t m0, int64_t n) { int4_row_avx2<R()>(rows_x, paired, m0, yp, N, n, weights); });
+        tiled_rows(M, n0, n1, false, [&](auto R, int64_t m0, int64_t n) { int4_row_avx2<R()>(rows_x, paired, m0, yp, N, n, weights); });
       });
     } else {
       split_rows(N, K, [&](int64_t n0, int64_t n1) {
-        tiled_rows(M, n0, n1, [&](auto R, int64_t m0, int64_t n) { int8_row_avx2<R()>(rows_x, m0, yp, N, n, weights); });
+        tiled_rows(M, n0, n1, true, [&](auto R, int64_t m0, int64_t n) { int8_row_avx2<R()>(rows_x, m0, yp, N, n, weights); });
       });
     }
     return y;
