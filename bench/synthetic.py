@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(_synthetic.SHAPES), default="8b")
     p.add_argument("--dir", default=str(cache_dir() / "synthetic"), help="where the files are written (GBs)")
-    p.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=["int4", "int8"])
+    p.add_argument("--pairs", nargs="*", choices=list(PAIRS), default=["int4", "int8"], help="none: --hf alone")
     p.add_argument("--hf", action="store_true", help="also write the HF bf16 dir and time HF bf16 -> int4")
     p.add_argument("--threads", type=int, default=usable_cpus())
     p.add_argument("--prefill-tokens", type=int, default=128)
