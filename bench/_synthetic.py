@@ -82,13 +82,16 @@ def _tokenizer_fields(vocab_size: int) -> dict:
 
 
 def write_gguf(args: ModelArgs, path: Path, kind: str = "BF16") -> Path:
-    """A llama.cpp file of `args`'s shape with the random weights, BF16/F16/F32, streamed tensor by tensor."""
+    """A llama.cpp file of `args`'s shape with the random weights, streamed tensor by tensor: BF16/F16/F32,
+    or Q4_0 / Q8_0 quantized by the gguf package (llama.cpp's arithmetic in numpy, every matrix: a file
+    too large to write as bf16 first, such as 70B's)."""
     import gguf
 
     if path.exists():
         return path
     types = {"BF16": (Q.BF16, torch.bfloat16, np.uint16, 32), "F16": (Q.F16, torch.float16, np.float16, 1),
-             "F32": (Q.F32, torch.float32, np.float32, 0)}
+             "F32": (Q.F32, torch.float32, np.float32, 0), "Q4_0": (Q.Q4_0, None, np.uint8, 2),
+             "Q8_0": (Q.Q8_0, None, np.uint8, 7)}
     qtype, dtype, np_dtype, file_type = types[kind]
     partial = Path(str(path) + ".partial")
     writer = gguf.GGUFWriter(str(partial), arch="llama")
@@ -125,6 +128,11 @@ def write_gguf(args: ModelArgs, path: Path, kind: str = "BF16") -> Path:
         n = int(np.prod(shape))
         if len(shape) == 1:
             writer.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32), n * 4)
+        elif dtype is None:  # quantized: the byte shape (rows, bytes per row)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            byte_shape = (shape[0], shape[1] // block * size)
+            writer.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1],
+                                   raw_dtype=qtype)
         else:
             writer.add_tensor_info(gguf_name(name), shape, np.dtype(np_dtype), n * torch.finfo(dtype).bits // 8,
                                    raw_dtype=qtype)
@@ -135,12 +143,34 @@ def write_gguf(args: ModelArgs, path: Path, kind: str = "BF16") -> Path:
         writer.write_tensor_data(t.numpy())
     for name, shape in names.items():
         t = tensor(name, shape)
-        t = t.float() if len(shape) == 1 else t.to(dtype)
-        writer.write_tensor_data((t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy())
+        if len(shape) == 1:
+            writer.write_tensor_data(t.float().numpy())
+        elif dtype is None:  # gguf.quants makes float copies: a few rows at a time
+            _write_pieces(writer, (gguf.quants.quantize(t[start:start + 4096].float().numpy(), qtype)
+                                   for start in range(0, shape[0], 4096)))
+        else:
+            t = t.to(dtype)
+            writer.write_tensor_data((t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy())
         del t
     writer.close()
     partial.rename(path)
     return path
+
+
+def _write_pieces(writer, pieces) -> None:
+    """writer.write_tensor_data for one tensor given as consecutive pieces (its API takes whole arrays)."""
+    import gguf
+
+    out = writer.fout[0]
+    writer.write_padding(out, out.tell())
+    info = writer.tensors[0].pop(next(iter(writer.tensors[0])))
+    written = 0
+    for piece in pieces:
+        piece.tofile(out)
+        written += piece.nbytes
+    assert written == info.nbytes, (written, info.nbytes)
+    writer.write_padding(out, written)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
 
 
 def llamacpp_quantize(src: Path, dst: Path, kind: str, threads: int) -> Path:

@@ -84,9 +84,13 @@ HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentatio
 # 89.6 GB/s peak); about 1 TFLOPs from 8 cores of AVX2 FMAs (prefill only). Not in the GPU table of
 # llama/common/flops.py: no CUDA device reports this name.
 DEVICES = {**GPUS, "laptop": GPU("laptop", "(cpu)", 16, 1.0, 0.0896)}
-# Bytes per matmul weight as llama/generation/quantize.py stores them (the embedding table stays in the model's
-# dtype): int8 in groups of 64 with a bf16 scale; int4 in groups of 32 with a bf16 scale and min.
-WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 2 / 64, "int4": 0.5 + 4 / 32}
+# Bytes per matmul weight as llama/generation/quantize.py stores them: int8 in groups of 64 with a bf16
+# scale; int4 in groups of 32 with a bf16 scale and min (the embedding table stays bf16); a llama.cpp
+# Q8_0 / Q4_0 file's own blocks (--quantize int8 / int4 on it), an fp16 scale per 32 (the table stays in its
+# blocks too).
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 2 / 64, "int4": 0.5 + 4 / 32,
+                "Q8_0 file": 1 + 2 / 32, "Q4_0 file": 0.5 + 2 / 32}
+MEASURED_ON_A_CPU = "docs/quantization.md#llama-31-8b-on-one-machine"  # the 8B shape measured on a 2-core VM
 
 
 class PlanError(UserError):
@@ -265,8 +269,9 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         speed["decode tokens/s (per replica, full cache)"] = (batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
         speed["decode tokens/s (all replicas)"] = (dp * batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
         for precision, nbytes in WEIGHT_BYTES.items():  # --quantize: what fewer bytes per weight buy
-            embedding = counts["total_per_rank"] - counts["matmul_per_rank"]  # stays bf16 (a lookup reads a row)
-            weights = counts["matmul_per_rank"] * nbytes + embedding * max(nbytes, PARAM_BYTES)
+            embedding = counts["total_per_rank"] - counts["matmul_per_rank"]  # a lookup reads a row of it
+            table = nbytes if "file" in precision else max(nbytes, PARAM_BYTES)
+            weights = counts["matmul_per_rank"] * nbytes + embedding * table
             memory[f"weights {precision}"] = int(weights)
             speed[f"decode tokens/s, {precision} weights"] = \
                 (batch * g.bandwidth_tbs * 1e12 / (counts["matmul_per_rank"] * nbytes + memory["KV cache"]), "tok/s")
@@ -342,6 +347,8 @@ def format_plan(p: Plan, name: str = "model") -> str:
         lines.append(f"  {key:<42}{value:>14,.0f} {unit}" if value >= 100 else f"  {key:<42}{value:>14.3g} {unit}")
     bound = "" if p.train else "; decode bound by memory bandwidth"
     lines.append(f"  (compute at {p.mfu:.0%} MFU{bound}; communication ignored)")
+    if p.gpu.name == "laptop" and not p.train:
+        lines.append(f"  measured on a CPU (Llama 3.1 8B's shape, int8/int4 beside llama.cpp): {MEASURED_ON_A_CPU}")
     return "\n".join(lines)
 
 

@@ -169,3 +169,17 @@ def test_kernel_dequantizes_gguf_types_as_the_gguf_package(qtype):
     expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy())
     got = quantize.dequantize_gguf(torch.from_numpy(blocks), qtype.name)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_planner_counts_what_a_quantized_load_stores(tmp_path):
+    """`python -m llama.plan`'s "Q8_0 file" / "Q4_0 file" weights are the bytes the loader keeps for such a
+    file (its blocks: the matrices and the embedding table; norms aside, < 1%), so the planner's laptop
+    row and the measured 8B run (docs/quantization.md) describe the same storage."""
+    from llama.plan import make_plan
+
+    model, args = tiny_model(**{**ARGS, "dim": 256, "hidden_dim": 512, "n_heads": 8, "n_kv_heads": 4})
+    for method, qtype in (("int8", Q.Q8_0), ("int4", Q.Q4_0)):
+        loaded = load_model(write_gguf(tmp_path / f"{method}.gguf", model.state_dict(), args, qtype), quantize=method)
+        stored = sum(b.numel() * b.element_size() for b in loaded.buffers() if b.dtype == torch.uint8)
+        planned = make_plan(args, gpu="laptop", seq=64).memory[f"weights {qtype.name} file"]
+        assert stored == pytest.approx(planned, rel=0.01), (method, stored, planned)
