@@ -95,6 +95,16 @@ def write_gguf(args: ModelArgs, path: Path, kind: str = "BF16") -> Path:
     qtype, dtype, np_dtype, file_type = types[kind]
     partial = Path(str(path) + ".partial")
     writer = gguf.GGUFWriter(str(partial), arch="llama")
+    _add_metadata(writer, args, file_type)
+    names = shapes(args)
+    _write_tensors(writer, args, names, qtype, dtype, np_dtype)
+    writer.close()
+    partial.rename(path)
+    return path
+
+
+def _add_metadata(writer, args: ModelArgs, file_type: int) -> None:
+    """llama.cpp's keys for a Llama model of `args`'s shape, and the padded SmolLM2 tokenizer."""
     writer.add_name(f"random weights of {args.dim}-wide Llama shape")
     writer.add_file_type(file_type)
     writer.add_context_length(args.context_length or 131072)
@@ -118,7 +128,12 @@ def write_gguf(args: ModelArgs, path: Path, kind: str = "BF16") -> Path:
     writer.add_bos_token_id(tok["bos"])
     writer.add_eos_token_id(tok["eos"])
     writer.add_add_bos_token(False)
-    names = shapes(args)
+
+
+def _write_tensors(writer, args, names, qtype, dtype, np_dtype) -> None:
+    """The tensor index, then each tensor's data (made, written, dropped: one in memory at a time)."""
+    import gguf
+
     extra = {}
     if args.use_scaled_rope:  # llama.cpp reads Llama 3.1's RoPE scaling from this tensor (divisors per frequency)
         plain = dataclasses.replace(args, use_scaled_rope=False)
@@ -152,9 +167,6 @@ def write_gguf(args: ModelArgs, path: Path, kind: str = "BF16") -> Path:
             t = t.to(dtype)
             writer.write_tensor_data((t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy())
         del t
-    writer.close()
-    partial.rename(path)
-    return path
 
 
 def _write_pieces(writer, pieces) -> None:
