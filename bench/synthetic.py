@@ -20,7 +20,8 @@ Q4_0 blocks; its Q6_K output matrix is requantized to our int4), int8 vs Q8_0, b
   number the best of its rounds (the spread is recorded): prefill, a --prefill-tokens prompt of random
   ids to its first new token; decode, --new-tokens greedy tokens after a 4-token prompt, tokens/s over
   the steps after the first, and the weight bytes one step reads x tokens/s over the matrix-vector
-  bandwidth bench/_host.py measures.
+  bandwidth bench/_host.py measures; and the process's CPU time per decoded token (all its threads:
+  with --threads 1, each engine's own cost per token, which other users' load barely moves).
 --hf also times HF bf16 -> int4 (load only: llama.cpp reads no safetensors).
 """
 
@@ -95,12 +96,15 @@ def child_speed(specs: dict, threads: int, prefill: int, new: int, rounds: int) 
         start = time.perf_counter()
         engines[name] = engine = build(spec, threads)
         engine.decode(short, 4)  # first steps (compiling, for a compiled engine), thread pools
-        out[name] = {"warmup_s": time.perf_counter() - start, "step_bytes": engine.bytes, "prefill": [], "decode": []}
+        out[name] = {"warmup_s": time.perf_counter() - start, "step_bytes": engine.bytes, "prefill": [], "decode": [],
+                     "decode_cpu_ms": []}
     for r in range(rounds):
         for name, engine in engines.items():
             out[name]["prefill"].append(len(prompt) / engine.prefill(prompt))
+            cpu = time.process_time()
             seconds, _ = engine.decode(short, new)
             out[name]["decode"].append((new - 1) / seconds)
+            out[name]["decode_cpu_ms"].append((time.process_time() - cpu) / new * 1e3)  # every thread's, per token
         print(f"round {r + 1}: " + "; ".join(f"{k} {v['decode'][-1]:.2f}" for k, v in out.items()) + " tok/s",
               file=sys.stderr, flush=True)
     out["peak_gib"] = _status("VmHWM:") / 2**30
@@ -202,6 +206,7 @@ def summarize(results: dict, bandwidth: float) -> list:
         if r.get("decode"):
             decode = max(r["decode"])
             row.update(prefill_tok_s=round(max(r["prefill"]), 2), decode_tok_s=round(decode, 2),
+                       decode_cpu_ms=round(min(r.get("decode_cpu_ms") or [float("nan")]), 1),
                        gb_per_token=round(r["step_bytes"] / 1e9, 3),
                        share_of_matvec=round(r["step_bytes"] * decode / 1e9 / bandwidth, 3),
                        warmup_s=round(r["warmup_s"], 1))
@@ -210,15 +215,15 @@ def summarize(results: dict, bandwidth: float) -> list:
 
 
 def ratios(rows) -> dict:
-    """Ours over llama.cpp's, per pair: decode and prefill speed (> 1: faster), load time and peak memory
-    while loading (< 1: less)."""
+    """Ours over llama.cpp's, per pair: decode and prefill speed (> 1: faster), load time, peak memory and
+    CPU time per decoded token (< 1: less)."""
     by = {r["engine"]: r for r in rows}
     out = {}
     for pair, (kind, _) in PAIRS.items():
         cpp = by.get(f"llama.cpp {kind}")
         for suffix in ("", " + torch.compile"):
             ours = by.get(f"llama-ref {pair}{suffix}")
-            for field in ("decode_tok_s", "prefill_tok_s", "load_s", "load_peak_gib", "step_peak_gib"):
+            for field in ("decode_tok_s", "prefill_tok_s", "load_s", "load_peak_gib", "step_peak_gib", "decode_cpu_ms"):
                 if cpp and ours and cpp.get(field) and ours.get(field):
                     out[f"{pair}{suffix} {field} / llama.cpp {kind}"] = round(ours[field] / cpp[field], 3)
     return out
@@ -226,17 +231,17 @@ def ratios(rows) -> dict:
 
 def print_table(rows, args) -> None:
     print(f"\n| engine | weights (GB) | load (s) | peak RSS loading / after a step (GiB) | prefill {args.prefill_tokens} "
-          f"(tok/s) | decode (tok/s) | GB read/token | % of matvec |")
-    print("|---" * 8 + "|")
+          f"(tok/s) | decode (tok/s) | GB read/token | % of matvec | CPU ms/token |")
+    print("|---" * 9 + "|")
     for r in rows:
         cells = [r["engine"]]
         cells += ([f"{r['weights_gb']:.2f}", f"{r['load_s']:.1f}", f"{r['load_peak_gib']:.2f} / {r['step_peak_gib']:.2f}"]
                   if "load_s" in r else [""] * 3)
         if "decode_tok_s" in r:
             cells += [f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}", f"{r['gb_per_token']:.2f}",
-                      f"{100 * r['share_of_matvec']:.0f}%"]
+                      f"{100 * r['share_of_matvec']:.0f}%", f"{r['decode_cpu_ms']:.0f}"]
         else:
-            cells += [""] * 4
+            cells += [""] * 5
         print("| " + " | ".join(cells) + " |")
 
 
