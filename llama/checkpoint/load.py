@@ -13,7 +13,7 @@ Quantized targets (`quantize="int8"/"int4"`): each linear weight goes straight f
 quantized layer, a few rows at a time (generation/quantize.py quantize_rows), so the float model never
 exists; GGUF Q8_0/Q4_0 blocks are kept as they are (a view of the file: nothing is copied or
 requantized) where the scheme asks for groups of 32. Peak memory: the quantized weights plus one
-slice of float rows (docs/weights.md measures it).
+slice of float rows (docs/quantization.md measures it at the 8B shape).
 
 Resharding N -> M: each source tensor is split along the dimension `parallel.SHARD_DIM` names; this
 rank's piece of the logical tensor is cut from whichever source shards overlap it. K/V heads are
@@ -159,8 +159,8 @@ def load_model(path, max_seq_len: int = 2048, max_batch_size: int = 1, device=No
     for name, param in model.state_dict().items():
         tied = name == "output.weight" and args.tie_word_embeddings
         if name in linears:  # the output layer of a tied model is quantized from the embedding table
-            layer = _quantized_layer(source, "tok_embeddings.weight" if tied else name, param.shape, args,
-                                     quantize, group_size)
+            layer = _quantized_layer(source, "tok_embeddings.weight" if tied else name, linears[name], param.shape,
+                                     args, quantize, group_size)
             quantization.replace_layer(model, linears[name], layer)
         elif name == "tok_embeddings.weight" and quantize and (table := _gguf_table(source, name, param.shape,
                                                                                      args, dtype)) is not None:
@@ -236,18 +236,19 @@ def _local_tensor(source, name: str, local_shape, args: ModelArgs, dtype, fast: 
     return out
 
 
-def _quantized_layer(source, name: str, local_shape, args: ModelArgs, method: str, group_size):
-    """This rank's piece of the linear weight `name`, straight into its quantized layer: a GGUF file's
-    own blocks where the scheme takes them as they are, else quantized a few rows at a time."""
+def _quantized_layer(source, name: str, layer: str, local_shape, args: ModelArgs, method: str, group_size):
+    """This rank's piece of the weight `name`, straight into the quantized form of the linear layer
+    `layer` (its module name, as quantize_model names it: "output", "layers.0.attention.wq"): a GGUF
+    file's own blocks where the scheme takes them as they are, else quantized a few rows at a time."""
     out, pieces = _local_piece(source, name, local_shape, args)
     if isinstance(out, Blocks) and out.qtype.name == quantization.native_kind(method, group_size):
         return quantization.GGUFLinear(out.data, out.qtype.name)  # a view of the file: nothing read yet
     _dequantize_fast(out)
     read = out.rows if isinstance(out, Blocks) else lambda start, end: out[start:end]
     group_size = quantization.DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
-    layer = quantization.quantize_rows(read, tuple(out.shape), method, group_size, name)
-    _release(source, pieces, keep=list(layer.buffers()))
-    return layer
+    quantized = quantization.quantize_rows(read, tuple(out.shape), method, group_size, layer)
+    _release(source, pieces, keep=list(quantized.buffers()))
+    return quantized
 
 
 def _gguf_table(source, name: str, local_shape, args: ModelArgs, dtype):
