@@ -32,6 +32,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from llama import parallel
+from llama.common import assets
 from llama.common.checks import check_context_fits, check_sizes
 from llama.common.dtypes import parse_dtype
 from llama.model import ModelArgs, Transformer
@@ -51,9 +52,10 @@ _IGNORED_KEYS = {"rope.freqs", "rope_freqs.weight"}  # Llama 2's stored RoPE tab
 
 
 def resolve(path) -> Path:
-    """A training run's out_dir stands for its newest complete checkpoint: train.py writes a
-    `latest` file naming it (llama/train/state.py), so `--ckpt-dir out/default` just works."""
-    path = Path(path)
+    """A model name (`smollm2`: llama/common/assets.py) stands for its file, and a training run's out_dir
+    for its newest complete checkpoint: train.py writes a `latest` file naming it (llama/train/state.py),
+    so `--ckpt-dir out/default` just works."""
+    path = Path(assets.model_path(path))
     pointer = path / "latest"
     if path.is_dir() and pointer.is_file() and not (path / "params.json").exists():
         target = path / pointer.read_text().strip()

@@ -98,6 +98,16 @@ def llama3_tokenizer() -> Path:
     return fetch("llama3-tokenizer")
 
 
+# Model names every command accepts where it takes weights (generate.py --ckpt-dir, llama.eval, compare,
+# convert, train.py's init_from): an asset name wins over a file of the same name, as for tokenizers.
+MODEL_NAMES = {"smollm2": "smollm2"}
+
+
+def model_path(value) -> str:
+    """A checkpoint argument as a path: a model name (`smollm2`) is fetched on first use."""
+    return str(fetch(MODEL_NAMES[value])) if isinstance(value, str) and value in MODEL_NAMES else str(value)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] not in ASSETS:
