@@ -7,7 +7,8 @@
     torchrun --nproc_per_node 8 train.py configs/train/llama3.2-1b.toml model_parallel_size=2
     python train.py out_dir=out/try resume=true            # continue exactly where it stopped
 
-Then: python generate.py --ckpt-dir out/default/step_000200
+Then: python generate.py --ckpt-dir out/default/step_000200   (its last lines say what fits the run: --chat,
+--lora, compare with the base)
 """
 
 import sys
@@ -23,7 +24,7 @@ from llama.train.config import TrainConfig, config_help, load_config
 from llama.train.loop import Run, loop, make_optimizer, save
 from llama.train.metrics import MetricsLog, peak_tflops
 from llama.train.setup import (autocast_for, build_model, check_run, claim_run_folder, describe, distribute,
-                               is_first_rank, load_data, resume, start_processes)
+                               is_first_rank, load_data, next_commands, resume, start_processes)
 from llama.train.state import release_out_dir
 
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         return 130
     except USER_ERRORS as e:  # bad config, data, paths or a diverged run: one line; anything else is a bug
         return report(e)
-    print(f"done: {result['checkpoint']}  (sample: python generate.py --ckpt-dir {result['checkpoint']})")
+    print(f"done: {result['checkpoint']}\n{next_commands(cfg, result['checkpoint'])}")  # chat / sample, compare
     return 0
 
 

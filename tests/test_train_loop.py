@@ -9,7 +9,7 @@ import torch
 
 from llama.model import ModelArgs, Transformer
 from llama.train.config import DEFAULT_MODEL, TrainConfig, load_config
-from llama.train.metrics import flops_per_token, matmul_params
+from llama.train.metrics import flops_per_token, format_record, matmul_params, overfitting_warning
 from llama.train.loop import TrainingError, global_grad_norm, lr_at, make_optimizer
 from tests.helpers import ROOT, TINY_TRAIN, free_port, read_metrics, run_distributed, tiny_train as train, train_worker
 
@@ -42,6 +42,38 @@ def test_grad_norm_single_process_is_torch_norm():
     torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert global_grad_norm(model).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_overfitting_warning_rule():
+    """The issue's run: validation 1.72 -> 1.58 -> 1.66 while the training loss fell: warned at step 30,
+    naming both and the step of the lowest validation loss; no warning while both fall, for a rise within
+    1%, or when the training loss rose too (that is not over-fitting)."""
+    falling = [3.8 - 0.12 * i for i in range(30)]  # steps 1..30
+    warning = overfitting_warning({10: 1.72, 20: 1.58, 30: 1.66}, falling, 0, 10)
+    assert warning and "1.5800 -> 1.6600" in warning and "step 20" in warning
+    assert overfitting_warning({10: 1.72, 20: 1.58}, falling, 0, 10) is None  # both fell
+    assert overfitting_warning({10: 1.72, 20: 1.58, 30: 1.59}, falling, 0, 10) is None  # +0.6%: noise
+    assert overfitting_warning({10: 1.72, 20: 1.58, 30: 1.66}, falling[::-1], 0, 10) is None  # train rose
+    assert overfitting_warning({30: 1.66}, falling, 0, 10) is None  # nothing to compare with
+    resumed = overfitting_warning({25: 1.58, 30: 1.66}, falling[20:], 20, 5)  # losses from step 21 on
+    assert resumed and "since step 25" in resumed
+    record = {"step": 30, "loss": 0.3, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0, "tflops": 0.1,
+              "mfu": None, "memory_gb": 1.0, "val_loss": 1.66, "warning": warning}
+    assert format_record(record).splitlines()[1] == f"warning: {warning}"
+
+
+def test_closing_lines_fit_the_run():
+    from llama.train.setup import next_commands
+
+    sft_lora = load_config(str(ROOT / "configs/train/lora.toml"), ["out_dir=out/my run"])
+    lines = next_commands(sft_lora, "out/my run/step_000030").splitlines()
+    assert lines == ["chat with it:  python generate.py --ckpt-dir smollm2 --lora 'out/my run/step_000030' --chat",
+                     "compare:       python -m llama.eval compare smollm2 'out/my run/step_000030' "
+                     "--data configs/train/chat_example.jsonl"]
+    full_text = load_config(None, ["init_from=smollm2"])
+    assert next_commands(full_text, "out/x/step_000200").splitlines()[0] == \
+        "sample:        python generate.py --ckpt-dir out/x/step_000200"
+    assert len(next_commands(load_config(None, []), "out/default/step_000200").splitlines()) == 1  # no base
 
 
 def test_flops_from_the_shape():

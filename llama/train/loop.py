@@ -34,7 +34,7 @@ from llama.parallel.loss import vocab_parallel_cross_entropy
 from llama.eval.perplexity import perplexity
 from llama.train.config import TrainConfig
 from llama.train.adapters import base_pointer, save_adapter_checkpoint
-from llama.train.metrics import MetricsLog, flops_per_token, memory_gb
+from llama.train.metrics import MetricsLog, flops_per_token, memory_gb, overfitting_warning
 from llama.train.state import latest_checkpoint, rng_state, save_checkpoint
 from llama.common.errors import UserError
 
@@ -330,6 +330,7 @@ def loop(run: Run) -> dict:
     cfg, progress = run.cfg, run.progress
     losses, val_losses = [], {}
     window = {"seconds": 0.0, "tokens": 0}
+    warned = False  # the over-fitting warning comes once a run
     for step in range(progress.step, cfg.max_steps):
         start = time.perf_counter()
         micro = run.data.batches.train_micro_batches(progress.consumed, cfg.batch_size, cfg.micro_batch_size,
@@ -349,6 +350,9 @@ def loop(run: Run) -> dict:
             if val is not None:
                 val_losses[done] = val
                 record = dict(record or {"step": done}, val_loss=val)
+                if not warned and (warning := overfitting_warning(val_losses, losses, progress.first_step,
+                                                                  cfg.eval_every)):
+                    record["warning"], warned = warning, True
             if cfg.eval_data:
                 record = dict(record or {"step": done}, eval_ppl=eval_text_perplexity(run))
         if record is not None:

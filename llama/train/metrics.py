@@ -5,6 +5,7 @@ import json
 import resource
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -80,6 +81,11 @@ class MetricsLog:
 
 
 def format_record(r: dict) -> str:
+    line = _format_numbers(r)
+    return line + f"\nwarning: {r['warning']}" if "warning" in r else line
+
+
+def _format_numbers(r: dict) -> str:
     if "loss" not in r:  # an evaluation-only record
         return f"step {r['step']:>6} | val loss {r['val_loss']:.4f}"
     parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
@@ -91,3 +97,29 @@ def format_record(r: dict) -> str:
     parts.append(f"{r['tflops']:.3g} TFLOP/s")
     parts.append(f"mem {r['memory_gb']:.2f} GB")
     return " | ".join(parts)
+
+
+OVERFIT_RISE = 0.01  # relative: a validation loss 1% above its lowest counts as risen, not as noise
+
+
+def overfitting_warning(val_losses: dict, losses: list, first_step: int, window: int) -> Optional[str]:
+    """The rule (docs/training.md): at an evaluation, over-fitting shows when the validation loss is
+    more than OVERFIT_RISE above its lowest earlier value while the training loss fell over the same
+    span: the mean training loss of the `window` steps up to now is below that of the `window` steps
+    up to the lowest evaluation. `val_losses`: {step: val loss}, the newest last; `losses`: the
+    training loss of each step from first_step + 1 on. Returns the warning line, or None."""
+    *earlier, (step, val) = val_losses.items()
+    if not earlier:
+        return None
+    best_step, best = min(earlier, key=lambda item: item[1])
+
+    def train_mean(end: int) -> Optional[float]:  # the mean loss of steps end - window + 1 .. end
+        span = losses[max(0, end - window - first_step) : end - first_step]
+        return sum(span) / len(span) if span else None
+
+    then, now = train_mean(best_step), train_mean(step)
+    if then is None or now is None or val <= best * (1 + OVERFIT_RISE) or now >= then:
+        return None
+    return (f"over-fitting: validation loss rose {best:.4f} -> {val:.4f} since step {best_step} while the "
+            f"training loss fell {then:.4f} -> {now:.4f}: it is learning its training data by heart. The "
+            f"checkpoint nearest step {best_step} should generalise better; fewer steps, a lower lr or more data help")

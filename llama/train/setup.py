@@ -7,6 +7,7 @@ with one line, not after tokenizing a corpus or loading 16 GB of weights.
 
 import dataclasses
 import os
+import shlex
 import sys
 from contextlib import nullcontext
 from functools import partial
@@ -272,3 +273,18 @@ def describe(run: Run) -> str:
         line += (f"\nLoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
                  f"parameters ({100 * trainable / n_params:.2f}%), base frozen")
     return line
+
+
+def next_commands(cfg: TrainConfig, checkpoint) -> str:
+    """What to run after this training run (train.py's closing lines): chat with a chat fine-tune
+    (sft: its prompts need the chat format), sample from a text model; an adapter is merged into its
+    base with --lora; a fine-tune is compared with the model it started from (docs/lora.md)."""
+    q = shlex.quote
+    weights = f"--ckpt-dir {q(cfg.init_from)} --lora {q(str(checkpoint))}" if cfg.lora_rank and cfg.init_from \
+        else f"--ckpt-dir {q(str(checkpoint))}"
+    lines = [f"chat with it:  python generate.py {weights} --chat" if cfg.sft else
+             f"sample:        python generate.py {weights}"]
+    if cfg.init_from:
+        own = f" --data {q(cfg.data)}" if Path(cfg.data).is_file() else ""
+        lines.append(f"compare:       python -m llama.eval compare {q(cfg.init_from)} {q(str(checkpoint))}{own}")
+    return "\n".join(lines)
