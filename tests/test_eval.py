@@ -191,7 +191,7 @@ def test_compare_report_equals_single_model_commands(tiny_ckpts, tmp_path, capsy
         acc = float(next(line.split()[1] for line in out.splitlines() if line.startswith("acc ")))
         single.append((ppl, acc))
     code, out, _ = run_cli(["compare", a, b, "--prompts", prompts, "--data", text, "--choices", items,
-                            "--max-gen-len", 4, "--out", tmp_path / "rep", *common], capsys)
+                            "--max-gen-len", 4, "--out", tmp_path / "rep", "--no-general", *common], capsys)
     assert code == 0 and "report:" in out
     report = (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "scores.png").read_bytes()[:4] == b"\x89PNG"
@@ -203,6 +203,95 @@ def test_compare_report_equals_single_model_commands(tiny_ckpts, tmp_path, capsy
         assert float(row[2]) == pytest.approx(ppl["bits_per_byte"], abs=1e-4)
         assert float(row[3]) == pytest.approx(acc, abs=1e-4)
     assert report.count("### Prompt") == 2
+
+
+CHATS = [{"messages": [{"role": "user", "content": "What is the capital of Peru?"},
+                       {"role": "assistant", "content": "The capital of Peru is Lima."}]},
+         {"messages": [{"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "Blue."},
+                       {"role": "user", "content": "And of grass?"}, {"role": "assistant", "content": "Green."}]}]
+
+
+def test_chat_perplexity_matches_hf_chat_template(smol, smol_tok, hf_smollm2, hf_smollm2_tokenizer):
+    """Each assistant reply (content + <|im_end|>) scored given the dialog before it, as HF's own chat
+    template writes the dialog (SmolLM2's default system message included) and HF's model scores it."""
+    from llama.eval.chat import chat_perplexity
+
+    res = chat_perplexity(smol, smol_tok, [c["messages"] for c in CHATS], batch_size=2)
+    nll, count = 0.0, 0
+    for chat in CHATS:
+        messages = chat["messages"]
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            ids = lambda text: hf_smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+            context = ids(hf_smollm2_tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False))
+            whole = ids(hf_smollm2_tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))[:-1]  # less "\n"
+            assert whole[: len(context)] == context and whole[-1] == hf_smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_smollm2(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+            nll -= sum(float(logp[p - 1, whole[p]]) for p in range(len(context), len(whole)))
+            count += len(whole) - len(context)
+    assert res.tokens == count and res.nll == pytest.approx(nll, rel=1e-4)
+    assert res.bytes == sum(len(m["content"].encode()) for c in CHATS for m in c["messages"] if m["role"] == "assistant")
+
+
+def test_which_checkpoints_are_chat_models(tiny_ckpts, tmp_path):
+    """The rule of llama/eval/chat.py: a chat template in the tokenizer (SmolLM2's GGUF), an sft=true training
+    checkpoint, a Meta dir named Instruct; a plain Meta dir is not one."""
+    import shutil
+
+    from llama.eval.chat import chat_reason
+
+    (a, _), gguf = tiny_ckpts
+    assert chat_reason("smollm2") == chat_reason(gguf) == "its tokenizer has a chat template"
+    assert chat_reason(a) is None
+    shutil.copytree(a, tmp_path / "Llama-3.1-8B-Instruct")
+    assert chat_reason(tmp_path / "Llama-3.1-8B-Instruct") == "a Meta Instruct model"
+    for sft in (True, False):
+        run = tmp_path / f"run-{sft}"
+        shutil.copytree(a, run / "step_000002")
+        torch.save({"step": 2, "config": {"sft": sft}}, run / "step_000002" / "train_state.00.pth")
+        (run / "latest").write_text("step_000002")
+        assert chat_reason(run) == ("trained on chats (sft=true)" if sft else None)
+
+
+def test_compare_a_lora_adapter_on_chats_with_the_general_check(tiny_ckpts, tmp_path, capsys):
+    """--lora adds the first checkpoint with the adapter merged; a chat jsonl is scored as chats; the general
+    check (on by default) scores the same items for every model; --limit caps each set; the numbers equal
+    the single-model command's; the report says what changed and the chart is drawn."""
+    from llama import lora
+    from llama.checkpoint import load_model
+    from llama.checkpoint.peft import params_sha256, save_peft
+
+    (a, _), tok = tiny_ckpts
+    model = load_model(a, max_seq_len=256)
+    lora.add_lora(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_peft(tmp_path / "adapter", lora.adapter_state(model), model.params, 2, 4.0, 0.0, lora.TARGETS,
+              {"path": a, "params_sha256": params_sha256(model.params)})
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    common = ["--tokenizer-path", tok, "--max-length", 32, "--stride", 32]
+    code, out, err = run_cli(["perplexity", "--ckpt-dir", a, "--lora", tmp_path / "adapter", "--data", chats,
+                              "--json", tmp_path / "p.json", *common], capsys)
+    assert code == 0, err
+    single = json.loads((tmp_path / "p.json").read_text())
+    code, out, err = run_cli(["compare", a, "--lora", tmp_path / "adapter", "--data", chats, "--limit", 2,
+                              "--max-gen-len", 2, "--out", tmp_path / "rep", *common], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "rep" / "scores.json").read_text())
+    base, tuned = report["models"]
+    assert (base["lora"], tuned["lora"]) == (None, str(tmp_path / "adapter")) and report["chat"] is False
+    assert tuned["scores"]["data"]["perplexity"] == pytest.approx(single["perplexity"], rel=1e-6)
+    assert tuned["scores"]["data"]["perplexity"] != base["scores"]["data"]["perplexity"]
+    assert base["scores"]["general-accuracy"]["items"] == tuned["scores"]["general-accuracy"]["items"] == 2
+    assert base["scores"]["general-perplexity"]["tokens"] == tuned["scores"]["general-perplexity"]["tokens"] == 62
+    assert (tmp_path / "rep" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert "model1 + adapter" in (tmp_path / "rep" / "report.md").read_text()
+    code, _, err = run_cli(["compare", a, "--out", tmp_path / "rep", "--no-general", *common], capsys)
+    assert code == 1 and "--overwrite" in err  # an existing report is never replaced silently
 
 
 @pytest.mark.parametrize("case,message", [

@@ -10,7 +10,7 @@ character of the choice, `acc_bytes` the highest per UTF-8 byte (the same as acc
 import json
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from llama.common.files import read_text_file, write_text
 from llama.eval import EvalError
@@ -60,7 +60,8 @@ def loglikelihood_requests(pairs: List[Tuple[List[int], List[int]]], max_seq_len
     return requests
 
 
-def score_items(model, tokenizer, items: List[dict], batch_size: int = 8, separator: str = " ") -> dict:
+def score_items(model, tokenizer, items: List[dict], batch_size: int = 8, separator: str = " ",
+                progress: Optional[str] = None) -> dict:
     """acc, acc_norm (per character), acc_bytes (per byte) and per-item scores for checked items."""
     pairs, owners = [], []
     for i, item in enumerate(items):
@@ -68,7 +69,7 @@ def score_items(model, tokenizer, items: List[dict], batch_size: int = 8, separa
             pairs.append(encode_pair(tokenizer, item["context"], separator + c))
             owners.append(i)
     start = time.perf_counter()
-    scores = score_requests(model, loglikelihood_requests(pairs, model.params.max_seq_len), batch_size)
+    scores = score_requests(model, loglikelihood_requests(pairs, model.params.max_seq_len), batch_size, progress)
     seconds = time.perf_counter() - start
     per_item = [dict(index=i, label=item["label"], logprobs=[]) for i, item in enumerate(items)]
     for (lp, _), i in zip(scores, owners):

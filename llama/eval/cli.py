@@ -4,7 +4,7 @@
     python -m llama.eval perplexity --ckpt-dir out/ --data notes.txt --max-length 1024 --stride 512
     python -m llama.eval perplexity --data humaneval             # canonical solutions given prompts
     python -m llama.eval choice --data items.jsonl --out scored.jsonl
-    python -m llama.eval compare base.gguf out/ --prompts prompts.txt --data notes.txt --choices items.jsonl
+    python -m llama.eval compare smollm2 out/mine --data held_out_chats.jsonl   # a fine-tune against its base
     python -m llama.eval harness --model llama-ref --model_args ckpt_dir=... --tasks ...
     torchrun --nproc_per_node 2 -m llama.eval perplexity --ckpt-dir ...   # model parallel; rank 0 prints
 
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = sub.add_parser("perplexity", help="strided-window perplexity of a text")
     ppl.add_argument("--ckpt-dir", help="Meta dir, HF dir, .gguf or training out_dir (default: SmolLM2-135M)")
     ppl.add_argument("--lora", help="a LoRA adapter (PEFT dir or LoRA run) merged into --ckpt-dir, as generate.py --lora")
-    ppl.add_argument("--data", default="kjv-genesis", help="a text file, or kjv-genesis (default), "
-                     "kjv-genesis-full, humaneval")
+    ppl.add_argument("--data", default="kjv-genesis", help="a text file, a chat jsonl (its assistant replies), "
+                     "or kjv-genesis (default), kjv-genesis-full, humaneval")
     _window_flags(ppl)
     _model_flags(ppl)
     add_output_argument(ppl, "--json", kind="file", help="also write the result to this JSON file")
@@ -55,14 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ch.add_argument("--separator", default=" ", help="between context and choice (default: a space)")
     _model_flags(ch)
-    cmp_ = sub.add_parser("compare", help="several checkpoints side by side: Markdown report + PNG chart")
-    cmp_.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoints to compare (Meta/HF dir, .gguf, out_dir)")
-    cmp_.add_argument("--prompts", help="text file, one prompt per line (default: a few built-in prompts)")
-    cmp_.add_argument("--data", help="text file (or named set) for perplexity")
-    cmp_.add_argument("--choices", help="choice jsonl (or mmlu-smoke) for accuracy")
+    cmp_ = sub.add_parser("compare", help="several checkpoints side by side: what a fine-tune gained and lost "
+                          "(report.md, scores.png, scores.json)")
+    cmp_.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoints to compare, the first one the base: "
+                      "smollm2, a Meta/HF dir, a .gguf, a training out_dir or step dir (LoRA runs find their base)")
+    cmp_.add_argument("--lora", action="append", metavar="ADAPTER", help="also compare the first CKPT with this "
+                      "adapter merged (PEFT dir or LoRA training checkpoint; repeatable)")
+    cmp_.add_argument("--prompts", help="text file, one prompt per line (default: the first user messages of a chat "
+                      "--data, else a few built-in prompts)")
+    cmp_.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                      help="prompts as a user message in each model's chat format (default: when any model is a "
+                      "chat model, see docs/evaluation.md); --no-chat: plain text to complete")
+    cmp_.add_argument("--data", help="your data: a text file, a chat jsonl ({\"messages\": ...} per line: the "
+                      "assistant replies are scored) or a named set, for perplexity")
+    cmp_.add_argument("--choices", help="your multiple-choice jsonl (or mmlu-smoke), for accuracy")
+    cmp_.add_argument("--general", action=argparse.BooleanOptionalAction, default=True,
+                      help="the general-ability check: kjv-genesis perplexity and mmlu-smoke accuracy")
+    cmp_.add_argument("--limit", type=int, help="score at most this many windows, chats or questions of each set")
     cmp_.add_argument("--max-gen-len", type=int, default=48)
-    add_output_argument(cmp_, "--out", kind="dir", default="eval_report", help="directory for report.md and scores.png")
-    cmp_.add_argument("--overwrite", action="store_true", help="replace report.md and scores.png in --out")
+    add_output_argument(cmp_, "--out", kind="dir", default="eval_report",
+                        help="folder for report.md, scores.png and scores.json")
+    cmp_.add_argument("--overwrite", action="store_true", help="replace report.md, scores.png and scores.json in --out")
     _window_flags(cmp_)
     _model_flags(cmp_)
     sub.add_parser("harness", help="lm-evaluation-harness with the llama-ref model (all further arguments go "

@@ -9,6 +9,7 @@ from llama import parallel
 from llama.common.dtypes import parse_dtype
 from llama.common.files import write_text
 from llama.eval import EvalError, datasets
+from llama.eval.chat import chat_perplexity, is_chat_data, read_chats
 from llama.eval.choice import read_items, score_items, write_per_item
 from llama.eval.perplexity import conditional_perplexity, perplexity
 
@@ -32,8 +33,8 @@ def say(text: str = "") -> None:
 
 def input_paths(args) -> List[str]:
     """Every path the command reads: what an output may never be, contain or sit inside."""
-    named = [getattr(args, k, None) for k in ("ckpt_dir", "lora", "tokenizer_path", "data", "choices", "prompts")]
-    return [p for p in named + list(getattr(args, "ckpts", None) or []) if p]
+    named = [getattr(args, k, None) for k in ("ckpt_dir", "lora", "tokenizer_path", "data", "choices", "prompts", "ckpts")]
+    return [p for v in named for p in (v if isinstance(v, list) else [v]) if p]  # compare: ckpts and --lora are lists
 
 
 def check_inputs(args) -> None:
@@ -44,13 +45,20 @@ def check_inputs(args) -> None:
         choice_items(args.data)
 
 
-def score_text(llama, source: str, args) -> dict:
-    """Perplexity of a text file or named set; humaneval scores solutions given their prompts."""
+def score_text(llama, source: str, args, limit: Optional[int] = None) -> dict:
+    """Perplexity of a text file or named set; humaneval scores solutions given their prompts, a chat
+    jsonl the assistant replies given their dialogs (llama/eval/chat.py). `limit`: the first `limit`
+    windows, pairs or dialogs only (compare --limit)."""
+    model, tok, label = llama.model, llama.tokenizer, f"perplexity {Path(source).name}"
     if source in datasets.PAIR_SETS:
-        res = conditional_perplexity(llama.model, llama.tokenizer, datasets.humaneval_pairs(), args.batch_size)
+        res = conditional_perplexity(model, tok, datasets.humaneval_pairs()[:limit], args.batch_size, label)
+    elif is_chat_data(source):
+        res = chat_perplexity(model, tok, read_chats(source, limit), args.batch_size, label)
     else:
         text = datasets.read_text(source)
-        res = perplexity(llama.model, llama.tokenizer, text, args.max_length, args.stride, args.batch_size)
+        if limit is not None:  # the first `limit` windows' worth of tokens
+            text = tok.decode(tok.encode(text, bos=False, eos=False)[: args.max_length + (limit - 1) * args.stride])
+        res = perplexity(model, tok, text, args.max_length, args.stride, args.batch_size, label)
     return {"data": source, **res.as_dict()}
 
 
@@ -79,7 +87,7 @@ def perplexity_command(args) -> dict:
 def choice_command(args) -> dict:
     items = choice_items(args.data)
     llama = load(args.ckpt_dir, args, args.max_seq_len or 2048, args.lora)
-    result = score_items(llama.model, llama.tokenizer, items, args.batch_size, args.separator)
+    result = score_items(llama.model, llama.tokenizer, items, args.batch_size, args.separator, f"choice {args.data}")
     say(f"data      {args.data} ({result['items']} items)")
     say(f"acc       {result['acc']:.4f}")
     say(f"acc_norm  {result['acc_norm']:.4f}  (log-probability per character of the choice)")

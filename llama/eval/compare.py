@@ -1,148 +1,238 @@
-"""`compare A B [C ...]`: the command to run after a fine-tune. Each checkpoint in turn: greedy
-generations for the same prompts, perplexity on a text, multiple-choice accuracy; then a Markdown
-report (report.md), a bar chart (scores.png, matplotlib) and a one-screen summary in the terminal.
-The numbers come from the same functions as the single-model commands, so they are equal."""
+"""`compare A B [C ...]`: the command to run after a fine-tune. It answers two questions side by side:
+what did the fine-tune gain on your data, and what did it lose in general?
+
+Each model in turn (loaded, measured, freed): greedy replies to the same prompts, and scores on
+- your data: `--data` (a text file, a named set, or a chat jsonl: its assistant replies given the
+  dialog, in the model's chat format) and `--choices` (multiple choice);
+- a general-ability check, on by default (`--no-general` skips it): the bundled prose
+  (kjv-genesis, perplexity) and multiple-choice set (mmlu-smoke, accuracy) of llama/eval/datasets.py,
+  text the fine-tune did not train on.
+Then, into the folder `--out`, each file written atomically and an existing one replaced only with
+--overwrite (llama/common/files.py; the folder's other files are never touched): report.md (the
+scores, what changed against the first model, the replies), scores.png (the change of each score
+against the first model: llama/eval/chart.py), scores.json (every number).
+
+Chat: prompts go in each model's chat format (a user message, the reply) when `--chat`, or by
+default when any compared model is a chat model (the rule: llama/eval/chat.py); `--no-chat` feeds
+them as plain text to complete. The numbers come from the same functions as the single-model
+commands, so they are equal.
+"""
 
 import gc
-import shutil
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
-
+from typing import List, Optional
 
 from llama import parallel
-from llama.common.files import OutputError, atomic_write, check_output_file, read_text_file, write_text
+from llama.common.files import OutputError, check_output_file, read_text_file, write_text
 from llama.eval import EvalError
+from llama.eval.chart import write_chart
+from llama.eval.chat import chat_reason, is_chat_data, read_chats, user_prompts
 from llama.eval.choice import score_items
 from llama.eval.commands import check_file, choice_items, load, say, score_text
 from llama.eval.datasets import CHOICE_SETS, PAIR_SETS, TEXT_SETS, read_text
 from llama.eval.scoring import greedy_completions
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
-METRICS = [("perplexity", "perplexity", "lower is better"), ("bits_per_byte", "bits/byte", "lower is better"),
-           ("acc", "accuracy", "higher is better"), ("acc_bytes", "accuracy (per byte)", "higher is better")]
+DEFAULT_CHAT_PROMPTS = ["What is the capital of France?", "Write a Python function that returns the n-th "
+                        "Fibonacci number.", "Tell me a three-sentence story about a lighthouse."]
+GENERAL = [("kjv-genesis", "perplexity", "general: English prose (KJV Genesis 1-5)"),
+           ("mmlu-smoke", "accuracy", "general: multiple choice (MMLU exemplars)")]
 
 
-def read_prompts(path) -> List[str]:
-    if path is None:
-        return DEFAULT_PROMPTS
-    check_file(path, "text file of prompts, one per line")
-    prompts = [line.replace("\\n", "\n") for line in read_text_file(path, "--prompts").splitlines() if line.strip()]
+@dataclass
+class Measure:
+    """One scored set: `kind` perplexity (lower is better) or accuracy (higher is better)."""
+    key: str
+    source: str
+    kind: str
+    title: str
+    general: bool = False
+
+
+@dataclass
+class Model:
+    ckpt: str
+    lora: Optional[str]
+    label: str
+
+
+def measures_for(args) -> List[Measure]:
+    out = []
+    if args.data:
+        out.append(Measure("data", args.data, "perplexity", f"your data: {Path(args.data).name}"))
+    if args.choices:
+        out.append(Measure("choices", args.choices, "accuracy", f"your data: {Path(args.choices).name}"))
+    if args.general:
+        out += [Measure(f"general-{kind}", source, kind, title, True) for source, kind, title in GENERAL
+                if source not in (args.data, args.choices)]
+    return out
+
+
+def models_for(args) -> List[Model]:
+    """The checkpoints, then each --lora adapter merged into the first one."""
+    pairs = [(c, None) for c in args.ckpts] + [(args.ckpts[0], a) for a in args.lora or []]
+    names = [short_name(c) + (f" + {short_name(a)}" if a else "") for c, a in pairs]
+    return [Model(c, a, f"{n} ({i + 1})" if names.count(n) > 1 else n) for i, ((c, a), n) in enumerate(zip(pairs, names))]
+
+
+def short_name(path: str) -> str:
+    """smollm2 -> smollm2; out/mine/step_000030 -> mine/step_000030; a/model.gguf -> model.gguf."""
+    p = Path(path.rstrip("/"))
+    return f"{p.parent.name}/{p.name}" if p.name.startswith("step_") and p.parent.name else (p.name or path)
+
+
+def read_prompts(args, chat: bool) -> List[str]:
+    if args.prompts is None:
+        if chat and args.data and is_chat_data(args.data):  # replies in the domain of your own chats
+            return user_prompts(read_chats(args.data), 3) or DEFAULT_CHAT_PROMPTS
+        return DEFAULT_CHAT_PROMPTS if chat else DEFAULT_PROMPTS
+    check_file(args.prompts, "text file of prompts, one per line")
+    prompts = [line.replace("\\n", "\n") for line in read_text_file(args.prompts, "--prompts").splitlines()
+               if line.strip()]
     if not prompts:
-        raise EvalError(f"{path}: the file is empty: write one prompt per line")
+        raise EvalError(f"{args.prompts}: the file is empty: write one prompt per line")
     return prompts
 
 
-REPORT_FILES = ("report.md", "scores.png")
+REPORT_FILES = ("report.md", "scores.png", "scores.json")
 
 
 def check_outputs(out, overwrite: bool, inputs) -> None:
-    """--out is a folder for report.md and scores.png; each follows the output-file rule (an existing
+    """--out is a folder for REPORT_FILES; each follows the output-file rule (an existing
     one is replaced only with --overwrite; the folder's other files are never touched)."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise OutputError(f"--out {out} is a file, not a directory: name a folder for {' and '.join(REPORT_FILES)}")
+        raise OutputError(f"--out {out} is a file, not a directory: name a folder for {', '.join(REPORT_FILES)}")
     for name in REPORT_FILES:
         check_output_file(Path(out) / name, overwrite, inputs, "--out")
 
 
-def evaluate_one(ckpt: str, prompts: List[str], items, args) -> dict:
-    llama = load(ckpt, args, args.max_seq_len)
-    row = {"ckpt": ckpt, "generations": greedy_completions(llama, prompts, args.max_gen_len)}
-    if args.data:
-        row["perplexity"] = score_text(llama, args.data, args)
-    if items is not None:
-        result = score_items(llama.model, llama.tokenizer, items, args.batch_size)
-        row["choice"] = {k: v for k, v in result.items() if k != "per_item"}
+def check_inputs(args) -> None:
+    """Every check that needs no weights, before the first model loads (--out: check_outputs, by cli.check_args)."""
+    from llama.checkpoint.peft import find_adapter
+
+    if args.data and args.data not in TEXT_SETS + PAIR_SETS:
+        read_text(args.data, "--data")  # a missing, empty, binary or non-UTF-8 file fails before any loading
+    if args.choices and args.choices not in CHOICE_SETS:
+        check_file(args.choices, "choice jsonl")
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit {args.limit}: score at least 1 item of each set (or leave it out: all)")
+    for adapter in args.lora or []:
+        find_adapter(adapter)
+
+
+def evaluate_one(model: Model, prompts: List[str], measures: List[Measure], chat: bool, args) -> dict:
+    llama = load(model.ckpt, args, args.max_seq_len, model.lora)
+    row = {"label": model.label, "ckpt": model.ckpt, "lora": model.lora,
+           "generations": greedy_completions(llama, prompts, args.max_gen_len, chat=chat, progress="replies"),
+           "scores": {}}
+    for m in measures:
+        if m.kind == "perplexity":
+            row["scores"][m.key] = score_text(llama, m.source, args, args.limit)
+        else:
+            items = choice_items(m.source)[: args.limit]
+            result = score_items(llama.model, llama.tokenizer, items, args.batch_size, progress=f"choice {m.source}")
+            row["scores"][m.key] = {"data": m.source, **{k: v for k, v in result.items() if k != "per_item"}}
     del llama
     gc.collect()
     return row
 
 
 def compare_command(args) -> List[dict]:
-    prompts = read_prompts(args.prompts)
-    if args.data and args.data not in TEXT_SETS + PAIR_SETS:
-        read_text(args.data, "--data")  # a missing, empty, binary or non-UTF-8 file fails before any loading
-    if args.choices and args.choices not in CHOICE_SETS:
-        check_file(args.choices, "choice jsonl")
-    items = choice_items(args.choices) if args.choices else None
-    rows = [evaluate_one(ckpt, prompts, items, args) for ckpt in args.ckpts]
+    check_inputs(args)
+    models, measures = models_for(args), measures_for(args)
+    reasons = {m.label: chat_reason(m.lora or m.ckpt) for m in models}
+    chat = args.chat if args.chat is not None else any(reasons.values())
+    prompts = read_prompts(args, chat)
+    if args.choices:
+        choice_items(args.choices)  # a bad line fails before any weights load
+    rows = []
+    for i, model in enumerate(models):
+        say(f"[{i + 1}/{len(models)}] {model.label}: {len(prompts)} {'chat ' if chat else ''}prompts"
+            + "".join(f", {m.key}" for m in measures))
+        rows.append(evaluate_one(model, prompts, measures, chat, args))
     if parallel.is_first_rank():  # the outputs were checked before loading (cli.check_args); each is written atomically
         out = Path(args.out)
-        names = labels(args.ckpts)
-        write_text(out / "report.md", markdown_report(names, prompts, rows, args))
-        chart = write_chart(names, rows, out / "scores.png")
-        print_summary(names, prompts, rows, out, chart)
+        chart = write_chart(rows, measures, out / "scores.png")
+        write_text(out / "report.md", markdown_report(rows, measures, prompts, chat, reasons, chart is not None, args))
+        write_text(out / "scores.json", json.dumps({"chat": chat, "prompts": prompts, "models": rows}, indent=2) + "\n")
+        print_summary(rows, measures, prompts, out, chart is not None)
     return rows
 
 
-def labels(ckpts: List[str]) -> List[str]:
-    """Short distinct names: the last path component, numbered when two agree."""
-    names = [Path(c.rstrip("/")).name or c for c in ckpts]
-    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+# ---------------------------------------------------------------------------- what a person reads
 
 
-def metric(row: dict, key: str):
-    source = row.get("choice", {}) if key.startswith("acc") else row.get("perplexity", {})
-    return source.get(key)
+def value(row: dict, m: Measure) -> float:
+    s = row["scores"][m.key]
+    return s["perplexity"] if m.kind == "perplexity" else s["acc"]
 
 
-def markdown_report(names, prompts, rows, args) -> str:
+def size(row: dict, m: Measure) -> str:
+    s = row["scores"][m.key]
+    return f"{s['tokens']:,} tokens" if m.kind == "perplexity" else f"{s['items']:,} questions"
+
+
+def change(base: float, new: float, m: Measure) -> str:
+    """'26.90 -> 13.70, 49.1% lower: better' (perplexity) or '31.9% -> 30.4%: worse' (accuracy)."""
+    better = new < base if m.kind == "perplexity" else new > base
+    verdict = "same" if new == base else ("better" if better else "worse")
+    if m.kind == "perplexity":
+        return f"perplexity {base:.2f} -> {new:.2f} ({100 * (new - base) / base:+.1f}%): {verdict}"
+    return f"accuracy {100 * base:.1f}% -> {100 * new:.1f}% ({100 * (new - base):+.1f} points): {verdict}"
+
+
+def markdown_report(rows, measures, prompts, chat, reasons, has_chart, args) -> str:
     lines = ["# Side-by-side evaluation", ""]
-    lines += [f"- **{n}**: `{r['ckpt']}`" for n, r in zip(names, rows)]
-    used = [(k, title, note) for k, title, note in METRICS if metric(rows[0], k) is not None]
-    if used:
-        lines += ["", "## Scores", ""]
-        if args.data:
-            lines.append(f"Perplexity on `{args.data}` (max_length {args.max_length}, stride {args.stride}).")
-        if args.choices:
-            lines.append(f"Multiple choice on `{args.choices}` ({rows[0]['choice']['items']} items).")
-        lines += ["", "| model | " + " | ".join(f"{t} ({n})" for _, t, n in used) + " |",
-                  "|---|" + "---:|" * len(used)]
-        lines += [f"| {n} | " + " | ".join(f"{metric(r, k):.4f}" for k, _, _ in used) + " |" for n, r in zip(names, rows)]
-        lines += ["", "![scores](scores.png)"]
-    lines += ["", f"## Greedy generations ({args.max_gen_len} tokens at most)", ""]
+    for r in rows:
+        why = reasons.get(r["label"])
+        lines.append(f"- **{r['label']}**: `{r['ckpt']}`" + (f" + LoRA `{r['lora']}`" if r["lora"] else "")
+                     + (f" (chat model: {why})" if why else " (not a chat model)"))
+    lines += ["", f"Prompts: {'as chat (a user message in each model`s chat format)' if chat else 'plain text to complete'}."]
+    if measures:
+        heads = []
+        for m in measures:
+            heads += [f"perplexity, {m.title}", f"bits/byte, {m.title}"] if m.kind == "perplexity" else [f"accuracy, {m.title}"]
+        lines += ["", "## Scores", "", f"Perplexity: lower is better (windows of {args.max_length} tokens, stride "
+                  f"{args.stride}; chats: each reply given its dialog); accuracy: higher is better."
+                  + (f" At most {args.limit} windows, chats or questions per set (--limit)." if args.limit else ""),
+                  "", "| model | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+        for r in rows:
+            cells = []
+            for m in measures:
+                s = r["scores"][m.key]
+                cells += [f"{s['perplexity']:.4f}", f"{s['bits_per_byte']:.4f}"] if m.kind == "perplexity" else [f"{s['acc']:.4f}"]
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines += ["", "Set sizes: " + "; ".join(f"{m.title}: {size(rows[0], m)}" for m in measures) + "."]
+    if measures and len(rows) > 1:
+        lines += ["", f"## Against {rows[0]['label']}: gained and lost", ""]
+        for r in rows[1:]:
+            lines.append(f"**{r['label']}**")
+            lines += [f"- {m.title}: {change(value(rows[0], m), value(r, m), m)}" for m in measures]
+            lines.append("")
+        if has_chart:
+            lines += ["![change of each score against the first model](scores.png)"]
+    lines += ["", f"## Greedy {'replies' if chat else 'continuations'} ({args.max_gen_len} tokens at most)", ""]
     for i, prompt in enumerate(prompts):
         lines += [f"### Prompt {i + 1}", "", "```", prompt, "```", ""]
-        for n, r in zip(names, rows):
-            lines += [f"**{n}**", "", "```", r["generations"][i].replace("```", "'''"), "```", ""]
+        for r in rows:
+            lines += [f"**{r['label']}**", "", "```", r["generations"][i].replace("```", "'''"), "```", ""]
     return "\n".join(lines)
 
 
-def write_chart(names, rows, path: Path):
-    """One bar group per metric, one bar per model. None when there are no scores to draw."""
-    used = [(k, t, n) for k, t, n in METRICS if metric(rows[0], k) is not None]
-    if not used:
-        return None
-    try:
-        import matplotlib
+def print_summary(rows, measures, prompts, out: Path, has_chart: bool) -> None:
+    import shutil
 
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise EvalError("the chart needs matplotlib: pip install 'llama-ref[eval]' (or matplotlib)") from None
-    fig, axes = plt.subplots(1, len(used), figsize=(3.2 * len(used), 3.4), squeeze=False)
-    for ax, (key, title, note) in zip(axes[0], used):
-        values = [metric(r, key) for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
-        ax.set_title(f"{title}\n({note})", fontsize=9)
-        if key.startswith("acc"):
-            ax.set_ylim(0, 1.1)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-    return path
-
-
-def print_summary(names, prompts, rows, out: Path, chart) -> None:
     width = min(shutil.get_terminal_size((100, 24)).columns, 120)
-    used = [(k, t) for k, t, _ in METRICS if metric(rows[0], k) is not None]
-    say(f"{'model':<24}" + "".join(f"{t:>20}" for _, t in used))
-    for n, r in zip(names, rows):
-        say(f"{n[:24]:<24}" + "".join(f"{metric(r, k):>20.4f}" for k, _ in used))
+    for m in measures:
+        say(f"{m.title} ({size(rows[0], m)})")
+        for i, r in enumerate(rows):
+            text = change(value(rows[0], m), value(r, m), m) if i else \
+                (f"perplexity {value(r, m):.2f}" if m.kind == "perplexity" else f"accuracy {100 * value(r, m):.1f}%")
+            say(f"  {r['label'][:30]:<30} {text}")
     for i, prompt in enumerate(prompts[:3]):
         say(f"\n{prompt.splitlines()[0][: width - 4]!s}")
-        for n, r in zip(names, rows):
-            text = " ".join(r["generations"][i].split())
-            say(f"  {n[:16]:<16} {text[: width - 20]}")
-    say(f"\nreport: {out / 'report.md'}" + (f"   chart: {chart}" if chart else ""))
+        for r in rows:
+            say(f"  {r['label'][:16]:<16} {' '.join(r['generations'][i].split())[: width - 20]}")
+    say(f"\nreport: {out / 'report.md'}" + (f"   chart: {out / 'scores.png'}" if has_chart else ""))

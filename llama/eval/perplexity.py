@@ -15,7 +15,7 @@ UTF-8 bytes of the text (comparable across tokenizers), tokens scored, tokens/s.
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from llama.eval import EvalError
 from llama.eval.scoring import encode_pair, score_requests
@@ -78,28 +78,30 @@ def strided_windows(n_tokens: int, max_length: int, stride: int) -> List[Tuple[i
 
 
 def perplexity_of_tokens(model, ids: List[int], n_bytes: int, max_length: int, stride: int,
-                         batch_size: int = 8) -> PerplexityResult:
+                         batch_size: int = 8, progress: Optional[str] = None) -> PerplexityResult:
     """Perplexity of a token sequence `ids` under `model`: its first token is context only."""
     check_window(max_length, stride, model.params.max_seq_len)
     if len(ids) < 2:
         raise EvalError("the text has no tokens to score: give a longer text")
     windows = strided_windows(len(ids), max_length, stride)
     start = time.perf_counter()
-    scores = score_requests(model, [(ids[b:e], n) for b, e, n in windows], batch_size)
+    scores = score_requests(model, [(ids[b:e], n) for b, e, n in windows], batch_size, progress)
     seconds = time.perf_counter() - start
     nll = -sum(float(lp.double().sum()) for lp, _ in scores)
     return PerplexityResult(nll, sum(n for _, _, n in windows), n_bytes, seconds, max_length, stride)
 
 
-def perplexity(model, tokenizer, text: str, max_length: int, stride: int, batch_size: int = 8) -> PerplexityResult:
+def perplexity(model, tokenizer, text: str, max_length: int, stride: int, batch_size: int = 8,
+               progress: Optional[str] = None) -> PerplexityResult:
     """Perplexity of `text`, tokenized whole by the tokenizer's own rule (encode_text)."""
     if not text.strip():
         raise EvalError("the text is empty: give a data file with some text in it")
     ids = encode_text(tokenizer, text)
-    return perplexity_of_tokens(model, ids, len(text.encode("utf-8")), max_length, stride, batch_size)
+    return perplexity_of_tokens(model, ids, len(text.encode("utf-8")), max_length, stride, batch_size, progress)
 
 
-def conditional_perplexity(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: int = 8) -> PerplexityResult:
+def conditional_perplexity(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: int = 8,
+                           progress: Optional[str] = None) -> PerplexityResult:
     """Perplexity of each completion given its prompt (HumanEval: canonical solutions), the
     prompts themselves unscored, each pair tokenized as lm-eval tokenizes a (context, continuation)
     (encode_pair). Each pair must fit the model's context; longer ones keep their end."""
@@ -112,7 +114,7 @@ def conditional_perplexity(model, tokenizer, pairs: List[Tuple[str, str]], batch
         requests.append(((ctx + cont)[-limit:], min(len(cont), limit - 1)))
         n_bytes += len(completion.encode("utf-8"))
     start = time.perf_counter()
-    scores = score_requests(model, requests, batch_size)
+    scores = score_requests(model, requests, batch_size, progress)
     seconds = time.perf_counter() - start
     nll = -sum(float(lp.double().sum()) for lp, _ in scores)
     return PerplexityResult(nll, sum(n for _, n in requests), n_bytes, seconds, limit - 1, limit - 1)

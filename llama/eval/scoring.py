@@ -14,11 +14,13 @@ projection plus log-softmax, ~20% of a small model's FLOPs and the largest tenso
 the positions that are scored rather than on every position of every window.
 """
 
+import sys
 from functools import partial
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from llama import parallel
 from llama.parallel.loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from llama.tokenizer import encode_text
 
@@ -89,31 +91,47 @@ def _target_scores(model, h: torch.Tensor, rows, cols, targets) -> Tuple[torch.T
 
 
 @torch.inference_mode()
-def score_requests(model, requests: List[Request], batch_size: int = 8) -> List[Tuple[torch.Tensor, bool]]:
+def score_requests(model, requests: List[Request], batch_size: int = 8,
+                   progress: Optional[str] = None) -> List[Tuple[torch.Tensor, bool]]:
     """For each (tokens, n_targets): the targets' log-probabilities (n_targets,) and whether every
-    target was the argmax. Longest first, so a batch holds similar lengths; results in input order."""
+    target was the argmax. Longest first, so a batch holds similar lengths; results in input order.
+    `progress`: a label for a progress bar (progress_bar), counted in target tokens."""
     for toks, n in requests:
         if not 1 <= n < len(toks):
             raise ValueError(f"a request of {len(toks)} tokens cannot score {n} targets")
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     results = [None] * len(requests)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        for i, res in zip(chunk, _score_batch(model, [requests[i] for i in chunk])):
-            results[i] = res
+    with progress_bar(progress, sum(n for _, n in requests), "tok") as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, res in zip(chunk, _score_batch(model, [requests[i] for i in chunk])):
+                results[i] = res
+            bar.update(sum(requests[i][1] for i in chunk))
     return results
 
 
+def progress_bar(label: Optional[str], total: int, unit: str):
+    """A tqdm bar on stderr, as training's: only with a label, on a terminal, on rank 0 (under torchrun
+    every rank runs the same evaluation)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False, file=sys.stderr,
+                disable=label is None or not parallel.is_first_rank() or not sys.stderr.isatty())
+
+
 def greedy_completions(llama, prompts: List[str], max_gen_len: int, until: Sequence[str] = (),
-                       truncate: bool = False) -> List[str]:
+                       truncate: bool = False, chat: bool = False, progress: Optional[str] = None) -> List[str]:
     """Greedy (temperature 0) continuation of each prompt, cut before the first `until` string;
-    with truncate, a prompt too long for the context keeps its end."""
+    with truncate, a prompt too long for the context keeps its end; with chat, each prompt is a user
+    message in the model's chat format and the text is the reply."""
     texts = []
-    for prompt in prompts:  # one at a time: the model's max_batch_size may be 1
-        tokens = [llama.encode_prompt(prompt)]
-        tokens, _ = llama.generate(llama.truncate_prompts(tokens, max_gen_len) if truncate else tokens, max_gen_len,
-                                   temperature=0.0)
-        text = llama.tokenizer.decode(tokens[0])
-        cuts = [text.index(s) for s in until if s and s in text]
-        texts.append(text[: min(cuts)] if cuts else text)
+    with progress_bar(progress, len(prompts), "prompt") as bar:
+        for prompt in prompts:  # one at a time: the model's max_batch_size may be 1
+            tokens = [llama.encode_dialog([{"role": "user", "content": prompt}]) if chat else llama.encode_prompt(prompt)]
+            tokens, _ = llama.generate(llama.truncate_prompts(tokens, max_gen_len) if truncate else tokens, max_gen_len,
+                                       temperature=0.0)
+            text = llama.tokenizer.decode(tokens[0])
+            cuts = [text.index(s) for s in until if s and s in text]
+            texts.append(text[: min(cuts)] if cuts else text)
+            bar.update(1)
     return texts
