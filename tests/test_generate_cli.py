@@ -108,6 +108,21 @@ def test_chat_command_reads_stdin(tiny_dir, monkeypatch):
     assert out.stdout.count("> ") == 4 and len(out.stdout.strip().splitlines()) == 3, out.stdout
 
 
+def test_compile_says_so_before_the_first_token(tiny_dir, monkeypatch):
+    """--compile announces the compile (and roughly how long) before anything is generated, with prompts
+    and in the chat REPL. (The decode step compiles when a reply's second token is due: --max-gen-len 1
+    stops before it, so nothing compiles here.)"""
+    for extra, stdin, first_output in ((["--prompt", "Hello"], "", "Hello"), (["--chat"], "hello\n", "> ")):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        both = io.StringIO()  # stdout and stderr in the order they were written
+        with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+            code = main(["--ckpt-dir", str(tiny_dir), "--compile", "--max-gen-len", "1", "--temperature", "0", *extra])
+        text = both.getvalue()
+        assert code == 0, text
+        notice = text.index("--compile: compiling the decode step first (about 1-3 minutes on a CPU")
+        assert notice < text.index(first_output) and text.count("--compile:") == 1, text
+
+
 @pytest.mark.slow
 def test_torchrun_model_parallel_prints_once(tiny_dir):
     single = run_cli("--ckpt-dir", tiny_dir, "--prompt", "Hello", "--max-gen-len", "8", "--temperature", "0")

@@ -258,6 +258,15 @@ def chat(llama, args, say: Printer, run_tool: Optional[Callable[[dict], Optional
     return stats
 
 
+def compile_notice(llama) -> str:
+    """What --compile costs, said before the first token: torch.compile builds the decode step when
+    the first reply's second token is due (inductor's C++ products and wrapper on a CPU: minutes, see
+    docs/generation.md), and inductor's on-disk cache makes a later run quicker."""
+    where = "1-3 minutes on a CPU" if llama.device.type == "cpu" else "a minute or less on a GPU"
+    return (f"--compile: compiling the decode step first (about {where}; a later run reuses inductor's cache); "
+            "the first reply waits for it")
+
+
 def report(stats: list, say: Printer) -> None:
     prompt = sum(s.prompt_tokens for s in stats)
     generated = sum(s.generated_tokens for s in stats)
@@ -295,6 +304,8 @@ def main(argv=None) -> int:
         check_args(args)
         prompts = DEMO_PROMPTS if args.prompt is None and not args.chat else (args.prompt or [])
         llama = build_llama(args, args.max_batch_size or max(len(prompts), 1))
+        if args.compile:  # the first decode step compiles: say so before the wait, not after it
+            say(compile_notice(llama), err=True)
         stats = chat(llama, args, say) if args.chat else run_prompts(llama, prompts, args, say)
         report(stats, say)
         return 0
