@@ -85,11 +85,13 @@ HEADROOM = 0.9  # "fits" leaves 10% for the CUDA context, allocator fragmentatio
 # llama/common/flops.py: no CUDA device reports this name.
 DEVICES = {**GPUS, "laptop": GPU("laptop", "(cpu)", 16, 1.0, 0.0896)}
 # Bytes per matmul weight as llama/generation/quantize.py stores them: int8 in groups of 64 with a bf16
-# scale; int4 in groups of 32 with a bf16 scale and min (the embedding table stays bf16); a llama.cpp
-# Q8_0 / Q4_0 file's own blocks (--quantize int8 / int4 on it), an fp16 scale per 32 (the table stays in its
-# blocks too).
+# scale; int4 in groups of 32 with a bf16 scale and min (the embedding table stays bf16), except the
+# output projection, which int4 keeps in int8 (groups of 32: HEAD_BYTES); a llama.cpp Q8_0 / Q4_0 file's
+# own blocks (--quantize int8 / int4 on it), an fp16 scale per 32 (the table stays in its blocks too; a
+# Q4_0 file whose output matrix is Q4_0 keeps it so: 8 bits would not restore what 4 lost).
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1 + 2 / 64, "int4": 0.5 + 4 / 32,
                 "Q8_0 file": 1 + 2 / 32, "Q4_0 file": 0.5 + 2 / 32}
+HEAD_BYTES = {**WEIGHT_BYTES, "int4": 1 + 2 / 32}
 MEASURED_ON_A_CPU = "docs/quantization.md#llama-31-8b-on-one-machine"  # the 8B shape measured on a 2-core VM
 
 
@@ -268,13 +270,14 @@ def make_plan(args: ModelArgs, mp=1, dp=1, seq=8192, batch=1, train=False, gpu="
         read = counts["matmul_per_rank"] * PARAM_BYTES + memory["KV cache"]
         speed["decode tokens/s (per replica, full cache)"] = (batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
         speed["decode tokens/s (all replicas)"] = (dp * batch * g.bandwidth_tbs * 1e12 / read, "tok/s")
+        head = args.vocab_size * args.dim // mp  # the output projection's weights on this rank
         for precision, nbytes in WEIGHT_BYTES.items():  # --quantize: what fewer bytes per weight buy
             embedding = counts["total_per_rank"] - counts["matmul_per_rank"]  # a lookup reads a row of it
             table = nbytes if "file" in precision else max(nbytes, PARAM_BYTES)
-            weights = counts["matmul_per_rank"] * nbytes + embedding * table
-            memory[f"weights {precision}"] = int(weights)
+            matmul = (counts["matmul_per_rank"] - head) * nbytes + head * HEAD_BYTES[precision]
+            memory[f"weights {precision}"] = int(matmul + embedding * table)
             speed[f"decode tokens/s, {precision} weights"] = \
-                (batch * g.bandwidth_tbs * 1e12 / (counts["matmul_per_rank"] * nbytes + memory["KV cache"]), "tok/s")
+                (batch * g.bandwidth_tbs * 1e12 / (matmul + memory["KV cache"]), "tok/s")
     fits = total <= HEADROOM * g.memory_gib * GiB
     return Plan(args, g, mp, dp, seq, batch, train, zero, cp, mfu, counts, memory, total, fits, speed, lora,
                 loss_chunks)

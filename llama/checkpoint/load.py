@@ -240,10 +240,15 @@ def _local_tensor(source, name: str, local_shape, args: ModelArgs, dtype, fast: 
 
 def _quantized_layer(source, name: str, layer: str, local_shape, args: ModelArgs, method: str, group_size):
     """This rank's piece of the weight `name`, straight into the quantized form of the linear layer
-    `layer` (its module name, as quantize_model names it: "output", "layers.0.attention.wq"): a GGUF
-    file's own blocks where the scheme takes them as they are, else quantized a few rows at a time."""
+    `layer` (its module name, as quantize_model names it: "output", "layers.0.attention.wq"), in the
+    layer's scheme (quantization.layer_scheme: int4 keeps the output projection in 8 bits): a GGUF
+    file's own blocks where the scheme takes them as they are, else quantized a few rows at a time.
+    An output matrix a file already holds in the body's 4-bit blocks stays as it is (8 bits would not
+    restore what 4 lost)."""
     out, pieces = _local_piece(source, name, local_shape, args)
-    if isinstance(out, Blocks) and out.qtype.name == quantization.native_kind(method, group_size):
+    body_kind = quantization.native_kind(method, group_size)
+    method, group_size = quantization.layer_scheme(layer, method, group_size)
+    if isinstance(out, Blocks) and out.qtype.name in (quantization.native_kind(method, group_size), body_kind):
         return quantization.GGUFLinear(out.data, out.qtype.name)  # a view of the file: nothing read yet
     _dequantize_fast(out)
     read = out.rows if isinstance(out, Blocks) else lambda start, end: out[start:end]

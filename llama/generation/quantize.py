@@ -34,7 +34,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,10 @@ from llama.lora import refuse_adapters
 QUANTIZE_CHOICES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's block of 32 weights
 DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
+# The output projection (vocabulary x dim; the embedding table when tied) keeps 8 bits under int4, as
+# llama.cpp keeps it at Q8_0 (or Q6_K) in its Q4_0/Q4_1 files: at 4 bits it made most of int4's error,
+# enough to derail chat replies (docs/quantization.md#chat-prompts). layer_scheme applies it.
+HEAD_METHOD = {"int8": "int8", "int4": "int8"}
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"  # includes the other files of csrc/
 PREFILL_ROWS = 64  # more activation rows than this: the fp32 GEMM on dequantized tiles (docs/quantization.md)
 DEQUANTIZED_TILE = 256  # weight rows dequantized at a time for the GEMM: a tile that stays in the caches
@@ -368,6 +372,15 @@ def native_kind(method: str, group_size: Optional[int]) -> Optional[str]:
     return None
 
 
+def layer_scheme(name: str, method: str, group_size: Optional[int]) -> Tuple[str, Optional[int]]:
+    """(method, group size) of the linear layer `name` under --quantize method --group-size group_size:
+    the output projection takes HEAD_METHOD, in groups of the body's size (None stays None where the
+    method is the body's: a GGUF file's own blocks, else the default)."""
+    if name != "output" or HEAD_METHOD[method] == method:
+        return method, group_size
+    return HEAD_METHOD[method], DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
+
+
 def linear_layers(model: nn.Module):
     """[(name, module)] of every linear layer quantization replaces: attention, FFN and the output
     projection (column- and row-parallel ones by their rank's shard). The embedding table stays as it
@@ -407,7 +420,7 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: Optional[
     if not targets:
         raise ArgumentError("no linear layers to quantize")
     check_target(method, group_size, targets[0][1].weight.device)
-    layers = [(name, quantized_linear(child.weight, method, group_size, name))
+    layers = [(name, quantized_linear(child.weight, *layer_scheme(name, method, group_size), name))
               for name, child in targets]  # every shape is checked before the model changes
     for name, quantized in layers:
         replace_layer(model, name, quantized)
