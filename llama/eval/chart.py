@@ -23,6 +23,11 @@ def gain_percent(base: float, new: float, kind: str) -> float:
     return -rel if kind == "perplexity" else rel
 
 
+def verdict(gain: float) -> str:
+    """Words for a gain_percent: 'better by 62.8%', 'worse by 0.1%', 'the same'."""
+    return "the same" if gain == 0 else f"{'better' if gain > 0 else 'worse'} by {abs(gain):.1f}%"
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -46,7 +51,7 @@ def write_chart(rows: List[dict], measures, path: Path) -> Optional[Path]:
     plt = _pyplot()
     base = rows[0]
     n = len(measures)
-    fig, axes = plt.subplots(len(rows) - 1, 1, figsize=(9, 1.4 + 0.75 * n), squeeze=False)
+    fig, axes = plt.subplots(len(rows) - 1, 1, figsize=(10, (1.6 + 0.6 * n) * (len(rows) - 1)), squeeze=False)
     for ax, row in zip(axes[:, 0], rows[1:]):
         labels, gains, notes = [], [], []
         for m in measures:
@@ -55,20 +60,21 @@ def write_chart(rows: List[dict], measures, path: Path) -> Optional[Path]:
             count = f"{s_base['tokens']:,} tokens" if m.kind == "perplexity" else f"{s_base['items']:,} questions"
             labels.append(f"{m.title}\n{m.kind}, {count}")
             gains.append(gain_percent(b, v, m.kind))
-            notes.append(f"{_fmt(b, m.kind)} → {_fmt(v, m.kind)}  "
-                         + ("same" if v == b else "better" if gains[-1] > 0 else "worse"))
+            notes.append(f"{_fmt(b, m.kind)} → {_fmt(v, m.kind)}: {verdict(gains[-1])}")
         y = list(range(n))[::-1]  # the first measure on top
         ax.barh(y, gains, color=[GAIN if g > 0 else LOSS for g in gains], height=0.6)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(y, labels, fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
         span = max(max(abs(g) for g in gains), 1.0)
-        ax.set_xlim(-1.6 * span, 1.6 * span)
+        ax.set_xlim(-2.2 * span, 2.2 * span)  # room for the labels beside the bars
         for yi, g, note in zip(y, gains, notes):  # the values, beside the bar's end
             ax.text(g + (0.03 if g >= 0 else -0.03) * span, yi, note, va="center", fontsize=8,
                     ha="left" if g >= 0 else "right")
         ax.set_xlabel(f"change against {base['label']}, % of its score (right: better; perplexity lower, "
                       "accuracy higher)", fontsize=8)
-        ax.set_title(textwrap.fill(f"{row['label']} against {base['label']}", 90), fontsize=10)
+        ax.set_title(textwrap.fill(f"{row['label']} against {base['label']}: gained (green) and lost (red)", 75),
+                     fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))

@@ -29,14 +29,14 @@ from llama.eval.perplexity import PerplexityResult
 from llama.eval.scoring import score_requests
 
 
-def chat_reason(ckpt) -> Optional[str]:
-    """Why `ckpt` is a chat model (a few words for the report), or None when it is not one."""
+def chat_reason(ckpt, lora=None) -> Optional[str]:
+    """Why `ckpt` (with the adapter `lora` merged) is a chat model, a few words for the report; None
+    when it is not one."""
+    if lora is not None and trained_on_chats(resolve(lora)):
+        return "trained on chats (sft=true)"
     path = resolve(ckpt)
-    if path.is_dir() and (path / "train_state.00.pth").is_file():
-        # mmap: only the pickled config is read, not the optimizer state beside it
-        state = torch.load(path / "train_state.00.pth", map_location="cpu", mmap=True, weights_only=True)
-        if state.get("config", {}).get("sft"):
-            return "trained on chats (sft=true)"
+    if trained_on_chats(path):
+        return "trained on chats (sft=true)"
     base = recorded_base(path)
     if base is not None:  # a LoRA checkpoint: judged by its base
         reason = chat_reason(base)
@@ -47,6 +47,15 @@ def chat_reason(ckpt) -> Optional[str]:
     if detect_format(path) == "meta" and "instruct" in (path.name + path.parent.name).lower():
         return "a Meta Instruct model"
     return None
+
+
+def trained_on_chats(path: Path) -> bool:
+    """A training checkpoint (llama/train/state.py) of an sft=true run."""
+    if not (path.is_dir() and (path / "train_state.00.pth").is_file()):
+        return False
+    # mmap: only the pickled config is read, not the optimizer state beside it
+    state = torch.load(path / "train_state.00.pth", map_location="cpu", mmap=True, weights_only=True)
+    return bool(state.get("config", {}).get("sft"))
 
 
 def has_chat_template(tokenizer: Path) -> bool:

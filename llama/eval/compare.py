@@ -27,7 +27,7 @@ from typing import List, Optional
 from llama import parallel
 from llama.common.files import OutputError, check_output_file, read_text_file, write_text
 from llama.eval import EvalError
-from llama.eval.chart import write_chart
+from llama.eval.chart import gain_percent, verdict, write_chart
 from llama.eval.chat import chat_reason, is_chat_data, read_chats, user_prompts
 from llama.eval.choice import score_items
 from llama.eval.commands import check_file, choice_items, load, say, score_text
@@ -142,7 +142,7 @@ def evaluate_one(model: Model, prompts: List[str], measures: List[Measure], chat
 def compare_command(args) -> List[dict]:
     check_inputs(args)
     models, measures = models_for(args), measures_for(args)
-    reasons = {m.label: chat_reason(m.lora or m.ckpt) for m in models}
+    reasons = {m.label: chat_reason(m.ckpt, m.lora) for m in models}
     chat = args.chat if args.chat is not None else any(reasons.values())
     prompts = read_prompts(args, chat)
     if args.choices:
@@ -175,12 +175,10 @@ def size(row: dict, m: Measure) -> str:
 
 
 def change(base: float, new: float, m: Measure) -> str:
-    """'26.90 -> 13.70, 49.1% lower: better' (perplexity) or '31.9% -> 30.4%: worse' (accuracy)."""
-    better = new < base if m.kind == "perplexity" else new > base
-    verdict = "same" if new == base else ("better" if better else "worse")
-    if m.kind == "perplexity":
-        return f"perplexity {base:.2f} -> {new:.2f} ({100 * (new - base) / base:+.1f}%): {verdict}"
-    return f"accuracy {100 * base:.1f}% -> {100 * new:.1f}% ({100 * (new - base):+.1f} points): {verdict}"
+    """'perplexity 26.90 -> 13.70: better by 49.1%' or 'accuracy 31.9% -> 30.4%: worse by 4.7%' (the
+    relative change of the score, as the chart draws it)."""
+    values = f"{base:.2f} -> {new:.2f}" if m.kind == "perplexity" else f"{100 * base:.1f}% -> {100 * new:.1f}%"
+    return f"{m.kind} {values}: {verdict(gain_percent(base, new, m.kind))}"
 
 
 def markdown_report(rows, measures, prompts, chat, reasons, has_chart, args) -> str:
@@ -189,7 +187,8 @@ def markdown_report(rows, measures, prompts, chat, reasons, has_chart, args) -> 
         why = reasons.get(r["label"])
         lines.append(f"- **{r['label']}**: `{r['ckpt']}`" + (f" + LoRA `{r['lora']}`" if r["lora"] else "")
                      + (f" (chat model: {why})" if why else " (not a chat model)"))
-    lines += ["", f"Prompts: {'as chat (a user message in each model`s chat format)' if chat else 'plain text to complete'}."]
+    how = "as chat (a user message in each model's chat format)" if chat else "plain text to complete"
+    lines += ["", f"Prompts: {how}."]
     if measures:
         heads = []
         for m in measures:
