@@ -62,6 +62,33 @@ def test_overfitting_warning_rule():
     assert format_record(record).splitlines()[1] == f"warning: {warning}"
 
 
+@pytest.mark.slow  # 30 steps with 10 evaluations: ~15 s on a quiet 2-core machine
+def test_overfitting_is_warned_once_in_the_log_and_metrics(corpus, tmp_path, capsys):
+    """A tiny model on one short file (keyword.py: 10 training sequences) at a high lr learns it by heart:
+    the validation loss turns up while the training loss keeps falling. The run says so once, at the
+    first evaluation 1% above the lowest, in the log and in that step's metrics.jsonl record."""
+    import keyword
+
+    _, tokenizer = corpus
+    (tmp_path / "small.py").write_text(Path(keyword.__file__).read_text())
+    overrides = [o for o in TINY_TRAIN if not o.startswith(("eval_every", "log_every"))]
+    cfg = load_config(None, overrides + [f"data={tmp_path / 'small.py'}", f"tokenizer={tokenizer}",
+                                         f"out_dir={tmp_path / 'run'}", f"data_cache={tmp_path / 'cache'}",
+                                         "val_fraction=0.3", "max_steps=30", "eval_every=3", "log_every=3",
+                                         "lr=1e-2", "min_lr=1e-2", "warmup_steps=0"])
+    from train import train as run_train
+
+    val = run_train(cfg)["val_losses"]
+    warned = [r for r in read_metrics(tmp_path / "run") if "warning" in r]
+    assert len(warned) == 1, warned
+    step = warned[0]["step"]
+    best = min((s for s in val if s < step), key=val.get)
+    assert val[step] > 1.01 * val[best] and f"since step {best}" in warned[0]["warning"]
+    earlier_rises = [s for s in val if min(val) < s < step and val[s] > 1.01 * min(val[t] for t in val if t < s)]
+    assert not earlier_rises  # warned at the first rise
+    assert capsys.readouterr().out.count("warning: over-fitting") == 1
+
+
 def test_closing_lines_fit_the_run():
     from llama.train.setup import next_commands
 

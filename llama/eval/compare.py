@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from llama import parallel
+from llama.checkpoint.peft import find_adapter
 from llama.common.files import OutputError, check_output_file, read_text_file, write_text
 from llama.eval import EvalError
 from llama.eval.chart import gain_percent, verdict, write_chart
@@ -110,8 +111,6 @@ def check_outputs(out, overwrite: bool, inputs) -> None:
 
 def check_inputs(args) -> None:
     """Every check that needs no weights, before the first model loads (--out: check_outputs, by cli.check_args)."""
-    from llama.checkpoint.peft import find_adapter
-
     if args.data and args.data not in TEXT_SETS + PAIR_SETS:
         read_text(args.data, "--data")  # a missing, empty, binary or non-UTF-8 file fails before any loading
     if args.choices and args.choices not in CHOICE_SETS:
