@@ -3,6 +3,7 @@ SmolLM2 stays close to its fp32 self, model parallelism gives one process's logi
 ends in one line."""
 
 import contextlib
+import copy
 import io
 import os
 import subprocess
@@ -196,7 +197,7 @@ CHAT_PROMPTS = ["What is the capital of Peru?", "Give me three tips for sleeping
 
 
 @pytest.mark.slow
-def test_smollm2_quantized_chat_agreement_floor(smollm2_gguf, monkeypatch):
+def test_smollm2_quantized_chat_agreement_floor(smollm2, monkeypatch):
     """Chat prompts (user messages in SmolLM2's chat format), each followed by the fp32 model's own greedy
     reply, teacher-forced: with the defaults int8 (group 64) and int4 (group 32) keep fp32's top-1 choice
     at >= 95% of the reply positions with a mean KL(fp32 || q) <= 0.005 nats, through the prefill path and
@@ -204,14 +205,13 @@ def test_smollm2_quantized_chat_agreement_floor(smollm2_gguf, monkeypatch):
     fails: its chat replies derailed (docs/quantization.md#chat-prompts)."""
     from llama.eval.agreement import agreement, chat_sequences, scored_logprobs
 
-    fp32 = Llama.build(smollm2_gguf, max_seq_len=256, max_batch_size=1)
-    sequences = chat_sequences(fp32, CHAT_PROMPTS, 32)
-    reference = scored_logprobs(fp32.model, sequences)
+    sequences = chat_sequences(smollm2, CHAT_PROMPTS, 32)  # the session's fp32 SmolLM2 (conftest.py)
+    reference = scored_logprobs(smollm2.model, sequences)
     assert len(reference) >= 100
     for method, head_4bit in [("int8", False), ("int4", False), ("int4", True)]:
         if head_4bit:
             monkeypatch.setattr(quantize, "HEAD_METHOD", {**quantize.HEAD_METHOD, "int4": "int4"})
-        model = Llama.build(smollm2_gguf, max_seq_len=256, max_batch_size=1, quantize=method).model
+        model = quantize_model(copy.deepcopy(smollm2.model), method)  # the default group size, as --quantize
         monkeypatch.undo()
         prefill = agreement(reference, scored_logprobs(model, sequences))
         monkeypatch.setattr(quantize, "PREFILL_ROWS", 1 << 30)
