@@ -128,8 +128,10 @@ def gguf_name(meta: str) -> str:
     return f"blk.{i}.{_GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
 
 
-def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llama", tokenizer_from=None):
-    """A llama.cpp-style GGUF of a Meta-key state dict; matrices stored as `qtype`, norms as F32. The
+def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llama", tokenizer_from=None,
+               qtypes=None):
+    """A llama.cpp-style GGUF of a Meta-key state dict; matrices stored as `qtype` (or as `qtypes` names
+    them by Meta key: llama.cpp's Q4_0 files keep the output matrix at 8 bits), norms as F32. The
     tokenizer: every `tokenizer.*` key of the GGUF `tokenizer_from` (a real one: SmolLM2's 49,152
     tokens and ChatML template), else vocab_size placeholder tokens."""
     w = gguf.GGUFWriter(str(path), arch)
@@ -152,8 +154,9 @@ def write_gguf(path, state_dict, args: ModelArgs, qtype=Q.F32, arch: str = "llam
         if name == "output.weight" and args.tie_word_embeddings:
             continue
         arr = t.detach().float().numpy()
-        if arr.ndim == 2 and qtype != Q.F32:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        kind = (qtypes or {}).get(name, qtype)
+        if arr.ndim == 2 and kind != Q.F32:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, kind), raw_dtype=kind)
         else:
             w.add_tensor(gguf_name(name), arr)
     w.write_header_to_file()

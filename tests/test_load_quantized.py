@@ -54,7 +54,7 @@ def test_loading_into_a_scheme_equals_quantizing_the_loaded_model(method, tmp_pa
         assert got.keys() == expected.keys() and len(got) >= 15
         for name in got:
             assert torch.equal(got[name], expected[name]), (path.name, name)
-        assert isinstance(at_load.output, quantize.GroupLinear)
+        assert isinstance(at_load.output, quantize.GroupInt8Linear) and at_load.output.group_size == 32  # HEAD_METHOD
         with torch.no_grad():
             assert torch.equal(at_load(tokens(vocab=256)), after(tokens(vocab=256)))
 
@@ -109,6 +109,26 @@ def test_gguf_blocks_are_used_as_the_file_stores_them(method, qtype, tmp_path):
     assert 0 < (ours - ref).abs().max() < (0.01 if method == "int8" else 0.05) * ref.abs().max()
     requantized = load_model(path, quantize=method, group_size=64)
     assert isinstance(requantized.layers[0].attention.wq, (quantize.GroupInt8Linear, quantize.Int4Linear))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int4_takes_a_q4_0_files_8_bit_output_matrix_as_it_is(tied, tmp_path):
+    """llama.cpp's Q4_0 files keep the output matrix (or the tied embedding table: SmolLM2's) at Q8_0;
+    --quantize int4 keeps the output projection at 8 bits (HEAD_METHOD), so it takes those blocks as
+    they are, a view of the file, beside the body's Q4_0 ones: the logits are the float model's of the
+    same file within what rounding the activations moves them."""
+    model, args = tiny_model(**{**ARGS, "hidden_dim": 128, "tie_word_embeddings": tied})
+    eight_bit = "tok_embeddings.weight" if tied else "output.weight"
+    path = write_gguf(tmp_path / "q.gguf", model.state_dict(), args, Q.Q4_0, qtypes={eight_bit: Q.Q8_0})
+    loaded, reference = load_model(path, quantize="int4"), load_model(path)
+    kinds = {name: m.kind for name, m in loaded.named_modules() if isinstance(m, quantize.GGUFLinear)}
+    assert kinds.pop("output") == "Q8_0" and len(kinds) == 7 * 2 and set(kinds.values()) == {"Q4_0"}
+    if sys.platform.startswith("linux"):
+        assert mapped_file(loaded.output.weight) == str(path)
+    torch.testing.assert_close(loaded.output.dequantized(), reference.output.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        ours, ref = loaded(tokens(1, 4, vocab=256)), reference(tokens(1, 4, vocab=256))
+    assert 0 < (ours - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def _mp_logits(path, method, mp=None):

@@ -3,7 +3,6 @@ SmolLM2 stays close to its fp32 self, model parallelism gives one process's logi
 ends in one line."""
 
 import contextlib
-import copy
 import io
 import os
 import subprocess
@@ -197,12 +196,12 @@ CHAT_PROMPTS = ["What is the capital of Peru?", "Give me three tips for sleeping
 
 
 @pytest.mark.slow
-def test_smollm2_quantized_chat_agreement_floor(smollm2, monkeypatch):
+def test_smollm2_quantized_chat_agreement_floor(smollm2, smollm2_gguf, monkeypatch):
     """Chat prompts (user messages in SmolLM2's chat format), each followed by the fp32 model's own greedy
-    reply, teacher-forced: with the defaults int8 (group 64) and int4 (group 32) keep fp32's top-1 choice
-    at >= 95% of the reply positions with a mean KL(fp32 || q) <= 0.005 nats, through the prefill path and
-    the decode kernel. The floor is one that int4 with the output projection in 4 bits too (as it was)
-    fails: its chat replies derailed (docs/quantization.md#chat-prompts)."""
+    reply, teacher-forced: loaded as --quantize loads them, int8 (group 64) and int4 (group 32) keep fp32's
+    top-1 choice at >= 95% of the reply positions with a mean KL(fp32 || q) <= 0.005 nats, through the
+    GEMM on dequantized weights and through the decode kernel. The floor is one that int4 with the output
+    projection in 4 bits too (as it was) fails: its chat replies derailed (docs/quantization.md#chat-prompts)."""
     from llama.eval.agreement import agreement, chat_sequences, scored_logprobs
 
     sequences = chat_sequences(smollm2, CHAT_PROMPTS, 32)  # the session's fp32 SmolLM2 (conftest.py)
@@ -211,13 +210,14 @@ def test_smollm2_quantized_chat_agreement_floor(smollm2, monkeypatch):
     for method, head_4bit in [("int8", False), ("int4", False), ("int4", True)]:
         if head_4bit:
             monkeypatch.setattr(quantize, "HEAD_METHOD", {**quantize.HEAD_METHOD, "int4": "int4"})
-        model = quantize_model(copy.deepcopy(smollm2.model), method)  # the default group size, as --quantize
+        model = Llama.build(smollm2_gguf, max_seq_len=256, max_batch_size=1, quantize=method).model
         monkeypatch.undo()
-        prefill = agreement(reference, scored_logprobs(model, sequences))
-        monkeypatch.setattr(quantize, "PREFILL_ROWS", 1 << 30)
-        decode = agreement(reference, scored_logprobs(model, sequences))
-        monkeypatch.undo()
-        for top1, kl in (prefill, decode):
+        results = []
+        for rows in (0, 1 << 30):  # every row through the GEMM on dequantized weights, then through the kernel
+            monkeypatch.setattr(quantize, "PREFILL_ROWS", rows)
+            results.append(agreement(reference, scored_logprobs(model, sequences)))
+            monkeypatch.undo()
+        for top1, kl in results:
             assert kl > 0  # quantized: not the fp32 model
             if head_4bit:
                 assert top1 < 0.95 or kl > 0.005, (method, top1, kl)
