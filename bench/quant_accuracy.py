@@ -2,7 +2,7 @@
 
     python bench/quant_accuracy.py                     # the docs/quantization.md table (~10 min on 2 cores)
     python bench/quant_accuracy.py --tokens 1024 --skip llamacpp
-    python bench/quant_accuracy.py --chat 24           # chat-formatted prompts and the model's own replies
+    python bench/quant_accuracy.py --chat 8 --reply-len 32   # chat-formatted prompts, the model's own replies
 
 Teacher-forced over real text (KJV Genesis, the evaluation text of bench/eval.py) in disjoint windows of
 --window tokens, each starting with the tokenizer's prefix token: every quantized model reads the same
