@@ -134,8 +134,8 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # (N, in)
         if flat.shape[0] > PREFILL_ROWS and x.dtype == torch.float32:
             # Many rows (a prefill chunk): the product is compute-bound, not bandwidth-bound, and the
-            # fp32 GEMM beats the int8 kernel (512 x 576 x 1536 on 2 cores: 7 ms vs 16 ms) even
-            # after dequantizing the weight, which is one pass over it.
+            # fp32 GEMM beats the int8 kernel even after dequantizing the weight, which is one pass
+            # over it (bench/quant_kernel.py times both at prefill shapes).
             y = F.linear(flat, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
         else:
             y = torch._weight_int8pack_mm(flat.to(self.compute_dtype), self.weight, self.scales).to(x.dtype)
