@@ -19,7 +19,7 @@ if __name__ == "__main__":
     set_wait_policy()  # before torch loads OpenMP, which reads it once (llama/common/threads.py)
 
 from llama.common.errors import USER_ERRORS, report  # noqa: E402
-from llama.train import adapters
+from llama.train import adapters, dpo
 from llama.train.config import TrainConfig, config_help, load_config
 from llama.train.loop import Run, loop, make_optimizer, save
 from llama.train.metrics import MetricsLog, peak_tflops
@@ -44,6 +44,9 @@ def setup(cfg: TrainConfig) -> Run:
     model = build_model(cfg, args, device)
     if cfg.lora_rank:  # LoRA: small trainable adapters beside a frozen (optionally bf16) base
         adapters.attach(cfg, model, device)
+    # Preference pairs (objective=dpo): DPO/IPO/SimPO against a frozen reference, the starting model
+    # (LoRA: the same weights with the adapters off; else a copy taken now, before sharding).
+    objective = dpo.objective(cfg, model, device) if cfg.objective == "dpo" else None
     # Data parallel: FSDP shards it over the data-parallel group, or DDP keeps a replica per rank;
     # plus activation checkpointing and torch.compile when the config asks.
     net = distribute(cfg, model, device)
@@ -57,7 +60,7 @@ def setup(cfg: TrainConfig) -> Run:
     # The run: everything the loop reads, in typed pieces (llama/train/loop.py).
     return Run(cfg=cfg, device=device, autocast=autocast_for(cfg, device), data=data, net=net, optimizer=optimizer,
                progress=progress, log=MetricsLog(cfg.out_dir, is_first_rank(), cfg.max_steps, progress.step),
-               peak_tflops=peak_tflops(device, cfg.peak_tflops))
+               peak_tflops=peak_tflops(device, cfg.peak_tflops), objective=objective)
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -220,24 +220,29 @@ class LoRALinear(nn.Module):
         in_full, offset = (in_local * mp, in_local * mp_rank) if self.split == "row" else (in_local, 0)
         self.lora_dropout = LoRADropout(dropout, zlib.crc32(name.encode()), in_full, offset)
         self.scale = alpha / rank
+        self.enabled = True  # False inside `disabled(model)`: the base projection alone
 
     def extra_repr(self) -> str:
         kind = f"{self.split}-parallel, " if self.split else ""
         return f"{kind}weight {tuple(self.weight.shape)}, r={self.lora_A.out_features}, scale={self.scale:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split == "column":  # as ColumnParallelLinear
+            y = F.linear(parallel.copy_to_model_parallel_region(x), self.weight)
+        elif self.split == "row":  # as RowParallelLinear
+            y = parallel.all_reduce(F.linear(x, self.weight))
+        else:
+            y = F.linear(x, self.weight)
+        if not self.enabled:
+            return y
         x_a = self.lora_dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # a bf16 base, fp32 adapters (autocast casts itself)
             x_a = x_a.to(self.lora_A.weight.dtype)
         a = self.lora_A(x_a)  # (B, T, r): complete (column), this rank's partial sum (row)
-        if self.split == "column":  # as ColumnParallelLinear; a is complete, d(loss)/da sums over ranks
-            y = F.linear(parallel.copy_to_model_parallel_region(x), self.weight)
+        if self.split == "column":  # a is complete; d(loss)/da sums over ranks
             a = parallel.copy_to_model_parallel_region(a)  # identity forward, r-wide all-reduce backward
-        elif self.split == "row":  # as RowParallelLinear; the ranks' partial A x are summed, r wide
-            y = parallel.all_reduce(F.linear(x, self.weight))
+        elif self.split == "row":  # the ranks' partial A x are summed, r wide
             a = parallel.all_reduce(a)
-        else:
-            y = F.linear(x, self.weight)
         return y + (self.scale * self.lora_B(a)).to(y.dtype)  # (B, T, out_local)
 
     @torch.no_grad()
@@ -284,6 +289,20 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets: Iter
             wrapped.lora_B.weight.zero_()
             setattr(layer.get_submodule(parent), attr, wrapped)
     model.lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """The base model, every adapter left out (PEFT's disable_adapter): DPO's reference is the base
+    itself with the adapters off, no second copy of the weights (llama/train/dpo.py)."""
+    modules = [module for _, module in lora_modules(model)]
+    for module in modules:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.enabled = True
 
 
 def merge_lora(model) -> None:

@@ -2,6 +2,7 @@
 
     python -m llama.data prepare corpus/ notes.txt more.jsonl --tokenizer tokenizer.model --out data/mine
     python -m llama.data prepare chats.jsonl --sft --tokenizer tokenizer.model --out data/chat
+    python -m llama.data prepare prefs.jsonl --pairs --tokenizer smollm2 --out data/prefs  # DPO (pairs.py)
     python -m llama.data prepare stdlib --vocab-size 2048 --out data/stdlib   # BPE trained on the corpus
 
 A prepared directory holds `tokens_NNN.bin` (one logical uint32 stream cut into shards), for SFT
@@ -21,22 +22,20 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from llama.common.errors import USER_ERRORS, UserError, report
-from llama.common.checks import CHAT_ROLES
+from llama.common.errors import USER_ERRORS, report
 from llama.common.files import InputFileError, add_output_argument, atomic_dir, read_text_file, write_text
+from llama.data.records import (DataError, check_dialog, common_prefix, dialog_frame,  # noqa: F401 (names kept here)
+                                 encode_dialog, jsonl_records)
+from llama.data.pairs import encode_pair, iter_pairs
 
 META = "meta.json"
 FORMAT = "llama-ref tokens v1"
 SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard file
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".c", ".h", ".js", ".json", ""}
-
-
-class DataError(UserError):
-    """Bad or missing data: the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -84,85 +83,16 @@ def iter_documents(files: List[Path], sft: bool) -> Iterator[object]:
             except InputFileError as e:  # a corpus folder may hold other files: say so, and go on
                 print(f"skipping {e}", file=sys.stderr)
             continue
-        with open(f, "rb") as lines:
-            for n, raw in enumerate(lines, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{f}:{n} is not UTF-8 text (byte 0x{raw[e.start]:02x}): convert the file to "
-                                    f"UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{n} is not valid JSON ({e.msg})") from None
-                key = "messages" if sft else "text"
-                if not isinstance(record, dict) or key not in record:
-                    raise DataError(f"{f}:{n} has no {key!r} field (expected {{\"{key}\": ...}} per line)")
-                if sft:
-                    check_dialog(record[key], f"{f}:{n}")
-                elif not isinstance(record[key], str):
-                    raise DataError(f"{f}:{n}: 'text' is a {type(record[key]).__name__} ({str(record[key])[:40]}), "
-                                    f"not a string: write {{\"text\": \"...\"}}")
-                yield record[key]
-
-
-def check_dialog(messages, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each message needs a string 'role' and 'content'")
-        if m["role"] not in CHAT_ROLES:  # the chat format would encode any header: a typo would train as-is
-            raise DataError(f"{where}: role {m['role']!r} is not a chat role: use one of {', '.join(CHAT_ROLES)}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: the dialog has no assistant message to learn from")
-
-
-# ---------------------------------------------------------------------------- SFT masking
-
-
-def _common_prefix(a: List[int], b: List[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def dialog_frame(chat_format) -> Tuple[List[int], List[int]]:
-    """(start, header): what the format puts before the first message (BOS, a default system
-    message) and the open assistant turn it ends a prompt with. Found by comparing two prompts,
-    [] -> start + header and [user] -> start + encode_message(user) + header, so any format that
-    builds prompts from encode_message (Llama 3, ChatML) works without knowing its tokens."""
-    user = {"role": "user", "content": "Hi"}
-    empty = chat_format.encode_dialog_prompt([])
-    probe = chat_format.encode_dialog_prompt([user])
-    message = chat_format.encode_message(user)
-    for k in range(len(empty), -1, -1):
-        if probe[:k] == empty[:k] and probe[k : k + len(message)] == message:
-            return empty[:k], empty[k:]
-    raise DataError(f"cannot find where messages go in {type(chat_format).__name__}'s prompts")
-
-
-def encode_dialog(tokenizer, messages: List[dict]) -> Tuple[List[int], List[int]]:
-    """Tokens of a whole dialog in the model's chat format (as its prompts are built at inference
-    time), and a 0/1 mask that is 1 exactly on each assistant reply after its role header: the
-    reply's content and its end-of-turn token, so the model learns to answer and to stop, never
-    to predict the user's words, the system prompt or the headers."""
-    chat = tokenizer.chat_format
-    start, header = dialog_frame(chat)
-    tokens, mask = list(start), [0] * len(start)
-    for message in messages:
-        try:
-            piece = chat.encode_message(message)
-        except ValueError as e:  # Llama 2 encodes a reply only together with its question
-            raise DataError(f"SFT needs a chat format that encodes one message at a time "
-                            f"(Llama 3, ChatML): {e}") from None
-        untrained = _common_prefix(piece, header) if message["role"] == "assistant" else len(piece)
-        tokens += piece
-        mask += [0] * untrained + [1] * (len(piece) - untrained)
-    return tokens, mask
+        for n, record in jsonl_records(f):
+            key = "messages" if sft else "text"
+            if not isinstance(record, dict) or key not in record:
+                raise DataError(f"{f}:{n} has no {key!r} field (expected {{\"{key}\": ...}} per line)")
+            if sft:
+                check_dialog(record[key], f"{f}:{n}")
+            elif not isinstance(record[key], str):
+                raise DataError(f"{f}:{n}: 'text' is a {type(record[key]).__name__} ({str(record[key])[:40]}), "
+                                f"not a string: write {{\"text\": \"...\"}}")
+            yield record[key]
 
 
 # ---------------------------------------------------------------------------- writing
@@ -206,17 +136,20 @@ class _ShardWriter:
 
 
 def prepare(inputs: List[str], out_dir, tokenizer_path=None, *, sft: bool = False, val_fraction: float = 0.02,
-            vocab_size: int = 2048, overwrite: bool = False) -> Path:
+            vocab_size: int = 2048, overwrite: bool = False, pairs: bool = False) -> Path:
     """Tokenize `inputs` into `out_dir` with the tokenizer at `tokenizer_path` (None: train a BPE of
     `vocab_size` tokens on the inputs, kept as out_dir/tokenizer.model). The directory is built under
     a temporary name and renamed at the end (llama/common/files.py): an error or Ctrl-C leaves no half
     directory and the previous one as it was. An existing non-empty out_dir is refused unless
-    `overwrite` (and even then never an input, the working directory or a parent of either)."""
+    `overwrite` (and even then never an input, the working directory or a parent of either).
+    `sft`: chat jsonl, trained on the replies; `pairs`: preference pairs (llama/data/pairs.py)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     files = collect_files(inputs)
-    if tokenizer_path is None and sft:
-        raise DataError("SFT data needs the chat model's tokenizer: give --tokenizer")
+    if sft and pairs:
+        raise DataError("give one of sft and pairs: chat jsonl for SFT, or preference pairs for DPO")
+    if tokenizer_path is None and (sft or pairs):
+        raise DataError(f"{'SFT data' if sft else 'Preference pairs'} need the chat model's tokenizer: give --tokenizer")
     out = Path(out_dir)
     with atomic_dir(out, overwrite, [i for i in inputs if i != "stdlib"] + [tokenizer_path], name="--out") as tmp:
         if tokenizer_path is None:  # the trained BPE lives with the data it tokenized
@@ -224,14 +157,33 @@ def prepare(inputs: List[str], out_dir, tokenizer_path=None, *, sft: bool = Fals
             final_tokenizer = out.resolve() / "tokenizer.model"
         else:
             final_tokenizer = Path(tokenizer_path)
-        meta = _tokenize_into(tmp, files, tokenizer_path, sft, val_fraction)
+        meta = _tokenize_into(tmp, files, tokenizer_path, "pairs" if pairs else "sft" if sft else "pretrain",
+                              val_fraction)
         meta.update(tokenizer=tokenizer_identity(final_tokenizer, tokenizer_path, meta.pop("n_words")),
                     sources=[str(i) for i in inputs])
         write_text(tmp / META, json.dumps(meta, indent=1))
     return out
 
 
-def _tokenize_into(tmp: Path, files: List[Path], tokenizer_path, sft: bool, val_fraction: float) -> dict:
+def _sequences(files: List[Path], tokenizer, kind: str, origins: list) -> Iterator[Tuple[List[int], Optional[list]]]:
+    """(token ids, 0/1 train mask or None for all) of each sequence: a text document (BOS text EOS), an
+    SFT dialog, or the two sequences of a preference pair (prompt + chosen, prompt + rejected; the
+    pair's file, line and prompt length go to `origins`)."""
+    if kind == "pairs":
+        for file_index, line, pair in iter_pairs(files):
+            prompt, chosen, rejected = encode_pair(tokenizer, *pair)
+            origins.append((file_index, line, len(prompt)))
+            for reply in (chosen, rejected):
+                yield prompt + reply, [0] * len(prompt) + [1] * len(reply)
+        return
+    for doc in iter_documents(files, kind == "sft"):
+        if kind == "sft":
+            yield encode_dialog(tokenizer, doc)
+        elif doc.strip():
+            yield tokenizer.encode(doc, bos=True, eos=True), None
+
+
+def _tokenize_into(tmp: Path, files: List[Path], tokenizer_path, kind: str, val_fraction: float) -> dict:
     """Write the shards into `tmp`; returns meta.json's counts and split."""
     from llama.tokenizer import load_tokenizer
 
@@ -241,15 +193,11 @@ def _tokenize_into(tmp: Path, files: List[Path], tokenizer_path, sft: bool, val_
     random.Random(0).shuffle(files)
     tokenizer = load_tokenizer(str(tokenizer_path))
     tokens, masks, starts = _ShardWriter(tmp, "tokens", np.uint32), _ShardWriter(tmp, "mask", np.uint8), [0]
+    origins: list = []
     try:
-        for doc in iter_documents(files, sft):
-            if sft:
-                ids, mask = encode_dialog(tokenizer, doc)
+        for ids, mask in _sequences(files, tokenizer, kind, origins):
+            if mask is not None:
                 masks.write(mask)
-            else:
-                if not doc.strip():
-                    continue
-                ids = tokenizer.encode(doc, bos=True, eos=True)
             tokens.write(ids)
             starts.append(starts[-1] + len(ids))
     finally:
@@ -257,14 +205,19 @@ def _tokenize_into(tmp: Path, files: List[Path], tokenizer_path, sft: bool, val_
     n_docs, n_tokens = len(starts) - 1, starts[-1]
     if n_tokens == 0:
         raise DataError(f"data {', '.join(sorted({str(f) for f in files}))[:200]} holds no text: nothing to train on")
-    meta = {"format": FORMAT, "kind": "sft" if sft else "pretrain", "n_tokens": n_tokens, "n_documents": n_docs,
+    meta = {"format": FORMAT, "kind": kind, "n_tokens": n_tokens, "n_documents": n_docs,
             "shards": tokens.shards, "n_words": tokenizer.n_words}
     np.save(tmp / "offsets.npy", np.asarray(starts, dtype=np.int64))  # where each document starts (+ the end)
-    if sft:
-        n_val = int(np.ceil(n_docs * val_fraction)) if n_docs > 1 else 0
-        meta.update(mask_shards=masks.shards, val_document_start=n_docs - n_val)
-    else:
+    if kind == "pretrain":
         meta.update(val_start=n_tokens - int(np.ceil(n_tokens * val_fraction)))
+        return meta
+    per_item = 2 if kind == "pairs" else 1  # a pair is two sequences, held out together
+    n_items = n_docs // per_item
+    n_val = int(np.ceil(n_items * val_fraction)) if n_items > 1 else 0
+    meta.update(mask_shards=masks.shards, val_document_start=per_item * (n_items - n_val))
+    if kind == "pairs":
+        np.save(tmp / "origins.npy", np.asarray(origins, dtype=np.int64))  # (pairs, 3): file, line, prompt length
+        meta.update(n_pairs=n_items, files=[str(f) for f in files])
     return meta
 
 
@@ -346,14 +299,15 @@ def _inputs_hash(inputs: List[str]) -> "hashlib._Hash":
     return h
 
 
-def cached_prepare(inputs: List[str], cache_root, tokenizer_path, *, sft: bool, val_fraction: float) -> Path:
+def cached_prepare(inputs: List[str], cache_root, tokenizer_path, *, sft: bool, val_fraction: float,
+                   pairs: bool = False) -> Path:
     """prepare() into a cache directory named by what went in (files, sizes, mtimes, tokenizer,
     options): the first run tokenizes, later runs with the same inputs reuse it."""
     h = _inputs_hash(inputs)
-    h.update(f"{file_sha256(tokenizer_path)}:{sft}:{val_fraction}:{FORMAT}:offsets".encode())  # with offsets.npy
-    out = Path(cache_root) / f"{'sft' if sft else 'text'}-{h.hexdigest()[:16]}"
+    h.update(f"{file_sha256(tokenizer_path)}:{sft}:{pairs}:{val_fraction}:{FORMAT}:offsets".encode())  # with offsets.npy
+    out = Path(cache_root) / f"{'pairs' if pairs else 'sft' if sft else 'text'}-{h.hexdigest()[:16]}"
     if not (out / META).is_file():
-        prepare(inputs, out, tokenizer_path, sft=sft, val_fraction=val_fraction)
+        prepare(inputs, out, tokenizer_path, sft=sft, val_fraction=val_fraction, pairs=pairs)
     return out
 
 
@@ -383,6 +337,8 @@ def main(argv=None) -> int:
                                        "omitted: train a BPE on the inputs")
     p.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE")
     p.add_argument("--sft", action="store_true", help="inputs are chat jsonl ({\"messages\": [...]})")
+    p.add_argument("--pairs", action="store_true", help="inputs are preference pairs for DPO "
+                   "({\"prompt\" or \"messages\", \"chosen\", \"rejected\"}, llama/data/pairs.py)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="held-out share, in [0, 1)")
     args = parser.parse_args(argv)
     try:
@@ -391,9 +347,9 @@ def main(argv=None) -> int:
             from llama.tokenizer import tokenizer_file
 
             tok = tokenizer_file(args.tokenizer, flag="--tokenizer")
-        elif args.sft:
-            raise DataError("--sft needs --tokenizer (the chat model's tokenizer)")
-        out = prepare(args.inputs, args.out, tok, sft=args.sft, val_fraction=args.val_fraction,
+        elif args.sft or args.pairs:
+            raise DataError(f"{'--sft' if args.sft else '--pairs'} needs --tokenizer (the chat model's tokenizer)")
+        out = prepare(args.inputs, args.out, tok, sft=args.sft, pairs=args.pairs, val_fraction=args.val_fraction,
                       vocab_size=args.vocab_size, overwrite=args.overwrite)
         if tok is None:
             print(f"trained a {args.vocab_size}-token BPE: {out / 'tokenizer.model'}")

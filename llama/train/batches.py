@@ -6,9 +6,11 @@ so windows share one token and cover the stream; documents inside a window are s
 BOS/EOS tokens. SFT: sequence i is dialog i, cut to its first seq_len + 1 tokens; a dialog left with
 no assistant token to learn from by the cut is dropped (it would train on nothing: loss 0, no
 gradient). The run's log says how many were cut and dropped; if every training dialog is dropped,
-the run refuses to start.
+the run refuses to start. Preference pairs
+(llama/data/pairs.py): item i is pair i, two sequences that must fit seq_len + 1 whole; a batch of
+b pairs is 2b rows, the b chosen sequences then the b rejected ones (llama/train/dpo.py).
 
-Each epoch visits the training sequences in a fresh order drawn from (seed, epoch). Step s's global
+Each epoch visits the training items (sequences, or pairs) in a fresh order drawn from (seed, epoch). Step s's global
 batch is the next `batch_size` sequences of that order; data-parallel rank r takes rows
 [r * B/dp, (r+1) * B/dp) of it. The batch is therefore the same whatever the layout, which is what
 makes MP x DP runs match a single process, and "how many sequences were consumed" is the whole
@@ -74,7 +76,9 @@ class Batches:
     def __init__(self, root, seq_len: int, seed: int, packing: bool = False):
         self.root, self.seq_len, self.seed, self.packing = Path(root), seq_len, seed, packing
         self.meta = read_meta(root)
-        self.sft = self.meta["kind"] == "sft"
+        self.pairs = self.meta["kind"] == "pairs"
+        self.sft = self.meta["kind"] == "sft" or self.pairs  # whole masked sequences, read by document
+        self.per_item = 2 if self.pairs else 1  # sequences per training item
         self.tokens = TokenStream(self.root, self.meta["shards"], np.uint32)
         self.fit_report = None
         if packing or self.sft:
@@ -85,21 +89,26 @@ class Batches:
         if self.sft:
             self.masks = TokenStream(self.root, self.meta["mask_shards"], np.uint8)
             split = self.meta["val_document_start"]
-            self.dialogs = self._fitting_dialogs(split)
-            self.counts = {k: len(v) for k, v in self.dialogs.items()}
+            if self.pairs:  # every pair must fit whole (no cut, no drop): its two sequences in file order
+                check_pairs_fit(self.root, self.meta, self.offsets, seq_len)
+                self.dialogs = {"train": np.arange(split), "val": np.arange(split, self.meta["n_documents"])}
+                self.counts = {k: len(v) // self.per_item for k, v in self.dialogs.items()}
+            else:
+                self.dialogs = self._fitting_dialogs(split)
+                self.counts = {k: len(v) for k, v in self.dialogs.items()}
             if packing:  # rows of dialogs (their places in self.dialogs): training ones in a seeded order
                 inputs = np.minimum(np.diff(self.offsets), seq_len + 1) - 1  # (documents,) inputs per dialog
                 order = np.random.default_rng([seed, 1 << 20]).permutation(self.counts["train"])
                 val = np.arange(self.counts["val"])
-                self.rows = {"train": [order[r] for r in next_fit(inputs[self.dialogs["train"]][order], seq_len)],
-                             "val": [val[r] for r in next_fit(inputs[self.dialogs["val"]], seq_len)]}
-                self.counts = {k: len(v) for k, v in self.rows.items()}
+                self.packed_rows = {"train": [order[r] for r in next_fit(inputs[self.dialogs["train"]][order], seq_len)],
+                                    "val": [val[r] for r in next_fit(inputs[self.dialogs["val"]], seq_len)]}
+                self.counts = {k: len(v) for k, v in self.packed_rows.items()}
         else:
             split = self.meta["val_start"]
             self.counts = {"train": max(0, (split - 1) // seq_len),
                            "val": max(0, (self.meta["n_tokens"] - split - 1) // seq_len)}
         if self.counts["train"] == 0:
-            what = "dialogs" if self.sft else f"tokens, fewer than seq_len + 1 = {seq_len + 1}"
+            what = "pairs" if self.pairs else "dialogs" if self.sft else f"tokens, fewer than seq_len + 1 = {seq_len + 1}"
             raise DataError(f"data {root} has no training sequences ({split} training {what}): "
                             f"add data or lower seq_len / val_fraction")
         self._order = (None, None)  # (epoch, permutation) of the training sequences
@@ -151,7 +160,7 @@ class Batches:
             first = np.maximum(self.offsets[np.searchsorted(self.offsets, at, side="right") - 1], start)
             return tokens[:-1], tokens[1:], at - first
         pieces = []
-        for doc in self.rows[split][index]:
+        for doc in self.packed_rows[split][index]:
             tokens, mask = self._sequence(int(doc), split)
             targets = np.where(mask[1:] == 1, tokens[1:].astype(np.int64), IGNORE)
             pieces.append((tokens[:-1], targets, np.arange(len(tokens) - 1)))
@@ -170,10 +179,17 @@ class Batches:
             positions[row, :n], positions[row, n:] = torch.from_numpy(pos), torch.arange(T - n)
         return inputs, targets, positions
 
+    def _item(self, index: int, split: str) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """The sequences of one training item: one, or a pair's chosen and rejected."""
+        return [self._sequence(self.per_item * index + k, split) for k in range(self.per_item)]
+
     def _batch(self, indices: List[int], split: str):
+        """Items `indices` of `split` as one collated micro-batch: packed rows, or sequences (pairs give
+        every chosen sequence, then every rejected one)."""
         if self.packing:
             return self.collate_packed([self._packed(i, split) for i in indices])
-        return self.collate([self._sequence(i, split) for i in indices])
+        items = [self._item(i, split) for i in indices]
+        return self.collate([item[k] for k in range(self.per_item) for item in items])
 
     def _train_index(self, g: int) -> int:
         """The g-th training sequence in visiting order (a new permutation each epoch)."""
@@ -202,6 +218,14 @@ class Batches:
         per_rank = batch_size // dp
         return range(consumed + dp_rank * per_rank, consumed + (dp_rank + 1) * per_rank)
 
+    def row_numbers(self, items) -> List[int]:
+        """The numbers of a micro-batch's rows among the run's training sequences, from its items'
+        numbers g (train_rows): g itself, or for pairs 2g (chosen) and 2g + 1 (rejected), rows in
+        `collate`'s order (LoRA dropout draws each row's mask from its number)."""
+        if not self.pairs:
+            return list(items)
+        return [2 * g for g in items] + [2 * g + 1 for g in items]
+
     def train_micro_batches(self, consumed: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """This rank's micro-batches of the global batch that starts after `consumed` sequences."""
         rows = [self._train_index(g) for g in self.train_rows(consumed, batch_size, dp_rank, dp)]
@@ -211,12 +235,28 @@ class Batches:
         """The first n_batches global batches of the held-out split, in order (the same every time);
         this rank's micro-batches of them. Every rank gets as many micro-batches as the rank with the
         most rows (under FSDP each forward is a collective that every rank must join): a rank short
-        of rows gets padding, one sequence whose targets are all IGNORE (weight 0). Empty if there is
-        no validation data."""
+        of rows gets padding, one item (a sequence, or a pair) whose targets are all IGNORE (weight 0).
+        Empty if there is no validation data."""
         total = min(self.counts["val"], n_batches * batch_size)
         mine = list(range(dp_rank, total, dp))  # round-robin so every rank gets a share
         batches = [self._batch(mine[i : i + micro], "val") for i in range(0, len(mine), micro)]
         most = math.ceil(math.ceil(total / dp) / micro)  # rank 0's count: it has the most rows
-        padding = (torch.zeros(1, self.seq_len, dtype=torch.long), torch.full((1, self.seq_len), IGNORE))
+        padding = (torch.zeros(self.per_item, self.seq_len, dtype=torch.long),  # one item: a sequence, or a pair
+                   torch.full((self.per_item, self.seq_len), IGNORE))
         padding += (torch.arange(self.seq_len)[None],) if self.packing else ()  # positions: one document
         return batches + [padding] * (most - len(batches))
+
+
+def check_pairs_fit(root: Path, meta: dict, offsets: np.ndarray, seq_len: int) -> None:
+    """Every pair whole in seq_len + 1 tokens, or a DataError naming the longest by its file and line:
+    a cut response would compare the log-probabilities of two partial replies."""
+    lengths = np.diff(offsets).reshape(-1, 2).max(axis=1)  # (pairs,) the longer sequence of each pair
+    too_long = np.flatnonzero(lengths > seq_len + 1)
+    if too_long.size:
+        worst = int(too_long[np.argmax(lengths[too_long])])
+        file_index, line, prompt = np.load(root / "origins.npy")[worst].tolist()
+        where = f"{meta['files'][file_index]}:{line}"
+        what = (f"its prompt alone is {prompt} tokens" if prompt >= seq_len else
+                f"prompt and response are {lengths[worst]} tokens")
+        raise DataError(f"data {root}: {too_long.size} of {len(lengths)} pairs do not fit seq_len={seq_len} (the "
+                        f"longest, {where}: {what}): raise seq_len to {lengths[worst] - 1}, or shorten or remove them")

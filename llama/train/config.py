@@ -90,6 +90,11 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the adapters' input (training only)
     lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # projections that get adapters
     base_dtype: str = "auto"  # the frozen base's dtype under LoRA: auto = bfloat16 on CUDA, float32 on CPU
+    # preference tuning (llama/train/dpo.py, docs/dpo.md): data of chosen/rejected replies (data prepare --pairs)
+    objective: str = "lm"  # "lm": next-token cross-entropy (pretraining; SFT with sft=true); "dpo": preference pairs
+    dpo_loss: str = "sigmoid"  # "sigmoid" (DPO), "ipo", or "simpo" (SimPO: no reference model)
+    dpo_beta: float = 0.1  # DPO/IPO: the KL weight (smaller lets the policy move farther from the reference)
+    simpo_gamma: float = 0.5  # SimPO's target margin between the chosen and rejected average log-probabilities
     # model shape (from scratch): model_config (a params.json file) or else DEFAULT_MODEL, with the
     # [model] keys on top
     model_config: str = ""  # a params.json-style file with the from-scratch shape (configs/models/)
@@ -276,6 +281,7 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.reshard_after_forward and cfg.data_parallel != "fsdp":
         raise ConfigError("reshard_after_forward=false (ZeRO-2) shards the model: it needs data_parallel=\"fsdp\"")
     check_lora_config(cfg)
+    check_objective(cfg)
     if cfg.data != "stdlib" and not Path(cfg.data).exists():
         raise ConfigError(f"data {cfg.data} does not exist: give text/jsonl files, a directory, "
                           f"a prepared dir (python -m llama.data prepare) or 'stdlib'")
@@ -305,6 +311,26 @@ def check_lora_config(cfg: TrainConfig) -> None:
     if cfg.base_dtype not in LORA_DTYPES:
         raise ConfigError(f"base_dtype={cfg.base_dtype!r}: use {', '.join(LORA_DTYPES)}")
     check_settings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    if cfg.objective not in ("lm", "dpo"):
+        raise ConfigError(f"objective={cfg.objective!r}: use \"lm\" (next-token loss) or \"dpo\" (preference pairs)")
+    if cfg.dpo_loss not in DPO_LOSSES:
+        raise ConfigError(f"dpo_loss={cfg.dpo_loss!r}: use one of {', '.join(DPO_LOSSES)}")
+    if cfg.dpo_beta <= 0:
+        raise ConfigError(f"dpo_beta={cfg.dpo_beta} must be positive (0.1 is usual for DPO)")
+    if cfg.objective == "dpo" and cfg.sft:
+        raise ConfigError("objective=\"dpo\" trains on preference pairs, sft=true on dialogs: drop sft")
+    if cfg.objective == "dpo" and cfg.data == "stdlib":
+        raise ConfigError("objective=\"dpo\" needs preference pairs: set data to a jsonl of "
+                          "{\"prompt\", \"chosen\", \"rejected\"} lines (docs/dpo.md)")
+    if cfg.objective == "dpo" and (cfg.packing or cfg.context_parallel_size > 1):  # a pair is two whole rows
+        raise ConfigError("objective=\"dpo\" reads each pair as two whole rows: set packing=false and "
+                          "context_parallel_size=1")
 
 
 def check_layout(cfg: TrainConfig, args: ModelArgs, world_size: int) -> Tuple[int, int]:

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,6 +80,7 @@ class Run:
     progress: Progress
     log: MetricsLog
     peak_tflops: Optional[float]  # the device's peak, for MFU (None: unknown, no MFU)
+    objective: Optional[Any] = None  # preference pairs (llama/train/dpo.py's Preference); None: next-token loss
 
 
 class TrainingError(UserError, RuntimeError):
@@ -207,8 +208,10 @@ def _on(device, batch: MicroBatch):
 
 def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[float, float, float]:
     """One optimizer step over this rank's micro-batches; returns (loss, grad norm, lr) as floats."""
-    device = run.device
-    count = dp_all_reduce(sum((b[1] != IGNORE).sum() for b in micro_batches).to(device, torch.float32))
+    device, objective = run.device, run.objective
+    # what the loss is a mean over: trained tokens, or (DPO) pairs
+    count = objective.count(micro_batches) if objective else sum((b[1] != IGNORE).sum() for b in micro_batches)
+    count = dp_all_reduce(count.to(device, torch.float32))
     # DDP and FSDP average gradients over data x context-parallel ranks; scaling by their number / count
     # makes the result sum/count.
     scale = parallel.dp_cp_size() / count.clamp(min=1.0)
@@ -218,14 +221,21 @@ def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[fl
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         x, y, pos = _on(device, batch)
+        n = len(x) // run.data.batches.per_item  # training items (sequences, or DPO's pairs) in this micro-batch
         # LoRA dropout: the masks of these rows' places in the run, on any layout (forward and recompute)
-        with lora.dropout_rows(run.net.model, rows[:len(x)], run.cfg.seed, run.cfg.seq_len, context.token_index(x.shape[1])):
+        with lora.dropout_rows(run.net.model, run.data.batches.row_numbers(rows[:n]), run.cfg.seed, run.cfg.seq_len,
+                               context.token_index(x.shape[1])):
             with grad_sync(run.net, sync), run.autocast():
-                summed = loss_sum(run.net.forward, x, y, run.cfg.loss_chunks, pos)
+                if objective:  # no packing or context parallelism with DPO (config.py refuses them)
+                    summed = objective.loss_sum(run.net.forward, run.net.model, x, y)
+                else:
+                    summed = loss_sum(run.net.forward, x, y, run.cfg.loss_chunks, pos)
             (summed * scale).backward()
-        rows = rows[len(x):]
+        rows = rows[n:]
         total += summed.detach()
     loss = (dp_all_reduce(total, context=True) / count.clamp(min=1.0)).item()
+    if objective:
+        objective.finish_step(count)  # its statistics (rewards, accuracy, log-probabilities), for the log
     norm = global_grad_norm(run.net.model)
     if not (math.isfinite(loss) and torch.isfinite(norm).item()):
         kept = latest_checkpoint(run.cfg.out_dir) if run.progress.saved_any else None
@@ -249,6 +259,8 @@ def evaluate(run: Run) -> Optional[float]:
     under FSDP each forward is a collective."""
     if run.data.val is None:
         return None
+    if run.objective:
+        return run.objective.evaluate(run)
     model = run.net.model
     model.eval()
     sums = torch.zeros(2, device=run.device)  # (summed loss, trained tokens)
@@ -356,7 +368,7 @@ def loop(run: Run) -> dict:
             if cfg.eval_data:
                 record = dict(record or {"step": done}, eval_ppl=eval_text_perplexity(run))
         if record is not None:
-            run.log.log(record)
+            run.log.log({**record, **run.objective.pop_metrics()} if run.objective else record)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             save(run)
     return {"losses": losses, "val_losses": val_losses, "first_step": progress.first_step}

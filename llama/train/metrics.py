@@ -91,6 +91,8 @@ def _format_numbers(r: dict) -> str:
     parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}"]
     if "val_loss" in r:
         parts.append(f"val {r['val_loss']:.4f}")
+    if "rewards/accuracies" in r:  # DPO (llama/train/dpo.py)
+        parts.append(f"reward acc {r['rewards/accuracies']:.2f} margin {r['rewards/margins']:.3f}")
     parts += [f"lr {r['lr']:.2e}", f"grad norm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s"]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")

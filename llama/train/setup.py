@@ -59,7 +59,11 @@ def check_data(cfg: TrainConfig) -> None:
     if (Path(cfg.data) / "meta.json").is_file():
         meta = read_meta(cfg.data)  # raises on an empty or foreign directory
         if cfg.sft and meta["kind"] != "sft":
-            raise DataError(f"sft=true but {cfg.data} was prepared for pretraining: prepare it with --sft")
+            raise DataError(f"sft=true but {cfg.data} was prepared for {meta['kind']}: prepare it with --sft")
+        if (cfg.objective == "dpo") != (meta["kind"] == "pairs"):
+            raise DataError(f"{cfg.data} holds preference pairs: train it with objective=\"dpo\"" if cfg.objective != "dpo"
+                            else f"objective=\"dpo\" but {cfg.data} was prepared for {meta['kind']}: prepare "
+                                 f"preference pairs with --pairs")
         return
     files = collect_files([cfg.data])
     if sum(f.stat().st_size for f in files) == 0:
@@ -88,10 +92,12 @@ def resolve_data(cfg: TrainConfig, vocab_size: int) -> Tuple[Path, Optional[str]
         return Path(cfg.data), tok
     inputs = [cfg.data]
     if tok is None:
-        if cfg.sft:
-            raise DataError("sft=true needs the chat model's tokenizer: set init_from or tokenizer")
+        if cfg.sft or cfg.objective == "dpo":
+            raise DataError(f"{'sft=true' if cfg.sft else 'objective=dpo'} needs the chat model's tokenizer: "
+                            f"set init_from or tokenizer")
         return bpe_dataset(inputs, cfg.data_cache, vocab_size, cfg.val_fraction)
-    return cached_prepare(inputs, cfg.data_cache, tok, sft=cfg.sft, val_fraction=cfg.val_fraction), tok
+    return cached_prepare(inputs, cfg.data_cache, tok, sft=cfg.sft, val_fraction=cfg.val_fraction,
+                          pairs=cfg.objective == "dpo"), tok
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
@@ -265,13 +271,16 @@ def describe(run: Run) -> str:
     n_params = sum(parallel.full_shape(n, p.shape).numel() for n, p in model.named_parameters())
     line = (f"model {n_params / 1e6:.2f}M parameters | {mp}-way model x {f'{cp}-way context x ' if cp > 1 else ''}"
             f"{dp}-way data parallel | "
-            f"{run.device} | data {run.data.dir} ({len(run.data.batches)} sequences of {cfg.seq_len})")
+            f"{run.device} | data {run.data.dir} ({len(run.data.batches)} "
+            f"{'pairs, seq_len' if run.data.batches.pairs else 'sequences of'} {cfg.seq_len})")
     if run.data.batches.fit_report:  # SFT dialogs longer than a sequence: how many were cut or dropped
         line += f"\n{run.data.batches.fit_report}"
     if cfg.lora_rank:
         trainable = sum(parallel.full_shape(n, p.shape).numel() for n, p in lora.trainable_parameters(model).items())
         line += (f"\nLoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
                  f"parameters ({100 * trainable / n_params:.2f}%), base frozen")
+    if run.objective:
+        line += "\n" + run.objective.describe()
     return line
 
 

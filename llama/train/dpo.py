@@ -1,0 +1,182 @@
+"""Preference tuning: DPO, IPO and SimPO on pairs of replies (llama/data/pairs.py), as TRL computes them.
+
+A pair is a prompt x with a chosen reply y_w and a rejected one y_l. A reply's log-probability
+log pi(y | x) is the sum over its tokens of log p(token | everything before it): the negated
+per-token cross-entropy, which under model parallelism comes from each rank's vocabulary slice of
+the logits (llama/parallel/loss.py), never the gathered (tokens, vocab) tensor. With the reference
+model's log ref(y | x) and d = log pi - log ref (the implicit reward is beta * d):
+
+    DPO    (Rafailov et al., 2023)  -log sigmoid(beta * (d_w - d_l))
+    IPO    (Azar et al., 2023)      (d_w / |y_w| - d_l / |y_l| - 1 / (2 beta))^2    (TRL's per-token d)
+    SimPO  (Meng et al., 2024)      -log sigmoid(beta * (log pi(y_w) / |y_w| - log pi(y_l) / |y_l|) - gamma)
+
+SimPO needs no reference. The loss of a step is the mean over the pairs of its global batch, so
+gradient accumulation and data parallelism give the single-process value (llama/train/loop.py).
+
+The reference is the frozen starting model. With LoRA it is the same weights with the adapters
+off (`lora.disabled`): no second copy. Without LoRA it is a frozen copy of the starting weights,
+made before the policy is distributed and sharded like it (FSDP over the data-parallel group, the
+model-parallel split of its layers), stored in the compute dtype. A copy rather than reference
+log-probabilities computed in one pass before training (TRL's precompute_ref_log_probs): a resumed
+run rebuilds it from init_from exactly as LoRA rebuilds its base, nothing has to be stored or
+looked up by pair, and it costs one no-grad forward per step, the same forward LoRA's reference
+takes, plus the weights once more in the compute dtype (divided over the data-parallel ranks
+under FSDP).
+
+Metrics, under TRL's names: rewards/chosen and rewards/rejected (beta * d; SimPO: beta times the
+average log-probability), rewards/accuracies (chosen reward > rejected), rewards/margins,
+logps/chosen and logps/rejected (SimPO: per-token averages), each a mean over the step's pairs;
+evaluation adds the same with an eval_ prefix.
+"""
+
+import copy
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama import lora
+from llama.parallel.loss import keep_logits_split, vocab_parallel_cross_entropy
+from llama.train import fsdp
+from llama.train.batches import IGNORE
+from llama.train.loop import dp_all_reduce
+from llama.train.setup import compute_dtype
+
+NAMES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"]
+
+
+def response_logps(forward, model, inputs: torch.Tensor, targets: torch.Tensor, chunks: int = 1
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p over each row's trained targets (R,), their number (R,)) for inputs/targets (R, T).
+    chunks > 1: the output layer and the log-softmax on one slice of the sequence at a time,
+    recomputed in backward (loss_chunks), as the next-token loss does."""
+    if chunks <= 1:
+        logits = forward(inputs)  # (R, T, V / model-parallel size)
+        nll = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).view(targets.shape)
+    else:
+        h = forward(inputs, hidden=True)  # (R, T, D)
+        nll = torch.cat([torch.utils.checkpoint.checkpoint(_head_nll, model, h_slice, y_slice, use_reentrant=False)
+                         for h_slice, y_slice in zip(h.chunk(chunks, dim=1), targets.chunk(chunks, dim=1))], dim=1)
+    return -nll.sum(dim=1), (targets != IGNORE).sum(dim=1)
+
+
+def _head_nll(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model.output(model.norm(h)).float()  # (R, T/chunks, V / model-parallel size)
+    return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).view(targets.shape)
+
+
+def preference_loss(kind: str, beta: float, gamma: float, logps: torch.Tensor, counts: torch.Tensor,
+                    ref_logps: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(per-pair losses (P,), statistics (5, P) in NAMES' order) from the rows' log-probabilities
+    (2P,): the P chosen replies, then the P rejected ones (llama/train/batches.py's layout)."""
+    chosen, rejected = logps.chunk(2)
+    n_chosen, n_rejected = counts.chunk(2)
+    n_chosen, n_rejected = n_chosen.clamp(min=1), n_rejected.clamp(min=1)
+    if kind == "simpo":  # reference-free: average log-probabilities, a target margin gamma
+        chosen, rejected = chosen / n_chosen, rejected / n_rejected
+        losses = -F.logsigmoid(beta * (chosen - rejected) - gamma)
+        reward_w, reward_l = beta * chosen.detach(), beta * rejected.detach()
+    else:
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+        d_w, d_l = chosen - ref_chosen, rejected - ref_rejected
+        if kind == "sigmoid":
+            losses = -F.logsigmoid(beta * (d_w - d_l))
+        else:  # ipo: the squared distance of the per-token margin from 1 / (2 beta)
+            losses = (d_w / n_chosen - d_l / n_rejected - 1 / (2 * beta)) ** 2
+        reward_w, reward_l = beta * d_w.detach(), beta * d_l.detach()
+    stats = torch.stack([reward_w, reward_l, (reward_w > reward_l).float(), chosen.detach(), rejected.detach()])
+    return losses, stats
+
+
+class Preference:
+    """The objective the training loop calls instead of the next-token loss (Run.objective):
+    `count` is the number of pairs a step averages over, `loss_sum` the summed loss of one
+    micro-batch (it also keeps the step's statistics), `finish_step` reduces those over the
+    data-parallel group into `metrics`, `evaluate` scores the held-out pairs."""
+
+    def __init__(self, kind: str, beta: float, gamma: float, chunks: int,
+                 reference: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], where: str):
+        self.kind, self.beta, self.gamma, self.chunks = kind, beta, gamma, chunks
+        self.reference = reference  # (inputs, targets) -> the reference's log-probabilities (R,), None for SimPO
+        self.where = where  # what the reference is, for the run's description
+        self.sums: Optional[torch.Tensor] = None  # (5,) this rank's statistics summed over the step's pairs
+        self.metrics: Dict[str, float] = {}
+
+    def count(self, micro_batches: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return torch.tensor(float(sum(x.shape[0] // 2 for x, _ in micro_batches)))
+
+    def loss_sum(self, forward, model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed loss of this micro-batch's pairs; inputs/targets (2P, T), chosen rows first."""
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self.reference(inputs, targets)
+        logps, counts = response_logps(forward, model, inputs, targets, self.chunks)
+        losses, stats = preference_loss(self.kind, self.beta, self.gamma, logps, counts, ref)
+        self.sums = stats.sum(dim=1) if self.sums is None else self.sums + stats.sum(dim=1)
+        return losses.sum()
+
+    def finish_step(self, count: torch.Tensor, prefix: str = "") -> None:
+        """The step's statistics as means over its `count` pairs (all data-parallel ranks), TRL's names."""
+        means = (dp_all_reduce(self.sums) / count.clamp(min=1.0)).tolist()
+        self.sums = None
+        self.metrics.update({prefix + name: value for name, value in zip(NAMES, means)})
+        self.metrics[prefix + "rewards/margins"] = means[0] - means[1]
+
+    def pop_metrics(self) -> Dict[str, float]:
+        metrics, self.metrics = self.metrics, {}
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, run) -> Optional[float]:
+        """Mean loss over the fixed held-out pairs (every rank gets the same number), or None;
+        the eval_ statistics go to `metrics`."""
+        if not run.data.val:
+            return None
+        model = run.net.model
+        model.eval()
+        totals = torch.zeros(2, device=run.device)  # (summed loss, pairs)
+        for x, y in run.data.val:
+            with run.autocast():
+                totals[0] += self.loss_sum(model, model, x.to(run.device), y.to(run.device))
+            totals[1] += x.shape[0] // 2
+        model.train()
+        dp_all_reduce(totals)
+        self.finish_step(totals[1], prefix="eval_")
+        return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+    def describe(self) -> str:
+        return f"objective {self.kind} (beta {self.beta}{f', gamma {self.gamma}' if self.kind == 'simpo' else ''}), " \
+               f"reference: {self.where}"
+
+
+def objective(cfg, model, device: torch.device) -> Preference:
+    """The DPO objective of a run, its reference made from `model` (the starting weights, adapters
+    attached): call before the policy is distributed, since a full copy must be taken first."""
+    if cfg.dpo_loss == "simpo":
+        reference, where = None, "none (SimPO is reference-free)"
+    elif cfg.lora_rank:
+        def reference(x, y):
+            with lora.disabled(model):
+                return response_logps(model, model, x, y, cfg.loss_chunks)[0]
+        where = "the base with the LoRA adapters off"
+    else:
+        ref = frozen_copy(cfg, model, device)
+
+        def reference(x, y):
+            return response_logps(ref, ref, x, y, cfg.loss_chunks)[0]
+        where = f"a frozen copy of the starting weights ({str(compute_dtype(cfg, device)).removeprefix('torch.')})"
+    return Preference(cfg.dpo_loss, cfg.dpo_beta, cfg.simpo_gamma, cfg.loss_chunks, reference, where)
+
+
+def frozen_copy(cfg, model, device: torch.device):
+    """The starting weights once more, frozen, in the compute dtype, split like the policy: the
+    same model-parallel shard, and under FSDP sharded over the data-parallel group."""
+    dtype = compute_dtype(cfg, device)
+    ref = copy.deepcopy(model).eval()
+    lora.freeze_base(ref, dtype)  # no adapters here: every parameter frozen and cast
+    keep_logits_split(ref)
+    if cfg.data_parallel == "fsdp":
+        return fsdp.shard_model(ref, device, cfg.reshard_after_forward, dtype)
+    return ref.to(device)
+
