@@ -183,9 +183,10 @@ class Batches:
         """The sequences of one training item: one, or a pair's chosen and rejected."""
         return [self._sequence(self.per_item * index + k, split) for k in range(self.per_item)]
 
-    def _batch(self, indices: List[int], split: str):
-        """Items `indices` of `split` as one collated micro-batch: packed rows, or sequences (pairs give
-        every chosen sequence, then every rejected one)."""
+    def rows(self, indices, split: str):
+        """Items `indices` of `split` as one collated micro-batch: packed rows (inputs, targets,
+        positions), or sequences; pairs give every chosen sequence, then every rejected one
+        (llama/train/dpo.py reads them in that order)."""
         if self.packing:
             return self.collate_packed([self._packed(i, split) for i in indices])
         items = [self._item(i, split) for i in indices]
@@ -228,8 +229,8 @@ class Batches:
 
     def train_micro_batches(self, consumed: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """This rank's micro-batches of the global batch that starts after `consumed` sequences."""
-        rows = [self._train_index(g) for g in self.train_rows(consumed, batch_size, dp_rank, dp)]
-        return [self._batch(rows[i : i + micro], "train") for i in range(0, len(rows), micro)]
+        order = [self._train_index(g) for g in self.train_rows(consumed, batch_size, dp_rank, dp)]
+        return [self.rows(order[i : i + micro], "train") for i in range(0, len(order), micro)]
 
     def val_micro_batches(self, n_batches: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """The first n_batches global batches of the held-out split, in order (the same every time);
@@ -239,7 +240,7 @@ class Batches:
         Empty if there is no validation data."""
         total = min(self.counts["val"], n_batches * batch_size)
         mine = list(range(dp_rank, total, dp))  # round-robin so every rank gets a share
-        batches = [self._batch(mine[i : i + micro], "val") for i in range(0, len(mine), micro)]
+        batches = [self.rows(mine[i : i + micro], "val") for i in range(0, len(mine), micro)]
         most = math.ceil(math.ceil(total / dp) / micro)  # rank 0's count: it has the most rows
         padding = (torch.zeros(self.per_item, self.seq_len, dtype=torch.long),  # one item: a sequence, or a pair
                    torch.full((self.per_item, self.seq_len), IGNORE))
@@ -256,7 +257,7 @@ def check_pairs_fit(root: Path, meta: dict, offsets: np.ndarray, seq_len: int) -
         worst = int(too_long[np.argmax(lengths[too_long])])
         file_index, line, prompt = np.load(root / "origins.npy")[worst].tolist()
         where = f"{meta['files'][file_index]}:{line}"
-        what = (f"its prompt alone is {prompt} tokens" if prompt >= seq_len else
+        what = (f"its prompt alone is {prompt} tokens" if prompt > seq_len else
                 f"prompt and response are {lengths[worst]} tokens")
         raise DataError(f"data {root}: {too_long.size} of {len(lengths)} pairs do not fit seq_len={seq_len} (the "
                         f"longest, {where}: {what}): raise seq_len to {lengths[worst] - 1}, or shorten or remove them")
