@@ -4,6 +4,7 @@
     python -m llama.eval perplexity --ckpt-dir out/ --data notes.txt --max-length 1024 --stride 512
     python -m llama.eval perplexity --data humaneval             # canonical solutions given prompts
     python -m llama.eval choice --data items.jsonl --out scored.jsonl
+    python -m llama.eval pairs --data heldout.jsonl --ckpt-dir out/dpo   # preference pairs: accuracy, exact match
     python -m llama.eval compare smollm2 out/mine --data held_out_chats.jsonl   # a fine-tune against its base
     python -m llama.eval harness --model llama-ref --model_args ckpt_dir=... --tasks ...
     torchrun --nproc_per_node 2 -m llama.eval perplexity --ckpt-dir ...   # model parallel; rank 0 prints
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ch.add_argument("--separator", default=" ", help="between context and choice (default: a space)")
     _model_flags(ch)
+    pr = sub.add_parser("pairs", help="preference pairs (DPO's jsonl): pair accuracy and greedy exact match")
+    pr.add_argument("--data", required=True, help='jsonl of {"prompt" or "messages", "chosen", "rejected"}')
+    pr.add_argument("--ckpt-dir", help="as for perplexity")
+    pr.add_argument("--lora", help="as for perplexity")
+    pr.add_argument("--max-gen-len", type=int, default=32, help="tokens of each greedy reply at most")
+    pr.add_argument("--out", help="write per-pair scores and replies (jsonl) here")
+    _model_flags(pr)
     cmp_ = sub.add_parser("compare", help="several checkpoints side by side: what a fine-tune gained and lost "
                           "(report.md, scores.png, scores.json)")
     cmp_.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoints to compare, the first one the base: "
@@ -72,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--general", action=argparse.BooleanOptionalAction, default=True,
                       help="the general-ability check: kjv-genesis perplexity and mmlu-smoke accuracy")
     cmp_.add_argument("--limit", type=int, help="score at most this many windows, chats or questions of each set")
+    cmp_.add_argument("--pairs", help="preference pairs jsonl: pair accuracy and greedy exact match (llama/eval/pairs.py)")
     cmp_.add_argument("--max-gen-len", type=int, default=48)
     add_output_argument(cmp_, "--out", kind="dir", default="eval_report",
                         help="folder for report.md, scores.png and scores.json")
@@ -109,6 +118,7 @@ def check_args(args) -> None:
 
 
 COMMANDS = {"perplexity": commands.perplexity_command, "choice": commands.choice_command,
+            "pairs": commands.pairs_command,
             "compare": compare.compare_command}
 
 

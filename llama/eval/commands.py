@@ -14,7 +14,7 @@ from llama.eval.choice import read_items, score_items, write_per_item
 from llama.eval.perplexity import conditional_perplexity, perplexity
 
 
-def load(ckpt_dir: Optional[str], args, max_seq_len: int, lora: Optional[str] = None):
+def load(ckpt_dir: Optional[str], args, max_seq_len: int, lora: Optional[str] = None, max_batch_size: int = 1):
     """A Llama (model + tokenizer) for ckpt_dir, with a LoRA adapter merged in; SmolLM2-135M-Instruct
     when none is given. A LoRA run's out_dir as ckpt_dir finds its own base."""
     from llama.common import assets
@@ -22,7 +22,7 @@ def load(ckpt_dir: Optional[str], args, max_seq_len: int, lora: Optional[str] = 
 
     dtype = parse_dtype(args.dtype, "--dtype")
     return Llama.build(ckpt_dir or str(assets.smollm2_gguf()), args.tokenizer_path, max_seq_len=max_seq_len,
-                       max_batch_size=1, dtype=dtype, device=args.device, lora=lora)
+                       max_batch_size=max_batch_size, dtype=dtype, device=args.device, lora=lora)
 
 
 def say(text: str = "") -> None:
@@ -95,6 +95,21 @@ def choice_command(args) -> dict:
     if args.out and parallel.is_first_rank():  # checked before loading (cli.check_args); atomic
         write_per_item(args.out, items, result)
         say(f"per-item  {args.out}")
+    return result
+
+
+def pairs_command(args) -> dict:
+    from llama.eval import pairs as pair_eval
+
+    items = pair_eval.read_pairs(args.data)  # a bad file fails before the weights load
+    llama = load(args.ckpt_dir, args, args.max_seq_len or 1024, args.lora, max_batch_size=args.batch_size)
+    result = pair_eval.score_pairs(llama, items, args.batch_size, args.max_gen_len)
+    say(f"data          {args.data} ({result['pairs']} pairs)")
+    say(f"pair acc      {result['pair_acc']:.4f}  (the chosen reply is the likelier one)")
+    say(f"exact match   {result['exact_match']:.4f}  (the greedy reply is the chosen one)")
+    if args.out:
+        pair_eval.write_per_item(args.out, items, result)
+        say(f"per-pair      {args.out}")
     return result
 
 

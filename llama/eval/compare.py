@@ -33,6 +33,7 @@ from llama.eval.chat import chat_reason, is_chat_data, read_chats, user_prompts
 from llama.eval.choice import score_items
 from llama.eval.commands import check_file, choice_items, load, say, score_text
 from llama.eval.datasets import CHOICE_SETS, PAIR_SETS, TEXT_SETS, read_text
+from llama.eval.pairs import read_pairs, score_pairs
 from llama.eval.scoring import greedy_completions
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
@@ -65,6 +66,10 @@ def measures_for(args) -> List[Measure]:
         out.append(Measure("data", args.data, "perplexity", f"your data: {Path(args.data).name}"))
     if args.choices:
         out.append(Measure("choices", args.choices, "accuracy", f"your data: {Path(args.choices).name}"))
+    if getattr(args, "pairs", None):  # DPO's preference pairs (llama/eval/pairs.py): two shares of the same pairs
+        name = Path(args.pairs).name
+        out += [Measure("pairs", args.pairs, "accuracy", f"your pairs: {name}, chosen reply likelier"),
+                Measure("pairs-exact", args.pairs, "accuracy", f"your pairs: {name}, greedy reply = chosen")]
     if args.general:
         out += [Measure(f"general-{kind}", source, kind, title, True) for source, kind, title in GENERAL
                 if source not in (args.data, args.choices)]
@@ -115,6 +120,8 @@ def check_inputs(args) -> None:
         read_text(args.data, "--data")  # a missing, empty, binary or non-UTF-8 file fails before any loading
     if args.choices and args.choices not in CHOICE_SETS:
         check_file(args.choices, "choice jsonl")
+    if getattr(args, "pairs", None):
+        read_pairs(args.pairs)  # a bad pair fails before any weights load
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit {args.limit}: score at least 1 item of each set (or leave it out: all)")
     for adapter in args.lora or []:
@@ -129,7 +136,11 @@ def evaluate_one(model: Model, prompts: List[str], measures: List[Measure], chat
     for m in measures:
         if m.kind == "perplexity":
             row["scores"][m.key] = score_text(llama, m.source, args, args.limit)
-        else:
+        elif m.key == "pairs":
+            result = score_pairs(llama, read_pairs(m.source)[: args.limit], args.batch_size, args.max_gen_len)
+            row["scores"]["pairs"] = {"data": m.source, "acc": result["pair_acc"], "items": result["pairs"]}
+            row["scores"]["pairs-exact"] = {"data": m.source, "acc": result["exact_match"], "items": result["pairs"]}
+        elif m.key != "pairs-exact":  # scored with "pairs"
             items = choice_items(m.source)[: args.limit]
             result = score_items(llama.model, llama.tokenizer, items, args.batch_size, progress=f"choice {m.source}")
             row["scores"][m.key] = {"data": m.source, **{k: v for k, v in result.items() if k != "per_item"}}
