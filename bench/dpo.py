@@ -7,8 +7,8 @@
 The data is made here and checked here: every answer is integer arithmetic (value x factor), never
 the model's output. A pair is a conversion question ("Convert 7 km to m.") with the right answer
 written tersely ("7 km = 7000 m") as the chosen reply, and as the rejected reply either the same
-sentence with a factor off by ten ("7 km = 700 m") or a wordy reply in the small model's own habit
-with a wrong factor ("To convert 7 km to m, multiply 7 by 100: 700 m."). The held-out pairs are
+sentence with a factor off by ten ("7 km = 700 m") or a wordier reply in the small model's own habit
+with a wrong factor ("7 km is 7 * 100 = 700 m."). The held-out pairs are
 conversions of (value, unit) the training set never asks, all of the terse kind, so their pair
 accuracy measures whether the right number is preferred, not the style. Their exact match asks more:
 that the model, given the question alone, writes exactly the right terse answer.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CONVERSIONS = [("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("kg", "g", 1000), ("L", "mL", 1000)]
-SYSTEM = "Convert units. Answer in the form: 3 km = 3000 m"
+SYSTEM = "Answer like: 3 km = 3000 m"
 TRAIN, HELDOUT = ROOT / "configs/train/dpo_example.jsonl", ROOT / "configs/train/dpo_heldout.jsonl"
 
 
@@ -38,7 +38,7 @@ def wrong_factor(factor: int, rng: random.Random) -> int:
 def pair(value: int, unit: str, to: str, factor: int, rng: random.Random, wordy: bool) -> dict:
     right, wrong = value * factor, value * wrong_factor(factor, rng)
     assert right == value * factor and right != wrong and right % factor == 0 and right // factor == value
-    rejected = (f"To convert {value} {unit} to {to}, multiply {value} by {wrong // value}: {wrong} {to}." if wordy
+    rejected = (f"{value} {unit} is {value} * {wrong // value} = {wrong} {to}." if wordy
                 else f"{value} {unit} = {wrong} {to}")
     return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Convert {value} {unit} to {to}."}],
             "chosen": f"{value} {unit} = {right} {to}", "rejected": rejected}
