@@ -84,14 +84,15 @@ def hf_model(path):
                                                                  attn_implementation="eager")
 
 
-def trl_dpo(oracle, kind: str, peft_config=None):
+def trl_dpo(oracle, kind: str, peft_config=None, sft_weight: float = 0.0):
     """TRL's DPOTrainer on the pairs: (trainer, its collated batch). Full fine-tuning: the policy's weights
     against the base's as ref_model; LoRA: the base with a fresh PEFT adapter (the reference: adapters off)."""
     from datasets import Dataset
 
     root = oracle["root"]
-    args = trl.DPOConfig(output_dir=str(root / f"trl-{kind}"), beta=BETA, loss_type=[kind], bf16=False, use_cpu=True,
-                         report_to=[], disable_dropout=True, max_length=None, per_device_train_batch_size=len(PAIRS))
+    losses = dict(loss_type=[kind, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else dict(loss_type=[kind])
+    args = trl.DPOConfig(output_dir=str(root / f"trl-{kind}"), beta=BETA, bf16=False, use_cpu=True, report_to=[],
+                         disable_dropout=True, max_length=None, per_device_train_batch_size=len(PAIRS), **losses)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(oracle["tokenizer"]))
     model = hf_model(root / ("base" if peft_config else "policy"))
     with warnings.catch_warnings():
@@ -115,11 +116,12 @@ def meta_grads(model) -> dict:
     return out
 
 
-def our_step(oracle, kind: str, policy, reference):
+def our_step(oracle, kind: str, policy, reference, sft_weight: float = 0.0):
     """Our loss, per-pair log-probabilities, TRL-named metrics and gradients on the prepared batch."""
     x, y = oracle["x"], oracle["y"]
-    objective = dpo.Preference(kind, BETA, GAMMA, 1, reference, "")
-    loss = objective.loss_sum(policy, policy, x, y) / len(PAIRS)
+    objective = dpo.Preference(kind, BETA, GAMMA, 1, reference, "", sft_weight)
+    pairs = objective.count([(x, y)], torch.device("cpu"))
+    loss = objective.loss_sum(policy, policy, x, y) / pairs
     loss.backward()
     objective.finish_step(torch.tensor(float(len(PAIRS))))
     with torch.no_grad():
@@ -143,9 +145,11 @@ def test_pairs_tokenize_as_trl_does(oracle):
         assert masks[1] == [0] * n + [1] * len(theirs["rejected_ids"])
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
-def test_dpo_and_ipo_equal_trl_full_weights(oracle, kind):
-    trainer, batch = trl_dpo(oracle, kind)
+@pytest.mark.parametrize("kind,sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)],
+                         ids=["dpo", "ipo", "dpo+sft"])
+def test_dpo_and_ipo_equal_trl_full_weights(oracle, kind, sft_weight):
+    """DPO, IPO, and DPO plus the chosen replies' NLL (RPO: TRL's loss_type ["sigmoid", "sft"])."""
+    trainer, batch = trl_dpo(oracle, kind, sft_weight=sft_weight)
     trainer.model.train()
     theirs = trainer._compute_loss(trainer.model, batch, False)
     theirs.backward()
@@ -156,7 +160,7 @@ def test_dpo_and_ipo_equal_trl_full_weights(oracle, kind):
 
     policy, base = copy.deepcopy(oracle["policy"]), oracle["base"]
     reference = lambda x, y: dpo.response_logps(base, base, x, y)[0]  # noqa: E731
-    loss, logps, ours = our_step(oracle, kind, policy, reference)
+    loss, logps, ours = our_step(oracle, kind, policy, reference, sft_weight)
     with torch.no_grad():
         ref_logps = reference(oracle["x"], oracle["y"])
 
@@ -222,15 +226,17 @@ def test_dpo_with_lora_equals_trl_peft(oracle):
         torch.testing.assert_close(g, their_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_simpo_equals_trl_cpo(oracle):
-    """SimPO (reference-free) against TRL's CPOTrainer with loss_type="simpo", cpo_alpha=0 (pure SimPO):
-    its get_batch_loss_metrics on the same token ids, in its own batch layout."""
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5], ids=["simpo", "simpo+nll"])
+def test_simpo_equals_trl_cpo(oracle, sft_weight):
+    """SimPO (reference-free) against TRL's CPOTrainer with loss_type="simpo" (cpo_alpha=0: pure SimPO;
+    cpo_alpha > 0 adds the chosen replies' NLL, as dpo_sft_weight does): its get_batch_loss_metrics on
+    the same token ids, in its own batch layout."""
     from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     _, batch = trl_dpo(oracle, "sigmoid")  # TRL's collated ids, completion masks
     root = oracle["root"]
-    args = CPOConfig(output_dir=str(root / "cpo"), loss_type="simpo", cpo_alpha=0.0, beta=BETA, simpo_gamma=GAMMA,
+    args = CPOConfig(output_dir=str(root / "cpo"), loss_type="simpo", cpo_alpha=sft_weight, beta=BETA, simpo_gamma=GAMMA,
                      bf16=False, use_cpu=True, report_to=[], max_length=256)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(oracle["tokenizer"]))
     model = hf_model(root / "policy")
@@ -248,7 +254,7 @@ def test_simpo_equals_trl_cpo(oracle):
     theirs.backward()
 
     policy = copy.deepcopy(oracle["policy"])
-    loss, _, ours = our_step(oracle, "simpo", policy, None)
+    loss, _, ours = our_step(oracle, "simpo", policy, None, sft_weight)
     assert loss == pytest.approx(theirs.item(), rel=1e-6, abs=1e-5)
     for name in dpo.NAMES + ["rewards/margins"]:
         assert ours[name] == pytest.approx(metrics[name], abs=1e-5), name

@@ -123,12 +123,13 @@ def dpo_worker(setup, out_dir, overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [["data_parallel=fsdp"], LORA],
-                         ids=["full-fsdp", "lora-ddp"])
+@pytest.mark.parametrize("variant", [["data_parallel=fsdp"], LORA + ["dpo_sft_weight=1.0"]],
+                         ids=["full-fsdp", "lora-ddp-sft"])
 def test_mp2_dp2_equals_one_process(setup, tmp_path, variant):
     """4 processes (gloo): model parallel 2 (vocabulary-parallel log-probabilities) x data parallel 2
-    (FSDP for full fine-tuning with its sharded reference copy; DDP for LoRA), each rank one
-    micro-batch of the 4 pairs: the same losses, TRL metrics and gradient norms as one process."""
+    (FSDP for full fine-tuning with its sharded reference copy; DDP for LoRA, with the chosen replies'
+    NLL averaged over the global batch's tokens), each rank one micro-batch of the 4 pairs against one
+    process accumulating two: the same losses, TRL metrics and gradient norms."""
     run(setup, tmp_path / "one", *variant)
     run_distributed(dpo_worker, 4, setup, tmp_path / "four", ["model_parallel_size=2", *variant])
     one, many = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "four")

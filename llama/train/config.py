@@ -95,6 +95,7 @@ class TrainConfig:
     dpo_loss: str = "sigmoid"  # "sigmoid" (DPO), "ipo", or "simpo" (SimPO: no reference model)
     dpo_beta: float = 0.1  # DPO/IPO: the KL weight (smaller lets the policy move farther from the reference)
     simpo_gamma: float = 0.5  # SimPO's target margin between the chosen and rejected average log-probabilities
+    dpo_sft_weight: float = 0.0  # > 0: + this x the chosen replies' mean token NLL (RPO; keeps them likely)
     # model shape (from scratch): model_config (a params.json file) or else DEFAULT_MODEL, with the
     # [model] keys on top
     model_config: str = ""  # a params.json-style file with the from-scratch shape (configs/models/)
@@ -323,6 +324,8 @@ def check_objective(cfg: TrainConfig) -> None:
         raise ConfigError(f"dpo_loss={cfg.dpo_loss!r}: use one of {', '.join(DPO_LOSSES)}")
     if cfg.dpo_beta <= 0:
         raise ConfigError(f"dpo_beta={cfg.dpo_beta} must be positive (0.1 is usual for DPO)")
+    if cfg.dpo_sft_weight < 0:
+        raise ConfigError(f"dpo_sft_weight={cfg.dpo_sft_weight} must not be negative (0: DPO alone; 1: RPO)")
     if cfg.objective == "dpo" and cfg.sft:
         raise ConfigError("objective=\"dpo\" trains on preference pairs, sft=true on dialogs: drop sft")
     if cfg.objective == "dpo" and cfg.data == "stdlib":

@@ -12,6 +12,10 @@ model's log ref(y | x) and d = log pi - log ref (the implicit reward is beta * d
 
 SimPO needs no reference. The loss of a step is the mean over the pairs of its global batch, so
 gradient accumulation and data parallelism give the single-process value (llama/train/loop.py).
+`dpo_sft_weight` > 0 adds that weight times the chosen replies' negative log-likelihood, averaged
+over their tokens in the global batch (RPO, Pang et al., 2024; TRL: loss_type [..., "sft"] with
+loss_weights, and CPO's cpo_alpha for SimPO): DPO alone may lower the chosen replies' likelihood
+along with the rejected ones', so that the model prefers the right answer without writing it.
 
 The reference is the frozen starting model. With LoRA it is the same weights with the adapters
 off (`lora.disabled`): no second copy. Without LoRA it is a frozen copy of the starting weights,
@@ -95,15 +99,23 @@ class Preference:
     data-parallel group into `metrics`, `evaluate` scores the held-out pairs."""
 
     def __init__(self, kind: str, beta: float, gamma: float, chunks: int,
-                 reference: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], where: str):
-        self.kind, self.beta, self.gamma, self.chunks = kind, beta, gamma, chunks
+                 reference: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], where: str,
+                 sft_weight: float = 0.0):
+        self.kind, self.beta, self.gamma, self.chunks, self.sft_weight = kind, beta, gamma, chunks, sft_weight
+        self.tokens_per_pair = 1.0  # chosen-reply tokens per pair in the step's global batch (the SFT term's mean)
         self.reference = reference  # (inputs, targets) -> the reference's log-probabilities (R,), None for SimPO
         self.where = where  # what the reference is, for the run's description
         self.sums: Optional[torch.Tensor] = None  # (5,) this rank's statistics summed over the step's pairs
         self.metrics: Dict[str, float] = {}
 
-    def count(self, micro_batches: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        return torch.tensor(float(sum(x.shape[0] // 2 for x, _ in micro_batches)))
+    def count(self, micro_batches: List[Tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
+        """This rank's pairs; with the SFT term, also the global batch's chosen tokens per pair (collective)."""
+        pairs = torch.tensor(float(sum(x.shape[0] // 2 for x, _ in micro_batches)), device=device)
+        if self.sft_weight:
+            tokens = sum((y[: y.shape[0] // 2] != IGNORE).sum().item() for _, y in micro_batches)
+            both = dp_all_reduce(torch.stack([pairs, torch.tensor(float(tokens), device=device)]))
+            self.tokens_per_pair = max((both[1] / both[0].clamp(min=1)).item(), 1e-6)
+        return pairs
 
     def loss_sum(self, forward, model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The summed loss of this micro-batch's pairs; inputs/targets (2P, T), chosen rows first."""
@@ -114,6 +126,8 @@ class Preference:
         logps, counts = response_logps(forward, model, inputs, targets, self.chunks)
         losses, stats = preference_loss(self.kind, self.beta, self.gamma, logps, counts, ref)
         self.sums = stats.sum(dim=1) if self.sums is None else self.sums + stats.sum(dim=1)
+        if self.sft_weight:  # divided by pairs in the step: the chosen tokens' mean NLL, times the weight
+            return losses.sum() - self.sft_weight * logps.chunk(2)[0].sum() / self.tokens_per_pair
         return losses.sum()
 
     def finish_step(self, count: torch.Tensor, prefix: str = "") -> None:
@@ -135,6 +149,7 @@ class Preference:
             return None
         model = run.net.model
         model.eval()
+        self.count(run.data.val, run.device)  # the SFT term's tokens per pair, over the held-out set
         totals = torch.zeros(2, device=run.device)  # (summed loss, pairs)
         for x, y in run.data.val:
             with run.autocast():
@@ -146,8 +161,9 @@ class Preference:
         return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
     def describe(self) -> str:
-        return f"objective {self.kind} (beta {self.beta}{f', gamma {self.gamma}' if self.kind == 'simpo' else ''}), " \
-               f"reference: {self.where}"
+        extra = (f", gamma {self.gamma}" if self.kind == "simpo" else "") + \
+            (f", + {self.sft_weight} x chosen NLL" if self.sft_weight else "")
+        return f"objective {self.kind} (beta {self.beta}{extra}), reference: {self.where}"
 
 
 def objective(cfg, model, device: torch.device) -> Preference:
@@ -166,7 +182,8 @@ def objective(cfg, model, device: torch.device) -> Preference:
         def reference(x, y):
             return response_logps(ref, ref, x, y, cfg.loss_chunks)[0]
         where = f"a frozen copy of the starting weights ({str(compute_dtype(cfg, device)).removeprefix('torch.')})"
-    return Preference(cfg.dpo_loss, cfg.dpo_beta, cfg.simpo_gamma, cfg.loss_chunks, reference, where)
+    return Preference(cfg.dpo_loss, cfg.dpo_beta, cfg.simpo_gamma, cfg.loss_chunks, reference, where,
+                      cfg.dpo_sft_weight)
 
 
 def frozen_copy(cfg, model, device: torch.device):

@@ -210,7 +210,7 @@ def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[fl
     """One optimizer step over this rank's micro-batches; returns (loss, grad norm, lr) as floats."""
     device, objective = run.device, run.objective
     # what the loss is a mean over: trained tokens, or (DPO) pairs
-    count = objective.count(micro_batches) if objective else sum((b[1] != IGNORE).sum() for b in micro_batches)
+    count = objective.count(micro_batches, device) if objective else sum((b[1] != IGNORE).sum() for b in micro_batches)
     count = dp_all_reduce(count.to(device, torch.float32))
     # DDP and FSDP average gradients over data x context-parallel ranks; scaling by their number / count
     # makes the result sum/count.
