@@ -3,6 +3,7 @@
     python bench/dpo.py data        # writes configs/train/dpo_example.jsonl and dpo_heldout.jsonl
     python bench/dpo.py run         # trains configs/train/dpo.toml, then `python -m llama.eval compare`
                                     # base vs the run on the held-out pairs; a record in docs/records/
+    python bench/dpo.py run --run-dir DIR   # no training: compares a finished run of the recipe
 
 The data is made here and checked here: every answer is integer arithmetic (value x factor), never
 the model's output. A pair is a conversion question ("Convert 7 km to m.") with the right answer
@@ -64,30 +65,37 @@ def write_data() -> None:
         print(f"{path.relative_to(ROOT)}: {len(pairs)} pairs")
 
 
-def run_demo(out: Path, overrides) -> None:
-    """Train the recipe, then compare the base and the run on the held-out pairs; one JSON record."""
+def run_demo(out: Path, overrides, run_dir=None) -> None:
+    """Train the recipe (unless run_dir holds a finished run), then compare the base and the run on
+    the held-out pairs; one JSON record with the run's own config."""
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
     from _host import host_facts, matvec_bandwidth
     from llama.common import assets
+    from llama.common.files import write_text
+    from llama.train.state import latest_checkpoint
 
     base = str(assets.smollm2_gguf())
-    start = time.time()
-    subprocess.run([sys.executable, "train.py", "configs/train/dpo.toml", *overrides], cwd=ROOT, check=True)
-    train_s = time.time() - start
-    run_dir = ROOT / "out/dpo"
+    train_s = None
+    if run_dir is None:
+        start = time.time()
+        subprocess.run([sys.executable, "train.py", "configs/train/dpo.toml", *overrides], cwd=ROOT, check=True)
+        train_s, run_dir = time.time() - start, ROOT / "out/dpo"
+    run_dir = Path(run_dir)
+    latest = latest_checkpoint(run_dir)
+    config = torch.load(latest / "train_state.00.pth", weights_only=True)["config"]
     report = out / "dpo-demo-report"
     start = time.time()
-    subprocess.run([sys.executable, "-m", "llama.eval", "compare", base, str(run_dir), "--pairs", str(HELDOUT),
+    subprocess.run([sys.executable, "-m", "llama.eval", "compare", base, str(latest), "--pairs", str(HELDOUT),
                     "--max-gen-len", "24", "--out", str(report)], cwd=ROOT, check=True)
-    record = {"train_seconds": train_s, "compare_seconds": time.time() - start, "overrides": overrides,
+    record = {"train_seconds": train_s, "compare_seconds": time.time() - start, "overrides": overrides, "config": config,
               "metrics": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
               "report": (report / "report.md").read_text(),
               "revision": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
               "host": host_facts("cpu", torch.get_num_threads(), matvec_bandwidth("cpu"))}
     path = out / f"dpo-demo-{time.strftime('%Y-%m-%d')}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    write_text(path, json.dumps(record, indent=1) + "\n")
     print(f"record: {path}")
 
 
@@ -96,11 +104,12 @@ def main() -> None:
     p.add_argument("what", choices=["data", "run"])
     p.add_argument("overrides", nargs="*", help="train.py key=value overrides for `run`")
     p.add_argument("--out", default=str(ROOT / "docs/records"))
+    p.add_argument("--run-dir", help="`run` without training: a finished run of the recipe to compare")
     args = p.parse_args()
     if args.what == "data":
         write_data()
     else:
-        run_demo(Path(args.out), args.overrides)
+        run_demo(Path(args.out), args.overrides, args.run_dir)
 
 
 if __name__ == "__main__":
