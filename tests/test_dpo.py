@@ -121,11 +121,11 @@ def our_step(oracle, kind: str, policy, reference, sft_weight: float = 0.0):
     x, y = oracle["x"], oracle["y"]
     objective = dpo.Preference(kind, BETA, GAMMA, 1, reference, "", sft_weight)
     pairs = objective.count([(x, y)], torch.device("cpu"))
-    loss = objective.loss_sum(policy, policy, x, y) / pairs
+    loss = objective.loss_sum(policy, x, y) / pairs
     loss.backward()
     objective.finish_step(torch.tensor(float(len(PAIRS))))
     with torch.no_grad():
-        logps = dpo.response_logps(policy, policy, x, y)[0]
+        logps = dpo.response_logps(policy, x, y)[0]
     return loss.item(), logps, objective.pop_metrics()
 
 
@@ -159,7 +159,7 @@ def test_dpo_and_ipo_equal_trl_full_weights(oracle, kind, sft_weight):
         their_ref = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, batch))
 
     policy, base = copy.deepcopy(oracle["policy"]), oracle["base"]
-    reference = lambda x, y: dpo.response_logps(base, base, x, y)[0]  # noqa: E731
+    reference = lambda x, y: dpo.response_logps(base, x, y)[0]  # noqa: E731
     loss, logps, ours = our_step(oracle, kind, policy, reference, sft_weight)
     with torch.no_grad():
         ref_logps = reference(oracle["x"], oracle["y"])
@@ -203,7 +203,7 @@ def test_dpo_with_lora_equals_trl_peft(oracle):
 
     def reference(x, y):
         with lora.disabled(policy):
-            return dpo.response_logps(policy, policy, x, y)[0]
+            return dpo.response_logps(policy, x, y)[0]
 
     loss, _, ours = our_step(oracle, "sigmoid", policy, reference)
     with torch.no_grad():

@@ -15,6 +15,8 @@ from llama.checkpoint import save_meta
 from llama.common import assets
 from llama.data.prepare import DataError, main as data_main, prepare
 from llama.model import ModelArgs, Transformer
+from llama.train import dpo
+from llama.train.batches import Batches
 from llama.train.config import load_config
 from tests.helpers import read_metrics, run_distributed, run_main
 
@@ -139,6 +141,20 @@ def test_mp2_dp2_equals_one_process(setup, tmp_path, variant):
         assert a.keys() == b.keys()
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+
+
+def test_held_out_padding_pairs_weigh_nothing(setup):
+    """A data-parallel rank short of held-out pairs runs a padding pair (every rank joins each FSDP
+    forward): it is no pair in the count and adds no loss and no statistics."""
+    batches = Batches(setup[1], 48, seed=0)
+    short = batches.val_micro_batches(1, 5, 2, dp_rank=1, dp=2)  # 5 held-out pairs over 2 ranks: rank 1 has 2
+    assert len(short) == len(batches.val_micro_batches(1, 5, 2, dp_rank=0, dp=2)) == 2
+    assert short[1][0].shape[0] == 2 and dpo.real_pairs(short[1][1]) == 0 and dpo.real_pairs(short[0][1]) == 2
+    logps, ref = torch.tensor([-3.0, 0.0, -5.0, 0.0]), torch.tensor([-3.5, 0.0, -4.0, 0.0])  # pair 1 is padding
+    counts = torch.tensor([4, 0, 6, 0])
+    for kind in ("sigmoid", "ipo", "simpo"):
+        losses, stats = dpo.preference_loss(kind, 0.1, 0.5, logps, counts, ref)
+        assert losses[0] > 0 and losses[1] == 0 and (stats[:, 1] == 0).all() and stats[3, 0] != 0, kind
 
 
 # ---------------------------------------------------------------- bad preference data

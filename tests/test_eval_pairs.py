@@ -44,7 +44,7 @@ def test_pair_log_probabilities_are_the_ones_dpo_trains_on(small):
     data = prepare([str(root / "pairs.jsonl")], root / "data", str(assets.smollm2_gguf()), pairs=True, val_fraction=0)
     x, y = Batches(data, 95, seed=0).rows(range(len(PAIRS)), "train")
     with torch.no_grad():
-        chosen, rejected = dpo.response_logps(llama.model, llama.model, x, y)[0].chunk(2)
+        chosen, rejected = dpo.response_logps(llama.model, x, y)[0].chunk(2)
     ours = torch.tensor([[r["logp_chosen"], r["logp_rejected"]] for r in result["per_item"]])
     torch.testing.assert_close(ours, torch.stack([chosen, rejected], dim=1), atol=1e-4, rtol=1e-6)
     assert result["pair_acc"] == pytest.approx(float((chosen > rejected).float().mean()))

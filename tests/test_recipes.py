@@ -4,13 +4,14 @@ except those that set its size, at its layout shrunk to 4 gloo processes, and eq
 Shrunk (`shrunk_keys`): the model (2 layers, ~64 wide, with the recipe's tying, query heads per K/V
 head, RoPE and vocabulary, and as many K/V heads as the shrunk layout splits: 2), seq_len, the batch
 (8 sequences; the recipe's micro-batch where a rank's share holds it), the steps (4, with evaluation,
-eval_data and a save every 2, warmup and decay scaled with them). Stand-ins for what is not on this
-machine: init_from (a Meta directory named after an official model, or smollm2) becomes a checkpoint
-of the shrunk shape in the same format with the same tokenizer (a Meta release of M shards: as many
-as the shrunk layout); data that is not in the repository (the whole stdlib, a prepared directory)
-becomes the tiny corpus tokenized with the recipe's tokenizer; device=cuda becomes cpu; compile is
-off (inductor's compile costs minutes of CPU per process here). Every other key is the recipe's,
-dtype included: bf16 autocast runs on the CPU.
+eval_data and a save every 2, warmup and decay scaled with them); SFT dialogs and DPO's pairs (which
+must fit whole) keep up to 64 tokens. Stand-ins for what is not on this machine: init_from (a Meta
+directory named after an official model, or smollm2) becomes a checkpoint of the shrunk shape in the
+same format with the same tokenizer (a Meta release of M shards: as many as the shrunk layout); data
+that is not in the repository (the whole stdlib, a prepared directory) becomes the tiny corpus
+tokenized with the recipe's tokenizer; device=cuda becomes cpu; compile is off (inductor's compile
+costs minutes of CPU per process here). Every other key is the recipe's, dtype included: bf16
+autocast runs on the CPU.
 
 The 4-process run stops after step 3 and resumes (resume=true) for step 4. Its loss and gradient
 norm at every step, validation loss and eval_data perplexity at steps 2 and 4 equal one process's
@@ -35,6 +36,7 @@ RECIPES = {
     "default.toml": (2, None),  # one process -> MP 2 x DDP 2
     "sft.toml": (1, None),  # SmolLM2's 9 query / 3 K/V heads split over no MP size of 4 processes: DDP 4
     "lora.toml": (1, None),
+    "dpo.toml": (1, None),  # SmolLM2 + LoRA, as lora.toml
     "llama3.1-8b-lora.toml": (2, "llama3.1-8b"),
     "llama3.2-1b.toml": (2, None),  # MP 2 x DDP 4 -> MP 2 x DDP 2
     "scale/llama3.1-8b.toml": (1, None),  # MP 1 x FSDP 8 -> MP 1 x FSDP 4
@@ -129,8 +131,9 @@ def shrunk_keys(name: str, stand: Stand, processes: int) -> list:
     dp, micro = processes // (mp * cp), min(get("micro_batch_size"), BATCH * layout_mp // 4)  # a share of 4 processes
     kind, args = real_shape(recipe, base)
     shape = shrink(args, layout_mp)
+    whole = get("sft") or get("objective") == "dpo"  # dialogs, and pairs that must fit whole
     keys = [f"out_dir={stand.root / name / str(processes)}", f"data_cache={stand.root / 'cache'}", "device=cpu",
-            "compile=false", f"eval_data={stand.text}", f"seq_len={min(get('seq_len'), 64 if get('sft') else 32)}",
+            "compile=false", f"eval_data={stand.text}", f"seq_len={min(get('seq_len'), 64 if whole else 32)}",
             f"batch_size={BATCH}", f"micro_batch_size={micro}",
             f"max_steps={STEPS}", f"decay_steps={STEPS}", f"eval_every={EVERY}", f"save_every={EVERY}", "log_every=1",
             f"warmup_steps={round(get('warmup_steps') * STEPS / get('max_steps'))}",

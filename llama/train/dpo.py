@@ -34,47 +34,39 @@ evaluation adds the same with an eval_ prefix.
 """
 
 import copy
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from llama import lora
-from llama.parallel.loss import keep_logits_split, vocab_parallel_cross_entropy
 from llama.train import fsdp
 from llama.train.batches import IGNORE
-from llama.train.loop import dp_all_reduce
+from llama.train.loop import dp_all_reduce, head_loss
 from llama.train.setup import compute_dtype
 
 NAMES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"]
 
 
-def response_logps(forward, model, inputs: torch.Tensor, targets: torch.Tensor, chunks: int = 1
+def response_logps(forward, inputs: torch.Tensor, targets: torch.Tensor, chunks: int = 1
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p over each row's trained targets (R,), their number (R,)) for inputs/targets (R, T).
-    chunks > 1: the output layer and the log-softmax on one slice of the sequence at a time,
-    recomputed in backward (loss_chunks), as the next-token loss does."""
-    if chunks <= 1:
-        logits = forward(inputs)  # (R, T, V / model-parallel size)
-        nll = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).view(targets.shape)
-    else:
-        h = forward(inputs, hidden=True)  # (R, T, D)
-        nll = torch.cat([torch.utils.checkpoint.checkpoint(_head_nll, model, h_slice, y_slice, use_reentrant=False)
-                         for h_slice, y_slice in zip(h.chunk(chunks, dim=1), targets.chunk(chunks, dim=1))], dim=1)
-    return -nll.sum(dim=1), (targets != IGNORE).sum(dim=1)
-
-
-def _head_nll(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model.output(model.norm(h)).float()  # (R, T/chunks, V / model-parallel size)
-    return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).view(targets.shape)
+    """(sum of log p over each row's trained targets (R,), their number (R,)) for inputs/targets (R, T):
+    the training loss's head (llama/train/loop.py's head_loss) per row, inside the model's forward, from
+    each rank's vocabulary slice of the logits; chunks > 1 (loss_chunks) as for the next-token loss."""
+    nll = forward(inputs, head=functools.partial(head_loss, targets=targets, chunks=chunks, per_row=True))  # (R,)
+    return -nll, (targets != IGNORE).sum(dim=1)
 
 
 def preference_loss(kind: str, beta: float, gamma: float, logps: torch.Tensor, counts: torch.Tensor,
                     ref_logps: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per-pair losses (P,), statistics (5, P) in NAMES' order) from the rows' log-probabilities
-    (2P,): the P chosen replies, then the P rejected ones (llama/train/batches.py's layout)."""
+    (2P,): the P chosen replies, then the P rejected ones (llama/train/batches.py's layout). A pair
+    with no trained token is held-out padding (every real reply has at least its end of turn): its
+    loss and statistics are 0."""
     chosen, rejected = logps.chunk(2)
     n_chosen, n_rejected = counts.chunk(2)
+    real = n_chosen > 0  # (P,)
     n_chosen, n_rejected = n_chosen.clamp(min=1), n_rejected.clamp(min=1)
     if kind == "simpo":  # reference-free: average log-probabilities, a target margin gamma
         chosen, rejected = chosen / n_chosen, rejected / n_rejected
@@ -89,7 +81,7 @@ def preference_loss(kind: str, beta: float, gamma: float, logps: torch.Tensor, c
             losses = (d_w / n_chosen - d_l / n_rejected - 1 / (2 * beta)) ** 2
         reward_w, reward_l = beta * d_w.detach(), beta * d_l.detach()
     stats = torch.stack([reward_w, reward_l, (reward_w > reward_l).float(), chosen.detach(), rejected.detach()])
-    return losses, stats
+    return losses.where(real, 0.0), stats * real
 
 
 class Preference:
@@ -109,21 +101,22 @@ class Preference:
         self.metrics: Dict[str, float] = {}
 
     def count(self, micro_batches: List[Tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
-        """This rank's pairs; with the SFT term, also the global batch's chosen tokens per pair (collective)."""
-        pairs = torch.tensor(float(sum(x.shape[0] // 2 for x, _ in micro_batches)), device=device)
+        """This rank's pairs (not the held-out padding); with the SFT term, also the global batch's chosen
+        tokens per pair (collective)."""
+        pairs = torch.tensor(float(sum(real_pairs(y) for _, y in micro_batches)), device=device)
         if self.sft_weight:
             tokens = sum((y[: y.shape[0] // 2] != IGNORE).sum().item() for _, y in micro_batches)
             both = dp_all_reduce(torch.stack([pairs, torch.tensor(float(tokens), device=device)]))
             self.tokens_per_pair = max((both[1] / both[0].clamp(min=1)).item(), 1e-6)
         return pairs
 
-    def loss_sum(self, forward, model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The summed loss of this micro-batch's pairs; inputs/targets (2P, T), chosen rows first."""
         ref = None
         if self.reference is not None:
             with torch.no_grad():
                 ref = self.reference(inputs, targets)
-        logps, counts = response_logps(forward, model, inputs, targets, self.chunks)
+        logps, counts = response_logps(forward, inputs, targets, self.chunks)
         losses, stats = preference_loss(self.kind, self.beta, self.gamma, logps, counts, ref)
         self.sums = stats.sum(dim=1) if self.sums is None else self.sums + stats.sum(dim=1)
         if self.sft_weight:  # divided by pairs in the step: the chosen tokens' mean NLL, times the weight
@@ -153,8 +146,8 @@ class Preference:
         totals = torch.zeros(2, device=run.device)  # (summed loss, pairs)
         for x, y in run.data.val:
             with run.autocast():
-                totals[0] += self.loss_sum(model, model, x.to(run.device), y.to(run.device))
-            totals[1] += x.shape[0] // 2
+                totals[0] += self.loss_sum(model, x.to(run.device), y.to(run.device))
+            totals[1] += real_pairs(y)
         model.train()
         dp_all_reduce(totals)
         self.finish_step(totals[1], prefix="eval_")
@@ -166,6 +159,11 @@ class Preference:
         return f"objective {self.kind} (beta {self.beta}{extra}), reference: {self.where}"
 
 
+def real_pairs(targets: torch.Tensor) -> int:
+    """The pairs of a micro-batch (2P, T) with trained tokens: all but held-out padding."""
+    return int((targets[: targets.shape[0] // 2] != IGNORE).any(dim=1).sum())
+
+
 def objective(cfg, model, device: torch.device) -> Preference:
     """The DPO objective of a run, its reference made from `model` (the starting weights, adapters
     attached): call before the policy is distributed, since a full copy must be taken first."""
@@ -174,13 +172,13 @@ def objective(cfg, model, device: torch.device) -> Preference:
     elif cfg.lora_rank:
         def reference(x, y):
             with lora.disabled(model):
-                return response_logps(model, model, x, y, cfg.loss_chunks)[0]
+                return response_logps(model, x, y, cfg.loss_chunks)[0]
         where = "the base with the LoRA adapters off"
     else:
         ref = frozen_copy(cfg, model, device)
 
         def reference(x, y):
-            return response_logps(ref, ref, x, y, cfg.loss_chunks)[0]
+            return response_logps(ref, x, y, cfg.loss_chunks)[0]
         where = f"a frozen copy of the starting weights ({str(compute_dtype(cfg, device)).removeprefix('torch.')})"
     return Preference(cfg.dpo_loss, cfg.dpo_beta, cfg.simpo_gamma, cfg.loss_chunks, reference, where,
                       cfg.dpo_sft_weight)
@@ -192,7 +190,6 @@ def frozen_copy(cfg, model, device: torch.device):
     dtype = compute_dtype(cfg, device)
     ref = copy.deepcopy(model).eval()
     lora.freeze_base(ref, dtype)  # no adapters here: every parameter frozen and cast
-    keep_logits_split(ref)
     if cfg.data_parallel == "fsdp":
         return fsdp.shard_model(ref, device, cfg.reshard_after_forward, dtype)
     return ref.to(device)

@@ -169,26 +169,29 @@ def loss_sum(forward, inputs: torch.Tensor, targets: torch.Tensor, chunks: int =
     return forward(inputs, head=functools.partial(head_loss, targets=targets, chunks=chunks), **layout)
 
 
-def head_loss(model, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+def head_loss(model, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1, per_row: bool = False) -> torch.Tensor:
     """The summed loss of the final residual stream h (B, T, D) against targets (B, T), from the
     model's one output head (`Transformer.logits`): under model parallelism each rank's vocabulary
     slice of the logits goes to the vocabulary-parallel cross-entropy, never the full (B, T, vocab).
+    per_row: each row's sum (B,) instead (DPO's reply log-probabilities, llama/train/dpo.py).
 
     chunks > 1: the fp32 logits and their log-softmax cost 8 x vocab bytes per token (8 GiB for 8K
     tokens of Llama 3's 128K vocabulary). Instead the head and the loss run on one slice of the
     sequence at a time, each recomputed in backward, so only one slice's logits are ever alive.
     Same sum, same gradients."""
     if chunks <= 1:
-        return _slice_loss(model, h, targets)
-    total = torch.zeros((), device=h.device)
+        return _slice_loss(model, h, targets, per_row)
+    total = torch.zeros(h.shape[0] if per_row else (), device=h.device)
     for h_slice, y_slice in zip(h.chunk(chunks, dim=1), targets.chunk(chunks, dim=1)):
-        total = total + torch.utils.checkpoint.checkpoint(_slice_loss, model, h_slice, y_slice, use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(_slice_loss, model, h_slice, y_slice, per_row,
+                                                          use_reentrant=False)
     return total
 
 
-def _slice_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _slice_loss(model, h: torch.Tensor, targets: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     logits = model.logits(h)  # (B, T/chunks, V / model-parallel size) float32
-    return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE).sum()
+    nll = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE)  # (B * T/chunks,)
+    return nll.view(targets.shape).sum(dim=1) if per_row else nll.sum()
 
 
 def grad_sync(net: TrainModel, sync: bool) -> ContextManager:
@@ -227,7 +230,7 @@ def train_step(run: Run, micro_batches: List[MicroBatch], step: int) -> Tuple[fl
                                context.token_index(x.shape[1])):
             with grad_sync(run.net, sync), run.autocast():
                 if objective:  # no packing or context parallelism with DPO (config.py refuses them)
-                    summed = objective.loss_sum(run.net.forward, run.net.model, x, y)
+                    summed = objective.loss_sum(run.net.forward, x, y)
                 else:
                     summed = loss_sum(run.net.forward, x, y, run.cfg.loss_chunks, pos)
             (summed * scale).backward()
