@@ -24,9 +24,10 @@ def spelled_in(pattern: str) -> list:
 
 
 def test_the_loss_the_chunked_loss_and_the_scorer_read_the_one_head():
-    """Transformer.forward's logits, training's loss (whole and in chunks) and the evaluation scorer
-    all come from Transformer.logits on the forward's final residual stream."""
+    """Transformer.forward's logits, training's loss (whole and in chunks), DPO's reply log-probabilities
+    and the evaluation scorer all come from Transformer.logits on the forward's final residual stream."""
     from llama.eval.scoring import score_requests
+    from llama.train.dpo import response_logps
     from llama.train.loop import loss_sum
 
     model, _ = tiny_model()
@@ -35,8 +36,12 @@ def test_the_loss_the_chunked_loss_and_the_scorer_read_the_one_head():
     logits = model(x)
     assert torch.equal(logits, model(x, head=lambda m, h: m.logits(h)))
     want = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    per_row = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none").view(y.shape)
     for chunks in (1, 2, 5):
         torch.testing.assert_close(loss_sum(model, x, y, chunks), want, atol=1e-5, rtol=1e-6)
+        logps, counts = response_logps(model, x, y, chunks)
+        torch.testing.assert_close(logps, -per_row.sum(1), atol=1e-5, rtol=1e-6)
+        assert counts.tolist() == [12, 16]
     seq = tokens(1, 17)[0].tolist()
     (logprobs, greedy), = score_requests(model, [(seq, 6)])
     full = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0], -1)  # (16, V)
