@@ -72,7 +72,7 @@ def oracle(tmp_path_factory, hf_smollm2_dir):
         save_hf(model.state_dict(), model.params, root / name)
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     data = prepare([str(root / "pairs.jsonl")], root / "data", str(assets.smollm2_gguf()), pairs=True, val_fraction=0)
-    x, y = Batches(data, 128, seed=0).rows(range(len(PAIRS)), "train")
+    x, y = Batches(data, 128, seed=0).micro_batch(range(len(PAIRS)), "train")
     return {"root": root, "base": base.eval(), "policy": policy.eval(), "data": data, "x": x, "y": y,
             "tokenizer": hf_smollm2_dir / "tokenizer"}
 

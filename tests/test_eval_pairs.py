@@ -42,7 +42,7 @@ def test_pair_log_probabilities_are_the_ones_dpo_trains_on(small):
     llama, root = small
     result = pair_accuracy(llama.model, llama.tokenizer, read_pairs(root / "pairs.jsonl"), batch_size=2)
     data = prepare([str(root / "pairs.jsonl")], root / "data", str(assets.smollm2_gguf()), pairs=True, val_fraction=0)
-    x, y = Batches(data, 95, seed=0).rows(range(len(PAIRS)), "train")
+    x, y = Batches(data, 95, seed=0).micro_batch(range(len(PAIRS)), "train")
     with torch.no_grad():
         chosen, rejected = dpo.response_logps(llama.model, x, y)[0].chunk(2)
     ours = torch.tensor([[r["logp_chosen"], r["logp_rejected"]] for r in result["per_item"]])

@@ -100,9 +100,9 @@ class Batches:
                 inputs = np.minimum(np.diff(self.offsets), seq_len + 1) - 1  # (documents,) inputs per dialog
                 order = np.random.default_rng([seed, 1 << 20]).permutation(self.counts["train"])
                 val = np.arange(self.counts["val"])
-                self.packed_rows = {"train": [order[r] for r in next_fit(inputs[self.dialogs["train"]][order], seq_len)],
-                                    "val": [val[r] for r in next_fit(inputs[self.dialogs["val"]], seq_len)]}
-                self.counts = {k: len(v) for k, v in self.packed_rows.items()}
+                self.rows = {"train": [order[r] for r in next_fit(inputs[self.dialogs["train"]][order], seq_len)],
+                             "val": [val[r] for r in next_fit(inputs[self.dialogs["val"]], seq_len)]}
+                self.counts = {k: len(v) for k, v in self.rows.items()}
         else:
             split = self.meta["val_start"]
             self.counts = {"train": max(0, (split - 1) // seq_len),
@@ -160,7 +160,7 @@ class Batches:
             first = np.maximum(self.offsets[np.searchsorted(self.offsets, at, side="right") - 1], start)
             return tokens[:-1], tokens[1:], at - first
         pieces = []
-        for doc in self.packed_rows[split][index]:
+        for doc in self.rows[split][index]:
             tokens, mask = self._sequence(int(doc), split)
             targets = np.where(mask[1:] == 1, tokens[1:].astype(np.int64), IGNORE)
             pieces.append((tokens[:-1], targets, np.arange(len(tokens) - 1)))
@@ -183,7 +183,7 @@ class Batches:
         """The sequences of one training item: one, or a pair's chosen and rejected."""
         return [self._sequence(self.per_item * index + k, split) for k in range(self.per_item)]
 
-    def rows(self, indices, split: str):
+    def micro_batch(self, indices, split: str):
         """Items `indices` of `split` as one collated micro-batch: packed rows (inputs, targets,
         positions), or sequences; pairs give every chosen sequence, then every rejected one
         (llama/train/dpo.py reads them in that order)."""
@@ -230,7 +230,7 @@ class Batches:
     def train_micro_batches(self, consumed: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """This rank's micro-batches of the global batch that starts after `consumed` sequences."""
         order = [self._train_index(g) for g in self.train_rows(consumed, batch_size, dp_rank, dp)]
-        return [self.rows(order[i : i + micro], "train") for i in range(0, len(order), micro)]
+        return [self.micro_batch(order[i : i + micro], "train") for i in range(0, len(order), micro)]
 
     def val_micro_batches(self, n_batches: int, batch_size: int, micro: int, dp_rank: int, dp: int):
         """The first n_batches global batches of the held-out split, in order (the same every time);
@@ -240,7 +240,7 @@ class Batches:
         Empty if there is no validation data."""
         total = min(self.counts["val"], n_batches * batch_size)
         mine = list(range(dp_rank, total, dp))  # round-robin so every rank gets a share
-        batches = [self.rows(mine[i : i + micro], "val") for i in range(0, len(mine), micro)]
+        batches = [self.micro_batch(mine[i : i + micro], "val") for i in range(0, len(mine), micro)]
         most = math.ceil(math.ceil(total / dp) / micro)  # rank 0's count: it has the most rows
         padding = (torch.zeros(self.per_item, self.seq_len, dtype=torch.long),  # one item: a sequence, or a pair
                    torch.full((self.per_item, self.seq_len), IGNORE))
