@@ -322,10 +322,6 @@ def check_objective(cfg: TrainConfig) -> None:
         raise ConfigError(f"objective={cfg.objective!r}: use \"lm\" (next-token loss) or \"dpo\" (preference pairs)")
     if cfg.dpo_loss not in DPO_LOSSES:
         raise ConfigError(f"dpo_loss={cfg.dpo_loss!r}: use one of {', '.join(DPO_LOSSES)}")
-    if cfg.dpo_beta <= 0:
-        raise ConfigError(f"dpo_beta={cfg.dpo_beta} must be positive (0.1 is usual for DPO)")
-    if cfg.dpo_sft_weight < 0:
-        raise ConfigError(f"dpo_sft_weight={cfg.dpo_sft_weight} must not be negative (0: DPO alone; 1: RPO)")
     if cfg.objective == "dpo" and cfg.sft:
         raise ConfigError("objective=\"dpo\" trains on preference pairs, sft=true on dialogs: drop sft")
     if cfg.objective == "dpo" and cfg.data == "stdlib":

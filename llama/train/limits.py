@@ -25,6 +25,7 @@ RANGES = {
     "data_parallel_size": dict(low=0, integer=True), "loss_chunks": dict(low=1, integer=True),
     "peak_tflops": dict(low=0), "lora_rank": dict(low=0, integer=True),
     "lora_alpha": dict(low=0, low_open=True), "lora_dropout": dict(low=0, high=1, high_open=True),
+    "dpo_beta": dict(low=0, low_open=True), "simpo_gamma": dict(), "dpo_sft_weight": dict(low=0),
 }
 
 
