@@ -92,6 +92,7 @@ def ws(tmp_path_factory, corpus):
     (root / "notes.txt").write_text("In the beginning God created the heaven and the earth. " * 8)
     (root / "prompts.txt").write_text("The capital of France is\n")
     (root / "items.jsonl").write_text(json.dumps({"context": "1 + 1 =", "choices": ["2", "3"], "label": 0}) + "\n")
+    (root / "pairs.jsonl").write_text(json.dumps({"prompt": "1 + 1 =", "chosen": "2", "rejected": "3"}) + "\n")
     (root / "corpus").mkdir()
     (root / "corpus/a.txt").write_text("def f(x):\n    return x + 1\n" * 20)
     (root / "tasks").mkdir()
@@ -108,6 +109,8 @@ BASE = {
                              "--data", "{notes.txt}", "--max-length", "16", "--json", "{out}", "--overwrite"],
     ("eval", "choice"): ["choice", "--ckpt-dir", "{ckpt}", "--lora", "{adapter}", "--tokenizer-path", "{tok.model}",
                          "--data", "{items.jsonl}", "--out", "{out}", "--overwrite"],
+    ("eval", "pairs"): ["pairs", "--ckpt-dir", "{ckpt}", "--lora", "{adapter}", "--tokenizer-path", "{tok.model}",
+                        "--data", "{pairs.jsonl}", "--out", "{out}", "--overwrite"],
     ("eval", "compare"): ["compare", "{ckpt}", "--prompts", "{prompts.txt}", "--data", "{notes.txt}", "--choices",
                           "{items.jsonl}", "--tokenizer-path", "{tok.model}", "--out", "{out}", "--overwrite"],
     ("convert",): ["{ckpt}", "{out}", "--to", "hf", "--lora", "{adapter}", "--overwrite"],

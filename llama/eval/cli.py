@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ckpt-dir", help="as for perplexity")
     pr.add_argument("--lora", help="as for perplexity")
     pr.add_argument("--max-gen-len", type=int, default=32, help="tokens of each greedy reply at most")
-    pr.add_argument("--out", help="write per-pair scores and replies (jsonl) here")
+    add_output_argument(pr, "--out", kind="file", help="write per-pair scores and replies (jsonl) here")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _model_flags(pr)
     cmp_ = sub.add_parser("compare", help="several checkpoints side by side: what a fine-tune gained and lost "
                           "(report.md, scores.png, scores.json)")
@@ -110,7 +111,7 @@ def check_args(args) -> None:
     inputs = commands.input_paths(args)
     if args.command == "perplexity" and args.json is not None:
         check_output_file(args.json, args.overwrite, inputs, "--json")
-    elif args.command == "choice" and args.out is not None:
+    elif args.command in ("choice", "pairs") and args.out is not None:
         check_output_file(args.out, args.overwrite, inputs, "--out")
     elif args.command == "compare":
         compare.check_outputs(args.out, args.overwrite, inputs)

@@ -33,7 +33,7 @@ def say(text: str = "") -> None:
 
 def input_paths(args) -> List[str]:
     """Every path the command reads: what an output may never be, contain or sit inside."""
-    named = [getattr(args, k, None) for k in ("ckpt_dir", "lora", "tokenizer_path", "data", "choices", "prompts", "ckpts")]
+    named = [getattr(args, k, None) for k in ("ckpt_dir", "lora", "tokenizer_path", "data", "choices", "prompts", "pairs", "ckpts")]
     return [p for v in named for p in (v if isinstance(v, list) else [v]) if p]  # compare: ckpts and --lora are lists
 
 
