@@ -167,6 +167,7 @@ BAD = [
     ({"prompt": "Hi", "answer": "Hello."}, "has no 'chosen' field"),
     ({"question": "Hi", "chosen": "a", "rejected": "b"}, "has neither of 'prompt' and 'messages'"),
     ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "each message needs a string 'role' and 'content'"),
+    ({"prompt": [{"role": "usr", "content": "Hi"}], "chosen": "a", "rejected": "b"}, "role 'usr' is not a chat role"),
 ]
 
 
@@ -198,3 +199,22 @@ def test_dpo_needs_pair_data(setup, tmp_path, corpus):
         run((base, corpus[0]), tmp_path)
     with pytest.raises(DataError, match='holds preference pairs: train it with objective="dpo"'):
         train_script.train(load_config(None, [f"init_from={base}", f"data={data}", f"out_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("layout", [["packing=true"], ["context_parallel_size=2"]], ids=["packing", "cp2"])
+def test_dpo_refuses_packing_and_context_parallelism(setup, tmp_path, layout):
+    from llama.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r'objective="dpo" reads each pair as two whole rows: set packing=false'):
+        run(setup, tmp_path, *layout)
+    assert not (tmp_path / "latest").exists()
+
+
+def test_a_pairs_line_that_is_not_utf8_is_named(tmp_path):
+    good = json.dumps({"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}).encode() + b"\n"
+    (tmp_path / "prefs.jsonl").write_bytes(good + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    res = run_main(data_main, "prepare", tmp_path / "prefs.jsonl", "--pairs", "--tokenizer", "smollm2",
+                   "--out", tmp_path / "out")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"error: {tmp_path / 'prefs.jsonl'}:2 is not UTF-8 text (byte 0xe9): convert the file to UTF-8"
+    assert not (tmp_path / "out").exists()
