@@ -71,3 +71,23 @@ def test_bad_pair_files_are_one_line(tmp_path):
     res = run_main(eval_main, "pairs", "--data", tmp_path / "bad.jsonl")
     assert res.returncode == 1 and res.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:1: has no 'rejected' field " \
         f"(expected {{\"prompt\" or \"messages\", \"chosen\", \"rejected\"}} per line)"
+
+
+def test_compare_pairs_equals_the_pairs_scores(small, tmp_path, capsys):
+    """compare --pairs: the pair accuracy and exact match the pairs scorers give the same model."""
+    from llama.checkpoint import save_meta
+
+    llama, root = small
+    save_meta(llama.model.state_dict(), llama.model.params, tmp_path / "ckpt")
+    (tmp_path / "prompts.txt").write_text("Hi\n")
+    pairs = read_pairs(root / "pairs.jsonl")
+    want = (pair_accuracy(llama.model, llama.tokenizer, pairs, batch_size=2)["pair_acc"],
+            exact_match(llama, pairs, max_gen_len=6)["exact_match"])
+    code = eval_main(["compare", str(tmp_path / "ckpt"), "--pairs", str(root / "pairs.jsonl"), "--no-general",
+                      "--prompts", str(tmp_path / "prompts.txt"), "--tokenizer-path", str(assets.smollm2_gguf()),
+                      "--max-gen-len", "6", "--max-seq-len", "96", "--max-length", "32", "--batch-size", "2", "--out", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    scores = json.loads((tmp_path / "rep/scores.json").read_text())["models"][0]["scores"]
+    assert code == 0 and (scores["pairs"]["acc"], scores["pairs-exact"]["acc"]) == pytest.approx(want, abs=1e-9)
+    assert scores["pairs"]["items"] == len(PAIRS) and "your pairs: pairs.jsonl" in (tmp_path / "rep/report.md").read_text()
