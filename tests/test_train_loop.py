@@ -1,7 +1,9 @@
 """The training loop: schedule, optimizer groups, gradient norm, FLOPs; the loss going down into a
 checkpoint generate.py reads; determinism, recomputation, autocast, a diverged run; parallel layouts."""
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,7 @@ def test_overfitting_is_warned_once_in_the_log_and_metrics(corpus, tmp_path, cap
     cfg = load_config(None, overrides + [f"data={tmp_path / 'small.py'}", f"tokenizer={tokenizer}",
                                          f"out_dir={tmp_path / 'run'}", f"data_cache={tmp_path / 'cache'}",
                                          "val_fraction=0.3", "max_steps=30", "eval_every=3", "log_every=3",
-                                         "lr=1e-2", "min_lr=1e-2", "warmup_steps=0"])
+                                         "lr=1e-2", "min_lr=1e-2", "warmup_steps=0", "save_every=3", "keep_last=0"])
     from train import train as run_train
 
     val = run_train(cfg)["val_losses"]
@@ -87,6 +89,17 @@ def test_overfitting_is_warned_once_in_the_log_and_metrics(corpus, tmp_path, cap
     earlier_rises = [s for s in val if min(val) < s < step and val[s] > 1.01 * min(val[t] for t in val if t < s)]
     assert not earlier_rises  # warned at the first rise
     assert capsys.readouterr().out.count("warning: over-fitting") == 1
+    # Resumed from the checkpoint before the warning, the run warns at the same step with the same words:
+    # the evaluations before the checkpoint come back with it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed)
+    for later in resumed.glob("step_*"):
+        if int(later.name[5:]) > step - 3:
+            shutil.rmtree(later)
+    (resumed / "latest").write_text(f"step_{step - 3:06d}")
+    run_train(dataclasses.replace(cfg, out_dir=str(resumed), resume=True))
+    again = [(r["step"], r["warning"]) for r in read_metrics(resumed) if "warning" in r]
+    assert again == [(step, warned[0]["warning"])]
 
 
 def test_closing_lines_fit_the_run():

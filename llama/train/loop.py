@@ -18,7 +18,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, List, Optional, Tuple
 
@@ -66,6 +66,9 @@ class Progress:
     consumed: int = 0  # training sequences consumed so far: the data position
     first_step: int = 0  # the step this process started at (a resumed run: the checkpoint's)
     saved_any: bool = False  # has this process saved a checkpoint yet
+    # what the over-fitting warning reads, from step 1 on (saved with the checkpoint, so a resumed run
+    # warns exactly where the uninterrupted one does): every step's loss, {step: val loss}, warned yet
+    history: dict = field(default_factory=lambda: {"losses": [], "val_losses": {}, "warned": False})
 
 
 @dataclass
@@ -307,7 +310,7 @@ def eval_text_perplexity(run: Run) -> float:
 def save(run: Run) -> Path:
     """A checkpoint of the run at its current step (collective: every rank calls it)."""
     step = run.progress.step
-    state = {"step": step, "consumed": run.progress.consumed, "rng": rng_state(),
+    state = {"step": step, "consumed": run.progress.consumed, "rng": rng_state(), "history": run.progress.history,
              "model_parallel_size": parallel.model_parallel_size(),
              "context_parallel_size": parallel.context_parallel_size(),
              "data_parallel_size": parallel.data_parallel_size(), "config": asdict(run.cfg),
@@ -345,7 +348,6 @@ def loop(run: Run) -> dict:
     cfg, progress = run.cfg, run.progress
     losses, val_losses = [], {}
     window = {"seconds": 0.0, "tokens": 0}
-    warned = False  # the over-fitting warning comes once a run
     for step in range(progress.step, cfg.max_steps):
         start = time.perf_counter()
         micro = run.data.batches.train_micro_batches(progress.consumed, cfg.batch_size, cfg.micro_batch_size,
@@ -356,6 +358,8 @@ def loop(run: Run) -> dict:
         progress.step, progress.consumed = step + 1, progress.consumed + cfg.batch_size
         done = progress.step
         losses.append(loss)
+        history = progress.history
+        history["losses"].append(loss)
         run.log.advance()
         record = None
         if done % cfg.log_every == 0 or done == cfg.max_steps:
@@ -363,11 +367,11 @@ def loop(run: Run) -> dict:
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             val = evaluate(run)
             if val is not None:
-                val_losses[done] = val
+                val_losses[done] = history["val_losses"][done] = val
                 record = dict(record or {"step": done}, val_loss=val)
-                if not warned and (warning := overfitting_warning(val_losses, losses, progress.first_step,
-                                                                  cfg.eval_every)):
-                    record["warning"], warned = warning, True
+                if not history["warned"] and (warning := overfitting_warning(history["val_losses"],
+                                                                             history["losses"], 0, cfg.eval_every)):
+                    record["warning"], history["warned"] = warning, True  # once a run
             if cfg.eval_data:
                 record = dict(record or {"step": done}, eval_ppl=eval_text_perplexity(run))
         if record is not None:

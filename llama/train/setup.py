@@ -261,7 +261,10 @@ def resume(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimize
     set_rng_state(state["rng"])
     if is_first:
         print(f"resumed from {checkpoint} (step {state['step']})", file=sys.stderr)
-    return Progress(step=state["step"], consumed=state["consumed"], first_step=state["step"])
+    progress = Progress(step=state["step"], consumed=state["consumed"], first_step=state["step"])
+    if "history" in state:  # checkpoints from before the history was saved start it afresh
+        progress.history = state["history"]
+    return progress
 
 
 def describe(run: Run) -> str:
