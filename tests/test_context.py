@@ -60,9 +60,13 @@ def test_document_mask_and_its_attention_equal_the_dense_mask(cp):
         index = chunk_indices(32, cp, rank)
         mask = DocumentMask(index, positions)
         assert torch.equal(mask.dense(), reference_mask(positions, index))
-        got = F.scaled_dot_product_attention(q[:, :, index], k, v, attn_mask=mask, enable_gqa=True)
-        want = F.scaled_dot_product_attention(q[:, :, index], k, v, attn_mask=mask.dense(), enable_gqa=True)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        grads = []
+        for m in (mask, mask.dense()):  # the outputs and the gradients of q, k and v (blocks are split, not sliced)
+            qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(qkv[0][:, :, index], *qkv[1:], attn_mask=m, enable_gqa=True)
+            grads.append([out, *torch.autograd.grad(out, qkv, torch.cos(torch.arange(out.numel()).view(out.shape)))])
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         causal = DocumentMask(index, single)
         assert len(causal.blocks[0]) == (1 if rank == cp - 1 else 2)  # a triangle per chunk (the middle two touch)
         torch.testing.assert_close(F.scaled_dot_product_attention(q[:1, :, index], k[:1], v[:1], attn_mask=causal, enable_gqa=True),
