@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama.data import prepare as data
-from llama.train.batches import IGNORE, Batches
+from llama.train.batches import IGNORE, Batches, best_fit_decreasing, next_fit
 from llama.data.prepare import DataError, encode_dialog, prepare, read_meta
 from llama.tokenizer import load_tokenizer
 
@@ -158,7 +158,12 @@ def test_packing_sft_rows_keep_each_dialog_whole_with_its_own_targets(bpe, tmp_p
     assert sorted(int(d) for row in packed.rows["train"] for d in row) == list(range(36))
     assert sorted(int(d) for row in packed.rows["val"] for d in row) == list(range(4))  # held-out dialogs 36-39
     filled = sum(len(packed._packed(i, "train")[0]) for i in range(packed.counts["train"]))
-    assert filled / (512 * packed.counts["train"]) > 0.75, packed.counts  # next-fit fills most of each row
+    assert filled / (512 * packed.counts["train"]) > 0.75, packed.counts  # fills most of each row
+    lengths = np.minimum(np.diff(packed.offsets), 513)[:36] - 1  # (36,) every training dialog's inputs
+    assert packed.counts["train"] == -(-lengths.sum() // 512) == 5  # the fewest rows that can hold them
+    assert len(next_fit(lengths, 512)) == 6  # (next-fit, in file order, needs one more)
+    again = Batches(out, 512, seed=0, packing=True)
+    assert [r.tolist() for r in again.rows["train"]] == [r.tolist() for r in packed.rows["train"]]  # reproducible
     for index, row in enumerate(packed.rows["train"]):
         x, y, pos = packed._packed(index, "train")
         assert len(x) <= 512 and len(x) == len(y) == len(pos)
@@ -170,6 +175,24 @@ def test_packing_sft_rows_keep_each_dialog_whole_with_its_own_targets(bpe, tmp_p
             assert pos[a:b].tolist() == list(range(b - a))
     x, y, pos = packed.train_micro_batches(0, 4, 2, 1, 2)[0]  # a micro-batch: padded rows, padding untrained
     assert x.shape == y.shape == pos.shape and x.shape[0] == 2
+
+
+def test_best_fit_decreasing_fills_rows_window_by_window():
+    """The longest first, each into the fullest row with room for it: 8 and 2 share a row, 7 and 3
+    another (next-fit in order needs 3 rows); windows of one row's worth pack {3, 8} and {2, 7} apart."""
+    lengths = np.array([3, 8, 2, 7])
+    assert [r.tolist() for r in next_fit(lengths, 10)] == [[0], [1, 2], [3]]
+    assert [r.tolist() for r in best_fit_decreasing(lengths, 10)] == [[1, 2], [0, 3]]
+    assert [r.tolist() for r in best_fit_decreasing(lengths, 10, window=1)] == [[1], [0], [2, 3]]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 400, 3000)
+    rows = best_fit_decreasing(lengths, 512, window=8)
+    assert sorted(i for r in rows for i in r.tolist()) == list(range(3000))  # every item once
+    assert max(int(lengths[r].sum()) for r in rows) <= 512
+    assert len(rows) < 0.9 * len(next_fit(lengths, 512))
+    window = (np.cumsum(lengths) - lengths) // (8 * 512)
+    assert all(len(set(window[r].tolist())) == 1 for r in rows)  # a row never mixes windows
+    assert [int(window[r[0]]) for r in rows] == sorted(int(window[r[0]]) for r in rows)  # rows window by window
 
 
 def test_packing_pretraining_positions_restart_at_each_document(corpus, tmp_path):

@@ -20,11 +20,13 @@ Packing (`packing = true`, the Llama 3 recipe): documents share rows without see
 micro-batch then carries a third tensor, each token's RoPE position counted from its document's first
 token, from which the model's document mask is built (llama/parallel/context.py). Pretraining: the
 same windows, positions restarting at every document start inside (prepare records them in
-offsets.npy). SFT: dialogs in a fixed seeded order are packed, next-fit, into rows of at most seq_len
-inputs (a dialog keeps its own input/target pairs, so none predicts the next one's first token); the
-epochs shuffle those rows.
+offsets.npy). SFT: the training dialogs, in a fixed seeded order, are packed best-fit-decreasing in
+windows (best_fit_decreasing) into rows of at most seq_len inputs (a dialog keeps its own input/target
+pairs, so none predicts the next one's first token); the epochs shuffle those rows. Held-out dialogs
+are packed next-fit in file order, so the first validation rows are the first held-out dialogs.
 """
 
+import bisect
 import math
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -72,6 +74,35 @@ def next_fit(lengths: np.ndarray, capacity: int) -> List[np.ndarray]:
     return rows + ([np.arange(start, len(lengths))] if len(lengths) > start else [])
 
 
+PACK_WINDOW = 64  # rows' worth of tokens that best_fit_decreasing packs together
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int, window: int = PACK_WINDOW) -> List[np.ndarray]:
+    """Indices into `lengths` (each <= capacity) in rows whose lengths add up to at most `capacity`.
+    `lengths` is cut, in order, into windows of about `window` rows' worth (item i is in window
+    (tokens before it) // (window * capacity)); in a window the longest items go first (ties: the
+    earlier), each into the fullest row that still has room for it (ties: the older row), else into a
+    new row. A row lists its indices in increasing order; rows come window by window, oldest first.
+    Windows bound the work (a window's rows are a sorted list) and keep every row's items from one
+    stretch of the order; a window wastes about its last row's free space."""
+    windows = (np.cumsum(lengths) - lengths) // (window * capacity)  # (n,) non-decreasing
+    rows = []
+    for items in np.split(np.arange(len(lengths)), np.flatnonzero(np.diff(windows)) + 1):
+        members, free = [], []  # free: sorted (room left, row number) of this window's rows
+        for i in items[np.argsort(-lengths[items], kind="stable")].tolist():
+            n = int(lengths[i])
+            at = bisect.bisect_left(free, (n, -1))  # the least room that is >= n
+            if at < len(free):
+                room, row = free.pop(at)
+            else:
+                room, row = capacity, len(members)
+                members.append([])
+            members[row].append(i)
+            bisect.insort(free, (room - n, row))
+        rows += [np.array(sorted(m)) for m in members]
+    return rows
+
+
 class Batches:
     def __init__(self, root, seq_len: int, seed: int, packing: bool = False):
         self.root, self.seq_len, self.seed, self.packing = Path(root), seq_len, seed, packing
@@ -100,7 +131,7 @@ class Batches:
                 inputs = np.minimum(np.diff(self.offsets), seq_len + 1) - 1  # (documents,) inputs per dialog
                 order = np.random.default_rng([seed, 1 << 20]).permutation(self.counts["train"])
                 val = np.arange(self.counts["val"])
-                self.rows = {"train": [order[r] for r in next_fit(inputs[self.dialogs["train"]][order], seq_len)],
+                self.rows = {"train": [order[r] for r in best_fit_decreasing(inputs[self.dialogs["train"]][order], seq_len)],
                              "val": [val[r] for r in next_fit(inputs[self.dialogs["val"]], seq_len)]}
                 self.counts = {k: len(v) for k, v in self.rows.items()}
         else:
