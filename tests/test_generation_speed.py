@@ -36,16 +36,17 @@ def test_int8_weights_keep_the_model_close(tiny_dir):
 
 
 def test_int8_linear_takes_the_float_gemm_for_many_rows():
-    """Both paths compute x (W_int8 * scale)^T: a prefill chunk (> 32 fp32 rows) exactly, through
-    a dequantized fp32 GEMM; a decode step through the int8 kernel, with bf16 activations."""
-    from llama.generation.quantize import Int8Linear
+    """Both paths compute x (W_int8 * scale)^T: a prefill chunk (> PREFILL_ROWS fp32 rows) exactly,
+    through a dequantized fp32 GEMM; a decode step through the int8 kernel, with bf16 activations."""
+    from llama.generation.quantize import PREFILL_ROWS, Int8Linear
 
     torch.manual_seed(0)
     layer = Int8Linear(torch.nn.Linear(96, 80, bias=False).weight)
-    x = torch.randn(2, 32, 96)
+    per_row = PREFILL_ROWS // 2 + 8
+    x = torch.randn(2, per_row, 96)
     exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T
-    many = layer(x)  # 64 rows
-    few = torch.cat([layer(x[:, i : i + 4]) for i in range(0, 32, 4)], dim=1)  # 8 rows per call
+    many = layer(x)  # PREFILL_ROWS + 16 rows
+    few = torch.cat([layer(x[:, i : i + 4]) for i in range(0, per_row, 4)], dim=1)  # 8 rows per call
     scale = exact.abs().max()
     assert (many - exact).abs().max() < 1e-5 * scale
     assert 1e-5 * scale < (few - exact).abs().max() < 2e-2 * scale  # the int8 kernel's bf16 rounding

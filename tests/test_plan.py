@@ -318,6 +318,11 @@ def test_the_loss_heads_backward_peaks_at_12_bytes_per_vocabulary_entry():
 
     from tests.helpers import ROOT
 
-    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    # Peak RSS is the host's to disturb (a reclaim under another job's memory pressure once read 0.0):
+    # a second fresh process before calling the number wrong.
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        if 11.5 < float(run.stdout) < 13.0:
+            break
     assert 11.5 < float(run.stdout) < 13.0, run.stdout
