@@ -224,6 +224,28 @@ def test_choice_output_on_a_full_disk_keeps_the_old_file(ws, tmp_path):
     assert old.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["scored.jsonl"]
 
 
+def test_a_full_disk_during_the_optimizer_save_is_the_os_error(tmp_path):
+    """DCP (the FSDP optimizer state) wraps a write failure in CheckpointException, a BaseException:
+    it slipped past every `except Exception` (a test fixture's included, which then left its run
+    half-done on a full CI disk). The save now raises the OSError itself."""
+    import torch
+    from torch.distributed import checkpoint as dcp
+
+    from llama.train.fsdp import _dcp_call
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # the tensor's file needs 64 KB
+    try:
+        with pytest.raises(OSError) as e, _dcp_call():
+            dcp.save({"optimizer": {"exp_avg": torch.ones(16384)}}, checkpoint_id=tmp_path / "optimizer.00",
+                     no_dist=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert e.value.errno == 27  # EFBIG, as ENOSPC would be on a full disk
+
+
 def test_a_json_output_may_go_to_a_new_folder(ws, tmp_path):
     """`--json missing/dir/x.json` was a traceback; the folders are made (as `mkdir -p` would)."""
     proc = run_main(eval_cli.main, "perplexity", "--ckpt-dir", ws / "ckpt", "--data", ws / "notes.txt",

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -138,7 +139,7 @@ def write_shards(tmp: Path, model, train_state: dict, optimizer) -> None:
 def save_optimizer(tmp: Path, model, optimizer) -> None:
     """Collective over the data-parallel group: every rank writes its piece of the AdamW state to
     optimizer.NN/ (a DCP directory per model-parallel rank; LoRA: the adapters' state only)."""
-    with _one_process_is_fine():
+    with _dcp_call():
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
                  checkpoint_id=tmp / f"optimizer.{parallel.model_parallel_rank():02d}",
                  process_group=parallel.dp_cp_group(), no_dist=not dist.is_initialized())
@@ -147,19 +148,32 @@ def save_optimizer(tmp: Path, model, optimizer) -> None:
 def load_optimizer(path: Path, model, optimizer) -> None:
     """The AdamW state from optimizer.NN/, resharded by DCP to this run's data-parallel size."""
     optim_state = get_optimizer_state_dict(model, optimizer)  # the template DCP fills in (sharded here)
-    with _one_process_is_fine():
+    with _dcp_call():
         dcp.load({"optimizer": optim_state}, checkpoint_id=path / f"optimizer.{parallel.model_parallel_rank():02d}",
                  process_group=parallel.dp_cp_group(), no_dist=not dist.is_initialized())
     set_optimizer_state_dict(model, optimizer, optim_state)
 
 
 @contextmanager
-def _one_process_is_fine():
-    """DCP warns that it assumes a single process when there is no process group: here that is
-    the intent (a one-process run, or resuming on one process)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        yield
+def _dcp_call():
+    """Around a DCP save or load. DCP wraps a rank's failure in CheckpointException, a BaseException
+    that `except Exception` misses (a full disk then escaped every handler): the first failing
+    rank's own error is raised instead, its OSError where a write failed. Also quiets DCP's warning that
+    it assumes one process when there is no process group: here that is the intent (a one-process
+    run, or resuming on one process)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            yield
+    except CheckpointException as e:
+        failures = e.failures or {}
+        first = failures[min(failures)][0] if failures else None
+        cause = first
+        while cause is not None and not isinstance(cause, OSError):  # torch.save hides a failed write
+            cause = cause.__cause__ or cause.__context__             # under its zip writer's RuntimeError
+        if isinstance(cause or first, Exception):
+            raise (cause or first) from e
+        raise RuntimeError(str(e)) from e
 
 
 def is_fsdp_checkpoint(path: Path) -> bool:
