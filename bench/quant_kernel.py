@@ -10,7 +10,7 @@ process (best of each: the machine is shared).
 
 --shape 8b: two of Llama 3.1 8B's 32 layers (wq, wk, wv, wo, w1, w3, w2), also as llama.cpp's Q4_0 and
 Q8_0 blocks (`gguf.quants`, multiplied as a GGUF file stores them). --rows M: M activation rows (a
-prefill chunk) instead of 1; --gemm adds what the layer does above PREFILL_ROWS (the fp32 GEMM on
+prefill chunk) instead of 1; --gemm adds what the layer does above PREFILL_ROWS (the GEMM on
 tiles of dequantized weights) and the GEMM on the whole dequantized matrix. --clock cpu: this thread's
 CPU time instead of wall time (with --threads 1: a kernel's own cost on a busy machine).
 
@@ -20,6 +20,7 @@ RoPE, attention, the Python that calls each kernel), which is why a step takes l
 
 import argparse
 import time
+import unittest.mock
 
 from llama.common.threads import set_wait_policy
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows", type=int, nargs="+", default=[1], help="activation rows per product")
-    parser.add_argument("--gemm", action="store_true", help="also the dequantize + fp32 GEMM paths")
+    parser.add_argument("--gemm", action="store_true", help="also the dequantize + GEMM paths (the layer's, and fp32 on the whole weight)")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), help="default: ours (SmolLM2), all (8B)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args()
@@ -74,9 +75,9 @@ def main() -> None:
         run()
         best[key] = min(best.get(key, float("inf")), clock() - start)
 
-    def tiled(layer, x):  # what GroupLinear.forward runs above PREFILL_ROWS
-        return torch.cat([F.linear(x, layer.dequantized(s, s + quantize.DEQUANTIZED_TILE))
-                          for s in range(0, layer.out_features, quantize.DEQUANTIZED_TILE)], dim=1)
+    def tiled(layer, x):  # what GroupLinear.forward runs above PREFILL_ROWS, at any row count
+        with unittest.mock.patch.object(quantize, "PREFILL_ROWS", 0):
+            return layer(x)
 
     for _ in range(args.rounds):
         for threads in args.threads:

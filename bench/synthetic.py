@@ -134,12 +134,14 @@ def write_files(args, shape_args) -> dict:
     """{file kind: path}, written where missing."""
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    bf16 = _synthetic.write_gguf(shape_args, root / f"{args.shape}-BF16.gguf")
-    files = {"BF16": bf16}
-    for pair in args.pairs:
+    files = {}
+    for pair in args.pairs:  # the BF16 file only where a pair reads it or a quantized file is missing
         kind = PAIRS[pair][0]
+        path = root / f"{args.shape}-{kind}.gguf"
+        if kind == "BF16" or not path.exists():
+            files["BF16"] = _synthetic.write_gguf(shape_args, root / f"{args.shape}-BF16.gguf")
         if kind != "BF16":
-            files[kind] = _synthetic.llamacpp_quantize(bf16, root / f"{args.shape}-{kind}.gguf", kind, args.threads)
+            files[kind] = _synthetic.llamacpp_quantize(files.get("BF16"), path, kind, args.threads)
     if args.hf:
         files["HF"] = _synthetic.write_hf(shape_args, root / f"{args.shape}-hf-bf16")
     return files

@@ -84,9 +84,13 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 97)
         error_fp32 = (exact - x.double() @ w.double().T).abs().max()  # what quantizing the weights costs
-        if rows > quantize.PREFILL_ROWS:
+        if rows > quantize.PREFILL_ROWS and layer.gemm_dtype() == torch.float32:
             assert (got - exact).abs().max() < 1e-5 * exact.abs().max(), rows
             assert error_fp32 > 100 * (got - exact).abs().max()
+            continue
+        if rows > quantize.PREFILL_ROWS:  # int4 on a CPU with bf16 instructions: x and W_q rounded to bf16
+            assert ((got - exact).abs() <= 2**-7 * (x.double().abs() @ wq.abs().T)).all(), rows
+            assert error_fp32 > 10 * (got - exact).abs().max()
             continue
         kernel = decode_reference(method, layer, x)
         half_steps = (x.view(rows, -1, 32).abs().amax(-1) / (2 * LEVELS[method])).double().repeat_interleave(32, dim=1)  # (M, K)
@@ -98,14 +102,31 @@ def test_kernel_multiplies_by_the_dequantized_weights(method, cls, group_size, K
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model: fp32 inside, its dtype out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method, cls", [("int8", GroupInt8Linear), ("int4", Int4Linear)])
-def test_prefill_gemm_dequantizes_tile_by_tile(method, cls):
-    """More rows than PREFILL_ROWS: the fp32 GEMM on the weights dequantized DEQUANTIZED_TILE rows at a
-    time (the last tile short) is the GEMM on the whole dequantized weight."""
+def test_prefill_gemm_dequantizes_tile_by_tile(method, cls, dtype, monkeypatch):
+    """More rows than PREFILL_ROWS: a GEMM on the weights dequantized TILE_WEIGHTS at a time (the last
+    tile short) is the GEMM on the whole dequantized weight: exactly in fp32, within bf16's rounding for
+    int4 where the CPU has bf16 instructions (GEMM_DTYPE; both run on any CPU)."""
     torch.manual_seed(0)
-    layer = cls(torch.randn(2 * quantize.DEQUANTIZED_TILE + 37, 128), 32)
+    monkeypatch.setattr(quantize, "TILE_WEIGHTS", 64 * 128)  # tiles of 64 rows
+    monkeypatch.setattr(quantize, "GEMM_DTYPE", dtype)
+    layer = cls(torch.randn(2 * 64 + 37, 128), 32)
     x = torch.randn(quantize.PREFILL_ROWS + 1, 128)
-    torch.testing.assert_close(layer(x), x @ layer.dequantized().T)
+    exact = x.double() @ layer.dequantized().double().T
+    got = layer(x)
+    assert got.dtype == torch.float32
+    error = (got - exact).abs().max() / exact.abs().max()
+    bf16 = method == "int4" and dtype == torch.bfloat16  # the 8-bit layouts stay fp32
+    assert layer.gemm_dtype() == (torch.bfloat16 if bf16 else torch.float32)
+    assert error < (1e-2 if bf16 else 1e-6), error
+    if bf16:
+        assert error > 1e-5  # the bf16 GEMM did run
+
+
+def test_the_prefill_gemm_is_bf16_only_where_the_cpu_multiplies_bf16():
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert quantize.GEMM_DTYPE == (torch.bfloat16 if native else torch.float32)
 
 
 def test_kernel_threads_split_large_products():

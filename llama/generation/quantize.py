@@ -14,7 +14,7 @@ only its own group. docs/quantization.md measures each choice against the fp32 m
   instructions for. The kernel rounds the activations per block of 32 (int16 for int8 weights: no
   measurable cost; int8 for int4, as llama.cpp) and multiplies them with the codes in integers: the
   codes are all it reads, once for up to PREFILL_ROWS activation rows. A longer prefill chunk takes
-  the fp32 GEMM on the weights dequantized a tile at a time.
+  a GEMM on the weights dequantized a tile at a time (bf16 where the CPU has bf16 instructions).
 - `--group-size 0` with int8 (`Int8Linear`): one scale per row through `torch._weight_int8pack_mm`,
   which inductor (compile=True) lowers to its C++ GEMM template; the least accurate scheme.
 - llama.cpp's Q8_0 and Q4_0 blocks (`GGUFLinear`), as a GGUF file stores them: loading such a file
@@ -52,8 +52,23 @@ DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
 # enough to derail chat replies (docs/quantization.md#chat-prompts). layer_scheme applies it.
 HEAD_METHOD = {"int8": "int8", "int4": "int8"}
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"  # includes the other files of csrc/
-PREFILL_ROWS = 64  # more activation rows than this: the fp32 GEMM on dequantized tiles (docs/quantization.md)
-DEQUANTIZED_TILE = 256  # weight rows dequantized at a time for the GEMM: a tile that stays in the caches
+PREFILL_ROWS = 64  # more activation rows than this: a GEMM on dequantized tiles (docs/quantization.md)
+# Weights dequantized at a time for that GEMM (16 MB in fp32): 1024 rows of an 8B attention or FFN-in
+# matrix, 256 of its FFN-out one. Tiles of 256 rows whatever the width made narrow GEMMs, 3x slower at 8B.
+TILE_WEIGHTS = 1 << 22
+
+
+def _native_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+# The 4-bit layouts' GEMM dtype: bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX), where
+# oneDNN's bf16 GEMM runs at ~3.5x the fp32 one; its rounding (bf16 activations and weights, fp32 sums)
+# is far below 4-bit weights' own error and below their kernel's (int8 activations). Elsewhere bf16
+# would be emulated: fp32. The 8-bit layouts stay fp32: their kernel keeps activations to int16, and
+# bf16 would round their weights about as much as quantizing did.
+GEMM_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
 
 
 def build_signature() -> str:
@@ -196,13 +211,17 @@ class GroupLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
         if flat.shape[0] > PREFILL_ROWS:
-            # Compute-bound (a long prefill chunk): the fp32 GEMM, on the weights dequantized a tile of
-            # rows at a time (dequantizing a whole 8B FFN matrix writes 235 MB of fresh memory per product).
-            y = torch.cat([F.linear(flat, self.dequantized(start, start + DEQUANTIZED_TILE))
-                           for start in range(0, self.out_features, DEQUANTIZED_TILE)], dim=1)
+            # Compute-bound (a long prefill chunk): a GEMM on the weights dequantized a tile at a time (dequantizing a whole 8B FFN matrix writes 235 MB of fresh memory per product).
+            rows, dtype = max(64, TILE_WEIGHTS // self.in_features // 64 * 64), self.gemm_dtype()
+            inputs = flat.to(dtype)
+            y = torch.cat([F.linear(inputs, self.dequantized(start, start + rows).to(dtype))
+                           for start in range(0, self.out_features, rows)], dim=1).float()
         else:
             y = self.product(flat)  # the kernel: each weight read once for all the rows
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def gemm_dtype(self) -> torch.dtype:
+        return torch.float32
 
 
 class GroupInt8Linear(GroupLinear):
@@ -251,6 +270,9 @@ class Int4Linear(GroupLinear):
         """x (rows, in) float32 -> (rows, out); simd=False: the portable loops a CPU without AVX2 runs."""
         return torch.ops.llama_quantized.int4_mm(x, self.weight, self.scales, self.zeros, self.group_size, simd)
 
+    def gemm_dtype(self) -> torch.dtype:
+        return GEMM_DTYPE
+
     def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         return torch.ops.llama_quantized.int4_dequantize(self.weight[start:end], self.scales[start:end],
                                                          self.zeros[start:end], self.group_size)
@@ -279,6 +301,9 @@ class GGUFLinear(GroupLinear):
 
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         return torch.ops.llama_quantized.gguf_mm(x, self.weight, self.kind_id, simd)
+
+    def gemm_dtype(self) -> torch.dtype:
+        return GEMM_DTYPE if self.kind == "Q4_0" else torch.float32
 
     def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         return torch.ops.llama_quantized.gguf_dequantize(self.weight[start:end], self.kind_id)
