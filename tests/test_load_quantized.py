@@ -101,10 +101,18 @@ def test_gguf_blocks_are_used_as_the_file_stores_them(method, qtype, tmp_path):
     for name, m in loaded.named_modules():
         if isinstance(m, quantize.GGUFLinear):
             torch.testing.assert_close(m.dequantized(), reference.get_submodule(name).weight, rtol=0, atol=0)
-    long = tokens(2, 40, vocab=256)  # a prefill chunk of 80 rows: the fp32 GEMM on the dequantized blocks
+    long = tokens(2, 40, vocab=256)  # a prefill chunk of 80 rows: the GEMM on the dequantized blocks
     assert long.numel() > quantize.PREFILL_ROWS
     with torch.no_grad():  # and 4 decode rows: the kernel
-        torch.testing.assert_close(loaded(long), reference(long))
+        expected = reference(long)
+        for dtype in (torch.float32, torch.bfloat16):  # Q4_0's GEMM: bf16 where the CPU has bf16 instructions
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(quantize, "GEMM_DTYPE", dtype)
+                got, gemm = loaded(long), loaded.layers[0].attention.wq.gemm_dtype()
+            if gemm == torch.float32:
+                torch.testing.assert_close(got, expected)
+            else:  # int4 in bf16: within bf16's rounding of activations and weights
+                assert 0 < (got - expected).abs().max() < 0.01 * expected.abs().max()
         ours, ref = loaded(tokens(1, 4, vocab=256)), reference(tokens(1, 4, vocab=256))
     assert 0 < (ours - ref).abs().max() < (0.01 if method == "int8" else 0.05) * ref.abs().max()
     requantized = load_model(path, quantize=method, group_size=64)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llama import parallel
+from llama.generation import kernels as kernel_build
 from llama.generation import quantize
 from llama.eval.datasets import kjv_genesis
 from llama.generation.cli import main
@@ -359,7 +360,7 @@ def test_missing_build_tools_say_where_ninja_is(tmp_path, monkeypatch):
     (path_dir / os.path.basename(compiler)).symlink_to(compiler)
     monkeypatch.setenv("PATH", str(path_dir))
     monkeypatch.setenv("CXX", os.path.basename(compiler))
-    monkeypatch.setattr(quantize.sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
     with pytest.raises(quantize.UserError, match="ninja not found on PATH; `pip install ninja`, or use"):
         quantize.kernels.__wrapped__()
     (venv_bin / "ninja").write_text("")
@@ -367,4 +368,4 @@ def test_missing_build_tools_say_where_ninja_is(tmp_path, monkeypatch):
         quantize.kernels.__wrapped__()
     assert f"ninja is installed at {venv_bin / 'ninja'} but {venv_bin} is not on PATH: activate" in str(e.value)
     assert "pip install" not in str(e.value) and "\n" not in str(e.value)
-    assert quantize.build_tools_hint(["c++", "ninja"]).startswith("install g++ or clang (or set CXX) and ")
+    assert kernel_build.build_tools_hint(["c++", "ninja"]).startswith("install g++ or clang (or set CXX) and ")

@@ -150,7 +150,7 @@ def test_first_rank_and_checkpoint_writer_have_one_spelling(monkeypatch):
 
 
 def test_the_prefill_threshold_is_one_constant(monkeypatch):
-    """Every quantized product switches to the dequantized fp32 GEMM above PREFILL_ROWS rows."""
+    """Every quantized product switches to a GEMM on dequantized weights above PREFILL_ROWS rows."""
     from llama.generation import quantize
 
     layer = quantize.Int8Linear(torch.randn(24, 32))

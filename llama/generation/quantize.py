@@ -27,13 +27,6 @@ Under model parallelism each rank quantizes its own shard: a row-parallel layer 
 input features, so the group size must divide that slice (checked, one line otherwise).
 """
 
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import sys
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -42,6 +35,7 @@ from torch import nn
 
 from llama import parallel
 from llama.common.errors import ArgumentError, UserError
+from llama.generation.kernels import kernels
 from llama.lora import refuse_adapters
 
 QUANTIZE_CHOICES = ("int8", "int4")
@@ -51,7 +45,6 @@ DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
 # llama.cpp keeps it at Q8_0 (or Q6_K) in its Q4_0/Q4_1 files: at 4 bits it made most of int4's error,
 # enough to derail chat replies (docs/quantization.md#chat-prompts). layer_scheme applies it.
 HEAD_METHOD = {"int8": "int8", "int4": "int8"}
-KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"  # includes the other files of csrc/
 PREFILL_ROWS = 64  # more activation rows than this: a GEMM on dequantized tiles (docs/quantization.md)
 # Weights dequantized at a time for that GEMM (16 MB in fp32): 1024 rows of an 8B attention or FFN-in
 # matrix, 256 of its FFN-out one. Tiles of 256 rows whatever the width made narrow GEMMs, 3x slower at 8B.
@@ -69,61 +62,6 @@ def _native_bf16() -> bool:
 # would be emulated: fp32. The 8-bit layouts stay fp32: their kernel keeps activations to int16, and
 # bf16 would round their weights about as much as quantizing did.
 GEMM_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
-
-
-def build_signature() -> str:
-    """The build is tuned for this CPU (-march=native): a home directory shared by different hosts
-    (a cluster) must not hand one host's build to another. torch's builder notices a change of the .cpp
-    it is given but not of the headers it includes: their contents are in the name too."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    sources = b"".join(f.read_bytes() for f in sorted(KERNEL_SOURCE.parent.glob("*.h")))
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode() + sources).hexdigest()[:10]
-
-
-def build_tools_hint(missing) -> str:
-    """How to get the missing build tools. `pip install ninja` puts ninja beside the interpreter: when it
-    is there but that folder is not on PATH (a virtual environment used without activating it), say so."""
-    hints = ["install g++ or clang (or set CXX)"] if missing[0] != "ninja" else []
-    if "ninja" in missing:
-        beside = Path(sys.executable).parent / "ninja"
-        hints.append(f"ninja is installed at {beside} but {beside.parent} is not on PATH: activate that virtual "
-                     f"environment (or add {beside.parent} to PATH)" if beside.is_file() else "`pip install ninja`")
-    return " and ".join(hints)
-
-
-@functools.cache
-def kernels():
-    """torch.ops.llama_quantized: the group-wise kernels, compiled for this host by torch's extension
-    builder on first use (cached under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)."""
-    from torch.utils import cpp_extension
-    compiler = os.environ.get("CXX", "c++")
-    missing = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
-    if missing:
-        raise UserError(f"the int8/int4 kernels ({KERNEL_SOURCE.name}) are built on first use and need a C++ compiler "
-                        f"and ninja: {' and '.join(missing)} not found on PATH; {build_tools_hint(missing)}, "
-                        "or use --quantize int8 --group-size 0")
-    try:
-        cpp_extension.load(f"llama_quantized_{build_signature()}", [str(KERNEL_SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-std=c++17"], is_python_module=False)
-    except (RuntimeError, OSError, ImportError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # the compiler's first error
-        raise UserError(f"could not build the int8/int4 kernels ({KERNEL_SOURCE.name}) with {compiler}: "
-                        f"{reason[:200]}; or use --quantize int8 --group-size 0") from None
-    # Output shapes for torch.compile, which calls the kernels as they are (opaque ops).
-    for name in ("int8_mm", "int4_mm", "gguf_mm"):
-        torch.library.register_fake(f"llama_quantized::{name}", lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
-    for name, per in (("int8_dequantize", 1), ("int4_dequantize", 2)):
-        torch.library.register_fake(f"llama_quantized::{name}", lambda codes, *_, per=per: codes.new_empty(
-            codes.shape[0], codes.shape[1] * per, dtype=torch.float32))
-    torch.library.register_fake("llama_quantized::gguf_dequantize", lambda blocks, kind: blocks.new_empty(
-        blocks.shape[0], blocks.shape[1] * (32 if kind in (2, 8) else 256), dtype=torch.float32))
-    return torch.ops.llama_quantized
 
 
 def compute_dtype_for(weight: torch.Tensor) -> torch.dtype:
