@@ -47,7 +47,8 @@ DEFAULT_GROUP_SIZE = {"int8": 64, "int4": 32}  # measured: docs/quantization.md
 HEAD_METHOD = {"int8": "int8", "int4": "int8"}
 PREFILL_ROWS = 64  # more activation rows than this: a GEMM on dequantized tiles (docs/quantization.md)
 # Weights dequantized at a time for that GEMM (16 MB in fp32): 1024 rows of an 8B attention or FFN-in
-# matrix, 256 of its FFN-out one. Tiles of 256 rows whatever the width made narrow GEMMs, 3x slower at 8B.
+# matrix, 256 of its FFN-out one. A fixed number of rows whatever the width made narrow, slow GEMMs at
+# 8B (docs/quantization.md, "Prefill").
 TILE_WEIGHTS = 1 << 22
 
 
@@ -57,7 +58,7 @@ def _native_bf16() -> bool:
 
 
 # The 4-bit layouts' GEMM dtype: bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX), where
-# oneDNN's bf16 GEMM runs at ~3.5x the fp32 one; its rounding (bf16 activations and weights, fp32 sums)
+# oneDNN's bf16 GEMM runs at several times the fp32 one; its rounding (bf16 activations and weights, fp32 sums)
 # is far below 4-bit weights' own error and below their kernel's (int8 activations). Elsewhere bf16
 # would be emulated: fp32. The 8-bit layouts stay fp32: their kernel keeps activations to int16, and
 # bf16 would round their weights about as much as quantizing did.
@@ -149,7 +150,8 @@ class GroupLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
         if flat.shape[0] > PREFILL_ROWS:
-            # Compute-bound (a long prefill chunk): a GEMM on the weights dequantized a tile at a time (dequantizing a whole 8B FFN matrix writes 235 MB of fresh memory per product).
+            # Compute-bound (a long prefill chunk): a GEMM on the weights dequantized a tile at a time
+            # (dequantizing a whole 8B FFN matrix would write 235 MB of fresh memory per product).
             rows, dtype = max(64, TILE_WEIGHTS // self.in_features // 64 * 64), self.gemm_dtype()
             inputs = flat.to(dtype)
             y = torch.cat([F.linear(inputs, self.dequantized(start, start + rows).to(dtype))
