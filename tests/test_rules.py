@@ -79,7 +79,7 @@ def test_callers_of_the_kv_duplication_rule_agree(n_kv, mp):
             assert torch.equal(load_io._kv_rows(source, "layers.0.attention.wv.weight", pieces, args, rank, mp), want)
         got_b = parallel.shard("layers.0.attention.wk.lora_B.weight", b, rank, mp, n_kv_heads=n_kv)
         assert torch.equal(got_b, b.view(n_kv, hd, r)[heads].reshape(-1, r))
-    assert spelled_in(r"// copies|j // ") == ["llama/parallel/__init__.py"]
+    assert spelled_in(r"// copies|j // ") == ["llama/parallel/layout.py"]
 
 
 def test_training_refuses_model_parallel_above_n_kv_heads_in_one_place():

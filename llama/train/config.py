@@ -299,7 +299,7 @@ def check_device(cfg: TrainConfig) -> None:
 
 
 def _check_parallel(cfg: TrainConfig, args: ModelArgs) -> None:
-    try:  # the model's own rule (llama/parallel/__init__.py), with training's extra: no duplicated K/V heads
+    try:  # the model's own rule (llama/parallel/layout.py), with training's extra: no duplicated K/V heads
         parallel.check_model_parallel(args, cfg.model_parallel_size, training=True, flag="model_parallel_size=")
     except parallel.ParallelError as e:
         raise ConfigError(str(e)) from None
