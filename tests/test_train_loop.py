@@ -114,6 +114,10 @@ def test_closing_lines_fit_the_run():
     assert next_commands(full_text, "out/x/step_000200").splitlines()[0] == \
         "sample:        python generate.py --ckpt-dir out/x/step_000200"
     assert len(next_commands(load_config(None, []), "out/default/step_000200").splitlines()) == 1  # no base
+    dpo = load_config(str(ROOT / "configs/train/dpo.toml"), [])  # its pairs file goes to --pairs (--data refused it)
+    assert next_commands(dpo, "out/dpo/step_000040").splitlines() == [
+        "chat with it:  python generate.py --ckpt-dir smollm2 --lora out/dpo/step_000040 --chat",
+        "compare:       python -m llama.eval compare smollm2 out/dpo/step_000040 --pairs configs/train/dpo_example.jsonl"]
 
 
 def test_flops_from_the_shape():

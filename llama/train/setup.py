@@ -294,9 +294,10 @@ def next_commands(cfg: TrainConfig, checkpoint) -> str:
     q = shlex.quote
     weights = f"--ckpt-dir {q(cfg.init_from)} --lora {q(str(checkpoint))}" if cfg.lora_rank and cfg.init_from \
         else f"--ckpt-dir {q(str(checkpoint))}"
-    lines = [f"chat with it:  python generate.py {weights} --chat" if cfg.sft else
+    dpo = cfg.objective == "dpo"  # preference pairs: chat-formatted, scored by compare --pairs
+    lines = [f"chat with it:  python generate.py {weights} --chat" if cfg.sft or dpo else
              f"sample:        python generate.py {weights}"]
     if cfg.init_from:
-        own = f" --data {q(cfg.data)}" if Path(cfg.data).is_file() else ""
+        own = f" {'--pairs' if dpo else '--data'} {q(cfg.data)}" if Path(cfg.data).is_file() else ""
         lines.append(f"compare:       python -m llama.eval compare {q(cfg.init_from)} {q(str(checkpoint))}{own}")
     return "\n".join(lines)
