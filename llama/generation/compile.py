@@ -78,6 +78,7 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
         # per SmolLM2 step in-process: docs/quantization.md). Not under model parallelism: its
         # wrapper cannot pass the collectives' process-group argument (inductor: "arg type Any").
         "cpp_wrapper": parallel.model_parallel_size() == 1,
+        "post_grad_custom_post_pass": kernel_build_pass(),
     }
     record = KernelRecord()
 
@@ -87,6 +88,25 @@ def compile_decode_step(step, device: torch.device, gemm: Optional[str] = None):
 
     run.kernels = record.kernels
     return run
+
+
+def kernel_build_pass():
+    """A pass that changes nothing: its uuid, part of the key of inductor's cache of compiled graphs, is
+    the int8/int4 kernels' build signature. The key does not cover custom ops' schemas, so a graph
+    compiled (and cached on disk) before a kernel op gained an argument was reused after it, and called
+    the new op with the old arguments: a segfault at the first compiled step."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass  # ~1 s to import: only when compiling
+
+    from llama.generation.kernels import build_signature
+
+    class KernelBuildInCacheKey(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            pass
+
+        def uuid(self) -> str:
+            return build_signature()
+
+    return KernelBuildInCacheKey()
 
 
 class CompiledStep:

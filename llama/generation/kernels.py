@@ -18,15 +18,18 @@ KERNEL_SOURCE = Path(__file__).parent / "csrc" / "quantized.cpp"  # includes the
 
 def build_signature() -> str:
     """The build is tuned for this CPU (-march=native): a home directory shared by different hosts
-    (a cluster) must not hand one host's build to another. torch's builder notices a change of the .cpp
-    it is given but not of the headers it includes: their contents are in the name too."""
+    (a cluster) must not hand one host's build to another. And every source file's contents are in
+    it: torch's builder notices a change of the .cpp it is given but not of the headers it includes,
+    and inductor's cache of compiled graphs does not see the ops' schemas at all (compile.py puts this
+    signature in its key: a graph cached against an older build would call the new one with the old
+    arguments)."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    sources = b"".join(f.read_bytes() for f in sorted(KERNEL_SOURCE.parent.glob("*.h")))
+    sources = b"".join(f.read_bytes() for f in sorted(KERNEL_SOURCE.parent.iterdir()) if f.suffix in (".h", ".cpp"))
     return hashlib.sha1(f"{platform.machine()} {flags}".encode() + sources).hexdigest()[:10]
 
 
@@ -63,9 +66,13 @@ def kernels():
     # Output shapes for torch.compile, which calls the kernels as they are (opaque ops).
     for name in ("int8_mm", "int4_mm", "gguf_mm"):
         torch.library.register_fake(f"llama_quantized::{name}", lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
-    for name, per in (("int8_dequantize", 1), ("int4_dequantize", 2)):
-        torch.library.register_fake(f"llama_quantized::{name}", lambda codes, *_, per=per: codes.new_empty(
-            codes.shape[0], codes.shape[1] * per, dtype=torch.float32))
-    torch.library.register_fake("llama_quantized::gguf_dequantize", lambda blocks, kind: blocks.new_empty(
-        blocks.shape[0], blocks.shape[1] * (32 if kind in (2, 8) else 256), dtype=torch.float32))
+    def dequantized(codes, columns, bf16):  # float32, or bf16 when asked
+        return codes.new_empty(codes.shape[0], columns, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    torch.library.register_fake("llama_quantized::int8_dequantize", lambda codes, scales, group_size, bf16=False:
+                                dequantized(codes, codes.shape[1], bf16))
+    torch.library.register_fake("llama_quantized::int4_dequantize", lambda codes, scales, zeros, group_size, bf16=False:
+                                dequantized(codes, codes.shape[1] * 2, bf16))
+    torch.library.register_fake("llama_quantized::gguf_dequantize", lambda blocks, kind, bf16=False: dequantized(
+        blocks, blocks.shape[1] * (32 if kind in (2, 8) else 256), bf16))
     return torch.ops.llama_quantized

@@ -57,11 +57,11 @@ def _native_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-# The 4-bit layouts' GEMM dtype: bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX), where
-# oneDNN's bf16 GEMM runs at several times the fp32 one; its rounding (bf16 activations and weights, fp32 sums)
-# is far below 4-bit weights' own error and below their kernel's (int8 activations). Elsewhere bf16
-# would be emulated: fp32. The 8-bit layouts stay fp32: their kernel keeps activations to int16, and
-# bf16 would round their weights about as much as quantizing did.
+# The prefill GEMM's dtype: bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX), where
+# oneDNN's bf16 GEMM runs at ~3.5x its fp32 one; elsewhere bf16 would be emulated: fp32. Its rounding
+# (bf16 activations and weights, fp32 sums) at an 8B FFN matrix, 128 rows: rms 0.24% of the output's,
+# against 7.8% for 4-bit weights' own error, 0.54% for 8-bit ones' and 0.68% for llama.cpp's int8
+# activations in its Q8_0 prefill (docs/quantization.md, "Prefill").
 GEMM_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
 
 
@@ -154,14 +154,14 @@ class GroupLinear(nn.Module):
             # (dequantizing a whole 8B FFN matrix would write 235 MB of fresh memory per product).
             rows, dtype = max(64, TILE_WEIGHTS // self.in_features // 64 * 64), self.gemm_dtype()
             inputs = flat.to(dtype)
-            y = torch.cat([F.linear(inputs, self.dequantized(start, start + rows).to(dtype))
+            y = torch.cat([F.linear(inputs, self.dequantized(start, start + rows, dtype))
                            for start in range(0, self.out_features, rows)], dim=1).float()
         else:
             y = self.product(flat)  # the kernel: each weight read once for all the rows
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def gemm_dtype(self) -> torch.dtype:
-        return torch.float32
+        return GEMM_DTYPE
 
 
 class GroupInt8Linear(GroupLinear):
@@ -183,9 +183,10 @@ class GroupInt8Linear(GroupLinear):
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         return torch.ops.llama_quantized.int8_mm(x, self.weight, self.scales, self.group_size, simd)
 
-    def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
-        """Rows [start, end) of the weight, float32."""
-        return torch.ops.llama_quantized.int8_dequantize(self.weight[start:end], self.scales[start:end], self.group_size)
+    def dequantized(self, start: int = 0, end: Optional[int] = None, dtype=torch.float32) -> torch.Tensor:
+        """Rows [start, end) of the weight, float32 or bf16 (rounded to nearest)."""
+        return torch.ops.llama_quantized.int8_dequantize(self.weight[start:end], self.scales[start:end], self.group_size,
+                                                         dtype == torch.bfloat16)
 
 
 class Int4Linear(GroupLinear):
@@ -210,12 +211,9 @@ class Int4Linear(GroupLinear):
         """x (rows, in) float32 -> (rows, out); simd=False: the portable loops a CPU without AVX2 runs."""
         return torch.ops.llama_quantized.int4_mm(x, self.weight, self.scales, self.zeros, self.group_size, simd)
 
-    def gemm_dtype(self) -> torch.dtype:
-        return GEMM_DTYPE
-
-    def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+    def dequantized(self, start: int = 0, end: Optional[int] = None, dtype=torch.float32) -> torch.Tensor:
         return torch.ops.llama_quantized.int4_dequantize(self.weight[start:end], self.scales[start:end],
-                                                         self.zeros[start:end], self.group_size)
+                                                         self.zeros[start:end], self.group_size, dtype == torch.bfloat16)
 
 
 # GGUF types the kernel file reads (ggml's type ids): Q8_0 and Q4_0 multiplied as they are (GGUFLinear),
@@ -242,11 +240,8 @@ class GGUFLinear(GroupLinear):
     def product(self, x: torch.Tensor, simd: bool = True) -> torch.Tensor:
         return torch.ops.llama_quantized.gguf_mm(x, self.weight, self.kind_id, simd)
 
-    def gemm_dtype(self) -> torch.dtype:
-        return GEMM_DTYPE if self.kind == "Q4_0" else torch.float32
-
-    def dequantized(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
-        return torch.ops.llama_quantized.gguf_dequantize(self.weight[start:end], self.kind_id)
+    def dequantized(self, start: int = 0, end: Optional[int] = None, dtype=torch.float32) -> torch.Tensor:
+        return torch.ops.llama_quantized.gguf_dequantize(self.weight[start:end], self.kind_id, dtype == torch.bfloat16)
 
 
 class GGUFEmbedding(nn.Module):

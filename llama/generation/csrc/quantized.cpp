@@ -355,12 +355,15 @@ at::Tensor matmul(const at::Tensor& x, int64_t N, const Weights& weights, bool s
   return y;
 }
 
+// The weights as float32, or bf16 (rounded to nearest even, as torch's .bfloat16()) for a bf16 GEMM:
+// one pass that writes half the bytes, instead of float32 then a second pass to round it.
 template <typename Weights>
-at::Tensor dequantize(int64_t N, const Weights& weights) {
-  at::Tensor w = at::empty({N, weights.K}, at::TensorOptions().dtype(at::kFloat));
-  float* wp = w.data_ptr<float>();
+at::Tensor dequantize(int64_t N, const Weights& weights, bool bf16) {
   const int64_t K = weights.K;
-  split_rows(N, weights.K, [&](int64_t n0, int64_t n1) {
+  at::Tensor w = at::empty({N, K}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  float* wf = bf16 ? nullptr : w.data_ptr<float>();
+  uint16_t* wb = bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr()) : nullptr;
+  split_rows(N, K, [&](int64_t n0, int64_t n1) {
     int32_t c[kBlock];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t b = 0; b < K / kBlock; ++b) {
@@ -368,7 +371,12 @@ at::Tensor dequantize(int64_t N, const Weights& weights) {
         float zero = 0.0f;
         if constexpr (Weights::kHasZero) zero = weights.zero(n, b);
         codes_as_ints(weights, n, b, c);
-        for (int64_t l = 0; l < kBlock; ++l) wp[n * K + b * kBlock + l] = float(c[l]) * scale + zero;
+        const int64_t at = n * K + b * kBlock;
+        if (bf16) {
+          for (int64_t l = 0; l < kBlock; ++l) wb[at + l] = float_to_bf16(float(c[l]) * scale + zero);
+        } else {
+          for (int64_t l = 0; l < kBlock; ++l) wf[at + l] = float(c[l]) * scale + zero;
+        }
       }
   });
   return w;
@@ -438,13 +446,13 @@ at::Tensor gguf_mm(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, 
   return matmul(x, blocks.size(0), gguf_weights<Q4_0Weights>(blocks), simd);
 }
 
-at::Tensor int8_dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t group_size) {
-  return dequantize(codes.size(0), int8_weights(codes, scales, group_size));
+at::Tensor int8_dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t group_size, bool bf16) {
+  return dequantize(codes.size(0), int8_weights(codes, scales, group_size), bf16);
 }
 
 at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
-                           int64_t group_size) {
-  return dequantize(codes.size(0), int4_weights(codes, scales, zeros, group_size));
+                           int64_t group_size, bool bf16) {
+  return dequantize(codes.size(0), int4_weights(codes, scales, zeros, group_size), bf16);
 }
 
 at::Tensor kquant_dequantize(const at::Tensor& blocks, int64_t kind) {
@@ -462,11 +470,12 @@ at::Tensor kquant_dequantize(const at::Tensor& blocks, int64_t kind) {
   return w;
 }
 
-at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t kind) {
-  if (kind == kQ8_0) return dequantize(blocks.size(0), gguf_weights<Q8_0Weights>(blocks));
-  if (kind == kQ4_0) return dequantize(blocks.size(0), gguf_weights<Q4_0Weights>(blocks));
+at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t kind, bool bf16) {
+  if (kind == kQ8_0) return dequantize(blocks.size(0), gguf_weights<Q8_0Weights>(blocks), bf16);
+  if (kind == kQ4_0) return dequantize(blocks.size(0), gguf_weights<Q4_0Weights>(blocks), bf16);
   TORCH_CHECK(kquant_bytes(kind), "GGUF kind ", kind, ": only Q8_0 (8), Q4_0 (2), Q4_K (12), Q5_K (13) and Q6_K (14)");
-  return kquant_dequantize(blocks, kind);
+  at::Tensor w = kquant_dequantize(blocks, kind);  // only loading reads these: float32
+  return bf16 ? w.to(at::kBFloat16) : w;
 }
 
 // How many threads run a product of N features of K weights each at this thread count: each chunk
@@ -494,9 +503,9 @@ TORCH_LIBRARY(llama_quantized, m) {
   m.def("int8_mm(Tensor x, Tensor codes, Tensor scales, int group_size, bool simd=True) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group_size, bool simd=True) -> Tensor");
   m.def("gguf_mm(Tensor x, Tensor blocks, int kind, bool simd=True) -> Tensor");
-  m.def("int8_dequantize(Tensor codes, Tensor scales, int group_size) -> Tensor");
-  m.def("int4_dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size) -> Tensor");
-  m.def("gguf_dequantize(Tensor blocks, int kind) -> Tensor");
+  m.def("int8_dequantize(Tensor codes, Tensor scales, int group_size, bool bf16=False) -> Tensor");
+  m.def("int4_dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size, bool bf16=False) -> Tensor");
+  m.def("gguf_dequantize(Tensor blocks, int kind, bool bf16=False) -> Tensor");
   m.def("int8_quantize(Tensor w, int group_size, Tensor(a!) codes, Tensor(b!) scales) -> ()");
   m.def("int4_quantize(Tensor w, int group_size, Tensor(a!) codes, Tensor(b!) scales, Tensor(c!) zeros) -> ()");
   m.def("product_threads(int rows, int row_weights) -> int");
