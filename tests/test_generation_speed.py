@@ -167,3 +167,59 @@ def test_prefill_reuses_activation_memory(smollm2):
     smollm2.generate([prompt], 1, temperature=0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 5000, f"{faults} page faults in a repeated 512-token prefill"
+
+
+# ---------------------------------------------------------------------------- bf16 weights on the CPU
+
+
+@pytest.mark.parametrize("K", [64, 72, 4100])  # 72, 4100: a tail after the last full SIMD vector
+def test_bf16_kernel_is_the_float_product_of_the_bf16_weights(K):
+    """bf16_mm multiplies x (float32) by the bf16 weights widened exactly to float32: within float32
+    rounding of the float64 product, for 1-9 rows (passes of 4, 2 and 1), rows of W apart in memory
+    (a view of a wider matrix, as a model-parallel shard or a mapped file's tensor can be)."""
+    from llama.generation.kernels import kernels
+    ops = kernels()
+    torch.manual_seed(0)
+    wide = torch.randn(37, K + 16).bfloat16()
+    w = wide[:, 8:8 + K]  # rows K + 16 apart
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, K)
+        exact = x.double() @ w.double().T
+        got = ops.bf16_mm(x, w)
+        assert got.dtype == torch.float32 and got.shape == (rows, 37)
+        assert ((got - exact).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T)).all(), rows
+
+
+def test_a_bf16_model_decodes_through_the_bf16_kernel(tmp_path, llama3_tokenizer_path):
+    """Llama.build of a bf16 checkpoint on the CPU puts BF16Linear in every linear layer: a decode
+    step's rows through the kernel, a prefill chunk's (> PREFILL_ROWS) through torch's bf16 GEMM; the
+    logits are torch's own bf16 model's within bf16 rounding, and greedy decoding picks the same tokens.
+    A float32 model keeps torch's layers."""
+    from llama.generation.bf16 import BF16Linear
+    from llama.generation.quantize import PREFILL_ROWS, linear_layers
+    ckpt = tiny_checkpoint(tmp_path / "m", llama3_tokenizer_path)
+    llama = Llama.build(ckpt, max_seq_len=128, max_batch_size=2, dtype="bfloat16")
+    assert not linear_layers(llama.model)
+    assert sum(isinstance(m, BF16Linear) for m in llama.model.modules()) == 2 * 7 + 1
+    reference = Llama.build(ckpt, max_seq_len=128, max_batch_size=2, dtype="bfloat16")
+    plain = Llama(_with_torch_products(reference.model), reference.tokenizer)  # the same weights in nn.Linear
+    prompts = [[128000, 791, 6864, 315, 9822], [128000, 40]]
+    long = torch.randint(0, 1000, (1, PREFILL_ROWS + 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for ids in (torch.tensor([prompts[0]]), long):
+            got, want = llama.model(ids), plain.model(ids)
+            assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+    assert llama.generate(prompts, 10, temperature=0)[0] == plain.generate(prompts, 10, temperature=0)[0]
+    assert linear_layers(Llama.build(ckpt, max_seq_len=128, max_batch_size=2).model)  # float32: torch's
+
+
+def _with_torch_products(model):
+    """The model with nn.Linear back in place of each BF16Linear (the same weight tensors)."""
+    from llama.generation.bf16 import BF16Linear
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BF16Linear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+            linear.weight = torch.nn.Parameter(module.weight, requires_grad=False)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, linear)
+    return model

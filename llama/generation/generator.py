@@ -26,6 +26,7 @@ from llama.model import KVCache
 from llama.common.checks import check_device, check_dialogs, check_max_gen_len, check_prompts, check_seed, check_sizes
 from llama.common.dtypes import parse_dtype
 from llama.common.errors import ArgumentError
+from llama.generation.bf16 import use_bf16_kernel
 from llama.generation.compile import CompiledStep, mark_cache_dynamic
 from llama.generation.quantize import check_quantize, quantize_model
 from llama.generation.sampling import alternatives, check_sampling_args, sample
@@ -112,6 +113,8 @@ class Llama:
         check_vocab(tokenizer, model.params.vocab_size)
         if quantize is not None and at_load is None:
             quantize_model(model, quantize, group_size)
+        elif quantize is None:
+            use_bf16_kernel(model)  # a bf16 model on the CPU: decode products through the bf16 kernel
         llama = Llama(model, tokenizer, seed=seed, compile=compile)
         llama.load_s = time.perf_counter() - start
         return llama

@@ -64,7 +64,7 @@ def kernels():
         raise UserError(f"could not build the int8/int4 kernels ({KERNEL_SOURCE.name}) with {compiler}: "
                         f"{reason[:200]}; or use --quantize int8 --group-size 0") from None
     # Output shapes for torch.compile, which calls the kernels as they are (opaque ops).
-    for name in ("int8_mm", "int4_mm", "gguf_mm"):
+    for name in ("int8_mm", "int4_mm", "gguf_mm", "bf16_mm"):
         torch.library.register_fake(f"llama_quantized::{name}", lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
     def dequantized(codes, columns, bf16):  # float32, or bf16 when asked
         return codes.new_empty(codes.shape[0], columns, dtype=torch.bfloat16 if bf16 else torch.float32)

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "bf16.h"
 #include "kquants.h"
 #include "layouts.h"
 #include "quantize.h"
@@ -446,6 +447,17 @@ at::Tensor gguf_mm(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, 
   return matmul(x, blocks.size(0), gguf_weights<Q4_0Weights>(blocks), simd);
 }
 
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.stride(1) == 1,
+              "w: bf16 (N, K), each row contiguous");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  check_x(x, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  bf16_product(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0),
+               y.data_ptr<float>(), M, N, K);
+  return y;
+}
+
 at::Tensor int8_dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t group_size, bool bf16) {
   return dequantize(codes.size(0), int8_weights(codes, scales, group_size), bf16);
 }
@@ -503,6 +515,7 @@ TORCH_LIBRARY(llama_quantized, m) {
   m.def("int8_mm(Tensor x, Tensor codes, Tensor scales, int group_size, bool simd=True) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group_size, bool simd=True) -> Tensor");
   m.def("gguf_mm(Tensor x, Tensor blocks, int kind, bool simd=True) -> Tensor");
+  m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
   m.def("int8_dequantize(Tensor codes, Tensor scales, int group_size, bool bf16=False) -> Tensor");
   m.def("int4_dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size, bool bf16=False) -> Tensor");
   m.def("gguf_dequantize(Tensor blocks, int kind, bool bf16=False) -> Tensor");
@@ -516,6 +529,7 @@ TORCH_LIBRARY_IMPL(llama_quantized, CPU, m) {
   m.impl("int8_mm", int8_mm);
   m.impl("int4_mm", int4_mm);
   m.impl("gguf_mm", gguf_mm);
+  m.impl("bf16_mm", bf16_mm);
   m.impl("int8_dequantize", int8_dequantize);
   m.impl("int4_dequantize", int4_dequantize);
   m.impl("gguf_dequantize", gguf_dequantize);
