@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+import unittest.mock
 import warnings
 from pathlib import Path
 
@@ -162,11 +163,22 @@ class HF:
 
 
 class LlamaCpp:
-    def __init__(self, path, args):
+    def __init__(self, path, args, repack: bool = True):
+        """repack=False: as `llama-cli --no-repack`, the weights stay in the mapped file (by default
+        llama.cpp copies Q4_0/Q8_0 into its CPU's "extra" buffer layouts: a second copy in memory)."""
         import llama_cpp
+        import llama_cpp.llama_cpp as capi
 
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512,
-                                   n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+        defaults = capi.llama_model_default_params
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        with unittest.mock.patch.object(capi, "llama_model_default_params", defaults if repack else no_repack):
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512,
+                                       n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
         self.bytes = self.weights = Path(path).stat().st_size  # the file is the weights (+ a few MB of vocabulary)
 
     def _greedy(self, ids, n):

@@ -4,6 +4,8 @@ files, load time, peak memory, prefill and decode speed, in one run.
     flock /tmp/llama-bench.lock python bench/synthetic.py --shape 8b --dir /work/scratch-8b --hf \
         --json docs/records/bench-synthetic-8b-DATE.json
     python bench/synthetic.py --shape 1b --pairs int4 --repeat 1 --rounds 1 --new-tokens 8 --prefill-tokens 16 --no-compile
+    python bench/synthetic.py --shape 70b --pairs int4 --direct --llamacpp-no-repack --no-compile --repeat 1 \
+        --rounds 1 --prefill-tokens 16 --new-tokens 4   # 40 GB of Q4_0 on a 23 GB machine: paged from disk
 
 The weights are random, of the official shape (bench/_synthetic.py writes them, a few minutes for 8B:
 GGUF bf16 by the `gguf` package's writer, Q8_0 / Q4_0 by llama.cpp's own quantizer, HF bf16 shards by
@@ -21,7 +23,8 @@ Q4_0 blocks; its Q6_K output matrix is requantized to our int4), int8 vs Q8_0, b
   ids to its first new token; decode, --new-tokens greedy tokens after a 4-token prompt, tokens/s over
   the steps after the first, and the weight bytes one step reads x tokens/s over the matrix-vector
   bandwidth bench/_host.py measures; and the process's CPU time per decoded token (all its threads:
-  with --threads 1, each engine's own cost per token, which other users' load barely moves).
+  with --threads 1, each engine's own cost per token, which other users' load barely moves), and the
+  bytes read from storage per decoded token (/proc/self/io: 0 while the weights fit in the page cache).
 --hf also times HF bf16 -> int4 (load only: llama.cpp reads no safetensors).
 """
 
@@ -63,9 +66,15 @@ def build(spec: dict, threads: int):
 
     engine_args = argparse.Namespace(device="cpu", threads=threads)
     if spec["engine"] == "llama.cpp":
-        return generate.LlamaCpp(spec["path"], engine_args)
+        return generate.LlamaCpp(spec["path"], engine_args, repack=spec.get("repack", True))
     return generate.Ours(spec["path"], engine_args, spec.get("quantize"), compile=spec.get("compile", False),
                          dtype=spec.get("dtype"))
+
+
+def _disk_reads() -> int:
+    """Bytes this process has had read from storage (page-cache hits not counted)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
 
 
 def child_load(spec: dict, threads: int) -> dict:
@@ -101,10 +110,11 @@ def child_speed(specs: dict, threads: int, prefill: int, new: int, rounds: int) 
     for r in range(rounds):
         for name, engine in engines.items():
             out[name]["prefill"].append(len(prompt) / engine.prefill(prompt))
-            cpu = time.process_time()
+            cpu, disk = time.process_time(), _disk_reads()
             seconds, _ = engine.decode(short, new)
             out[name]["decode"].append((new - 1) / seconds)
             out[name]["decode_cpu_ms"].append((time.process_time() - cpu) / new * 1e3)  # every thread's, per token
+            out[name].setdefault("decode_disk_gb", []).append((_disk_reads() - disk) / new / 1e9)  # from storage
         print(f"round {r + 1}: " + "; ".join(f"{k} {v['decode'][-1]:.2f}" for k, v in out.items()) + " tok/s",
               file=sys.stderr, flush=True)
     out["peak_gib"] = _status("VmHWM:") / 2**30
@@ -138,6 +148,9 @@ def write_files(args, shape_args) -> dict:
     for pair in args.pairs:  # the BF16 file only where a pair reads it or a quantized file is missing
         kind = PAIRS[pair][0]
         path = root / f"{args.shape}-{kind}.gguf"
+        if args.direct and kind != "BF16":  # every matrix in `kind`, by the gguf package, as it is written
+            files[kind] = _synthetic.write_gguf(shape_args, path, kind)
+            continue
         if kind == "BF16" or not path.exists():
             files["BF16"] = _synthetic.write_gguf(shape_args, root / f"{args.shape}-BF16.gguf")
         if kind != "BF16":
@@ -163,7 +176,7 @@ def warm_page_cache(path: Path) -> float:
 def engines_for(pair: str, path: Path, args) -> dict:
     """{row name: spec} of a pair, in the order of a round: llama.cpp, ours, ours compiled."""
     kind, target = PAIRS[pair]
-    specs = {f"llama.cpp {kind}": dict(path=str(path), engine="llama.cpp"),
+    specs = {f"llama.cpp {kind}": dict(path=str(path), engine="llama.cpp", repack=not args.llamacpp_no_repack),
              f"llama-ref {pair}": dict(path=str(path), engine="ours", **target)}
     if not args.no_compile:
         specs[f"llama-ref {pair} + torch.compile"] = dict(path=str(path), engine="ours", compile=True, **target)
@@ -209,6 +222,7 @@ def summarize(results: dict, bandwidth: float) -> list:
             decode = max(r["decode"])
             row.update(prefill_tok_s=round(max(r["prefill"]), 2), decode_tok_s=round(decode, 2),
                        decode_cpu_ms=round(min(r.get("decode_cpu_ms") or [float("nan")]), 1),
+                       decode_disk_gb=round(min(r.get("decode_disk_gb") or [float("nan")]), 3),
                        gb_per_token=round(r["step_bytes"] / 1e9, 3),
                        share_of_matvec=round(r["step_bytes"] * decode / 1e9 / bandwidth, 3),
                        warmup_s=round(r["warmup_s"], 1))
@@ -233,17 +247,17 @@ def ratios(rows) -> dict:
 
 def print_table(rows, args) -> None:
     print(f"\n| engine | weights (GB) | load (s) | peak RSS loading / after a step (GiB) | prefill {args.prefill_tokens} "
-          f"(tok/s) | decode (tok/s) | GB read/token | % of matvec | CPU ms/token |")
-    print("|---" * 9 + "|")
+          f"(tok/s) | decode (tok/s) | GB read/token | % of matvec | CPU ms/token | GB from disk/token |")
+    print("|---" * 10 + "|")
     for r in rows:
         cells = [r["engine"]]
         cells += ([f"{r['weights_gb']:.2f}", f"{r['load_s']:.1f}", f"{r['load_peak_gib']:.2f} / {r['step_peak_gib']:.2f}"]
                   if "load_s" in r else [""] * 3)
         if "decode_tok_s" in r:
             cells += [f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}", f"{r['gb_per_token']:.2f}",
-                      f"{100 * r['share_of_matvec']:.0f}%", f"{r['decode_cpu_ms']:.0f}"]
+                      f"{100 * r['share_of_matvec']:.0f}%", f"{r['decode_cpu_ms']:.0f}", f"{r['decode_disk_gb']:.2f}"]
         else:
-            cells += [""] * 5
+            cells += [""] * 6
         print("| " + " | ".join(cells) + " |")
 
 
@@ -259,6 +273,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="fresh-process loads of each engine")
     p.add_argument("--rounds", type=int, default=4, help="interleaved speed rounds")
     p.add_argument("--no-compile", action="store_true", help="eager engines only")
+    p.add_argument("--direct", action="store_true",
+                   help="write the quantized files directly (the gguf package's quantizer, every matrix), with no "
+                        "BF16 file first: for shapes whose BF16 file does not fit on the disk (70B: 141 GB)")
+    p.add_argument("--llamacpp-no-repack", action="store_true",
+                   help="llama.cpp as `--no-repack`: its weights stay in the mapped file (its default copies "
+                        "Q4_0/Q8_0 into repacked buffers, a second copy in memory: no room for a file larger than RAM)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per engine process")
     p.add_argument("--json", type=Path, help="write the record (host facts, every process's numbers, rows) here")
     p.add_argument("--child", help=argparse.SUPPRESS)
