@@ -27,3 +27,21 @@ def test_generate_bench_records_host_bandwidth_and_loaded_ratio(tmp_path, smollm
     assert row["loaded_over_quiet"] == pytest.approx(row["decode_loaded_tok_s"] / row["decode_tok_s"], rel=0.01)
     assert row["kernels"] == {}  # eager: nothing compiled (tests/test_fast.py checks a compiled record)
     assert "| llama-ref | fp32 |" in run.stdout  # the table
+
+
+def test_llamacpp_without_repacking_reads_its_weights_from_the_mapped_file(smollm2_gguf):
+    """bench/generate.py's LlamaCpp(repack=False), as `llama-cli --no-repack` (what a file larger than RAM
+    needs: bench/synthetic.py --llamacpp-no-repack) loads and runs, the same greedy tokens as llama.cpp's
+    default. (What it saves shows with Q4_0, which llama.cpp repacks on AVX2/AVX-512 CPUs: 8B's 4.2 GB
+    of file became 8.1 GiB resident; docs/quantization.md.)"""
+    import argparse
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import generate
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    args = argparse.Namespace(threads=1)
+    prompt = [1, 504, 3458, 282, 4649, 314]
+    default = generate.LlamaCpp(smollm2_gguf, args).decode(prompt, 6)[1]
+    mapped = generate.LlamaCpp(smollm2_gguf, args, repack=False)
+    assert mapped.decode(prompt, 6)[1] == default and len(default) == 6
