@@ -174,9 +174,11 @@ def test_prefill_reuses_activation_memory(smollm2):
 
 @pytest.mark.parametrize("K", [64, 72, 4100])  # 72, 4100: a tail after the last full SIMD vector
 def test_bf16_kernel_is_the_float_product_of_the_bf16_weights(K):
-    """bf16_mm multiplies x (float32) by the bf16 weights widened exactly to float32: within float32
-    rounding of the float64 product, for 1-9 rows (passes of 4, 2 and 1), rows of W apart in memory
-    (a view of a wider matrix, as a model-parallel shard or a mapped file's tensor can be)."""
+    """bf16_mm multiplies x by the bf16 weights in float32: a bf16 model's activations (bf16 values)
+    within float32 rounding of the float64 product; other float32 activations within their rounding to
+    bf16 (where the CPU multiplies bf16 pairs, as llama.cpp's BF16 product does); for 1-9 rows (passes
+    of 4, 2 and 1), rows of W apart in memory (a view of a wider matrix, as a model-parallel shard or a
+    mapped file's tensor can be)."""
     from llama.generation.kernels import kernels
     ops = kernels()
     torch.manual_seed(0)
@@ -184,10 +186,11 @@ def test_bf16_kernel_is_the_float_product_of_the_bf16_weights(K):
     w = wide[:, 8:8 + K]  # rows K + 16 apart
     for rows in (1, 2, 3, 4, 5, 9):
         x = torch.randn(rows, K)
-        exact = x.double() @ w.double().T
-        got = ops.bf16_mm(x, w)
-        assert got.dtype == torch.float32 and got.shape == (rows, 37)
-        assert ((got - exact).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T)).all(), rows
+        scale = x.double().abs() @ w.double().abs().T  # what rounding each term relatively moves the sum by
+        for xs, bound in ((x.bfloat16().float(), 1e-6), (x, 2**-8)):
+            got = ops.bf16_mm(xs, w)
+            assert got.dtype == torch.float32 and got.shape == (rows, 37)
+            assert ((got - xs.double() @ w.double().T).abs() <= bound * scale).all(), (rows, bound)
 
 
 def test_a_bf16_model_decodes_through_the_bf16_kernel(tmp_path, llama3_tokenizer_path):
