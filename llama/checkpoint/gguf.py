@@ -13,6 +13,7 @@ embeddings has no `output.weight` tensor.
 """
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,17 +65,21 @@ class GGUFFile(GGUFHeader):
             self.tensors[name] = TensorInfo(name, shape, qtype, offset, n_bytes)
 
     def raw(self, name: str) -> torch.Tensor:
-        """The tensor's bytes in the file, uint8, not read yet (a view of the map)."""
+        """The tensor's bytes in the file, uint8, not read yet (a view of the map; of a read-only map
+        for a file larger than the memory the OS commits: see GGUFHeader)."""
         info = self.tensors[name]
-        return torch.frombuffer(self._buf, dtype=torch.uint8, count=info.n_bytes, offset=info.offset)
+        with warnings.catch_warnings():  # read-only: only the kernels read these (stored() copies floats)
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(self._buf, dtype=torch.uint8, count=info.n_bytes, offset=info.offset)
 
     def stored(self, name: str):
         """The tensor as stored: F32/F16/BF16 a tensor in PyTorch layout, quantized types `Blocks`;
-        both views of the file."""
+        both views of the file (floats copied from a read-only map: a model may write its floats)."""
         info = self.tensors[name]
         qtype = Q(info.qtype)
         if qtype in _TORCH:
-            return self.raw(name).view(_TORCH[qtype]).view(info.shape)
+            t = self.raw(name).view(_TORCH[qtype]).view(info.shape)
+            return t if self.writable else t.clone()
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         return Blocks(self.raw(name).view(_n_rows(info.shape), info.shape[-1] // block, type_size), qtype, info.shape)
 

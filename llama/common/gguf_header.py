@@ -14,6 +14,7 @@ Layout (little-endian, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 ~11 s for a 49k-token vocabulary; this walk with `struct` takes well under a second.
 """
 
+import errno
 import mmap
 import struct
 from pathlib import Path
@@ -40,8 +41,16 @@ class GGUFHeader:
         self.path = Path(path)
         with open(self.path, "rb") as f:
             # ACCESS_COPY: a private, copy-on-write map, so tensors viewing it are writable and a
-            # caller that trains them never writes to the file.
-            self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            # caller that trains them never writes to the file. The OS charges a private map in full
+            # against the memory it will commit, so it refuses one larger than that (70B's 40 GB of
+            # Q4_0 on a 23 GB machine, with Linux's default overcommit): such a file is mapped
+            # read-only, its pages still the OS's to bring in and drop (`writable` False).
+            try:
+                self._buf, self.writable = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), True
+            except OSError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                self._buf, self.writable = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), False
         self._pos = 0
         try:
             self._parse()
