@@ -119,6 +119,40 @@ def test_gguf_blocks_are_used_as_the_file_stores_them(method, qtype, tmp_path):
     assert isinstance(requantized.layers[0].attention.wq, (quantize.GroupInt8Linear, quantize.Int4Linear))
 
 
+def test_a_gguf_larger_than_the_memory_the_os_commits_is_mapped_read_only(tmp_path, monkeypatch):
+    """The OS refuses a private (copy-on-write) map larger than the memory it will commit: 70B's 40 GB of
+    Q4_0 on a 23 GB machine failed with ENOMEM before anything was read, even the tokenizer. Such a
+    file is mapped read-only (here the refusal is the OS's stand-in; bench/synthetic.py --shape 70b
+    runs the real one): the same logits, the Q4_0 blocks views of the file, the float tensors copies
+    that a caller may write."""
+    import errno
+    import mmap
+    from llama.checkpoint.gguf import GGUFFile
+    model, args = tiny_model(**ARGS)
+    path = write_gguf(tmp_path / "q.gguf", model.state_dict(), args, Q.Q4_0)
+    ids = tokens(2, 9, vocab=256)
+    with torch.no_grad():
+        expected = load_model(path, quantize="int4")(ids)
+    private = mmap.mmap
+
+    def refuse_private(fileno, length, access=mmap.ACCESS_WRITE, **kwargs):
+        if access == mmap.ACCESS_COPY:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return private(fileno, length, access=access, **kwargs)
+
+    monkeypatch.setattr(mmap, "mmap", refuse_private)
+    assert not GGUFFile(path).writable
+    loaded = load_model(path, quantize="int4")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), expected, rtol=0, atol=0)
+    layers = [m for m in loaded.modules() if isinstance(m, quantize.GGUFLinear)]
+    assert layers and all(mapped_file(m.weight) == str(path) for m in layers)
+    with torch.no_grad():
+        loaded.norm.weight.mul_(2)  # a copy: writing it neither faults nor reaches the file
+    assert mapped_file(loaded.norm.weight) != str(path)
+    torch.testing.assert_close(load_model(path).norm.weight, model.norm.weight, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_int4_takes_a_q4_0_files_8_bit_output_matrix_as_it_is(tied, tmp_path):
     """llama.cpp's Q4_0 files keep the output matrix (or the tied embedding table: SmolLM2's) at Q8_0;
