@@ -68,7 +68,10 @@ def test_notebook_is_committed_without_large_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, kernel_name):
+def test_notebook_runs(path, kernel_name, tmp_path, monkeypatch):
+    # The kernel inherits TMPDIR: a notebook that fails halfway leaves its work folder (notebook 03's
+    # is 1.6 GB) where pytest deletes it, not in /tmp (CI shares this machine's disk).
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(path, as_version=4)
     load_before = busy_factor()
     client = nbclient.NotebookClient(  # the per-cell timeout only catches hangs; the budget is checked below
