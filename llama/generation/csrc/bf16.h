@@ -75,8 +75,11 @@ void bf16_rows(const float* x, const uint16_t* xb, const uint16_t* w, int64_t w_
 // x (M, K) float32 times w (N, K) bf16, rows `w_stride` apart: (M, N) float32.
 inline void bf16_product(const float* x, const uint16_t* w, int64_t w_stride, float* y, int64_t M, int64_t N,
                          int64_t K) {
-  std::vector<uint16_t> xb(M * K);
+  std::vector<uint16_t> xb;  // x as the bf16-pairs instruction reads it; only CPUs that have it pay for it
+#if defined(__AVX512BF16__)
+  xb.resize(M * K);
   for (int64_t i = 0; i < M * K; ++i) xb[i] = float_to_bf16(x[i]);
+#endif
   split_rows(N, K, [&](int64_t n0, int64_t n1) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) bf16_rows<4>(x, xb.data(), w, w_stride, y, N, K, m, n0, n1);
